@@ -1,0 +1,234 @@
+"""``labels.csv``: the project's open format for any labelled image folder, a user's own data included.
+
+Columns: ``path, azimuth, elevation, tilt`` (angles in **degrees**; ``path`` relative to the folder that holds the
+CSV) and optional ``category, instance, sequence, frame``. Any further columns are kept as raw strings and can be read
+as numbers with :meth:`LabelTable.numeric` (the synthetic sequences store their 3D boxes, intrinsics and ground plane
+that way). Inside the code angles are radians; conversion happens here, at the edge.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..errors import ViewsslError
+from ..io import read_image
+
+LABELS_FILE = "labels.csv"
+REQUIRED_COLUMNS = ("path", "azimuth", "elevation", "tilt")
+OPTIONAL_COLUMNS = ("category", "instance", "sequence", "frame")
+ANGLE_COLUMNS = ("azimuth", "elevation", "tilt")
+
+__all__ = ["LABELS_FILE", "LabelTable", "read_labels", "write_labels", "LabeledFolder", "resolve_inside"]
+
+
+def resolve_inside(root: Path, relative: str, csv_path: Path, line: int) -> Path:
+    """``root / relative``, refusing absolute paths and paths that escape ``root`` (``..``, symlinks)."""
+    if not relative:
+        raise ViewsslError(f"line {line}: empty path", csv_path)
+    candidate = Path(relative)
+    if candidate.is_absolute():
+        raise ViewsslError(f"line {line}: path {relative!r} is absolute; paths must be relative to the folder", csv_path)
+    resolved = (root / candidate).resolve()
+    try:
+        resolved.relative_to(root.resolve())
+    except ValueError:
+        raise ViewsslError(f"line {line}: path {relative!r} escapes the dataset folder", csv_path) from None
+    return resolved
+
+
+def _index(values: list[str]) -> tuple[list[str], np.ndarray]:
+    """Map string ids to ints (sorted, numeric-aware); empty string -> -1."""
+    names = sorted({v for v in values if v != ""}, key=lambda s: (0, float(s), s) if _is_number(s) else (1, 0.0, s))
+    lookup = {n: i for i, n in enumerate(names)}
+    return names, np.array([lookup.get(v, -1) for v in values], dtype=np.int64)
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+@dataclass
+class LabelTable:
+    """A parsed ``labels.csv``. ``angles`` is (N, 3) float64 radians (azimuth, elevation, tilt)."""
+
+    root: Path
+    csv_path: Path
+    paths: list[Path]
+    angles: torch.Tensor
+    raw: dict[str, list[str]] = field(default_factory=dict)
+    categories: list[str] = field(default_factory=list)
+    category_index: np.ndarray | None = None
+    instances: list[str] = field(default_factory=list)
+    instance_index: np.ndarray | None = None
+    sequences: list[str] = field(default_factory=list)
+    sequence_index: np.ndarray | None = None
+    frame: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self.raw)
+
+    def numeric(self, column: str) -> np.ndarray:
+        """A column as float64; an unknown column or a non-numeric cell is an error naming the file and line."""
+        if column not in self.raw:
+            raise ViewsslError(f"no column {column!r} (has: {', '.join(self.raw)})", self.csv_path)
+        out = np.empty(len(self), dtype=np.float64)
+        for i, v in enumerate(self.raw[column]):
+            try:
+                out[i] = float(v)
+            except ValueError:
+                raise ViewsslError(f"line {i + 2}: column {column!r} is not a number: {v!r}", self.csv_path) from None
+        return out
+
+
+def read_labels(folder_or_csv: str | os.PathLike, check_files: bool = True) -> LabelTable:
+    """Parse and validate a ``labels.csv`` (given the folder that holds it, or the file itself)."""
+    p = Path(folder_or_csv)
+    csv_path = p / LABELS_FILE if p.is_dir() else p
+    if not p.exists():
+        raise ViewsslError("no such folder or file", p)
+    if not csv_path.is_file():
+        raise ViewsslError(f"no {LABELS_FILE} in this folder", p)
+    root = csv_path.parent
+    try:
+        with open(csv_path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            header = [h.strip() for h in (reader.fieldnames or [])]
+            missing = [c for c in REQUIRED_COLUMNS if c not in header]
+            if missing:
+                raise ViewsslError(
+                    f"missing column(s) {', '.join(missing)} (needs {', '.join(REQUIRED_COLUMNS)}; has {', '.join(header) or 'none'})",
+                    csv_path,
+                )
+            reader.fieldnames = header
+            rows = list(reader)
+    except UnicodeDecodeError:
+        raise ViewsslError("not a UTF-8 text CSV", csv_path) from None
+    except csv.Error as e:
+        raise ViewsslError(f"malformed CSV ({e})", csv_path) from None
+    if not rows:
+        raise ViewsslError("has a header but no rows", csv_path)
+
+    raw: dict[str, list[str]] = {h: [] for h in header}
+    paths: list[Path] = []
+    angles = np.empty((len(rows), 3), dtype=np.float64)
+    for i, row in enumerate(rows):
+        line = i + 2
+        for h in header:
+            v = row.get(h)
+            raw[h].append("" if v is None else v.strip())
+        path = resolve_inside(root, raw["path"][i], csv_path, line)
+        if check_files and not path.is_file():
+            raise ViewsslError(f"line {line}: image {raw['path'][i]!r} does not exist", csv_path)
+        paths.append(path)
+        for j, name in enumerate(ANGLE_COLUMNS):
+            try:
+                value = float(raw[name][i])
+            except ValueError:
+                raise ViewsslError(f"line {line}: {name} is not a number: {raw[name][i]!r}", csv_path) from None
+            if not math.isfinite(value):
+                raise ViewsslError(f"line {line}: {name} is not finite: {raw[name][i]!r}", csv_path)
+            angles[i, j] = math.radians(value)
+
+    table = LabelTable(root=root, csv_path=csv_path, paths=paths, angles=torch.from_numpy(angles), raw=raw)
+    if "category" in raw:
+        table.categories, table.category_index = _index(raw["category"])
+    if "instance" in raw:
+        table.instances, table.instance_index = _index(raw["instance"])
+    if "sequence" in raw:
+        table.sequences, table.sequence_index = _index(raw["sequence"])
+    if "frame" in raw:
+        frames = np.full(len(rows), -1, dtype=np.int64)
+        for i, v in enumerate(raw["frame"]):
+            if v == "":
+                continue
+            try:
+                frames[i] = int(float(v))
+            except ValueError:
+                raise ViewsslError(f"line {i + 2}: frame is not a number: {v!r}", csv_path) from None
+        table.frame = frames
+    return table
+
+
+def write_labels(path: str | os.PathLike, rows: Iterable[dict], extra_columns: Sequence[str] = ()) -> None:
+    """Write rows (dicts with ``path`` and ``azimuth/elevation/tilt`` in **radians**) as ``labels.csv`` in degrees.
+
+    Optional columns present in the first row are written too, then ``extra_columns`` in the given order.
+    """
+    rows = list(rows)
+    if not rows:
+        raise ValueError("write_labels: no rows")
+    columns = list(REQUIRED_COLUMNS) + [c for c in OPTIONAL_COLUMNS if c in rows[0]] + list(extra_columns)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for row in rows:
+            out = []
+            for c in columns:
+                v = row.get(c, "")
+                if c in ANGLE_COLUMNS:
+                    v = f"{math.degrees(float(v)):.6f}"
+                elif isinstance(v, float):
+                    v = f"{v:.6g}"
+                out.append(v)
+            writer.writerow(out)
+    os.replace(tmp, path)
+
+
+class LabeledFolder(Dataset):
+    """A ``labels.csv`` folder as a dataset.
+
+    Item: ``{"image": (3, S, S) float32 in [0, 1], "angles": (3,) float32 radians, "index": int,
+    "category": int, "instance": int, "sequence": int, "frame": int}`` (-1 where the column is absent or empty).
+    ``transform``, if given, is applied to the image tensor.
+    """
+
+    def __init__(self, root: str | os.PathLike, size: int | None = 64, transform=None):
+        self.table = read_labels(root)
+        self.size = size
+        self.transform = transform
+        n = len(self.table)
+        neg = np.full(n, -1, dtype=np.int64)
+        self._category = self.table.category_index if self.table.category_index is not None else neg
+        self._instance = self.table.instance_index if self.table.instance_index is not None else neg
+        self._sequence = self.table.sequence_index if self.table.sequence_index is not None else neg
+        self._frame = self.table.frame if self.table.frame is not None else neg
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    @property
+    def categories(self) -> list[str]:
+        return self.table.categories
+
+    def __getitem__(self, i: int) -> dict:
+        image = read_image(self.table.paths[i], self.size)
+        if self.transform is not None:
+            image = self.transform(image)
+        return {
+            "image": image,
+            "angles": self.table.angles[i].float(),
+            "index": i,
+            "category": int(self._category[i]),
+            "instance": int(self._instance[i]),
+            "sequence": int(self._sequence[i]),
+            "frame": int(self._frame[i]),
+        }
