@@ -28,7 +28,7 @@ class ViewsslGroup(click.Group):
             if ctx.find_root().params.get("debug"):
                 raise
             click.echo(f"Error: {e}", err=True)
-            ctx.exit(ViewsslError.exit_code)
+            ctx.exit(e.exit_code)
 
 
 @click.group(cls=ViewsslGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})

@@ -1,0 +1,411 @@
+"""One training loop for every family: run folders, logging, checkpoints, exact resume, signals.
+
+A family subclasses :class:`Trainer` (models, optimisers, a deterministic batch stream and one ``train_step`` that
+runs its own loss phases) and hands it to :func:`fit`, which owns everything that must not be lost:
+
+- a numbered run folder (``runs/00003-ssv-heads``) with ``config.json``, tensorboard logs (``tb/``), ``metrics.jsonl``
+  and ``checkpoints/ckpt-00001000.pt``;
+- checkpoints with the full state (modules, optimisers, schedulers, step, RNG states of torch / numpy / python for
+  every rank, config, family), written atomically; the data order needs no state because :func:`batch_iterator`
+  derives it from (seed, step);
+- ``resume="auto"``: the newest *readable* checkpoint (a truncated one is reported and the previous one used);
+  a different config is refused with the keys that differ, unless ``force``;
+- SIGINT / SIGTERM: the current step finishes, a checkpoint is written, then :class:`TrainingInterrupted` is raised;
+- a non-finite loss term stops the run with the step and the terms named; the last good checkpoint is kept.
+
+On CPU with a fixed seed, N steps == N/2 steps + resume + N/2 steps, bit for bit (tests check it per family).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import re
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from . import distributed as dist_utils
+from .errors import ViewsslError
+from .io import atomic_save, atomic_write_json, load_checkpoint
+
+log = logging.getLogger("viewssl.training")
+
+CHECKPOINT_VERSION = 1
+_CKPT_RE = re.compile(r"^ckpt-(\d{8})\.pt$")
+
+__all__ = ["Trainer", "fit", "new_run_dir", "batch_iterator", "find_checkpoint", "config_diff", "capture_rng",
+           "restore_rng", "TrainingInterrupted", "NonFiniteLoss", "seed_everything"]
+
+
+class TrainingInterrupted(ViewsslError):
+    """SIGINT/SIGTERM arrived; a checkpoint was written first."""
+
+    exit_code = 130
+
+
+class NonFiniteLoss(ViewsslError):
+    """A loss term became NaN or infinite."""
+
+
+class Trainer:
+    """Base class of a family's trainer. Subclasses build everything from ``config`` (a JSON-able dict) in
+    ``__init__`` and do no file I/O; :func:`fit` does the I/O."""
+
+    family: str = "base"
+    #: config keys that may change between a run and its resumption (they do not change the training itself)
+    resume_ignore_keys: tuple[str, ...] = ("steps", "device", "out", "resume", "force", "checkpoint_every",
+                                           "eval_every", "log_every", "media_every", "eval_data", "progress", "debug")
+
+    def __init__(self, config: dict, device: torch.device):
+        self.config = dict(config)
+        self.device = device
+
+    # --- what a family provides -------------------------------------------------------------------------------
+    def modules(self) -> dict[str, torch.nn.Module]:
+        raise NotImplementedError
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {}
+
+    def schedulers(self) -> dict[str, Any]:
+        return {}
+
+    def batches(self, start_step: int) -> Iterator:
+        raise NotImplementedError
+
+    def train_step(self, batch, step: int) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        return {}
+
+    def log_media(self, step: int, writer, run_dir: Path) -> None:
+        return None
+
+    # --- state -----------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "modules": {k: _unwrap(m).state_dict() for k, m in self.modules().items()},
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers().items()},
+            "schedulers": {k: s.state_dict() for k, s in self.schedulers().items()},
+        }
+
+    def load_state_dict(self, state: dict, source: Path | None = None) -> None:
+        for group in ("modules", "optimizers", "schedulers"):
+            mine = getattr(self, group)()
+            saved = state.get(group, {})
+            missing = sorted(set(mine) - set(saved))
+            if missing:
+                raise ViewsslError(f"checkpoint lacks {group} {', '.join(missing)}", source)
+            for name, obj in mine.items():
+                try:
+                    (_unwrap(obj) if group == "modules" else obj).load_state_dict(saved[name])
+                except (RuntimeError, ValueError, KeyError) as e:
+                    first = str(e).strip().splitlines()[0][:200]
+                    raise ViewsslError(f"{group[:-1]} {name!r} does not match this config ({first})", source) from e
+
+
+def _unwrap(module):
+    return module.module if isinstance(module, torch.nn.parallel.DistributedDataParallel) else module
+
+
+# --- reproducibility -------------------------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (each rank gets ``seed + rank``)."""
+    seed = int(seed) + dist_utils.rank()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def capture_rng() -> dict:
+    """RNG states of torch (CPU and CUDA), numpy and python, in a form ``torch.load(weights_only=True)`` accepts."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": {"version": py_state[0], "state": torch.tensor(py_state[1], dtype=torch.int64),
+                   "gauss_next": py_state[2]},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- data order --------------------------------------------------------------------------------------------------
+class _ResumableBatchSampler:
+    """Infinite stream of index batches: epoch e is ``randperm(n)`` seeded by (seed, e), cut into full global
+    batches; the stream starts exactly at ``start_step``. Under DDP each rank takes its slice ``rank::world``."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, start_step: int, shuffle: bool = True):
+        world, me = dist_utils.world_size(), dist_utils.rank()
+        if batch_size % world:
+            raise ViewsslError(f"--batch-size {batch_size} is not divisible by the {world} processes")
+        if n < batch_size:
+            raise ViewsslError(f"the dataset has {n} items, fewer than one batch of {batch_size}")
+        self.n, self.batch_size, self.seed, self.start_step = n, batch_size, seed, start_step
+        self.shuffle, self.world, self.rank = shuffle, world, me
+
+    def __iter__(self):
+        per_epoch = self.n // self.batch_size
+        epoch, offset = divmod(self.start_step, per_epoch)
+        while True:
+            if self.shuffle:
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                order = torch.randperm(self.n, generator=g)
+            else:
+                order = torch.arange(self.n)
+            for b in range(offset, per_epoch):
+                batch = order[b * self.batch_size:(b + 1) * self.batch_size]
+                yield batch[self.rank::self.world].tolist()
+            epoch, offset = epoch + 1, 0
+
+
+def batch_iterator(dataset: Dataset, batch_size: int, seed: int, start_step: int, num_workers: int = 0,
+                   collate_fn: Callable | None = None, shuffle: bool = True) -> Iterator:
+    """Infinite iterator of batches that depends only on (dataset, batch_size, seed, start_step).
+
+    ``batch_size`` is the global batch; under DDP each rank gets ``batch_size / world`` of it. Item loading may use
+    worker processes (items are deterministic); augmentation must happen in the main process.
+    """
+    sampler = _ResumableBatchSampler(len(dataset), batch_size, seed, start_step, shuffle)
+    # A private generator: creating the loader's iterator must not draw from the global RNG (exact resume).
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_fn,
+                        persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed))
+    return iter(loader)
+
+
+# --- run folders and checkpoints -------------------------------------------------------------------------------
+def new_run_dir(out_root: str | Path, tag: str) -> Path:
+    """Create ``out_root/NNNNN-tag`` with the next free number (stylegan2-ada style)."""
+    out_root = Path(out_root)
+    if dist_utils.is_main():
+        out_root.mkdir(parents=True, exist_ok=True)
+    numbers = [int(m.group(1)) for p in out_root.glob("*") if (m := re.match(r"^(\d{5})-", p.name))]
+    run_dir = out_root / f"{(max(numbers) + 1 if numbers else 0):05d}-{tag}"
+    # Every rank must agree on the folder: rank 0 decides.
+    run_dir = Path(dist_utils.all_gather_objects(str(run_dir))[0])
+    if dist_utils.is_main():
+        run_dir.mkdir(parents=True, exist_ok=False)
+    dist_utils.barrier()
+    return run_dir
+
+
+def _checkpoints(ckpt_dir: Path) -> list[Path]:
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted((p for p in ckpt_dir.iterdir() if _CKPT_RE.match(p.name)), key=lambda p: p.name)
+
+
+def find_checkpoint(run_or_ckpt: str | Path) -> tuple[dict, Path]:
+    """Load the checkpoint file given, or the newest readable one of a run folder (corrupt ones are reported and
+    skipped). Returns (checkpoint dict, path)."""
+    p = Path(run_or_ckpt)
+    if p.is_file():
+        return _validate(load_checkpoint(p), p), p
+    if not p.exists():
+        raise ViewsslError("no such run folder or checkpoint", p)
+    candidates = _checkpoints(p / "checkpoints") or _checkpoints(p)
+    if not candidates:
+        raise ViewsslError("no checkpoints (ckpt-*.pt) in this run folder", p)
+    for path in reversed(candidates):
+        try:
+            return _validate(load_checkpoint(path), path), path
+        except ViewsslError as e:
+            log.warning("skipping unreadable checkpoint: %s", e)
+    raise ViewsslError(f"none of the {len(candidates)} checkpoints is readable", p)
+
+
+def _validate(ckpt: dict, path: Path) -> dict:
+    missing = [k for k in ("family", "config", "step", "modules") if k not in ckpt]
+    if missing:
+        raise ViewsslError(f"not a viewssl checkpoint (missing {', '.join(missing)})", path)
+    return ckpt
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_diff(old: dict, new: dict, ignore: tuple[str, ...] = ()) -> list[str]:
+    """Human-readable differences ``key: old -> new`` between two configs, ignoring ``ignore`` keys."""
+    a, b = _flatten(json.loads(json.dumps(old))), _flatten(json.loads(json.dumps(new)))
+    keys = sorted((set(a) | set(b)) - set(ignore))
+    return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in keys if a.get(k, "<absent>") != b.get(k, "<absent>")]
+
+
+class _SignalFlag:
+    """Turns SIGINT/SIGTERM into a flag checked between steps (a second signal exits at once)."""
+
+    def __init__(self):
+        self.signum = None
+        self._old = {}
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning("received %s: finishing the current step and writing a checkpoint", signal.Signals(signum).name)
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        return False
+
+
+def fit(trainer: Trainer, run_dir: str | Path, steps: int, checkpoint_every: int = 500, eval_every: int = 0,
+        log_every: int = 10, media_every: int = 0, resume: str | Path | None = None, force: bool = False,
+        progress: bool = True, keep_checkpoints: int = 3) -> dict:
+    """Train ``trainer`` up to ``steps`` (total, counting resumed steps). See the module docstring."""
+    run_dir = Path(run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    main = dist_utils.is_main()
+    start_step, resumed_from = 0, None
+
+    if resume is not None:
+        source = ckpt_dir if str(resume) == "auto" else Path(resume)
+        if str(resume) == "auto" and not _checkpoints(ckpt_dir):
+            log.info("--resume auto: no checkpoint in %s yet, starting from step 0", ckpt_dir)
+        else:
+            ckpt, resumed_from = find_checkpoint(source)
+            if ckpt["family"] != trainer.family:
+                raise ViewsslError(f"is a {ckpt['family']!r} checkpoint, not {trainer.family!r}", resumed_from)
+            diff = config_diff(ckpt["config"], trainer.config, trainer.resume_ignore_keys)
+            if diff and not force:
+                raise ViewsslError(f"config differs from the checkpoint's ({'; '.join(diff)}); pass --force to resume anyway", resumed_from)
+            if diff:
+                log.warning("resuming with a different config (--force): %s", "; ".join(diff))
+            trainer.load_state_dict(ckpt, resumed_from)
+            rng = ckpt.get("rng") or []
+            if len(rng) == dist_utils.world_size():
+                restore_rng(rng[dist_utils.rank()])
+            else:
+                log.warning("checkpoint has RNG states for %d processes, this run has %d: RNG not restored",
+                            len(rng), dist_utils.world_size())
+            start_step = int(ckpt["step"])
+            log.info("resumed from %s at step %d", resumed_from, start_step)
+
+    writer = None
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json({"family": trainer.family, **trainer.config}, run_dir / "config.json")
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step if start_step else None)
+
+    last_ckpt: Path | None = resumed_from
+    saved_step = start_step if resumed_from is not None else -1
+
+    def save(step: int) -> Path:
+        nonlocal last_ckpt, saved_step
+        saved_step = step
+        state = trainer.state_dict()
+        rng = dist_utils.all_gather_objects(capture_rng())
+        if main:
+            path = ckpt_dir / f"ckpt-{step:08d}.pt"
+            atomic_save({"family": trainer.family, "version": CHECKPOINT_VERSION, "config": trainer.config,
+                         "step": step, "rng": rng, **state}, path)
+            for old in _checkpoints(ckpt_dir)[:-keep_checkpoints]:
+                old.unlink(missing_ok=True)
+            last_ckpt = path
+        dist_utils.barrier()
+        return ckpt_dir / f"ckpt-{step:08d}.pt"
+
+    def log_scalars(step: int, values: dict[str, float], prefix: str) -> None:
+        if not main:
+            return
+        for k, v in values.items():
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                writer.add_scalar(f"{prefix}/{k}", v, step)
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "kind": prefix, "time": time.time(), **values}) + "\n")
+
+    result: dict[str, Any] = {"run_dir": str(run_dir), "start_step": start_step}
+    terms_f: dict[str, float] = {}
+    metrics: dict[str, float] = {}
+    step = start_step
+    bar = None
+    if progress and main and steps > start_step:
+        from tqdm import tqdm
+
+        bar = tqdm(total=steps, initial=start_step, desc=f"train {trainer.family}", unit="step", dynamic_ncols=True)
+    t0 = time.perf_counter()
+    try:
+        with _SignalFlag() as flag:
+            batches = trainer.batches(start_step)
+            while step < steps:
+                batch = next(batches)
+                terms = trainer.train_step(batch, step)
+                terms_f = {k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for k, v in terms.items()}
+                bad = {k: v for k, v in terms_f.items() if not math.isfinite(v)}
+                if bad:
+                    where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+                    raise NonFiniteLoss(f"non-finite loss at step {step}: "
+                                        + ", ".join(f"{k}={v}" for k, v in terms_f.items()) + f"; {where}")
+                step += 1
+                if bar is not None:
+                    bar.update(1)
+                if log_every and step % log_every == 0:
+                    elapsed = time.perf_counter() - t0
+                    log_scalars(step, {**terms_f, "sec_per_step": elapsed / max(step - start_step, 1)}, "train")
+                    if bar is not None:
+                        bar.set_postfix({k: f"{v:.3g}" for k, v in list(terms_f.items())[:4]})
+                if eval_every and step % eval_every == 0:
+                    metrics = trainer.evaluate(step)
+                    log_scalars(step, metrics, "eval")
+                if media_every and step % media_every == 0 and main:
+                    trainer.log_media(step, writer, run_dir)
+                if checkpoint_every and step % checkpoint_every == 0:
+                    save(step)
+                if dist_utils.any_true(flag.signum is not None):
+                    path = save(step)
+                    raise TrainingInterrupted(f"interrupted at step {step}; checkpoint written to {path}; "
+                                              f"continue with --resume {run_dir}")
+            if saved_step != step:
+                save(step)
+            if eval_every and step % eval_every != 0:
+                metrics = trainer.evaluate(step)
+                log_scalars(step, metrics, "eval")
+    finally:
+        if bar is not None:
+            bar.close()
+        if writer is not None:
+            writer.close()
+    result.update({"step": step, "terms": terms_f, "metrics": metrics, "checkpoint": str(ckpt_dir / f"ckpt-{step:08d}.pt"),
+                   "seconds": time.perf_counter() - t0})
+    return result

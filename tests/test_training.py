@@ -1,0 +1,151 @@
+"""The shared training loop: exact resume, corrupt checkpoints, config mismatch, non-finite loss, signals."""
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from common.errors import ViewsslError
+from common.io import load_checkpoint
+from common.training import (NonFiniteLoss, Trainer, TrainingInterrupted, batch_iterator, config_diff, find_checkpoint,
+                             fit, new_run_dir, seed_everything)
+
+
+class ToyTrainer(Trainer):
+    """A small MLP regression with dropout (uses the torch RNG in every step) and an SGD-momentum optimiser."""
+
+    family = "toy"
+
+    def __init__(self, config, device=torch.device("cpu")):
+        super().__init__(config, device)
+        seed_everything(config["seed"])
+        self.net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Dropout(0.2), torch.nn.Linear(16, 1))
+        self.opt = torch.optim.SGD(self.net.parameters(), lr=config["lr"], momentum=0.9)
+        self.sched = torch.optim.lr_scheduler.StepLR(self.opt, step_size=3, gamma=0.5)
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(40, 4, generator=g)
+        self.data = TensorDataset(x, x.sum(1, keepdim=True))
+        self.fail_at = config.get("fail_at", -1)
+        self.on_step = None
+
+    def modules(self):
+        return {"net": self.net}
+
+    def optimizers(self):
+        return {"opt": self.opt}
+
+    def schedulers(self):
+        return {"sched": self.sched}
+
+    def batches(self, start_step):
+        return batch_iterator(self.data, 8, self.config["seed"], start_step)
+
+    def train_step(self, batch, step):
+        x, y = batch
+        noise = torch.randn(()) * 0.01  # consumes RNG outside the model too
+        loss = ((self.net(x) - y) ** 2).mean() + noise
+        if step == self.fail_at:
+            loss = loss * float("nan")
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        self.sched.step()
+        if self.on_step:
+            self.on_step(step)
+        return {"loss": loss.detach(), "np": torch.tensor(float(np.random.rand()))}
+
+
+def params(trainer):
+    return torch.cat([p.detach().flatten() for p in trainer.net.parameters()])
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    full = ToyTrainer({"seed": 3, "lr": 0.05})
+    fit(full, tmp_path / "full", steps=12, checkpoint_every=0, progress=False)
+
+    first = ToyTrainer({"seed": 3, "lr": 0.05})
+    fit(first, tmp_path / "half", steps=6, checkpoint_every=3, progress=False)
+    second = ToyTrainer({"seed": 99, "lr": 0.05, "steps": 12})  # seed of a fresh process differs: state must restore
+    second.config["seed"] = 3
+    out = fit(second, tmp_path / "half", steps=12, resume="auto", progress=False)
+    assert out["start_step"] == 6 and out["step"] == 12
+    assert torch.equal(params(full), params(second))
+    assert full.opt.param_groups[0]["lr"] == second.opt.param_groups[0]["lr"]
+
+
+def test_checkpoint_contents_and_pruning(tmp_path):
+    t = ToyTrainer({"seed": 0, "lr": 0.01})
+    fit(t, tmp_path, steps=10, checkpoint_every=2, keep_checkpoints=2, progress=False)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["ckpt-00000008.pt", "ckpt-00000010.pt"]
+    ck = load_checkpoint(tmp_path / "checkpoints" / names[-1])
+    assert ck["family"] == "toy" and ck["step"] == 10 and set(ck) >= {"modules", "optimizers", "schedulers", "rng", "config"}
+    assert (tmp_path / "config.json").is_file() and (tmp_path / "metrics.jsonl").is_file()
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_corrupt_newest_checkpoint_falls_back(tmp_path, caplog):
+    t = ToyTrainer({"seed": 0, "lr": 0.01})
+    fit(t, tmp_path, steps=4, checkpoint_every=2, progress=False)
+    newest = tmp_path / "checkpoints" / "ckpt-00000004.pt"
+    newest.write_bytes(newest.read_bytes()[:100])  # truncated, as after a crash of a non-atomic writer
+    ckpt, path = find_checkpoint(tmp_path)
+    assert path.name == "ckpt-00000002.pt" and ckpt["step"] == 2
+    assert "ckpt-00000004.pt" in caplog.text
+
+
+def test_resume_with_different_config_is_refused(tmp_path):
+    fit(ToyTrainer({"seed": 0, "lr": 0.01}), tmp_path, steps=2, progress=False)
+    with pytest.raises(ViewsslError, match=r"lr: 0.01 -> 0.02.*--force"):
+        fit(ToyTrainer({"seed": 0, "lr": 0.02}), tmp_path, steps=4, resume="auto", progress=False)
+    out = fit(ToyTrainer({"seed": 0, "lr": 0.02}), tmp_path, steps=4, resume="auto", force=True, progress=False)
+    assert out["start_step"] == 2
+
+
+def test_other_family_checkpoint_is_refused(tmp_path):
+    fit(ToyTrainer({"seed": 0, "lr": 0.01}), tmp_path, steps=2, progress=False)
+
+    class Other(ToyTrainer):
+        family = "other"
+
+    with pytest.raises(ViewsslError, match="is a 'toy' checkpoint, not 'other'"):
+        fit(Other({"seed": 0, "lr": 0.01}), tmp_path, steps=4, resume="auto", progress=False)
+
+
+def test_non_finite_loss_names_step_and_terms(tmp_path):
+    t = ToyTrainer({"seed": 0, "lr": 0.01, "fail_at": 5})
+    with pytest.raises(NonFiniteLoss, match=r"step 5: loss=nan.*ckpt-00000004.pt"):
+        fit(t, tmp_path, steps=10, checkpoint_every=2, progress=False)
+    assert (tmp_path / "checkpoints" / "ckpt-00000004.pt").is_file()
+
+
+def test_sigterm_writes_checkpoint(tmp_path):
+    t = ToyTrainer({"seed": 0, "lr": 0.01})
+    t.on_step = lambda step: os.kill(os.getpid(), signal.SIGTERM) if step == 2 else None
+    with pytest.raises(TrainingInterrupted, match="step 3"):
+        fit(t, tmp_path, steps=100, checkpoint_every=0, progress=False)
+    assert find_checkpoint(tmp_path)[0]["step"] == 3
+
+
+def test_batch_iterator_is_resumable():
+    data = TensorDataset(torch.arange(10))
+    full = batch_iterator(data, 3, seed=1, start_step=0)
+    seq = [next(full)[0].tolist() for _ in range(7)]
+    later = batch_iterator(data, 3, seed=1, start_step=4)
+    assert [next(later)[0].tolist() for _ in range(3)] == seq[4:]
+    assert sorted(sum(seq[:3], [])) == sorted(set(sum(seq[:3], [])))  # no repeats within an epoch
+    with pytest.raises(ViewsslError, match="fewer than one batch"):
+        batch_iterator(data, 16, seed=0, start_step=0)
+
+
+def test_new_run_dir_numbers(tmp_path):
+    a = new_run_dir(tmp_path, "ssv")
+    b = new_run_dir(tmp_path, "encoder")
+    assert a.name == "00000-ssv" and b.name == "00001-encoder"
+
+
+def test_config_diff():
+    assert config_diff({"a": 1, "b": {"c": 2}}, {"a": 1, "b": {"c": 3}, "d": 4}) == ["b.c: 2 -> 3", "d: '<absent>' -> 4"]
+    assert config_diff({"steps": 1}, {"steps": 2}, ignore=("steps",)) == []
