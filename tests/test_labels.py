@@ -1,0 +1,93 @@
+"""labels.csv: round trip in degrees/radians, optional columns, and one-line errors naming the file."""
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from common.data.labels import LabeledFolder, read_labels, write_labels
+from common.errors import ViewsslError
+from common.io import write_image
+
+
+def make_folder(root, n=4, extra=True):
+    rows = []
+    for i in range(n):
+        write_image(root / "img" / f"{i}.png", torch.full((3, 8, 8), i / n))
+        row = {"path": f"img/{i}.png", "azimuth": math.radians(10 * i), "elevation": -0.1 * i, "tilt": 3.0}
+        if extra:
+            row.update({"category": ["car", "mug"][i % 2], "instance": f"inst{i // 2}", "sequence": i // 2, "frame": i})
+        rows.append(row)
+    write_labels(root / "labels.csv", rows)
+    return rows
+
+
+def test_round_trip_degrees_at_the_edge(tmp_path):
+    rows = make_folder(tmp_path)
+    text = (tmp_path / "labels.csv").read_text().splitlines()
+    assert text[0] == "path,azimuth,elevation,tilt,category,instance,sequence,frame"
+    assert text[2].split(",")[1] == "10.000000"  # degrees in the file
+    t = read_labels(tmp_path)
+    assert t.angles.shape == (4, 3)
+    np.testing.assert_allclose(t.angles[:, 0].numpy(), [math.radians(10 * i) for i in range(4)], atol=1e-9)
+    assert t.categories == ["car", "mug"] and list(t.category_index) == [0, 1, 0, 1]
+    assert list(t.frame) == [0, 1, 2, 3] and list(t.sequence_index) == [0, 0, 1, 1]
+
+
+def test_dataset_items(tmp_path):
+    make_folder(tmp_path)
+    ds = LabeledFolder(tmp_path, size=16)
+    item = ds[3]
+    assert item["image"].shape == (3, 16, 16) and item["image"].dtype == torch.float32
+    assert abs(float(item["image"].mean()) - 0.75) < 0.01
+    assert item["category"] == 1 and item["frame"] == 3 and item["instance"] == 1
+    make_folder(tmp_path / "plain", extra=False)
+    assert LabeledFolder(tmp_path / "plain")[0]["category"] == -1
+
+
+@pytest.mark.parametrize("content, message", [
+    ("path,azimuth,tilt\nimg/0.png,1,2\n", "missing column(s) elevation"),
+    ("path,azimuth,elevation,tilt\nimg/0.png,abc,2,3\n", "line 2: azimuth is not a number: 'abc'"),
+    ("path,azimuth,elevation,tilt\nimg/0.png,nan,2,3\n", "line 2: azimuth is not finite"),
+    ("path,azimuth,elevation,tilt\nimg/9.png,1,2,3\n", "line 2: image 'img/9.png' does not exist"),
+    ("path,azimuth,elevation,tilt\n../outside.png,1,2,3\n", "escapes the dataset folder"),
+    ("path,azimuth,elevation,tilt\n/etc/passwd,1,2,3\n", "is absolute"),
+    ("path,azimuth,elevation,tilt\n", "has a header but no rows"),
+])
+def test_bad_labels_name_the_file(tmp_path, content, message):
+    make_folder(tmp_path)
+    (tmp_path / "outside.png").write_bytes(b"")
+    sub = tmp_path / "ds"
+    sub.mkdir()
+    shutil.copytree(tmp_path / "img", sub / "img")
+    (sub / "labels.csv").write_text(content)
+    with pytest.raises(ViewsslError) as e:
+        read_labels(sub)
+    assert message in str(e.value) and str(sub / "labels.csv") in str(e.value)
+
+
+def test_symlink_out_of_the_folder_is_refused(tmp_path):
+    make_folder(tmp_path)
+    sub = tmp_path / "ds"
+    sub.mkdir()
+    (sub / "img").symlink_to(tmp_path / "img")
+    (sub / "labels.csv").write_text("path,azimuth,elevation,tilt\nimg/0.png,1,2,3\n")
+    with pytest.raises(ViewsslError, match="escapes the dataset folder"):
+        read_labels(sub)
+
+
+def test_missing_folder_and_file(tmp_path):
+    with pytest.raises(ViewsslError, match="no such folder"):
+        read_labels(tmp_path / "nope")
+    with pytest.raises(ViewsslError, match="no labels.csv"):
+        read_labels(tmp_path)
+
+
+def test_truncated_image_is_named(tmp_path):
+    make_folder(tmp_path)
+    p = tmp_path / "img" / "1.png"
+    p.write_bytes(p.read_bytes()[:20])
+    ds = LabeledFolder(tmp_path)
+    with pytest.raises(ViewsslError, match=r"1\.png: unreadable or truncated image"):
+        ds[1]
