@@ -1,0 +1,184 @@
+"""Every SSV loss against its formula; the viewpoint encodings and their flip."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from common.geometry import angles_to_matrix, matrix_to_rotation_6d, wrap_angle
+from ssv import losses
+from ssv.viewpoint import (
+    Rotation6DHead,
+    SphericalHead,
+    decode_spherical,
+    encode_spherical,
+    flip_angles,
+    flip_matrix,
+    flip_sign_class,
+    sign_class,
+)
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_wgan_critic_loss_formula():
+    real = torch.tensor([1.0, 2.0, -3.0])
+    fake = torch.tensor([0.5, -0.5])
+    expected = -(1 + 2 - 3) / 3 + 0.0 + 1e-3 * (1 + 4 + 9) / 3
+    assert losses.wgan_critic_loss(real, fake, drift=1e-3).item() == pytest.approx(expected)
+    assert losses.generator_adversarial_loss(fake).item() == pytest.approx(0.0)
+    assert losses.generator_adversarial_loss(torch.tensor([2.0, 4.0])).item() == pytest.approx(-3.0)
+
+
+@pytest.mark.parametrize("scale", [0.3, 1.0, 2.5])
+def test_gradient_penalty_exact_on_linear_critic(scale):
+    gen = _gen(1)
+    w = torch.randn(3, 8, 8, generator=gen)
+    w = (scale * w / w.norm()).requires_grad_(True)
+
+    def critic(x):  # D(x) = <w, x> + 7: gradient w everywhere, norm = scale
+        return (x * w).flatten(1).sum(1) + 7.0
+
+    real, fake = torch.rand(5, 3, 8, 8, generator=gen), torch.rand(5, 3, 8, 8, generator=gen)
+    gp = losses.gradient_penalty(critic, real, fake, eps=torch.rand(5, generator=gen))
+    assert gp.item() == pytest.approx((scale - 1.0) ** 2, rel=1e-5, abs=1e-7)
+    gp.backward()  # d/dw (|w| - 1)^2 = 2 (|w| - 1) w / |w|
+    expected = 2 * (scale - 1.0) * w.detach() / scale
+    assert torch.allclose(w.grad, expected, atol=1e-5)
+
+
+def test_gradient_penalty_interpolates_between_real_and_fake():
+    seen = []
+
+    def critic(x):
+        seen.append(x.detach().clone())
+        return x.flatten(1).sum(1)
+
+    real, fake = torch.ones(2, 1, 2, 2), torch.zeros(2, 1, 2, 2)
+    losses.gradient_penalty(critic, real, fake, eps=torch.tensor([0.25, 1.0]))
+    assert torch.allclose(seen[0][0], torch.full((1, 2, 2), 0.25))
+    assert torch.allclose(seen[0][1], torch.ones(1, 2, 2))
+
+
+def test_spherical_viewpoint_loss_formula():
+    gen = _gen(2)
+    B, K = 4, 3
+    logp = torch.log_softmax(torch.randn(B, K, 2, generator=gen), -1)
+    sign_logits = torch.randn(B, K, 4, generator=gen)
+    angles = (torch.rand(B, K, generator=gen) * 2 - 1) * math.pi
+    target = encode_spherical(angles)
+    got = losses.spherical_viewpoint_loss(logp, sign_logits, target["ccss"], target["sign"])
+    expected = 0.0
+    for k in range(K):
+        c2, s2 = torch.cos(angles[:, k]) ** 2, torch.sin(angles[:, k]) ** 2
+        expected += (-(c2 * logp[:, k, 0] + s2 * logp[:, k, 1])).mean()
+        expected += F.cross_entropy(sign_logits[:, k], target["sign"][:, k])
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_encode_decode_roundtrip_and_quadrants():
+    angles = torch.tensor([[0.3, 2.0, -0.4], [-2.5, -1.0, 3.0]])
+    assert sign_class(torch.tensor([0.3, -0.3, 2.0, -2.0])).tolist() == [0, 1, 2, 3]
+    t = encode_spherical(angles)
+    assert torch.allclose(t["ccss"].sum(-1), torch.ones(2, 3))
+    logits = F.one_hot(t["sign"], 4).float() * 10
+    decoded = decode_spherical(t["ccss"].log(), logits)
+    assert torch.allclose(wrap_angle(decoded - angles), torch.zeros(2, 3), atol=1e-5)
+
+
+def test_flip_of_viewpoint():
+    angles = torch.tensor([[0.3, 0.2, -0.4], [-2.5, -1.0, 3.0]])
+    assert torch.allclose(flip_angles(angles), angles * torch.tensor([-1.0, 1.0, -1.0]))
+    # in matrices: M R(a, e, t) M = R(-a, e, -t)
+    R = angles_to_matrix(angles[:, 0], angles[:, 1], angles[:, 2])
+    f = flip_angles(angles)
+    assert torch.allclose(flip_matrix(R), angles_to_matrix(f[:, 0], f[:, 1], f[:, 2]), atol=1e-6)
+    # in the spherical encoding: magnitudes unchanged, sin sign of azimuth and tilt toggled
+    t, tf = encode_spherical(angles), encode_spherical(f)
+    assert torch.allclose(t["ccss"], tf["ccss"], atol=1e-6)
+    assert torch.equal(flip_sign_class(t["sign"]), tf["sign"])
+    # the flipped pseudo-target of a prediction decodes to the flipped prediction
+    out = {"logp": t["ccss"].log(), "sign": F.one_hot(t["sign"], 4).float()}
+    pt = SphericalHead.pseudo_target(out, flip=True)
+    dec = decode_spherical(pt["ccss"].log(), F.one_hot(pt["sign"], 4).float())
+    assert torch.allclose(wrap_angle(dec - f), torch.zeros_like(f), atol=1e-5)
+
+
+def test_6d_head_encoding_and_flip():
+    angles = torch.tensor([[0.3, 0.2, -0.4], [-1.5, -1.0, 2.0]])
+    R = angles_to_matrix(angles[:, 0], angles[:, 1], angles[:, 2])
+    out = {"r6d": matrix_to_rotation_6d(R)}
+    assert torch.allclose(Rotation6DHead.decode(out), angles, atol=1e-5)
+    assert Rotation6DHead.loss(out, Rotation6DHead.encode(angles)).item() == pytest.approx(0.0, abs=1e-10)
+    pt = Rotation6DHead.pseudo_target(out, flip=True)
+    assert torch.allclose(pt["R"], Rotation6DHead.encode(flip_angles(angles))["R"], atol=1e-5)
+
+
+def test_rotation_matrix_loss_formula():
+    R1 = angles_to_matrix(torch.tensor([0.0]), torch.tensor([0.0]), torch.tensor([0.0]))
+    R2 = angles_to_matrix(torch.tensor([math.pi]), torch.tensor([0.0]), torch.tensor([0.0]))
+    # ||I - R_y(pi)||_F^2 = 4 + 4 = 8
+    assert losses.rotation_matrix_loss(R1, R2).item() == pytest.approx(8.0, abs=1e-5)
+
+
+def test_style_and_cycle_loss():
+    z = torch.tensor([[1.0, 2.0], [0.0, 0.0]])
+    z_hat = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    assert losses.style_loss(z_hat, z).item() == pytest.approx((0 + 4 + 1 + 1) / 4)
+    got = losses.cycle_loss(torch.tensor(2.0), torch.tensor(3.0), 0.8, 0.5)
+    assert got.item() == pytest.approx(0.8 * 2 + 0.5 * 3)
+
+
+def test_image_consistency_loss_formula():
+    gen = _gen(4)
+    a = torch.randn(3, 4, 5, 5, generator=gen)
+    assert losses.image_consistency_loss(a, a).item() == pytest.approx(0.0, abs=1e-6)
+    assert losses.image_consistency_loss(a, 3.0 * a).item() == pytest.approx(0.0, abs=1e-6)  # scale invariant
+    assert losses.image_consistency_loss(a, -a).item() == pytest.approx(2.0, abs=1e-6)
+    b = torch.randn(3, 4, 5, 5, generator=gen)
+    cos = (a.flatten(1) * b.flatten(1)).sum(1) / (a.flatten(1).norm(dim=1) * b.flatten(1).norm(dim=1))
+    assert losses.image_consistency_loss(a, b).item() == pytest.approx((1 - cos).mean().item(), rel=1e-5)
+
+
+def test_view_symmetry_loss_formula_and_minimum():
+    """L_sym = L_v(V(flip I), flip(sg V(I))) + ||z_f - sg z||^2; an exactly mirror-equivariant V sits at its minimum."""
+    gen = _gen(5)
+    B = 4
+    out = {"logp": torch.log_softmax(torch.randn(B, 3, 2, generator=gen), -1), "sign": torch.randn(B, 3, 4, generator=gen)}
+    target = SphericalHead.pseudo_target(out, flip=True)
+    # prediction on the mirrored image = the mirror of the prediction (magnitudes equal, signs flipped), as logits
+    mag_logits = out["logp"].clone().requires_grad_(True)
+    flipped = {"logp": torch.log_softmax(mag_logits, -1), "sign": F.one_hot(target["sign"], 4).float() * 20}
+    z = torch.randn(B, 6, generator=gen)
+    z_f = z.clone().requires_grad_(True)
+    loss = losses.view_symmetry_loss(SphericalHead.loss, flipped, target, z_f, z)
+    expected = losses.spherical_viewpoint_loss(flipped["logp"], flipped["sign"], target["ccss"], target["sign"])
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    loss.backward()
+    assert mag_logits.grad.abs().max().item() < 1e-6  # soft CE is stationary where prediction == target
+    assert z_f.grad.abs().max().item() < 1e-7
+    # a non-mirrored prediction on the flipped image is penalised more
+    wrong = {"logp": flipped["logp"].detach(), "sign": F.one_hot(flip_sign_class(target["sign"]), 4).float() * 20}
+    assert losses.view_symmetry_loss(SphericalHead.loss, wrong, target).item() > loss.item() + 1.0
+    # the style term is ||z_f - z||^2 (MSE)
+    z_off = z + 1.0
+    assert losses.view_symmetry_loss(SphericalHead.loss, flipped, target, z_off, z).item() == pytest.approx(
+        expected.item() + 1.0, rel=1e-5
+    )
+
+
+def test_generator_symmetry_loss():
+    gen = _gen(6)
+    img = torch.randn(2, 3, 8, 8, generator=gen)
+    assert losses.generator_symmetry_loss(losses.hflip(img), img).item() == pytest.approx(0.0)
+    other = torch.randn(2, 3, 8, 8, generator=gen)
+    assert losses.generator_symmetry_loss(other, img).item() == pytest.approx(
+        F.smooth_l1_loss(other, torch.flip(img, dims=[-1])).item()
+    )
+    # the mirrored reference is detached: only S(z, flip v) is pushed
+    img.requires_grad_(True)
+    other.requires_grad_(True)
+    losses.generator_symmetry_loss(other, img).backward()
+    assert img.grad is None and other.grad.abs().sum() > 0

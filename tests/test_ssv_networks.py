@@ -1,0 +1,128 @@
+"""S and V: shapes of both presets, every critic parameter live, gradients from the image to the angles, Phi."""
+import pytest
+import torch
+
+from common.errors import ViewsslError
+from ssv import features
+from ssv.networks import PRESETS, build_synthesis, build_viewpoint
+
+TINY = dict(
+    PRESETS["cpu"],
+    image_size=16,
+    code_dim=4,
+    n_mlp=2,
+    g_channels_3d=[8, 4],
+    g_channels_3d_post=[4],
+    g_projection=8,
+    g_channels_2d=[4],
+    d_channels=[4, 8, 8],
+    d_feature=8,
+    d_head_hidden=8,
+)
+
+
+def test_paper_preset_shapes_and_sizes():
+    cfg = PRESETS["paper"]
+    G, V = build_synthesis(cfg), build_viewpoint(cfg)
+    assert sum(p.numel() for p in G.parameters()) == pytest.approx(17.17e6, rel=0.01)  # the release's S
+    assert cfg["image_size"] == 128 and G.vol_res == 16
+    with torch.no_grad():
+        x = G(torch.rand(1, 128) * 2 - 1, torch.zeros(1, 3))
+        assert x.shape == (1, 3, 128, 128)
+        out = V(x.expand(2, -1, -1, -1))
+    assert out["score"].shape == (2,) and out["z"].shape == (2, 128) and out["feat"].shape == (2, 512)
+    assert out["view"]["logp"].shape == (2, 3, 2) and out["view"]["sign"].shape == (2, 3, 4)
+
+
+@pytest.mark.parametrize("head", ["spherical", "6d"])
+def test_cpu_preset_forward_backward(head):
+    cfg = dict(PRESETS["cpu"], viewpoint_head=head)
+    G, V = build_synthesis(cfg), build_viewpoint(cfg)
+    z = torch.rand(2, 2 * cfg["code_dim"]) * 2 - 1
+    x = G(z, torch.tensor([[0.3, -0.2, 0.1], [-1.0, 0.5, 0.0]]))
+    assert x.shape == (2, 3, 64, 64)
+    out = V(x)
+    assert V.decode(out["view"]).shape == (2, 3)
+    (out["score"].sum() + out["z"].sum()).backward()
+    assert all(p.grad is not None for p in G.parameters())
+
+
+def test_every_critic_parameter_is_live():
+    """No dead block: each trunk parameter gets a gradient from the score (the release's first block got none)."""
+    V = build_viewpoint(TINY)
+    V.critic(torch.rand(3, 3, 16, 16) * 2 - 1).sum().backward()
+    for name, p in V.named_parameters():
+        if name.startswith(("from_rgb", "blocks", "final", "score_head")):
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_trunk_taps_and_tap():
+    V = build_viewpoint(TINY).eval()
+    x = torch.rand(2, 3, 16, 16)
+    feat, taps = V.trunk(x, taps=True)
+    assert set(taps) == {"block0", "block1", "pooled"}
+    assert taps["block0"].shape == (2, 8, 8, 8) and taps["block1"].shape == (2, 8, 4, 4)
+    assert torch.allclose(V.tap(x, "block1"), taps["block1"])
+    assert torch.allclose(taps["pooled"], feat)
+
+
+def test_image_gradient_reaches_predicted_angles_and_style():
+    """L_imc's path: a loss on S(z_hat, v_hat) reaches V's magnitude head and style head (trilinear sampling)."""
+    G, V = build_synthesis(TINY), build_viewpoint(TINY)
+    for p in G.parameters():
+        p.requires_grad_(False)
+    out = V(torch.rand(2, 3, 16, 16))
+    rec = G(out["z"], V.decode(out["view"]))
+    rec.square().mean().backward()
+    assert V.view_head.mag[0].weight.grad.abs().sum() > 0  # azimuth magnitudes
+    assert V.style_head.weight.grad.abs().sum() > 0
+
+
+def test_minibatch_stddev_option():
+    V = build_viewpoint(dict(TINY, mbstd=True))
+    assert V.final.conv1.weight.shape[1] == 8 + 1
+    assert V(torch.rand(2, 3, 16, 16))["score"].shape == (2,)
+
+
+def test_phi_choices(tmp_path, monkeypatch):
+    V = build_viewpoint(TINY)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    # critic: V's current trunk, detached
+    phi = features.build_phi("critic", critic=V)
+    assert list(phi.parameters()) == []
+    f = phi(x.requires_grad_(True))
+    f.sum().backward()
+    assert x.grad is not None and all(p.grad is None for p in V.parameters())
+    # random: fixed (same weights on every build, no global RNG use)
+    state = torch.random.get_rng_state()
+    r1, r2 = features.build_phi("random"), features.build_phi("random")
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert torch.allclose(r1(x), r2(x))
+    # pretrained weights absent -> clear error, no download; auto falls back to the critic
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(ViewsslError, match="alexnet-owt-7be5be79.pth"):
+        features.build_phi("alexnet")
+    with pytest.raises(ViewsslError, match="no download"):
+        features.build_phi("vgg")
+    assert features.resolve_phi("auto") == "critic"
+    with pytest.raises(ViewsslError, match="unknown feature network"):
+        features.resolve_phi("resnet")
+
+
+def test_phi_alexnet_from_local_file(tmp_path, monkeypatch):
+    """A torchvision AlexNet state dict in the hub cache is found and used by ``auto`` (here random weights)."""
+    import torchvision
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    path = features.hub_weights_path("alexnet")
+    path.parent.mkdir(parents=True)
+    torch.save(torchvision.models.alexnet(weights=None).state_dict(), path)
+    assert features.resolve_phi("auto") == "alexnet"
+    phi = features.build_phi("auto", input_size=64)
+    out = phi(torch.rand(1, 3, 16, 16) * 2 - 1)
+    assert out.shape == (1, 192, 7, 7)  # conv2 (pre-ReLU) at 64x64 input
+    # an explicit file that is not AlexNet is a clear error
+    bad = tmp_path / "bad.pt"
+    torch.save({"x": torch.zeros(1)}, bad)
+    with pytest.raises(ViewsslError, match="not an AlexNet state dict"):
+        features.build_phi("alexnet", weights_path=bad)
