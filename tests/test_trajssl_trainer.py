@@ -1,0 +1,241 @@
+"""Encoder training: every method trains, exact resume, frame pairs, the CLI, the eval-model interface, bad input."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from common.data.labels import write_labels
+from common.errors import ViewsslError
+from common.io import load_checkpoint, write_image
+from common.training import fit
+from trajssl.trainer import EncoderTrainer
+
+CPU = torch.device("cpu")
+# Tiny sizes: the ImageNet stem (stride 4) keeps ResNet-18 cheap on 16 px images.
+TINY = {"image_size": 16, "batch_size": 4, "proj_hidden_dim": 32, "proj_dim": 16, "pred_hidden_dim": 8,
+        "eval_gallery": 8, "eval_queries": 4, "small_stem": False}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Several test processes share two cores: one thread each avoids OpenMP oversubscription stalls."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_fake_benchmark(root: Path, size: int = 16, n_triplets: int = 8, n_seq: int = 3, seq_len: int = 5,
+                        n_obj: int = 9, seed: int = 0) -> Path:
+    """A miniature benchmark folder (random images) with the layout of ``viewssl data render``."""
+    g = torch.Generator().manual_seed(seed)
+    root = Path(root)
+
+    def put(folder: Path, name: str) -> str:
+        write_image(folder / "images" / name, torch.rand(3, size, size, generator=g))
+        return f"images/{name}"
+
+    rows, folder = [], root / "triplets" / "train"
+    for t in range(n_triplets):
+        for p in range(3):
+            rows.append({"path": put(folder, f"t{t}_{p}.png"), "azimuth": 0.3 * p, "elevation": 0.1, "tilt": 0.0,
+                         "category": f"c{t % 2}", "instance": f"i{t}", "triplet": str(t), "position": str(p)})
+    write_labels(folder / "labels.csv", rows, extra_columns=("triplet", "position"))
+    rows, folder = [], root / "sequences" / "train"
+    for s in range(n_seq):
+        for f in range(seq_len):
+            rows.append({"path": put(folder, f"s{s}_{f}.png"), "azimuth": 0.1 * f, "elevation": 0.0, "tilt": 0.0,
+                         "category": f"c{s % 2}", "instance": f"i{s}", "sequence": f"seq{s}", "frame": str(f)})
+    write_labels(folder / "labels.csv", rows)
+    for split in ("train", "val"):
+        rows, folder = [], root / "objects" / split
+        for i in range(n_obj):
+            rows.append({"path": put(folder, f"o{i}.png"), "azimuth": 0.5 * i, "elevation": 0.2, "tilt": 0.0,
+                         "category": f"c{i % 3}", "instance": f"i{i}"})
+        write_labels(folder / "labels.csv", rows)
+    return root
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory) -> Path:
+    return make_fake_benchmark(tmp_path_factory.mktemp("bench"))
+
+
+def _params(module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("method,traj_weight,traj_layer", [
+    ("simclr", 0.0, "pooled"), ("simclr", 0.2, "layer4"), ("vicreg", 0.0, "pooled"), ("vicreg", 0.2, "pooled"),
+    ("simsiam", 0.0, "pooled"), ("simsiam", 0.2, "layer3"),
+])
+def test_every_method_trains_two_steps(bench, method, traj_weight, traj_layer):
+    tr = EncoderTrainer({**TINY, "method": method, "data": str(bench), "steps": 2, "traj_weight": traj_weight,
+                         "traj_layer": traj_layer}, CPU)
+    before = _params(tr.encoder)
+    batches = tr.batches(0)
+    for step in range(2):
+        terms = tr.train_step(next(batches), step)
+        assert all(torch.isfinite(v) for v in terms.values())
+    assert ("trajectory" in terms) == (traj_weight > 0)
+    assert 0.0 <= float(terms["std_z"]) <= 2.0
+    changed = [k for k, v in _params(tr.encoder).items() if not torch.equal(v, before[k])]
+    assert any("layer4" in k for k in changed) and any("layer1" in k for k in changed)
+
+
+@pytest.mark.parametrize("pairs", ["same", "nearby", "distant"])
+def test_frame_pairs_train(bench, pairs):
+    tr = EncoderTrainer({**TINY, "method": "simsiam", "data": str(bench), "steps": 1, "pairs": pairs,
+                         "traj_weight": 0.2}, CPU)
+    batch = next(tr.batches(0))
+    assert batch["partner"].shape == batch["image"].shape and batch["triplet"].shape[0] == 3 * 4
+    if pairs == "same":
+        assert torch.equal(batch["partner"], batch["image"])
+    assert torch.isfinite(tr.train_step(batch, 0)["loss"])
+
+
+def test_partner_offsets(bench):
+    from trajssl.data import SequenceFrames
+
+    frames = SequenceFrames(bench / "sequences" / "train", 16)
+    seq, frame = frames._seq_of, frames.table.frame
+    idx = list(range(len(frames)))
+    torch.manual_seed(0)
+    for _ in range(20):
+        near = frames.partners(idx, "nearby")
+        far = frames.partners(idx, "distant")
+        for i, n, f in zip(idx, near, far):
+            assert seq[n] == seq[i] and 1 <= abs(frame[n] - frame[i]) <= 2
+            assert seq[f] == seq[i] and f != i
+    assert frames.partners(idx, "same") == idx
+
+
+def test_resume_equals_uninterrupted(bench, tmp_path):
+    cfg = {**TINY, "method": "vicreg", "data": str(bench), "traj_weight": 0.2, "schedule_steps": 4, "seed": 3,
+           "warmup_steps": 1}
+    full = EncoderTrainer({**cfg, "steps": 4}, CPU)
+    fit(full, tmp_path / "full", steps=4, checkpoint_every=2, progress=False)
+    first = EncoderTrainer({**cfg, "steps": 2}, CPU)
+    fit(first, tmp_path / "half", steps=2, checkpoint_every=2, progress=False)
+    second = EncoderTrainer({**cfg, "steps": 4}, CPU)
+    result = fit(second, tmp_path / "half", steps=4, checkpoint_every=2, resume="auto", progress=False)
+    assert result["start_step"] == 2
+    a = load_checkpoint(tmp_path / "full" / "checkpoints" / "ckpt-00000004.pt")
+    b = load_checkpoint(tmp_path / "half" / "checkpoints" / "ckpt-00000004.pt")
+    for group in ("encoder", "heads"):
+        for k, v in a["modules"][group].items():
+            assert torch.equal(v, b["modules"][group][k]), f"{group}.{k} differs after resume"
+    sa, sb = a["optimizers"]["optimizer"]["state"], b["optimizers"]["optimizer"]["state"]
+    assert all(torch.equal(sa[k]["momentum_buffer"], sb[k]["momentum_buffer"]) for k in sa)
+
+
+def test_resume_refuses_other_config_unless_forced(bench, tmp_path):
+    cfg = {**TINY, "method": "simclr", "data": str(bench), "steps": 1}
+    fit(EncoderTrainer(cfg, CPU), tmp_path / "run", steps=1, progress=False)
+    with pytest.raises(ViewsslError, match="temperature"):
+        fit(EncoderTrainer({**cfg, "temperature": 0.5}, CPU), tmp_path / "run", steps=2, resume="auto", progress=False)
+    r = fit(EncoderTrainer({**cfg, "temperature": 0.5}, CPU), tmp_path / "run", steps=2, resume="auto", force=True,
+            progress=False)
+    assert r["step"] == 2
+
+
+def test_online_monitors(bench):
+    tr = EncoderTrainer({**TINY, "method": "vicreg", "data": str(bench), "steps": 1}, CPU)
+    m = tr.evaluate(1)
+    for tap in ("pooled", "layer3"):
+        assert 0.0 <= m[f"knn_category_acc/{tap}"] <= 1.0
+        assert 0.0 <= m[f"knn_pose_median_deg/{tap}"] <= 180.0
+
+
+def test_model_io_features(bench, tmp_path):
+    from trajssl.model_io import load_encoder_model
+
+    tr = EncoderTrainer({**TINY, "method": "simsiam", "data": str(bench), "steps": 1, "small_stem": True}, CPU)
+    r = fit(tr, tmp_path / "run", steps=1, progress=False)
+    model = load_encoder_model(load_checkpoint(r["checkpoint"]), CPU)
+    assert model.family == "encoder" and model.input_size == 16 and model.predict_angles(torch.rand(2, 3, 16, 16)) is None
+    f = model.features(torch.rand(3, 3, 24, 24), ["pooled", "layer3", "layer4"])
+    # 16 px, small stem: layer3 4x4x256, layer4 2x2x512
+    assert f["pooled"].shape == (3, 512) and f["layer3"].shape == (3, 256 * 16) and f["layer4"].shape == (3, 512 * 4)
+    tr.encoder.eval()
+    with torch.no_grad():
+        ref = tr.encoder(torch.rand(1, 3, 16, 16).clamp(0.5, 0.5))["pooled"]
+    assert torch.allclose(model.features(torch.full((1, 3, 16, 16), 0.5), ["pooled"])["pooled"], ref, atol=1e-5)
+
+
+def test_model_io_registered_with_eval():
+    eval_mod = pytest.importorskip("common.eval")
+    if not hasattr(eval_mod, "register_family"):
+        pytest.skip("common.eval.register_family not written yet")
+    import trajssl.model_io  # noqa: F401
+
+    registry = getattr(eval_mod, "FAMILIES", None) or getattr(eval_mod, "_FAMILIES", None)
+    if registry is not None:
+        assert "encoder" in registry
+
+
+def _cli():
+    from experiments.cli import cli
+
+    return cli
+
+
+def test_cli_trains_and_resumes(bench, tmp_path):
+    runner = CliRunner()
+    args = ["train", "encoder", "--data", str(bench), "--method", "vicreg", "--traj-weight", "0.2", "--steps", "2",
+            "--batch-size", "4", "--image-size", "16", "--out", str(tmp_path), "--eval-every", "2",
+            "--checkpoint-every", "1", "--log-every", "1"]
+    r = runner.invoke(_cli(), args)
+    assert r.exit_code == 0, r.output
+    runs = sorted(tmp_path.glob("*-encoder-vicreg-traj0.2-augment"))
+    assert len(runs) == 1 and (runs[0] / "checkpoints" / "ckpt-00000002.pt").is_file()
+    assert (runs[0] / "metrics.jsonl").read_text().count('"kind": "eval"') == 1
+    r = runner.invoke(_cli(), args[:-8] + ["--steps", "3", "--resume", "auto", "--out", str(tmp_path),
+                                           "--eval-every", "0"])
+    assert r.exit_code == 0, r.output
+    assert sorted(tmp_path.glob("*-encoder-vicreg*")) == runs
+    assert (runs[0] / "checkpoints" / "ckpt-00000003.pt").is_file()
+
+
+def test_cli_help_documents_every_option():
+    r = CliRunner().invoke(_cli(), ["train", "encoder", "--help"])
+    assert r.exit_code == 0
+    for opt in ("--method", "--traj-weight", "--traj-layer", "--pairs", "--data", "--steps", "--resume", "--force",
+                "--batch-size", "--optimizer", "--lr", "--image-size", "--device", "--seed", "--out"):
+        assert opt in r.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--data", "{missing}"], "no such folder"),
+    (["--data", "{empty}"], "no training images"),
+    (["--data", "{bench}", "--pairs", "nearby", "--traj-weight", "0.2", "--data", "{objects}"], "needs"),
+    (["--data", "{bench}", "--method", "byol"], "byol"),
+    (["--data", "{bench}", "--resume", "{missing}"], "--resume"),
+])
+def test_cli_bad_input_one_line_exit_2(bench, tmp_path, args, message):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    fill = {"missing": str(tmp_path / "nope"), "empty": str(empty), "bench": str(bench),
+            "objects": str(bench / "objects" / "train")}
+    args = [a.format(**fill) for a in args]
+    r = CliRunner().invoke(_cli(), ["train", "encoder", *args, "--steps", "1", "--batch-size", "4", "--image-size",
+                                    "16", "--out", str(tmp_path / "runs")])
+    assert r.exit_code == 2, r.output
+    assert message in r.output and "Traceback" not in r.output
+
+
+def test_triplet_folder_rejects_incomplete_triplets(tmp_path):
+    from trajssl.data import TripletFolder
+
+    folder = tmp_path / "t"
+    rows = []
+    for p in (0, 1):
+        write_image(folder / f"{p}.png", torch.rand(3, 8, 8))
+        rows.append({"path": f"{p}.png", "azimuth": 0.0, "elevation": 0.0, "tilt": 0.0, "triplet": "7",
+                     "position": str(p)})
+    write_labels(folder / "labels.csv", rows, extra_columns=("triplet", "position"))
+    with pytest.raises(ViewsslError, match="triplet 7"):
+        TripletFolder(folder)

@@ -1,0 +1,162 @@
+"""Training data of the Siamese family: geodesic triplets, plain image folders and frame pairs from sequences.
+
+- :class:`TripletFolder`: a ``labels.csv`` folder with extra columns ``triplet`` (id) and ``position`` (0 = left,
+  1 = centre, 2 = right), e.g. ``DIR/triplets/train`` of the synthetic benchmark. Item t holds the three images.
+- :class:`SequenceFrames`: a ``labels.csv`` folder with ``sequence`` and ``frame`` columns (``DIR/sequences/train``);
+  :meth:`SequenceFrames.partners` draws, in the main process with the global torch RNG, the positive partner of each
+  frame at offset ``same`` (the frame itself), ``nearby`` (1-2 frames away) or ``distant`` (uniform over the rest of
+  its sequence), as SiamPose's pair strategies.
+
+Items are deterministic (the same index always gives the same tensors); every random choice is made by the trainer.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from common.data.labels import LABELS_FILE, LabeledFolder, read_labels
+from common.errors import ViewsslError
+from common.io import read_image
+
+log = logging.getLogger("viewssl.trajssl.data")
+
+PAIR_MODES = ("augment", "same", "nearby", "distant")
+
+__all__ = ["PAIR_MODES", "TripletFolder", "SequenceFrames", "ImageFolder", "find_split"]
+
+
+def _ints(values: np.ndarray) -> np.ndarray:
+    return values.astype(np.int64)
+
+
+def _meta(table, i: int, attr: str) -> int:
+    idx = getattr(table, attr)
+    return int(idx[i]) if idx is not None else -1
+
+
+class TripletFolder(Dataset):
+    """Geodesic triplets. Item: ``{"left", "image" (centre), "right": (3, S, S), "angles": centre (3,) rad,
+    "index": triplet number, "category", "instance", "sequence": -1, "frame": -1}``."""
+
+    def __init__(self, root: str | os.PathLike, size: int = 32):
+        self.table = read_labels(root)
+        self.size = size
+        csv = self.table.csv_path
+        for col in ("triplet", "position"):
+            if col not in self.table.raw:
+                raise ViewsslError(f"not a triplet folder: no {col!r} column (needs triplet and position)", csv)
+        triplet, position = _ints(self.table.numeric("triplet")), _ints(self.table.numeric("position"))
+        if not np.isin(position, (0, 1, 2)).all():
+            raise ViewsslError("column 'position' must be 0 (left), 1 (centre) or 2 (right)", csv)
+        ids = np.unique(triplet)
+        rows = np.full((len(ids), 3), -1, dtype=np.int64)
+        slot = np.searchsorted(ids, triplet)
+        for r, (s, p) in enumerate(zip(slot, position)):
+            if rows[s, p] != -1:
+                raise ViewsslError(f"line {r + 2}: triplet {ids[s]} has two images at position {p}", csv)
+            rows[s, p] = r
+        incomplete = np.nonzero((rows < 0).any(1))[0]
+        if len(incomplete):
+            raise ViewsslError(f"triplet {ids[incomplete[0]]} lacks a left, centre or right image "
+                               f"({len(incomplete)} incomplete triplets)", csv)
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, t: int) -> dict:
+        l, c, r = (int(i) for i in self.rows[t])
+        paths = self.table.paths
+        return {
+            "left": read_image(paths[l], self.size),
+            "image": read_image(paths[c], self.size),
+            "right": read_image(paths[r], self.size),
+            "angles": self.table.angles[c].float(),
+            "index": t,
+            "category": _meta(self.table, c, "category_index"),
+            "instance": _meta(self.table, c, "instance_index"),
+            "sequence": -1,
+            "frame": -1,
+        }
+
+
+class ImageFolder(LabeledFolder):
+    """Any ``labels.csv`` folder as a source of single images (for ``--pairs augment`` on a user's own data)."""
+
+
+class SequenceFrames(LabeledFolder):
+    """Frames of video sequences (``sequence`` and ``frame`` columns) with SiamPose's partner sampling."""
+
+    def __init__(self, root: str | os.PathLike, size: int = 32):
+        super().__init__(root, size)
+        t = self.table
+        if t.sequence_index is None or t.frame is None:
+            raise ViewsslError("not a sequence folder: needs 'sequence' and 'frame' columns", t.csv_path)
+        seq = t.sequence_index
+        if (seq < 0).any() or (t.frame < 0).any():
+            bad = int(np.nonzero((seq < 0) | (t.frame < 0))[0][0])
+            raise ViewsslError(f"line {bad + 2}: empty sequence or frame", t.csv_path)
+        # Frames of each sequence in frame order: members[s] = row indices, pos[i] = position of row i in it.
+        order = np.lexsort((t.frame, seq))
+        self._members: list[np.ndarray] = []
+        self._seq_of = seq
+        self._pos = np.empty(len(seq), dtype=np.int64)
+        for s in range(len(t.sequences)):
+            rows = order[seq[order] == s]
+            self._members.append(rows)
+            self._pos[rows] = np.arange(len(rows))
+
+    def partners(self, indices: torch.Tensor | list[int], mode: str) -> list[int]:
+        """Partner row of each index: ``same`` -> itself; ``nearby`` -> 1 or 2 frames before or after (within the
+        sequence); ``distant`` -> uniform over the other frames of the sequence. Uses the global torch RNG (one
+        uniform draw per index); a sequence of one frame pairs a frame with itself."""
+        if mode not in ("same", "nearby", "distant"):
+            raise ViewsslError(f"--pairs {mode!r}: expected same, nearby or distant")
+        idx = [int(i) for i in indices]
+        u = torch.rand(len(idx)).tolist()
+        out = []
+        for i, r in zip(idx, u):
+            members = self._members[self._seq_of[i]]
+            p = int(self._pos[i])
+            if mode == "same" or len(members) == 1:
+                out.append(i)
+                continue
+            if mode == "nearby":
+                cands = [p + d for d in (-2, -1, 1, 2) if 0 <= p + d < len(members)]
+            else:
+                cands = [q for q in range(len(members)) if q != p]
+            out.append(int(members[cands[min(int(r * len(cands)), len(cands) - 1)]]))
+        return out
+
+    def load(self, rows: list[int]) -> torch.Tensor:
+        """Images of the given rows, (B, 3, S, S)."""
+        return torch.stack([read_image(self.table.paths[r], self.size) for r in rows])
+
+
+def _has_columns(folder: Path, columns: tuple[str, ...]) -> bool:
+    csv = folder / LABELS_FILE
+    if not csv.is_file():
+        return False
+    with open(csv, encoding="utf-8", errors="replace") as f:
+        header = [h.strip() for h in f.readline().split(",")]
+    return all(c in header for c in columns)
+
+
+def find_split(data: str | os.PathLike, kind: str) -> Path | None:
+    """The training folder of ``kind`` (``triplets``, ``sequences`` or ``objects``) under a benchmark folder
+    ``data`` (``data/kind/train``), or ``data`` itself when it is such a folder; None if there is none."""
+    data = Path(data)
+    if not data.exists():
+        raise ViewsslError("no such data folder", data)
+    sub = data / kind / "train"
+    if (sub / LABELS_FILE).is_file():
+        return sub
+    needs = {"triplets": ("triplet", "position"), "sequences": ("sequence", "frame"), "objects": ()}[kind]
+    if _has_columns(data, needs):
+        return data
+    return None
