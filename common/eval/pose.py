@@ -1,0 +1,215 @@
+"""Viewpoint errors (raw and SSV's calibrated protocol) and absolute pose by kNN.
+
+Angles are radians inside; every figure returned here is in **degrees** (accuracies are fractions in [0, 1]).
+
+- :func:`viewpoint_errors`: per-angle MAE with wrap-around (359 deg vs 1 deg is 2 deg), their mean (the SSV
+  paper's "MAE"), the median geodesic error and Acc@pi/6 (share of geodesic errors < 30 deg; the PASCAL3D+ metrics).
+- :func:`calibrated_viewpoint_errors`: SSV's protocol (``test_vpnet.py``): per angle a 1-D least-squares map
+  ``gt ~ slope * pred + intercept`` is fitted on a seeded calibration subset of the frames and the errors are
+  reported on the **disjoint** rest. A self-supervised model picks its own zero, sign and scale per axis; this fit
+  removes them (using labels, so it is not the standard protocol). The fit is on the raw radians, without wrapping,
+  exactly as SSV: it suits angles that stay within +-180 deg of each other (heads, limited azimuth ranges).
+- :func:`evaluate_viewpoints`: both protocols, each result dict naming its protocol.
+- :func:`knn_pose`: the trajectory paper's absolute-pose kNN (discrete viewpoint index as class) plus the geodesic
+  error of the retrieved viewpoint.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from ..geometry import angles_to_matrix, angular_difference, geodesic_distance
+from .knn import knn_classify
+
+__all__ = [
+    "VIEWPOINT_KEYS",
+    "viewpoint_errors",
+    "fit_angle_calibration",
+    "apply_angle_calibration",
+    "calibration_split",
+    "calibrated_viewpoint_errors",
+    "evaluate_viewpoints",
+    "geodesic_errors_deg",
+    "geodesic_summary",
+    "chordal_mean",
+    "knn_pose",
+]
+
+VIEWPOINT_KEYS = ("azimuth_mae", "elevation_mae", "tilt_mae", "mae", "median_geodesic", "acc_pi_6")
+ANGLE_NAMES = ("azimuth", "elevation", "tilt")
+
+
+def _angles(x, name: str) -> torch.Tensor:
+    t = torch.as_tensor(x).detach()
+    if not t.dtype.is_floating_point:
+        t = t.double()
+    t = t.to(torch.float64)
+    if t.dim() != 2 or t.shape[1] != 3:
+        raise ValueError(f"{name} must be (N, 3) (azimuth, elevation, tilt) radians, got {tuple(t.shape)}")
+    return t
+
+
+def _median(x: torch.Tensor) -> float:
+    """Median with the mean of the two middle values for even counts (numpy's convention, not torch.median's)."""
+    return float(torch.quantile(x.double(), 0.5)) if x.numel() else math.nan
+
+
+def geodesic_errors_deg(pred_rot: torch.Tensor, true_rot: torch.Tensor) -> torch.Tensor:
+    """Geodesic angle between rotations in degrees; (N, 3, 3) x (N, 3, 3) -> (N,) float64."""
+    return torch.rad2deg(geodesic_distance(pred_rot.double(), true_rot.double()))
+
+
+def geodesic_summary(errors_deg: torch.Tensor, threshold_deg: float = 30.0, prefix: str = "") -> dict[str, float]:
+    """``{median_geodesic, mean_geodesic, acc_30}`` of geodesic errors in degrees (acc: share strictly below the
+    threshold; the key is named after it)."""
+    e = errors_deg.double().flatten()
+    acc_key = f"acc_{threshold_deg:g}".replace(".", "_")
+    return {
+        f"{prefix}median_geodesic": _median(e),
+        f"{prefix}mean_geodesic": float(e.mean()) if e.numel() else math.nan,
+        f"{prefix}{acc_key}": float((e < threshold_deg).double().mean()) if e.numel() else math.nan,
+    }
+
+
+def viewpoint_errors(pred_angles, true_angles) -> dict[str, float]:
+    """(N, 3) predicted and true (azimuth, elevation, tilt) in radians -> dict of floats.
+
+    Keys: ``azimuth_mae, elevation_mae, tilt_mae`` (degrees, wrap-around), ``mae`` (their mean),
+    ``median_geodesic`` (degrees, geodesic angle between the two rotations R = R_y(az) R_x(el) R_z(tilt)) and
+    ``acc_pi_6`` (fraction of geodesic errors < pi/6).
+    """
+    pred, true = _angles(pred_angles, "pred_angles"), _angles(true_angles, "true_angles")
+    if pred.shape != true.shape:
+        raise ValueError(f"pred_angles {tuple(pred.shape)} and true_angles {tuple(true.shape)} differ in shape")
+    if pred.shape[0] == 0:
+        raise ValueError("viewpoint_errors needs at least one frame")
+    per_angle = torch.rad2deg(angular_difference(pred, true)).mean(dim=0)
+    geo = torch.rad2deg(
+        geodesic_distance(angles_to_matrix(*pred.unbind(-1)), angles_to_matrix(*true.unbind(-1)))
+    )
+    out = {f"{name}_mae": float(per_angle[i]) for i, name in enumerate(ANGLE_NAMES)}
+    out["mae"] = float(per_angle.mean())
+    out["median_geodesic"] = _median(geo)
+    out["acc_pi_6"] = float((geo < 30.0).double().mean())
+    return out
+
+
+def fit_angle_calibration(pred_angles, true_angles) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per angle, least squares ``true ~ slope * pred + intercept`` on raw radians; -> (slope (3,), intercept (3,)).
+
+    A constant prediction (no spread) gets slope 0 and the mean of ``true`` as intercept.
+    """
+    pred, true = _angles(pred_angles, "pred_angles").numpy(), _angles(true_angles, "true_angles").numpy()
+    if pred.shape[0] < 2:
+        raise ValueError("the calibration fit needs at least 2 frames")
+    slope, intercept = np.zeros(3), np.zeros(3)
+    for j in range(3):
+        p, t = pred[:, j], true[:, j]
+        pc = p - p.mean()
+        denom = float(pc @ pc)
+        slope[j] = float(pc @ (t - t.mean())) / denom if denom > 1e-24 else 0.0
+        intercept[j] = t.mean() - slope[j] * p.mean()
+    return torch.from_numpy(slope), torch.from_numpy(intercept)
+
+
+def apply_angle_calibration(pred_angles, slope: torch.Tensor, intercept: torch.Tensor) -> torch.Tensor:
+    return _angles(pred_angles, "pred_angles") * slope.double() + intercept.double()
+
+
+def calibration_split(n: int, fraction: float = 0.1, seed: int = 0, count: int | None = None):
+    """Seeded disjoint split of ``range(n)`` -> (calibration indices, scored indices), both sorted int64.
+
+    The calibration size is ``count`` if given, else ``round(fraction * n)``, clamped to [2, n - 1].
+    """
+    if n < 3:
+        raise ValueError(f"the calibrated protocol needs at least 3 frames, got {n}")
+    size = int(count) if count is not None else int(round(float(fraction) * n))
+    size = min(max(size, 2), n - 1)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
+    return perm[:size].sort().values, perm[size:].sort().values
+
+
+def calibrated_viewpoint_errors(
+    pred_angles, true_angles, fraction: float = 0.1, seed: int = 0, count: int | None = None
+) -> dict:
+    """SSV's protocol: :func:`viewpoint_errors` on the frames outside a seeded calibration subset, after mapping the
+    predictions with the per-angle linear fit made on that subset.
+
+    Returns the :data:`VIEWPOINT_KEYS` plus ``protocol="calibrated"``, ``n_calibration``, ``n_scored``, ``seed``,
+    ``fraction``, ``slope_<angle>``, ``intercept_<angle>`` (radians) and ``uncalibrated_mae`` (the raw MAE on the same
+    scored frames, for comparison).
+    """
+    pred, true = _angles(pred_angles, "pred_angles"), _angles(true_angles, "true_angles")
+    cal, scored = calibration_split(pred.shape[0], fraction, seed, count)
+    slope, intercept = fit_angle_calibration(pred[cal], true[cal])
+    out: dict = viewpoint_errors(apply_angle_calibration(pred[scored], slope, intercept), true[scored])
+    out["uncalibrated_mae"] = viewpoint_errors(pred[scored], true[scored])["mae"]
+    out.update(protocol="calibrated", n_calibration=int(cal.numel()), n_scored=int(scored.numel()), seed=int(seed),
+               fraction=float(cal.numel()) / pred.shape[0])
+    for j, name in enumerate(ANGLE_NAMES):
+        out[f"slope_{name}"] = float(slope[j])
+        out[f"intercept_{name}"] = float(intercept[j])
+    return out
+
+
+def evaluate_viewpoints(pred_angles, true_angles, fraction: float = 0.1, seed: int = 0, count: int | None = None):
+    """Both protocols: ``{"raw": {...keys, protocol: "raw", n}, "calibrated": {...}}`` (calibrated is omitted with
+    fewer than 3 frames)."""
+    pred, true = _angles(pred_angles, "pred_angles"), _angles(true_angles, "true_angles")
+    result: dict = {"raw": {**viewpoint_errors(pred, true), "protocol": "raw", "n": int(pred.shape[0])}}
+    if pred.shape[0] >= 3:
+        result["calibrated"] = calibrated_viewpoint_errors(pred, true, fraction, seed, count)
+    return result
+
+
+def chordal_mean(rotations: torch.Tensor) -> torch.Tensor:
+    """Chordal L2 mean of rotations (N, 3, 3) -> (3, 3): the rotation closest to their arithmetic mean (SVD)."""
+    m = rotations.double().mean(dim=0)
+    u, _, vh = torch.linalg.svd(m)
+    d = torch.sign(torch.linalg.det(u @ vh))
+    d = torch.where(d == 0, torch.ones_like(d), d)
+    fix = torch.diag(torch.stack([torch.ones_like(d), torch.ones_like(d), d]))
+    return u @ fix @ vh
+
+
+def knn_pose(
+    train_features: torch.Tensor,
+    train_views: torch.Tensor,
+    train_rotations: torch.Tensor,
+    query_features: torch.Tensor,
+    query_rotations: torch.Tensor,
+    query_views: torch.Tensor | None = None,
+    *,
+    k: int = 20,
+    temperature: float = 0.07,
+    train_groups=None,
+    query_groups=None,
+) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+    """Absolute pose by weighted kNN over discrete viewpoint indices (one category's gallery and queries).
+
+    The predicted index's viewpoint is the chordal mean of the gallery rotations carrying that index (for rendered
+    Fibonacci views all copies are equal, so it is that rotation). Returns ``(figures, correct (M,) bool or empty,
+    geodesic errors (M,) degrees)``; figures: ``acc`` (exact index; only when ``query_views`` is given),
+    ``median_geodesic``, ``mean_geodesic``, ``acc_30``.
+    """
+    device = query_features.device
+    views = torch.as_tensor(train_views, device=device).long()
+    n_views = int(views.max()) + 1
+    pred = knn_classify(train_features, views, query_features, k=k, temperature=temperature, num_classes=n_views,
+                        train_groups=train_groups, query_groups=query_groups)
+    train_rot = train_rotations.to(device=device, dtype=torch.float64)
+    reps = torch.eye(3, dtype=torch.float64, device=device).repeat(n_views, 1, 1)
+    for v in views.unique().tolist():
+        if v >= 0:
+            reps[v] = chordal_mean(train_rot[views == v])
+    pred_rot = reps[pred.clamp_min(0)]
+    errors = geodesic_errors_deg(pred_rot, query_rotations.to(device=device, dtype=torch.float64))
+    errors = torch.where(pred >= 0, errors, torch.full_like(errors, 180.0))
+    figures = geodesic_summary(errors)
+    correct = torch.zeros(0, dtype=torch.bool, device=device)
+    if query_views is not None:
+        correct = pred == torch.as_tensor(query_views, device=device).long()
+        figures = {"acc": float(correct.double().mean()), **figures}
+    return figures, correct, errors

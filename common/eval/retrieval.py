@@ -1,0 +1,112 @@
+"""Retrieval and re-identification on frozen features (cosine similarity).
+
+- :func:`recall_at_k`: the standard video-retrieval R@k (VCOP / Luo et al.): a query succeeds at k when at least one
+  of its k nearest gallery items shares its label. Gallery = training split, queries = test split (or the set against
+  itself with self / same-group matches excluded).
+- :func:`reid_metrics`: SiamPose's sequence re-identification (``siampose/other_metrics.py``), within one set, the
+  query itself excluded from its ranking:
+  ``top1`` = the nearest other frame comes from the same sequence;
+  ``map`` = mean over queries of the average precision of same-sequence retrieval over the full ranking
+  (``sklearn.metrics.average_precision_score`` per query);
+  ``auc`` = SiamPose's figure, the trapezoidal area under the (recall@k, precision@k) points of the full ranking
+  (``sklearn.metrics.auc``), which the SiamPose notebooks call "mAP";
+  ``jitter`` = mean |frame difference| to the nearest frame, over queries whose nearest frame is from their sequence.
+  Two deliberate differences from SiamPose's code: the query is removed from its ranking (SiamPose zeroes its
+  similarity, so it stays in the ranking and in the positive count), and queries alone in their sequence are skipped.
+
+Everything is chunked over queries so the (chunk x gallery) similarity block stays under a memory budget.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .knn import knn_search
+
+__all__ = ["recall_at_k", "reid_metrics", "average_precision_rows"]
+
+
+def recall_at_k(
+    train_features: torch.Tensor,
+    train_labels,
+    query_features: torch.Tensor,
+    query_labels,
+    ks: Sequence[int] = (1, 5, 10, 20),
+    *,
+    train_groups=None,
+    query_groups=None,
+) -> dict[str, float]:
+    """``{"r@1": ..., "r@5": ...}``: share of queries with a same-label item among their k nearest neighbours."""
+    device = query_features.device
+    kmax = max(ks)
+    res = knn_search(train_features, query_features, kmax, train_groups=train_groups, query_groups=query_groups)
+    tl = torch.as_tensor(train_labels, device=device).long()
+    ql = torch.as_tensor(query_labels, device=device).long()
+    nl = torch.where(res.indices >= 0, tl[res.indices.clamp_min(0)], torch.full_like(res.indices, -1))
+    hit = (nl == ql[:, None]) & (ql[:, None] >= 0)
+    first = torch.where(hit.any(1), hit.double().argmax(1), torch.full_like(ql, kmax))
+    return {f"r@{k}": float((first < k).double().mean()) for k in ks}
+
+
+def average_precision_rows(relevant_sorted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For rows of 0/1 relevance in ranked order (R, N): (average precision (R,), SiamPose trapezoidal PR-AUC (R,)).
+
+    AP = sum_k P@k rel_k / n_pos. AUC = trapezoid over the points (recall@k, precision@k), k = 1..N, as
+    ``sklearn.metrics.auc(r_at_k, p_at_k)``.
+    """
+    rel = relevant_sorted.double()
+    n_pos = rel.sum(1)
+    hits = torch.cumsum(rel, 1)
+    ranks = torch.arange(1, rel.shape[1] + 1, dtype=torch.float64, device=rel.device)
+    precision = hits / ranks
+    ap = (precision * rel).sum(1) / n_pos.clamp_min(1)
+    recall = hits / n_pos.clamp_min(1)[:, None]
+    auc = ((recall[:, 1:] - recall[:, :-1]) * (precision[:, 1:] + precision[:, :-1]) / 2).sum(1)
+    return ap, auc
+
+
+def reid_metrics(
+    features: torch.Tensor,
+    sequences,
+    frames=None,
+    *,
+    memory_budget: int = 128 * 2**20,
+) -> dict[str, float]:
+    """SiamPose's re-identification figures within one set of frames (see the module doc)."""
+    device = features.device
+    n = features.shape[0]
+    seq = torch.as_tensor(sequences, device=device).long()
+    frm = torch.as_tensor(frames, device=device).long() if frames is not None else None
+    unit = F.normalize(features.double(), dim=1)
+    counts = torch.bincount(seq.clamp_min(0), minlength=int(seq.max()) + 1 if n else 1)
+    chunk = int(max(1, min(n, memory_budget // max(1, n * 8 * 4))))
+    top1, aps, aucs, jitters = [], [], [], []
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        sims = unit[s:e] @ unit.T
+        rows = torch.arange(s, e, device=device)
+        sims[torch.arange(e - s, device=device), rows] = -math.inf
+        order = torch.argsort(sims, dim=1, descending=True, stable=True)[:, : n - 1]  # drop self (last)
+        rel = seq[order] == seq[s:e, None]
+        valid = (seq[s:e] >= 0) & (counts[seq[s:e].clamp_min(0)] >= 2)
+        ap, auc = average_precision_rows(rel)
+        top1.append(rel[:, 0][valid])
+        aps.append(ap[valid])
+        aucs.append(auc[valid])
+        if frm is not None:
+            same = valid & rel[:, 0]
+            jitters.append((frm[order[:, 0]] - frm[s:e]).abs()[same].double())
+    top1_t = torch.cat(top1) if top1 else torch.zeros(0)
+    out = {
+        "top1": float(top1_t.double().mean()) if top1_t.numel() else math.nan,
+        "map": float(torch.cat(aps).mean()) if top1_t.numel() else math.nan,
+        "auc": float(torch.cat(aucs).mean()) if top1_t.numel() else math.nan,
+        "n_queries": float(top1_t.numel()),
+    }
+    if frm is not None:
+        j = torch.cat(jitters) if jitters else torch.zeros(0)
+        out["jitter"] = float(j.mean()) if j.numel() else math.nan
+    return out
