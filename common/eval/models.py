@@ -1,0 +1,88 @@
+"""The model side of evaluation: the :class:`PoseModel` protocol and the family registry.
+
+Every model ``viewssl eval`` and the experiments evaluate is seen through :class:`PoseModel`: an input size, the
+names of its feature taps, ``predict_angles`` (or None) and ``features``. Each family registers a loader that builds
+one from a checkpoint dict::
+
+    from common.eval import register_family
+    register_family("ssv", lambda ckpt, device: SSVPoseModel(ckpt, device))
+
+Registration happens when the family's ``model_io`` module is imported. :func:`load_model` reads a checkpoint (or
+the newest readable one of a run folder, via :func:`common.training.find_checkpoint`) and dispatches on ``ckpt["family"]``; if that
+family is not registered yet it imports the module the family is known to register from (:data:`FAMILY_MODULES`, a
+plain name table, so ``common`` still has no import-time dependency on the families) and tries again.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from typing import Callable, Protocol, Sequence, runtime_checkable
+
+import torch
+
+from ..errors import ViewsslError
+
+__all__ = ["PoseModel", "FAMILIES", "FAMILY_MODULES", "register_family", "load_model"]
+
+log = logging.getLogger("viewssl.eval.models")
+
+
+@runtime_checkable
+class PoseModel(Protocol):
+    """What evaluation needs from a model. Implementations put themselves in eval mode for these calls."""
+
+    family: str
+    input_size: int  # images are resized to input_size x input_size before the model sees them
+    taps: list[str]  # feature taps offered, e.g. ["pooled", "layer3", "layer4"]; [] if none
+
+    def predict_angles(self, images: torch.Tensor) -> torch.Tensor | None:
+        """(B, 3, H, W) float in [0, 1] -> (B, 3) (azimuth, elevation, tilt) radians, or None if it cannot."""
+
+    def features(self, images: torch.Tensor, taps: Sequence[str]) -> dict[str, torch.Tensor]:
+        """(B, 3, H, W) float in [0, 1] -> {tap: (B, D) float} on the model's device."""
+
+
+Loader = Callable[[dict, torch.device], PoseModel]
+FAMILIES: dict[str, Loader] = {}
+# Where each known family registers itself (imported on demand by load_model).
+FAMILY_MODULES: dict[str, str] = {"ssv": "ssv.model_io", "encoder": "trajssl.model_io"}
+
+
+def register_family(name: str, loader: Loader) -> None:
+    """Register (or replace) the loader of checkpoints whose ``family`` is ``name``."""
+    if not callable(loader):
+        raise TypeError("register_family: loader must be callable (ckpt: dict, device) -> PoseModel")
+    FAMILIES[name] = loader
+
+
+def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> PoseModel:
+    """Load any viewssl checkpoint (file or run folder) as a :class:`PoseModel` on ``device``.
+
+    The model gets ``checkpoint_path`` and ``checkpoint_step`` attributes (where settable)."""
+    from ..training import find_checkpoint  # newest readable checkpoint of a run folder, validated
+
+    device = torch.device(device)
+    ckpt, ckpt_path = find_checkpoint(path)
+    family = ckpt.get("family")
+    if not isinstance(family, str):
+        raise ViewsslError("not a viewssl checkpoint (no 'family' entry)", ckpt_path)
+    if family not in FAMILIES and family in FAMILY_MODULES:
+        try:
+            importlib.import_module(FAMILY_MODULES[family])
+        except ModuleNotFoundError as e:
+            log.debug("could not import %s for family %r: %s", FAMILY_MODULES[family], family, e)
+    if family not in FAMILIES:
+        known = ", ".join(sorted(FAMILIES)) or "none registered"
+        raise ViewsslError(f"checkpoint of unknown model family {family!r} (known: {known})", ckpt_path)
+    model = FAMILIES[family](ckpt, device)
+    missing = [a for a in ("input_size", "taps", "predict_angles", "features") if not hasattr(model, a)]
+    if missing:
+        raise TypeError(f"family {family!r} loader returned an object without {', '.join(missing)}")
+    for attr, value in (("checkpoint_path", ckpt_path), ("checkpoint_step", ckpt.get("step"))):
+        try:
+            setattr(model, attr, value)
+        except (AttributeError, TypeError):
+            pass
+    log.info("loaded %s checkpoint %s (step %s)", family, ckpt_path, ckpt.get("step", "?"))
+    return model
