@@ -1,0 +1,35 @@
+"""The offline synthetic viewpoint benchmark: procedural objects, heads, triplets and sequences with exact labels.
+
+- :mod:`.render`: the headless moderngl (EGL) renderer and **the camera/pixel convention** every label follows.
+- :mod:`.parts`, :mod:`.meshes`, :mod:`.heads`: parametric parts, the 24 object categories, procedural heads.
+- :mod:`.benchmark`: what each kind and split contains, the streaming :class:`SyntheticDataset`,
+  :func:`render_benchmark` (to disk) and :func:`summarize`.
+
+Quick start::
+
+    from common.data.synthetic import render_benchmark, SyntheticDataset
+    render_benchmark("data/synth", scale="full")                  # DIR/<kind>/<split>/labels.csv + images
+    ds = SyntheticDataset("objects", "train", scale="full")       # the same images, rendered on demand
+"""
+from .benchmark import (
+    KINDS,
+    SEQUENCE_COLUMNS,
+    SPLITS,
+    BenchmarkConfig,
+    SyntheticDataset,
+    ViewSpec,
+    fib_rotations,
+    format_summary,
+    load_config,
+    render_benchmark,
+    summarize,
+)
+from .heads import build_head
+from .meshes import CATEGORIES, IN_DOMAIN, OUT_OF_DOMAIN, build_object
+from .render import Background, Camera, Light, get_renderer, project
+
+__all__ = [
+    "KINDS", "SPLITS", "SEQUENCE_COLUMNS", "BenchmarkConfig", "SyntheticDataset", "ViewSpec", "fib_rotations",
+    "format_summary", "load_config", "render_benchmark", "summarize", "build_head", "build_object", "CATEGORIES",
+    "IN_DOMAIN", "OUT_OF_DOMAIN", "Background", "Camera", "Light", "get_renderer", "project",
+]
