@@ -13,6 +13,11 @@ from .trajectory_loss import trajectory_cosine, trajectory_loss
 __all__ = ["info_nce_loss", "vicreg_loss", "vicreg_terms", "simsiam_loss", "trajectory_loss", "trajectory_cosine"]
 
 
+def _wide(z: torch.Tensor) -> torch.Tensor:
+    """Half precision -> float32 for the reductions; float32 / float64 unchanged."""
+    return z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+
+
 def _check_pair(z1: torch.Tensor, z2: torch.Tensor, name: str, min_batch: int = 1) -> None:
     if z1.ndim != 2 or z1.shape != z2.shape:
         raise ValueError(f"{name}: expected two (B, D) tensors of the same shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")
@@ -28,7 +33,7 @@ def info_nce_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2) 
     """
     _check_pair(z1, z2, "info_nce_loss", min_batch=1)
     n = z1.shape[0]
-    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
+    z = F.normalize(_wide(torch.cat([z1, z2])), dim=1)
     logits = z @ z.T / temperature
     self_mask = torch.eye(2 * n, dtype=torch.bool, device=z.device)
     logits = logits.masked_fill(self_mask, float("-inf"))
@@ -49,7 +54,7 @@ def vicreg_terms(z1: torch.Tensor, z2: torch.Tensor) -> dict[str, torch.Tensor]:
     covariances / D, summed over the two branches (variance and covariance use the unbiased estimate).
     """
     _check_pair(z1, z2, "vicreg_loss", min_batch=2)
-    z1, z2 = z1.float(), z2.float()
+    z1, z2 = _wide(z1), _wide(z2)
     n, d = z1.shape
     invariance = F.mse_loss(z1, z2)
     z1 = z1 - z1.mean(dim=0)

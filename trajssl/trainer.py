@@ -228,10 +228,11 @@ class EncoderTrainer(Trainer):
         c, dev = self.config, self.device
         factor = set_lr(self.optimizer, warmup_cosine(step, *self.schedule()))
         self.net.train()
-        x = batch["image"].to(dev, non_blocking=True)
-        x2 = batch["partner"].to(dev, non_blocking=True) if "partner" in batch else x
+        dtype = self.encoder.stem[0].weight.dtype
+        x = batch["image"].to(dev, dtype, non_blocking=True)
+        x2 = batch["partner"].to(dev, dtype, non_blocking=True) if "partner" in batch else x
         v1, v2 = self.augment(x, x2, sync_flip="partner" in batch)
-        triplet = batch["triplet"].to(dev, non_blocking=True) if "triplet" in batch else None
+        triplet = batch["triplet"].to(dev, dtype, non_blocking=True) if "triplet" in batch else None
         out = self.net(v1, v2, triplet)
         terms = self.method.loss(out["v1"], out["v2"])
         loss = terms["semantic"]

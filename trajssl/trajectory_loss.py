@@ -24,9 +24,13 @@ import torch.nn.functional as F
 __all__ = ["trajectory_loss", "trajectory_cosine"]
 
 
+def _wide(z: torch.Tensor) -> torch.Tensor:
+    return z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+
+
 def trajectory_cosine(z_l: torch.Tensor, z_c: torch.Tensor, z_r: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Per-triplet cosine between the two tangent steps. Inputs (B, ...) (flattened to (B, D)); output (B,)."""
-    z_l, z_c, z_r = (F.normalize(z.flatten(1).float(), dim=1) for z in (z_l, z_c, z_r))
+    z_l, z_c, z_r = (F.normalize(_wide(z.flatten(1)), dim=1) for z in (z_l, z_c, z_r))
     v1, v2 = z_c - z_l, z_r - z_c
     u1 = v1 - (v1 * z_c).sum(1, keepdim=True) * z_c
     u2 = v2 - (v2 * z_c).sum(1, keepdim=True) * z_c
