@@ -105,6 +105,14 @@ def _edge_plane_points(corners: np.ndarray, normals: np.ndarray, offsets: np.nda
     return pts[ok]
 
 
+def _orthonormal(r: np.ndarray) -> np.ndarray:
+    """The rotation nearest to ``r`` (labels rounded to a few decimals, float32 matrices are only nearly orthonormal)."""
+    u, _, vt = np.linalg.svd(r)
+    if np.linalg.det(u @ vt) < 0:
+        u[:, -1] = -u[:, -1]
+    return u @ vt
+
+
 def _iou_pair(ca, sa, ra, cb, sb, rb) -> float:
     from scipy.spatial import ConvexHull
     from scipy.spatial import QhullError
@@ -112,8 +120,9 @@ def _iou_pair(ca, sa, ra, cb, sb, rb) -> float:
     va, vb = box_volume(sa), box_volume(sb)
     if va <= 0 or vb <= 0:
         return 0.0
+    ra, rb = _orthonormal(ra), _orthonormal(rb)
     scale = max(np.abs(sa).max(), np.abs(sb).max(), np.abs(ca).max(), np.abs(cb).max(), 1e-12)
-    tol = 1e-9 * scale
+    tol = 1e-7 * scale
     corners_a, corners_b = box_corners(ca, sa, ra), box_corners(cb, sb, rb)
     na, oa = _halfspaces(ca, sa, ra)
     nb, ob = _halfspaces(cb, sb, rb)
@@ -149,8 +158,13 @@ def box_iou_3d(center_a, size_a, rotation_a, center_b, size_b, rotation_b):
     cb, sb, rb = _np(center_b), _np(size_b), _np(rotation_b)
     if ca.ndim == 1:
         return _iou_pair(ca, sa, ra, cb, sb, rb)
-    ca, sa, ra, cb, sb, rb = np.broadcast_arrays(ca, sa, ra, cb, sb, rb)  # type: ignore[assignment]
-    return np.array([_iou_pair(ca[i], sa[i], ra[i], cb[i], sb[i], rb[i]) for i in range(ca.shape[0])])
+    n = max(x.shape[0] for x in (ca, sa, ra, cb, sb, rb) if x.ndim > 1 or x is ca)
+
+    def row(x, i, ndim):  # unbatched arguments are shared by every pair
+        return x if x.ndim == ndim else x[i]
+
+    return np.array([_iou_pair(row(ca, i, 1), row(sa, i, 1), row(ra, i, 2), row(cb, i, 1), row(sb, i, 1),
+                               row(rb, i, 2)) for i in range(n)])
 
 
 def project_points(points, fx: float, fy: float, cx: float, cy: float) -> np.ndarray:

@@ -13,14 +13,15 @@ Both standardise the features with the training set's mean and std, draw all ran
 """
 from __future__ import annotations
 
-import math
+import contextlib
 
 import torch
 
 from ..geometry import geodesic_distance, rotation_6d_to_matrix
 from .pose import geodesic_summary
 
-__all__ = ["standardize", "linear_probe", "same_group_pairs", "relative_rotation", "relative_pose_probe"]
+__all__ = ["standardize", "linear_probe", "PairSampler", "same_group_pairs", "relative_rotation",
+           "relative_pose_probe"]
 
 
 def standardize(train: torch.Tensor, *others: torch.Tensor):
@@ -56,7 +57,8 @@ def linear_probe(
         loss.backward()
         return loss
 
-    with torch.enable_grad():
+    small = contextlib.nullcontext() if x_tr.numel() * c > 2**22 else _threads(device)
+    with torch.enable_grad(), small:
         opt.step(closure)
     with torch.no_grad():
         top1 = float(((x_te @ w + b).argmax(1) == y_te).double().mean())
@@ -64,26 +66,49 @@ def linear_probe(
     return {"top1": top1, "train_top1": train_top1}
 
 
+class PairSampler:
+    """Random ordered pairs (i, j), i != j, of items sharing a group id (groups < 0 are ignored): uniform over the
+    anchors i, then over the other members of i's group. The group structure is computed once."""
+
+    def __init__(self, groups):
+        groups = torch.as_tensor(groups).cpu().long()
+        self.order = torch.argsort(groups, stable=True)
+        uniq, counts = torch.unique_consecutive(groups[self.order], return_counts=True)
+        self.counts = counts
+        self.starts = torch.cumsum(counts, 0) - counts
+        self.group_of_sorted = torch.repeat_interleave(torch.arange(len(uniq)), counts)
+        valid = (uniq >= 0) & (counts >= 2)
+        self.anchors = torch.nonzero(valid[self.group_of_sorted]).squeeze(1)
+        if self.anchors.numel() == 0:
+            raise ValueError("no group has two or more items: no pairs to draw")
+
+    def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        a = self.anchors[torch.randint(len(self.anchors), (n,), generator=generator)]
+        g = self.group_of_sorted[a]
+        cnt, st = self.counts[g], self.starts[g]
+        offset = 1 + (torch.rand(n, generator=generator, dtype=torch.float64) * (cnt - 1)).long().clamp_max(cnt - 2)
+        b = st + (a - st + offset) % cnt
+        return self.order[a], self.order[b]
+
+
 def same_group_pairs(groups: torch.Tensor, n_pairs: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n_pairs`` random ordered pairs (i, j), i != j, of items sharing a group id (groups < 0 are ignored);
-    uniform over anchors i, then over the other members of i's group. CPU int64 tensors."""
-    groups = torch.as_tensor(groups).cpu().long()
-    order = torch.argsort(groups, stable=True)
-    sorted_g = groups[order]
-    uniq, counts = torch.unique_consecutive(sorted_g, return_counts=True)
-    starts = torch.cumsum(counts, 0) - counts
-    valid_group = (uniq >= 0) & (counts >= 2)
-    group_of_sorted = torch.repeat_interleave(torch.arange(len(uniq)), counts)
-    anchors_sorted = torch.nonzero(valid_group[group_of_sorted]).squeeze(1)
-    if anchors_sorted.numel() == 0:
-        raise ValueError("no group has two or more items: no pairs to draw")
-    a = anchors_sorted[torch.randint(len(anchors_sorted), (n_pairs,), generator=generator)]
-    g = group_of_sorted[a]
-    cnt, st = counts[g], starts[g]
-    pos = a - st
-    offset = 1 + (torch.rand(n_pairs, generator=generator) * (cnt - 1).double()).long().clamp_max(cnt - 2)
-    b = st + (pos + offset) % cnt
-    return order[a], order[b]
+    """``n_pairs`` pairs from :class:`PairSampler` (CPU int64 tensors)."""
+    return PairSampler(groups).sample(n_pairs, generator)
+
+
+@contextlib.contextmanager
+def _threads(device: torch.device, n: int = 1):
+    """Small CPU workloads (a probe MLP on a few hundred samples) run far faster on one thread than on a shared,
+    oversubscribed pool; the setting is restored afterwards."""
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def relative_rotation(rot_i: torch.Tensor, rot_j: torch.Tensor) -> torch.Tensor:
@@ -134,10 +159,11 @@ def relative_pose_probe(
         model = _PairMLP(x_tr.shape[1], hidden).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
+    sampler = PairSampler(train_groups)
     model.train()
-    with torch.enable_grad():
+    with torch.enable_grad(), _threads(device):
         for _ in range(int(steps)):
-            i, j = same_group_pairs(train_groups, batch_size, gen)
+            i, j = sampler.sample(batch_size, gen)
             i, j = i.to(device), j.to(device)
             pred = model(x_tr[i], x_tr[j])
             loss = geodesic_distance(pred, relative_rotation(r_tr[i], r_tr[j])).mean()

@@ -1,0 +1,101 @@
+"""``viewssl eval`` end to end with a tiny fake family registered here and data written by the test."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from common.eval import FAMILIES, register_family
+from common.io import atomic_save
+from experiments.cli import cli
+from tests.test_eval_metrics import OracleModel, make_benchmark, make_folder
+
+
+@pytest.fixture()
+def oracle_family():
+    def loader(ckpt, device):
+        cfg = ckpt["config"]
+        return OracleModel(cfg["data"], slope=tuple(cfg["slope"]), offset=tuple(cfg["offset"]))
+
+    register_family("oracle_test", loader)
+    yield
+    FAMILIES.pop("oracle_test", None)
+
+
+def _checkpoint(run_dir, data, slope=(1.0, 1.0, 1.0), offset=(0.0, 0.0, 0.0), family="oracle_test"):
+    path = run_dir / "checkpoints" / "ckpt-00000010.pt"
+    atomic_save({"family": family, "config": {"data": str(data), "slope": list(slope), "offset": list(offset)},
+                 "step": 10, "modules": {}}, path)
+    return path
+
+
+def test_eval_on_a_labels_folder(tmp_path, oracle_family):
+    folder = make_folder(tmp_path / "mine")
+    run = tmp_path / "run"
+    _checkpoint(run, folder, slope=(2.0, 1.0, 1.0))
+    out = tmp_path / "metrics.json"
+    res = CliRunner().invoke(cli, ["eval", "--checkpoint", str(run), "--data", str(folder), "--output", str(out),
+                                   "--device", "cpu", "--batch-size", "7"])
+    assert res.exit_code == 0, res.output
+    assert "viewpoint/raw/mae" in res.output and "skipped box_fit" in res.output
+    payload = json.loads(out.read_text())
+    assert payload["step"] == 10 and payload["checkpoint"].endswith("ckpt-00000010.pt")
+    m = payload["metrics"]
+    assert m["viewpoint/raw/mae"] > 1.0 and m["viewpoint/calibrated/mae"] == pytest.approx(0.0, abs=1e-3)
+    assert payload["protocol"]["viewpoint"]["data"]["calibrated"]["n_calibration"] == 3
+    assert payload["protocol"]["viewpoint"]["data"]["calibrated"]["seed"] == 0
+    assert payload["context"]["layout"] == "folder"
+    assert "relative_pose" in payload["skipped"]
+
+
+def test_eval_on_a_benchmark_with_selected_metrics_and_default_output(tmp_path, oracle_family):
+    bench = make_benchmark(tmp_path / "bench")
+    run = tmp_path / "run"
+    _checkpoint(run, bench)
+    res = CliRunner().invoke(cli, ["eval", "--checkpoint", str(run / "checkpoints" / "ckpt-00000010.pt"), "--data",
+                                   str(bench), "--metrics", "knn_class,box_fit", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    written = run / "eval-bench-test.json"
+    payload = json.loads(written.read_text())
+    assert set(k.split("/")[0] for k in payload["metrics"]) == {"knn_class", "box_fit"}
+    assert payload["metrics"]["box_fit/mean_iou"] == pytest.approx(1.0, abs=1e-6)
+    assert "1-NN" in payload["protocol"]["box_fit"]["retrieval"]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--metrics", "viewpoint,bogus"], "unknown metric(s) bogus (known: viewpoint"),
+        (["--compress", "pca"], "--compress 'pca'"),
+        (["--data", "MISSING"], "no such data folder"),
+    ],
+)
+def test_eval_user_errors(tmp_path, oracle_family, args, message):
+    folder = make_folder(tmp_path / "mine")
+    run = tmp_path / "run"
+    _checkpoint(run, folder)
+    base = ["eval", "--checkpoint", str(run), "--data", str(folder), "--device", "cpu"]
+    if "--data" in args:
+        base[base.index("--data") + 1] = str(tmp_path / "missing")
+        args = []
+    res = CliRunner().invoke(cli, base + args)
+    assert res.exit_code == 2, res.output
+    assert message in res.output
+    assert "Traceback" not in res.output
+
+
+def test_eval_unknown_family_and_missing_checkpoint(tmp_path):
+    folder = make_folder(tmp_path / "mine")
+    _checkpoint(tmp_path / "run", folder, family="martian")
+    res = CliRunner().invoke(cli, ["eval", "--checkpoint", str(tmp_path / "run"), "--data", str(folder)])
+    assert res.exit_code == 2 and "unknown model family 'martian'" in res.output
+    res = CliRunner().invoke(cli, ["eval", "--checkpoint", str(tmp_path / "nope"), "--data", str(folder)])
+    assert res.exit_code == 2 and "Error:" in res.output
+
+
+def test_list_metrics():
+    res = CliRunner().invoke(cli, ["eval", "--list-metrics"])
+    assert res.exit_code == 0
+    assert res.output.split()[0] == "viewpoint" and "box_fit" in res.output

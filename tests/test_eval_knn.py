@@ -1,0 +1,150 @@
+"""kNN search / classification against scikit-learn and a direct NumPy computation."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from common.eval import knn_classify, knn_search, weighted_vote
+
+sklearn = pytest.importorskip("sklearn")
+from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors  # noqa: E402
+
+
+def _data(n=600, m=250, d=48, classes=7, seed=0, dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((classes, d))
+    yt, yq = rng.integers(0, classes, n), rng.integers(0, classes, m)
+    xt = 0.6 * centres[yt] + rng.standard_normal((n, d))
+    xq = 0.6 * centres[yq] + rng.standard_normal((m, d))
+    return xt.astype(dtype), yt, xq.astype(dtype), yq
+
+
+def _reference(xt, xq, k, mask=None):
+    """Brute-force float64 cosine top-k."""
+    a = xt / np.linalg.norm(xt, axis=1, keepdims=True)
+    b = xq / np.linalg.norm(xq, axis=1, keepdims=True)
+    s = b.astype(np.float64) @ a.astype(np.float64).T
+    if mask is not None:
+        s[mask] = -np.inf
+    idx = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(s, idx, 1), idx
+
+
+def _numpy_vote(sims, labels, classes, temperature):
+    scores = np.zeros((sims.shape[0], classes))
+    w = np.exp(sims / temperature)
+    for i in range(sims.shape[0]):
+        for j in range(sims.shape[1]):
+            scores[i, labels[i, j]] += w[i, j]
+    return scores.argmax(1)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_k1_equals_sklearn_exact_nearest_neighbour(dtype):
+    xt, yt, xq, _ = _data(dtype=dtype)
+    clf = KNeighborsClassifier(n_neighbors=1, algorithm="brute", metric="cosine").fit(xt, yt)
+    expected = clf.predict(xq)
+    ours = knn_classify(torch.from_numpy(xt), torch.from_numpy(yt), torch.from_numpy(xq), k=1)
+    assert np.array_equal(ours.numpy(), expected)
+
+
+def test_neighbours_equal_sklearn_brute_force():
+    xt, _, xq, _ = _data()
+    _, sk_idx = NearestNeighbors(n_neighbors=20, algorithm="brute", metric="cosine").fit(xt).kneighbors(xq)
+    res = knn_search(torch.from_numpy(xt), torch.from_numpy(xq), 20)
+    assert np.array_equal(res.indices.numpy(), sk_idx)
+
+
+@pytest.mark.parametrize("k,temperature", [(5, 0.1), (20, 0.07), (50, 1.0)])
+def test_weighted_vote_matches_direct_numpy(k, temperature):
+    xt, yt, xq, _ = _data(seed=1)
+    ref_s, ref_i = _reference(xt, xq, k)
+    expected = _numpy_vote(ref_s, yt[ref_i], 7, temperature)
+    ours = knn_classify(torch.from_numpy(xt), torch.from_numpy(yt), torch.from_numpy(xq), k=k, temperature=temperature)
+    assert np.array_equal(ours.numpy(), expected)
+
+
+@pytest.mark.parametrize("coarse", [torch.bfloat16, torch.float32, None])
+@pytest.mark.parametrize("margin", [None, 0])
+def test_coarse_pass_and_certificate_fallback_stay_exact(coarse, margin):
+    # margin=0 keeps only k candidates, so the certificate fails often and the fallback path runs.
+    xt, _, xq, _ = _data(n=700, m=300, d=64, dtype=np.float32, seed=2)
+    ref_s, ref_i = _reference(xt, xq, 10)
+    res = knn_search(torch.from_numpy(xt), torch.from_numpy(xq), 10, coarse_dtype=coarse, margin=margin)
+    assert np.array_equal(res.indices.numpy(), ref_i)
+    np.testing.assert_allclose(res.similarities.numpy(), ref_s, atol=2e-6)
+
+
+def test_near_duplicate_gallery_stays_exact():
+    # Dense neighbourhoods (tiny perturbations of a few points) are where a bf16 pre-selection would go wrong.
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal((5, 32))
+    # Float64 features: the refine step is float64, so the answer must be the exact float64 top k even though the
+    # bf16 pass cannot tell these neighbours apart (the certificate sends such rows to the exact fallback).
+    xt = base[rng.integers(0, 5, 800)] + 1e-3 * rng.standard_normal((800, 32))
+    xq = base[rng.integers(0, 5, 100)] + 1e-3 * rng.standard_normal((100, 32))
+    ref_s, ref_i = _reference(xt, xq, 15)
+    res = knn_search(torch.from_numpy(xt), torch.from_numpy(xq), 15, coarse_dtype=torch.bfloat16)
+    assert np.array_equal(res.indices.numpy(), ref_i)
+    np.testing.assert_allclose(res.similarities.numpy(), ref_s, atol=1e-12)
+
+
+def test_chunked_equals_one_shot():
+    xt, yt, xq, _ = _data(seed=4)
+    one = knn_search(torch.from_numpy(xt), torch.from_numpy(xq), 20, memory_budget=1 << 40)
+    small = knn_search(torch.from_numpy(xt), torch.from_numpy(xq), 20, memory_budget=4096)  # 1-row chunks
+    assert torch.equal(one.indices, small.indices)
+    torch.testing.assert_close(one.similarities, small.similarities, atol=1e-12, rtol=0)  # summation order only
+    p1 = knn_classify(torch.from_numpy(xt), torch.from_numpy(yt), torch.from_numpy(xq), memory_budget=1 << 40)
+    p2 = knn_classify(torch.from_numpy(xt), torch.from_numpy(yt), torch.from_numpy(xq), memory_budget=5000)
+    assert torch.equal(p1, p2)
+
+
+def test_group_exclusion_matches_masked_brute_force():
+    xt, _, xq, _ = _data(seed=5)
+    rng = np.random.default_rng(5)
+    gt, gq = rng.integers(0, 30, len(xt)), rng.integers(0, 30, len(xq))
+    gt[:10] = -1  # negative groups never match
+    gq[:5] = -1
+    mask = (gq[:, None] == gt[None, :]) & (gq[:, None] >= 0)
+    ref_s, ref_i = _reference(xt, xq, 12, mask)
+    res = knn_search(torch.from_numpy(xt), torch.from_numpy(xq), 12, train_groups=torch.from_numpy(gt),
+                     query_groups=torch.from_numpy(gq))
+    assert np.array_equal(res.indices.numpy(), ref_i)
+
+
+def test_leave_one_out_excludes_self():
+    xt, yt, _, _ = _data(n=200, seed=6)
+    ids = torch.arange(len(xt))
+    res = knn_search(torch.from_numpy(xt), torch.from_numpy(xt), 3, train_groups=ids, query_groups=ids)
+    assert not (res.indices == ids[:, None]).any()
+    ref_s, ref_i = _reference(xt, xt, 3, np.eye(len(xt), dtype=bool))
+    assert np.array_equal(res.indices.numpy(), ref_i)
+
+
+def test_k_larger_than_gallery_and_zero_vectors():
+    xt = torch.randn(5, 8, dtype=torch.float64)
+    xt[2] = 0
+    xq = torch.randn(3, 8, dtype=torch.float64)
+    res = knn_search(xt, xq, 8)
+    assert (res.indices[:, 5:] == -1).all() and torch.isinf(res.similarities[:, 5:]).all()
+    assert set(res.indices[0, :5].tolist()) == set(range(5))
+    pred = knn_classify(xt, torch.tensor([0, 1, 1, 2, 2]), xq, k=8)
+    assert pred.shape == (3,) and (pred >= 0).all()
+
+
+def test_vote_with_tiny_temperature_does_not_overflow():
+    sims = torch.tensor([[0.9, 0.89, 0.1]], dtype=torch.float64)
+    labels = torch.tensor([[1, 0, 0]])
+    scores = weighted_vote(sims, labels, 2, temperature=1e-4)
+    assert torch.isfinite(scores).all() and int(scores.argmax()) == 1
+    # T large: (near) majority vote.
+    assert int(weighted_vote(sims, labels, 2, temperature=1e6).argmax()) == 0
+
+
+def test_no_admissible_neighbour_predicts_minus_one():
+    x = torch.randn(4, 6, dtype=torch.float64)
+    g = torch.zeros(4, dtype=torch.long)
+    pred = knn_classify(x, torch.tensor([0, 1, 0, 1]), x, k=2, train_groups=g, query_groups=g)
+    assert (pred == -1).all()

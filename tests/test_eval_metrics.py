@@ -1,0 +1,320 @@
+"""Accumulators, the metric registry and run_metrics on a tiny fake benchmark with an oracle model.
+
+The fake benchmark is written here (no renderer): 8x8 PNGs whose first pixel encodes (dataset id, row), and
+``labels.csv`` files with the columns the metrics read. :class:`OracleModel` decodes the pixel and answers from the
+labels: angles (optionally through a per-axis affine "miscalibration") and features built from the ground truth.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from common.data.labels import read_labels, write_labels
+from common.errors import ViewsslError
+from common.eval import (
+    METRICS,
+    AccuracyAccumulator,
+    GeodesicAccumulator,
+    IoUAccumulator,
+    MeanAccumulator,
+    ViewpointAccumulator,
+    evaluate_viewpoints,
+    run_metrics,
+    viewpoint_errors,
+)
+from common.eval.boxes import box_corners, project_points
+from common.geometry import angles_to_matrix, fibonacci_sphere, look_at_rotation, matrix_to_angles
+from common.io import write_image
+
+SIZE = 8
+SEQ_COLUMNS = ["fx", "fy", "cx", "cy", "box_cx", "box_cy", "box_cz", "box_sx", "box_sy", "box_sz", "plane_nx",
+               "plane_ny", "plane_nz", "plane_d", "bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1"]
+
+
+# ============================================================================ fake data
+def _code_image(dataset_id: int, row: int) -> np.ndarray:
+    img = np.full((SIZE, SIZE, 3), 128, dtype=np.uint8)
+    img[0, 0] = (dataset_id, row // 256, row % 256)
+    return img
+
+
+def write_split(folder: Path, rows: list[dict], dataset_id: int, extra=()) -> None:
+    for i, row in enumerate(rows):
+        rel = f"images/{i:05d}.png"
+        write_image(folder / rel, _code_image(dataset_id, i))
+        row["path"] = rel
+    write_labels(folder / "labels.csv", rows, extra_columns=extra)
+
+
+def _fib_angles(n: int) -> torch.Tensor:
+    rot = look_at_rotation(fibonacci_sphere(n))
+    return torch.stack(matrix_to_angles(rot), dim=-1)
+
+
+def _object_rows(categories, instances, n_views, inst_offset=0):
+    ang = _fib_angles(n_views)
+    rows = []
+    for c in categories:
+        for i in range(instances):
+            for v in range(n_views):
+                a = ang[v]
+                rows.append({"azimuth": float(a[0]), "elevation": float(a[1]), "tilt": float(a[2]), "category": c,
+                             "instance": str(inst_offset + i), "view": str(v)})
+    return rows
+
+
+def _sequence_rows(seed: int, n_seq: int, n_frames: int, seq_prefix: str):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for s in range(n_seq):
+        size = rng.uniform(0.4, 1.2, 3)
+        base = np.array([rng.uniform(-0.5, 0.5), rng.uniform(-0.6, -0.2), rng.uniform(-6, -4)])
+        for f in range(n_frames):
+            az, el = rng.uniform(-1.5, 1.5), rng.uniform(0.1, 0.5)
+            rot = angles_to_matrix(torch.tensor(az, dtype=torch.float64), torch.tensor(el, dtype=torch.float64),
+                                   torch.tensor(0.0, dtype=torch.float64)).numpy()
+            centre = base + rng.normal(0, 0.05, 3)
+            n = rot[:, 1]
+            d = -(n @ centre) + size[1] / 2
+            intr = (50.0, 50.0, 32.0, 32.0)
+            uv = project_points(box_corners(centre, size, rot), *intr)
+            rows.append({
+                "azimuth": az, "elevation": el, "tilt": 0.0, "category": "box", "instance": f"{seq_prefix}{s}",
+                "sequence": f"{seq_prefix}{s}", "frame": str(f), "fx": intr[0], "fy": intr[1], "cx": intr[2],
+                "cy": intr[3], "box_cx": centre[0], "box_cy": centre[1], "box_cz": centre[2], "box_sx": size[0],
+                "box_sy": size[1], "box_sz": size[2], "plane_nx": n[0], "plane_ny": n[1], "plane_nz": n[2],
+                "plane_d": d, "bbox_x0": uv[:, 0].min(), "bbox_y0": uv[:, 1].min(), "bbox_x1": uv[:, 0].max(),
+                "bbox_y1": uv[:, 1].max(),
+            })
+    return rows
+
+
+def make_benchmark(root: Path) -> Path:
+    """objects/{train,test,test_unseen_pose,ood_train,ood_test}, heads/test, sequences/{train,test}."""
+    splits = {
+        "objects/train": (_object_rows(["car", "chair"], 3, 6), ("view",)),
+        "objects/test": (_object_rows(["car", "chair"], 2, 6, inst_offset=10), ("view",)),
+        "objects/test_unseen_pose": (_object_rows(["car", "chair"], 1, 9, inst_offset=20), ("view",)),
+        "objects/ood_train": (_object_rows(["mug"], 3, 6, inst_offset=30), ("view",)),
+        "objects/ood_test": (_object_rows(["mug"], 2, 6, inst_offset=40), ("view",)),
+        "heads/test": ([{**r, "category": "", "instance": ""} for r in _object_rows(["h"], 1, 12)], ()),
+    }
+    train_seq = _sequence_rows(0, 3, 5, "tr")
+    # The test sequences re-use the train geometry (other sequence ids): the 1-NN is the identical frame.
+    test_seq = [{**r, "sequence": "te" + r["sequence"][2:], "instance": "te" + r["instance"][2:]} for r in train_seq]
+    splits["sequences/train"] = (train_seq, SEQ_COLUMNS)
+    splits["sequences/test"] = (test_seq, SEQ_COLUMNS)
+    manifest = {}
+    for i, (name, (rows, extra)) in enumerate(sorted(splits.items()), start=1):
+        write_split(root / name, rows, i, extra)
+        manifest[str(i)] = name
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def make_folder(root: Path, n: int = 30, seed: int = 0) -> Path:
+    """A single labels.csv folder with category / instance / view / sequence columns."""
+    rows = _object_rows(["a", "b"], 3, 5)[:n]
+    for i, r in enumerate(rows):
+        r["sequence"] = f"{r['category']}{r['instance']}"
+        r["frame"] = r["view"]
+    write_split(root, rows, 1, ("view",))
+    (root / "manifest.json").write_text(json.dumps({"1": "."}))
+    return root
+
+
+# ============================================================================ oracle model
+class OracleModel:
+    """Reads the labels back through the pixel code. ``taps``: "pooled" = category one-hot + rotation (+ box for
+    sequences), "noise" = per-row random features. ``slope``/``offset``: predicted angle = (true - offset) / slope."""
+
+    family = "oracle"
+    input_size = SIZE
+
+    def __init__(self, root: Path, slope=(1.0, 1.0, 1.0), offset=(0.0, 0.0, 0.0), angles=True):
+        manifest = json.loads((Path(root) / "manifest.json").read_text())
+        self.tables = {int(k): read_labels(Path(root) / v) for k, v in manifest.items()}
+        cats = sorted({c for t in self.tables.values() for c in t.raw.get("category", [])})
+        self.cat_index = {c: i for i, c in enumerate(cats)}
+        self.slope, self.offset = torch.tensor(slope, dtype=torch.float64), torch.tensor(offset, dtype=torch.float64)
+        self.has_angles = angles
+        self.taps = ["pooled", "noise"]
+        self.calls = 0
+
+    def _rows(self, images):
+        code = (images[:, :, 0, 0] * 255).round().long()
+        return [(int(c[0]), int(c[1]) * 256 + int(c[2])) for c in code]
+
+    def predict_angles(self, images):
+        if not self.has_angles:
+            return None
+        rows = self._rows(images)
+        true = torch.stack([self.tables[d].angles[i] for d, i in rows])
+        return (true - self.offset) / self.slope
+
+    def features(self, images, taps):
+        self.calls += 1
+        out = {}
+        rows = self._rows(images)
+        if "pooled" in taps:
+            feats = []
+            for d, i in rows:
+                t = self.tables[d]
+                onehot = torch.zeros(len(self.cat_index), dtype=torch.float64)
+                if "category" in t.raw and t.raw["category"][i]:
+                    onehot[self.cat_index[t.raw["category"][i]]] = 3.0
+                rot = angles_to_matrix(*t.angles[i].unbind(-1)).reshape(9)
+                extra = torch.zeros(6, dtype=torch.float64)
+                if "box_cx" in t.raw:
+                    extra = torch.tensor([float(t.raw[c][i]) for c in ("box_cx", "box_cy", "box_cz", "box_sx",
+                                                                       "box_sy", "box_sz")], dtype=torch.float64)
+                feats.append(torch.cat([onehot, rot, extra]))
+            out["pooled"] = torch.stack(feats).float()
+        if "noise" in taps:
+            out["noise"] = torch.stack([torch.randn(16, generator=torch.Generator().manual_seed(d * 100003 + i))
+                                        for d, i in rows])
+        return out
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    return make_benchmark(tmp_path_factory.mktemp("bench"))
+
+
+# ============================================================================ accumulators
+def test_accumulators_batched_equal_one_shot():
+    g = torch.Generator().manual_seed(0)
+    values = torch.rand(103, generator=g, dtype=torch.float64) * 90
+    pred, target = torch.randint(0, 4, (103,), generator=g), torch.randint(0, 4, (103,), generator=g)
+    one = [MeanAccumulator(), AccuracyAccumulator(), GeodesicAccumulator(), IoUAccumulator()]
+    batched = [MeanAccumulator(), AccuracyAccumulator(), GeodesicAccumulator(), IoUAccumulator()]
+    one[0].update(values), one[1].update(pred, target), one[2].update(values), one[3].update(values / 90)
+    for s in range(0, 103, 10):
+        batched[0].update(values[s : s + 10])
+        batched[1].update(pred[s : s + 10], target[s : s + 10])
+        batched[2].update(values[s : s + 10])
+        batched[3].update(values[s : s + 10] / 90)
+    assert batched[0].compute() == pytest.approx(one[0].compute(), rel=1e-15)
+    assert batched[1].compute() == one[1].compute() == float((pred == target).double().mean())
+    assert batched[2].compute() == one[2].compute()
+    assert batched[3].compute() == one[3].compute()
+    assert one[3].compute()["ap_50"] == float((values / 90 > 0.5).double().mean())
+
+    true = torch.rand(57, 3, generator=g, dtype=torch.float64) * 2 - 1
+    p = true * 0.8 + 0.1
+    va = ViewpointAccumulator(calibration=0.2, seed=1)
+    for s in range(0, 57, 8):
+        va.update(p[s : s + 8], true[s : s + 8])
+    assert va.compute() == evaluate_viewpoints(p, true, 0.2, 1)
+    assert va.compute(calibrated=False) == viewpoint_errors(p, true)
+    va.reset()
+    assert va.pred == []
+
+
+# ============================================================================ run_metrics on the fake benchmark
+def test_run_metrics_on_fake_benchmark(bench):
+    model = OracleModel(bench, slope=(-0.5, 2.0, 1.0), offset=(0.2, 0.0, -0.1))
+    before = torch.get_rng_state()
+    res = run_metrics(model, bench, probe_steps=150, batch_size=16)
+    assert torch.equal(before, torch.get_rng_state())  # training runs are not perturbed
+    assert set(res.skipped) == set(), res.skipped
+    # Viewpoint: raw is off (the model's own frame), calibrated recovers it exactly.
+    assert res["viewpoint/heads/raw/mae"] > 5
+    assert res["viewpoint/heads/calibrated/mae"] == pytest.approx(0.0, abs=1e-3)
+    assert res["viewpoint/objects/calibrated/n_scored"] + res["viewpoint/objects/calibrated/n_calibration"] == 24
+    assert res.protocol["viewpoint"]["heads"]["calibrated"]["protocol"] == "calibrated"
+    # kNN pose from rotation features: perfect in domain and OOD; unseen poses: geodesic only.
+    assert res["knn_pose/in_domain/acc"] == 1.0 and res["knn_pose/ood/acc"] == 1.0
+    assert res["knn_pose/in_domain/median_geodesic"] == pytest.approx(0.0, abs=1e-3)
+    assert "knn_pose/unseen_pose/acc" not in res and 0 < res["knn_pose/unseen_pose/median_geodesic"] < 60
+    # Category figures.
+    assert res["knn_class/top1"] == 1.0 and res["knn_class/top1_1nn"] == 1.0
+    assert res["linear_probe/top1"] == 1.0
+    assert res["retrieval/r@1"] == 1.0
+    # Relative pose probe runs on the three settings.
+    for s in ("in_domain", "unseen_pose", "unseen_category"):
+        assert 0 <= res[f"relative_pose/{s}/median_geodesic"] <= 180
+    # Box fitting: the test frames have identical twins in train -> exact boxes; the random baseline is worse.
+    assert res["box_fit/mean_iou"] == pytest.approx(1.0, abs=1e-6) and res["box_fit/ap_50"] == 1.0
+    assert res["box_fit/random_neighbor/mean_iou"] < 0.9
+    # Re-ID within sequences/test.
+    assert 0 <= res["reid/map"] <= 1 and 0 <= res["reid/top1"] <= 1
+    # Every figure is a float; JSON-able with protocols.
+    assert all(isinstance(v, float) for v in res.values())
+    json.dumps(res.to_json())
+    assert res.context["taps"] == ["pooled"] and res.context["layout"] == "benchmark"
+
+
+def test_features_computed_once_per_split(bench):
+    model = OracleModel(bench)
+    run_metrics(model, bench, ["knn_class", "retrieval", "linear_probe"], batch_size=100)
+    # objects/train (36 rows) and objects/test (24 rows): one batch each, shared by the three metrics.
+    assert model.calls == 2
+
+
+def test_skips_and_unknown_metric(bench):
+    model = OracleModel(bench, angles=False)
+    res = run_metrics(model, bench, ["viewpoint", "knn_class"])
+    assert "predict_angles" in res.skipped["viewpoint"]
+    assert "knn_class/top1" in res
+    with pytest.raises(ViewsslError, match=r"unknown metric\(s\) nope \(known: viewpoint, knn_pose"):
+        run_metrics(model, bench, ["knn_class", "nope"])
+    model.taps = []
+    res = run_metrics(model, bench, ["knn_class"])
+    assert res.skipped["knn_class"] == "the model offers no feature taps"
+
+
+def test_multiple_taps_and_compression(bench):
+    model = OracleModel(bench)
+    res = run_metrics(model, bench, ["knn_class"], taps=["pooled", "noise"])
+    assert res["knn_class/pooled/top1"] == 1.0
+    assert res["knn_class/noise/top1"] < 1.0
+    res = run_metrics(model, bench, ["knn_pose"], compress="pca:9")
+    assert res["knn_pose/in_domain/acc"] == 1.0  # the 9-d rotation part survives PCA to 9 dims
+    assert res.context["compress"] == "pca:9"
+    with pytest.raises(ViewsslError, match="--tap layer9"):
+        run_metrics(model, bench, ["knn_class"], taps=["layer9"])
+
+
+def test_limit_subsets_are_seeded(bench):
+    model = OracleModel(bench, slope=(1.0, 1.0, 1.0))
+    a = run_metrics(model, bench, ["viewpoint"], limit=10, seed=3)
+    b = run_metrics(model, bench, ["viewpoint"], limit=10, seed=3)
+    assert a == b and a["viewpoint/objects/raw/n"] == 10
+
+
+def test_single_folder(tmp_path):
+    folder = make_folder(tmp_path / "mine")
+    model = OracleModel(folder)
+    res = run_metrics(model, folder)
+    assert res.context["layout"] == "folder"
+    assert res["viewpoint/raw/mae"] == pytest.approx(0.0, abs=1e-4)
+    assert res["viewpoint/calibrated/n_calibration"] == 3
+    # Leave-one-out, same-instance neighbours excluded: other instances of the category, same view.
+    assert res["knn_pose/acc"] == 1.0
+    assert res["knn_class/top1"] == 1.0 and res["retrieval/r@1"] == 1.0
+    assert "reid/map" in res
+    for name in ("linear_probe", "relative_pose", "box_fit"):
+        assert name in res.skipped
+    # labels.csv given directly works too.
+    res2 = run_metrics(model, folder / "labels.csv", ["viewpoint"])
+    assert res2["viewpoint/raw/mae"] == res["viewpoint/raw/mae"]
+
+
+def test_bad_data_root(tmp_path):
+    with pytest.raises(ViewsslError, match="no such data folder"):
+        run_metrics(OracleModel.__new__(OracleModel), tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ViewsslError, match="not a dataset"):
+        run_metrics(OracleModel.__new__(OracleModel), tmp_path / "empty")
+
+
+def test_registry_names():
+    assert list(METRICS) == ["viewpoint", "knn_pose", "relative_pose", "linear_probe", "knn_class", "retrieval",
+                             "reid", "box_fit"]
+    assert all(callable(f) and f.__doc__ for f in METRICS.values())

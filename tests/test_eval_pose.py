@@ -1,0 +1,129 @@
+"""Viewpoint errors, SSV's calibrated protocol and kNN pose against independent computations."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.transform import Rotation
+
+from common.eval import calibrated_viewpoint_errors, evaluate_viewpoints, knn_pose, viewpoint_errors
+from common.eval.pose import VIEWPOINT_KEYS, calibration_split, chordal_mean, fit_angle_calibration
+from common.geometry import angles_to_matrix, fibonacci_sphere, look_at_rotation
+
+R = math.radians
+
+
+def test_keys_and_identity():
+    a = torch.tensor([[0.1, 0.2, 0.3], [1.0, -0.5, 2.0]], dtype=torch.float64)
+    out = viewpoint_errors(a, a)
+    assert tuple(out) == VIEWPOINT_KEYS
+    assert all(isinstance(v, float) for v in out.values())
+    assert out["mae"] == pytest.approx(0, abs=1e-9) and out["median_geodesic"] == pytest.approx(0, abs=1e-5)
+    assert out["acc_pi_6"] == 1.0
+
+
+def test_wrap_around():
+    pred = torch.tensor([[R(359), R(0), R(-179)]])
+    true = torch.tensor([[R(1), R(0), R(179)]])
+    out = viewpoint_errors(pred, true)
+    assert out["azimuth_mae"] == pytest.approx(2.0, abs=1e-4)
+    assert out["tilt_mae"] == pytest.approx(2.0, abs=1e-4)
+    assert out["elevation_mae"] == pytest.approx(0.0, abs=1e-6)
+    assert out["mae"] == pytest.approx(4.0 / 3.0, abs=1e-4)
+
+
+def test_against_independent_numpy_and_scipy():
+    rng = np.random.default_rng(0)
+    true = rng.uniform([-math.pi, -1.2, -math.pi], [math.pi, 1.2, math.pi], (300, 3))
+    pred = true + rng.normal(0, 0.4, (300, 3))
+    out = viewpoint_errors(torch.from_numpy(pred), torch.from_numpy(true))
+    diff = np.abs((pred - true + np.pi) % (2 * np.pi) - np.pi)
+    for j, name in enumerate(("azimuth", "elevation", "tilt")):
+        assert out[f"{name}_mae"] == pytest.approx(np.degrees(diff[:, j]).mean(), rel=1e-9)
+    rp = Rotation.from_euler("YXZ", pred)
+    rt = Rotation.from_euler("YXZ", true)
+    geo = np.degrees((rp.inv() * rt).magnitude())
+    assert out["median_geodesic"] == pytest.approx(np.median(geo), rel=1e-6)
+    assert out["acc_pi_6"] == pytest.approx(np.mean(geo < 30.0))
+
+
+def test_known_geodesic_errors():
+    true = torch.zeros(4, 3, dtype=torch.float64)
+    pred = torch.tensor([[0, 0, R(10)], [0, 0, R(20)], [0, 0, R(40)], [0, 0, R(50)]], dtype=torch.float64)
+    out = viewpoint_errors(pred, true)
+    assert out["median_geodesic"] == pytest.approx(30.0, abs=1e-6)  # mean of the two middle values
+    assert out["acc_pi_6"] == 0.5
+
+
+def test_calibration_split_is_seeded_and_disjoint():
+    cal, scored = calibration_split(50, 0.2, seed=3)
+    assert len(cal) == 10 and len(scored) == 40
+    assert set(cal.tolist()).isdisjoint(scored.tolist()) and len(set(cal.tolist()) | set(scored.tolist())) == 50
+    cal2, _ = calibration_split(50, 0.2, seed=3)
+    assert torch.equal(cal, cal2)
+    cal3, _ = calibration_split(50, 0.2, seed=4)
+    assert not torch.equal(cal, cal3)
+    assert len(calibration_split(50, count=7)[0]) == 7
+
+
+def test_calibrated_protocol_against_polyfit():
+    rng = np.random.default_rng(1)
+    true = rng.uniform(-1.0, 1.0, (200, 3))
+    # A model with its own sign, scale and zero per axis, plus noise.
+    slope = np.array([-0.5, 2.0, 1.3])
+    offset = np.array([0.3, -0.2, 0.05])
+    pred = (true - offset) / slope + rng.normal(0, 0.05, (200, 3))
+    out = calibrated_viewpoint_errors(torch.from_numpy(pred), torch.from_numpy(true), fraction=0.15, seed=7)
+    cal, scored = calibration_split(200, 0.15, seed=7)
+    cal, scored = cal.numpy(), scored.numpy()
+    mapped = np.empty((len(scored), 3))
+    for j, name in enumerate(("azimuth", "elevation", "tilt")):
+        a, b = np.polyfit(pred[cal, j], true[cal, j], 1)
+        assert out[f"slope_{name}"] == pytest.approx(a, rel=1e-9)
+        assert out[f"intercept_{name}"] == pytest.approx(b, rel=1e-9, abs=1e-12)
+        mapped[:, j] = a * pred[scored, j] + b
+    diff = np.degrees(np.abs((mapped - true[scored] + np.pi) % (2 * np.pi) - np.pi))
+    assert out["mae"] == pytest.approx(diff.mean(), rel=1e-9)
+    assert out["protocol"] == "calibrated" and out["n_calibration"] == 30 and out["n_scored"] == 170
+    assert out["seed"] == 7
+    assert out["mae"] < 5.0 < out["uncalibrated_mae"]
+
+
+def test_evaluate_viewpoints_reports_both_protocols():
+    rng = np.random.default_rng(2)
+    true = torch.from_numpy(rng.uniform(-1, 1, (40, 3)))
+    res = evaluate_viewpoints(true * 0.9, true, fraction=0.25, seed=0)
+    assert res["raw"]["protocol"] == "raw" and res["raw"]["n"] == 40
+    assert res["calibrated"]["protocol"] == "calibrated" and res["calibrated"]["n_calibration"] == 10
+    assert res["calibrated"]["mae"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_constant_prediction_calibration():
+    true = torch.tensor([[0.1, 0.2, 0.3], [0.3, 0.2, 0.1], [0.2, 0.2, 0.2]], dtype=torch.float64)
+    slope, intercept = fit_angle_calibration(torch.zeros(3, 3, dtype=torch.float64), true)
+    assert torch.equal(slope, torch.zeros(3, dtype=torch.float64))
+    torch.testing.assert_close(intercept, true.mean(0))
+
+
+def test_chordal_mean():
+    r = angles_to_matrix(torch.tensor(0.3), torch.tensor(0.2), torch.tensor(-0.4)).double()
+    torch.testing.assert_close(chordal_mean(r.expand(5, 3, 3)), r)
+
+
+def test_knn_pose_perfect_and_geodesic():
+    views = look_at_rotation(fibonacci_sphere(12))  # (12, 3, 3)
+    gallery_views = torch.arange(12).repeat(3)
+    gallery_rot = views[gallery_views]
+    feats = gallery_rot.reshape(-1, 9) + 0.01 * torch.randn(36, 9, dtype=torch.float64)
+    q_views = torch.tensor([0, 5, 11, 7])
+    q_rot = views[q_views]
+    figs, correct, errs = knn_pose(feats, gallery_views, gallery_rot, q_rot.reshape(-1, 9), q_rot, q_views, k=3)
+    assert figs["acc"] == 1.0 and correct.all()
+    assert figs["median_geodesic"] == pytest.approx(0.0, abs=1e-5)
+    # Unseen poses (no view labels): the error is the geodesic distance to the retrieved Fibonacci view.
+    off = q_rot @ angles_to_matrix(torch.tensor(0.0), torch.tensor(0.0), torch.tensor(R(5.0))).double()
+    figs2, _, errs2 = knn_pose(feats, gallery_views, gallery_rot, off.reshape(-1, 9), off, None, k=1)
+    assert "acc" not in figs2
+    np.testing.assert_allclose(errs2.numpy(), 5.0, atol=1e-6)

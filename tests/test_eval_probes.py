@@ -1,0 +1,127 @@
+"""Linear probe, relative-pose probe, pair sampling, layer taps and compression."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from common.errors import ViewsslError
+from common.eval import Compressor, LayerTaps, extract_taps, linear_probe, pool_feature_map, relative_pose_probe
+from common.eval.probes import relative_rotation, same_group_pairs
+from common.geometry import angles_to_matrix, geodesic_distance
+
+
+def test_linear_probe_separable_and_deterministic():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 12, generator=g) * 4
+    yt, yq = torch.randint(0, 4, (200,), generator=g), torch.randint(0, 4, (80,), generator=g)
+    xt = centres[yt] + torch.randn(200, 12, generator=g)
+    xq = centres[yq] + torch.randn(80, 12, generator=g)
+    a = linear_probe(xt, yt, xq, yq)
+    b = linear_probe(xt, yt, xq, yq)
+    assert a == b
+    assert a["top1"] == 1.0 and a["train_top1"] == 1.0
+
+
+def test_same_group_pairs():
+    groups = torch.tensor([0, 0, 0, 1, 1, 2, -1, 3, 3, 3, 3])
+    i, j = same_group_pairs(groups, 2000, torch.Generator().manual_seed(1))
+    assert (groups[i] == groups[j]).all() and (i != j).all()
+    assert (groups[i] >= 0).all()
+    assert not ((i == 5) | (j == 5)).any()  # group 2 has one member
+    # Every ordered pair of group 3 appears.
+    pairs = {(a, b) for a, b in zip(i.tolist(), j.tolist()) if groups[a] == 3}
+    assert len(pairs) == 12
+
+
+def test_relative_rotation_known():
+    z = torch.tensor(0.0, dtype=torch.float64)
+    r1 = angles_to_matrix(torch.tensor(math.radians(10), dtype=torch.float64), z, z)
+    r2 = angles_to_matrix(torch.tensor(math.radians(40), dtype=torch.float64), z, z)
+    rel = relative_rotation(r1, r2)
+    assert math.degrees(float(geodesic_distance(rel, torch.eye(3, dtype=torch.float64)))) == pytest.approx(30.0)
+    torch.testing.assert_close(rel @ r1, r2)
+
+
+def _pose_dataset(n_inst, n_views, seed):
+    g = torch.Generator().manual_seed(seed)
+    angles = torch.rand(n_inst * n_views, 3, generator=g, dtype=torch.float64) * torch.tensor([6.28, 1.6, 1.0]) \
+        - torch.tensor([3.14, 0.8, 0.5])
+    rot = angles_to_matrix(*angles.unbind(-1))
+    groups = torch.arange(n_inst).repeat_interleave(n_views)
+    return rot, groups
+
+
+def test_relative_pose_probe_learns_from_rotation_features():
+    rot_tr, g_tr = _pose_dataset(30, 8, 0)
+    rot_te, g_te = _pose_dataset(10, 8, 1)
+    good = relative_pose_probe(rot_tr.reshape(-1, 9).float(), rot_tr, g_tr, rot_te.reshape(-1, 9).float(), rot_te,
+                               g_te, steps=300, hidden=128, test_pairs=500, seed=0)
+    noise = relative_pose_probe(torch.randn(240, 9), rot_tr, g_tr, torch.randn(80, 9), rot_te, g_te, steps=300,
+                                hidden=128, test_pairs=500, seed=0)
+    assert set(good) >= {"median_geodesic", "mean_geodesic", "acc_30", "train_median_geodesic"}
+    assert good["median_geodesic"] < 0.6 * noise["median_geodesic"]
+    assert good["acc_30"] > noise["acc_30"]
+    runs = [relative_pose_probe(rot_tr.reshape(-1, 9).float(), rot_tr, g_tr, rot_te.reshape(-1, 9).float(), rot_te,
+                                g_te, steps=20, hidden=16, test_pairs=50, seed=5) for _ in range(2)]
+    assert runs[0] == runs[1]  # seeded
+
+
+def test_probes_leave_the_global_rng_alone():
+    rot, g = _pose_dataset(5, 4, 2)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    relative_pose_probe(rot.reshape(-1, 9).float(), rot, g, rot.reshape(-1, 9).float(), rot, g, steps=3, hidden=8,
+                        test_pairs=10)
+    assert torch.equal(before, torch.get_rng_state())
+
+
+def test_pooling():
+    x = torch.randn(2, 3, 4, 5)
+    torch.testing.assert_close(pool_feature_map(x, "avg"), x.mean((2, 3)))
+    pn = pool_feature_map(x, "patch_norm")
+    assert pn.shape == (2, 60)
+    manual = x.reshape(2, 3, 20) / x.reshape(2, 3, 20).norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(pn, manual.reshape(2, 60))
+    assert pool_feature_map(x, "grid2").shape == (2, 12)
+    assert pool_feature_map(x, "flatten").shape == (2, 60)
+    assert pool_feature_map(torch.randn(2, 7), "patch_norm").shape == (2, 7)
+
+
+def test_layer_taps():
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 6, 3, stride=2, padding=1),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+    )
+    x = torch.randn(2, 3, 8, 8)
+    out = extract_taps(net, x, ["0", "2", "4"], pooling={"2": "patch_norm"})
+    assert out["0"].shape == (2, 4) and out["2"].shape == (2, 6 * 16) and out["4"].shape == (2, 6)
+    torch.testing.assert_close(out["4"], net(x))
+    assert not net[0]._forward_hooks  # hooks removed
+    with pytest.raises(ViewsslError, match="no layer named 'layer9'"):
+        LayerTaps(net, ["layer9"])
+
+
+def test_compressor_pca_against_numpy_svd():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((200, 30)) @ rng.standard_normal((30, 30))
+    comp = Compressor("pca", 5).fit(torch.from_numpy(x))
+    z = comp.transform(torch.from_numpy(x)).numpy()
+    xc = x - x.mean(0)
+    _, _, vt = np.linalg.svd(xc, full_matrices=False)
+    ref = xc @ vt[:5].T
+    np.testing.assert_allclose(np.abs(z), np.abs(ref), rtol=1e-6, atol=1e-8)  # equal up to the sign of each axis
+    # Deterministic sign convention and narrow inputs pass through.
+    z2 = Compressor("pca", 5).fit(torch.from_numpy(x)).transform(torch.from_numpy(x)).numpy()
+    np.testing.assert_array_equal(z, z2)
+    assert Compressor("pca", 64).fit(torch.from_numpy(x)).transform(torch.from_numpy(x)).shape == (200, 30)
+
+
+def test_compressor_random_projection_seeded():
+    x = torch.randn(50, 40)
+    a = Compressor("random", 8, seed=3).fit(x).transform(x)
+    b = Compressor("random", 8, seed=3).fit(torch.randn(5, 40)).transform(x)  # data-independent
+    c = Compressor("random", 8, seed=4).fit(x).transform(x)
+    assert a.shape == (50, 8) and torch.equal(a, b) and not torch.equal(a, c)
