@@ -61,11 +61,8 @@ class PixelNorm(nn.Module):
 
 
 def instance_norm(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Per-sample, per-channel normalisation over all spatial dims: (B, C, *S) -> same shape."""
-    dims = tuple(range(2, x.dim()))
-    mean = x.mean(dim=dims, keepdim=True)
-    var = x.var(dim=dims, keepdim=True, unbiased=False)
-    return (x - mean) * torch.rsqrt(var + eps)
+    """Per-sample, per-channel normalisation over all spatial dims (no affine): (B, C, *S) -> same shape."""
+    return F.instance_norm(x, eps=eps)
 
 
 class AdaIN(nn.Module):

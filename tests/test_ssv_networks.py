@@ -6,6 +6,15 @@ from common.errors import ViewsslError
 from ssv import features
 from ssv.networks import PRESETS, build_synthesis, build_viewpoint
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine, 2 oneDNN threads spin against other processes (5x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 TINY = dict(
     PRESETS["cpu"],
     image_size=16,
@@ -40,7 +49,7 @@ def test_cpu_preset_forward_backward(head):
     G, V = build_synthesis(cfg), build_viewpoint(cfg)
     z = torch.rand(2, 2 * cfg["code_dim"]) * 2 - 1
     x = G(z, torch.tensor([[0.3, -0.2, 0.1], [-1.0, 0.5, 0.0]]))
-    assert x.shape == (2, 3, 64, 64)
+    assert x.shape == (2, 3, cfg["image_size"], cfg["image_size"])
     out = V(x)
     assert V.decode(out["view"]).shape == (2, 3)
     (out["score"].sum() + out["z"].sum()).backward()

@@ -1,0 +1,221 @@
+"""``viewssl train ssv``: train SSV (or its supervised baseline) on an image folder."""
+from __future__ import annotations
+
+import logging
+import math
+import re
+from pathlib import Path
+
+import click
+
+from common.cli import resolve_device, train
+from common.errors import ViewsslError
+
+log = logging.getLogger("viewssl.ssv.cli")
+
+PRESET_CHOICES = ("cpu", "cpu64", "paper")
+DEFAULT_STEPS = {"cpu": 4000, "cpu64": 4000, "paper": 500_000}
+
+
+def run_tag(data: str | Path, supervised: bool = False) -> str:
+    """Run-folder tag: ``ssv-<parent>-<folder>`` of the data path (``ssv-sup-...`` for the supervised baseline)."""
+    p = Path(data).resolve()
+    parts = [x for x in (p.parent.name, p.name) if x]
+    tag = "-".join(["ssv-sup" if supervised else "ssv", *parts])
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", tag)
+
+
+def resolve_run_dir(out: str | Path, tag: str, resume: str | None) -> tuple[Path, str | None]:
+    """Where to train and what to resume from.
+
+    - no ``resume``: a new numbered folder ``out/NNNNN-tag``;
+    - ``auto``: the newest ``out/NNNNN-tag`` that has checkpoints (resume there), else a new folder;
+    - a path: a run folder, its ``checkpoints`` folder or a checkpoint file; training continues in that run folder.
+    """
+    from common.training import new_run_dir
+
+    if resume is None:
+        return new_run_dir(out, tag), None
+    if resume == "auto":
+        out = Path(out)
+        runs = sorted((p for p in out.glob(f"[0-9][0-9][0-9][0-9][0-9]-{tag}") if p.is_dir()), reverse=True)
+        for run in runs:
+            if any((run / "checkpoints").glob("ckpt-*.pt")):
+                return run, "auto"
+        return new_run_dir(out, tag), None
+    p = Path(resume)
+    if not p.exists():
+        raise ViewsslError("--resume: no such run folder or checkpoint", p)
+    if p.is_file():
+        run = p.parent.parent if p.parent.name == "checkpoints" else p.parent
+        return run, str(p)
+    if p.name == "checkpoints":
+        return p.parent, str(p.parent)
+    return p, str(p)
+
+
+def build_config(
+    preset: str,
+    data: str | None,
+    *,
+    seed: int = 0,
+    batch_size: int | None = None,
+    g_group: int | None = None,
+    eval_data: str | None = None,
+    no_imc: bool = False,
+    no_sym: bool = False,
+    phi: str = "auto",
+    phi_weights: str | None = None,
+    viewpoint_head: str = "spherical",
+    supervised: bool = False,
+    az_range_deg: float | None = None,
+    el_range_deg: float | None = None,
+    tilt_range_deg: float | None = None,
+    lr_d: float | None = None,
+    lr_g: float | None = None,
+    weights: dict | None = None,
+    num_workers: int = 0,
+    steps: int | None = None,
+) -> dict:
+    """The trainer config from command-line values (degrees -> radians here; ``phi: auto`` resolved and recorded)."""
+    from .features import PHI_CHOICES, resolve_phi
+    from .trainer import default_config
+
+    overrides: dict = {"seed": seed, "viewpoint_head": viewpoint_head, "supervised": supervised,
+                       "num_workers": num_workers}
+    if data is not None:
+        overrides["data"] = str(Path(data).resolve())
+    if eval_data is not None:
+        overrides["eval_data"] = str(Path(eval_data).resolve())
+    if batch_size is not None:
+        overrides["batch_size"] = batch_size
+    if g_group is not None:
+        overrides["g_group"] = g_group
+    for key, deg in (("az_range", az_range_deg), ("el_range", el_range_deg), ("tilt_range", tilt_range_deg)):
+        if deg is not None:
+            if not 0 <= deg <= 180:
+                raise ViewsslError(f"--{key.replace('_', '-')}: {deg} is not in [0, 180] degrees")
+            overrides[key] = math.radians(deg)
+    if lr_d is not None:
+        overrides["lr_d"] = lr_d
+    if lr_g is not None:
+        overrides["lr_g"] = lr_g
+    for key, value in (weights or {}).items():
+        if value is not None:
+            if value < 0:
+                raise ViewsslError(f"--{key.replace('_', '-')}: a loss weight cannot be negative ({value})")
+            overrides[key] = value
+    if no_imc:
+        overrides["w_imc"] = 0.0
+    if no_sym:
+        overrides["w_sym"] = 0.0
+        overrides["w_gsym"] = 0.0
+    if steps is not None:
+        overrides["steps"] = steps
+    overrides["phi_weights"] = str(Path(phi_weights).resolve()) if phi_weights else None
+    config = default_config(preset, **overrides)
+    if config["batch_size"] < 1 or config["g_group"] < 1:
+        raise ViewsslError("--batch-size and --g-group must be at least 1")
+    # record the concrete Phi when L_imc uses it (so config.json says what ran); otherwise keep the name as given
+    if not supervised and config["w_imc"] > 0:
+        config["phi"] = resolve_phi(phi, phi_weights)
+    elif phi not in PHI_CHOICES:
+        raise ViewsslError(f"--phi: unknown feature network {phi!r} (choose from {', '.join(PHI_CHOICES)})")
+    return config
+
+
+@train.command("ssv", context_settings={"show_default": True})
+@click.option("--data", required=True, type=click.Path(path_type=Path),
+              help="Training images: a labels.csv folder (labels ignored unless --supervised), or any folder the data "
+                   "module opens (plain images, 300W-LP, the synthetic heads DIR/heads/train).")
+@click.option("--preset", type=click.Choice(PRESET_CHOICES), default="cpu",
+              help="Network sizes: cpu = 32x32 for two CPU cores, cpu64 = the same at 64x64, paper = the release's "
+                   "128x128 networks (batch 2).")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs"),
+              help="Root of the numbered run folders (OUT/NNNNN-ssv-<data>).")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="Total training steps (one V step + one S step each) [default: cpu 4000, paper 500000].")
+@click.option("--resume", default=None, metavar="auto|PATH",
+              help="Continue a run: 'auto' = the newest run of this data in --out with a checkpoint (else start "
+                   "fresh); or a run folder / checkpoint file.")
+@click.option("--force", is_flag=True, help="Resume even if the config differs from the checkpoint's.")
+@click.option("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps.")
+@click.option("--seed", type=int, default=0, help="Seed of initial weights, data order and all sampling.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Real images per step [default: cpu 16, paper 2].")
+@click.option("--g-group", type=click.IntRange(min=1), default=None,
+              help="Generator samples per group in the S step (3 groups: same style / same view) "
+                   "[default: cpu 8, paper 2].")
+@click.option("--eval-data", type=click.Path(path_type=Path), default=None,
+              help="Labelled test folder (labels.csv) for periodic pose evaluation of V.")
+@click.option("--eval-every", type=click.IntRange(min=0), default=None,
+              help="Evaluate every N steps (0 = only at the end) [default: 500 with --eval-data].")
+@click.option("--no-imc", is_flag=True, help="Ablation: drop the image-consistency loss L_imc (w_imc = 0).")
+@click.option("--no-sym", is_flag=True, help="Ablation: drop both symmetry losses (w_sym = w_gsym = 0).")
+@click.option("--phi", type=click.Choice(("auto", "alexnet", "vgg", "critic", "random")), default="auto",
+              help="Frozen feature network of L_imc. auto = ImageNet AlexNet/VGG if their weights are on this "
+                   "machine, else the critic's own (detached) trunk. Nothing is downloaded.")
+@click.option("--phi-weights", type=click.Path(path_type=Path), default=None,
+              help="A local torchvision AlexNet/VGG-16 state dict for --phi alexnet|vgg (read with weights_only).")
+@click.option("--viewpoint-head", type=click.Choice(("spherical", "6d")), default="spherical",
+              help="spherical = SSV's (cos^2, sin^2) magnitudes + sign quadrants per angle; 6d = continuous 6-D "
+                   "rotation.")
+@click.option("--supervised", is_flag=True,
+              help="Train the same viewpoint network with the labels instead (the supervised baseline).")
+@click.option("--az-range", type=float, default=None, help="Sampled azimuth range +- DEG [default: 80.2].")
+@click.option("--el-range", type=float, default=None, help="Sampled elevation range +- DEG [default: 68.8].")
+@click.option("--tilt-range", type=float, default=None, help="Sampled tilt range +- DEG [default: 43.0].")
+@click.option("--lr-d", type=float, default=None, help="Learning rate of V [default: 5e-4].")
+@click.option("--lr-g", type=float, default=None, help="Learning rate of S (mapping MLP: x0.01) [default: 5e-4].")
+@click.option("--w-imc", type=float, default=None, help="Weight of L_imc [default: 0.4, applied once].")
+@click.option("--w-sym", type=float, default=None, help="Weight of the symmetry loss on V [default: 0.4].")
+@click.option("--w-gsym", type=float, default=None, help="Weight of the symmetry loss on S [default: 0.5].")
+@click.option("--w-style", type=float, default=None, help="Weight of the style cycle term [default: 0.8].")
+@click.option("--w-view", type=float, default=None, help="Weight of the viewpoint cycle term [default: 0.8].")
+@click.option("--checkpoint-every", type=click.IntRange(min=0), default=500, help="Checkpoint every N steps.")
+@click.option("--log-every", type=click.IntRange(min=0), default=10, help="Log losses every N steps.")
+@click.option("--media-every", type=click.IntRange(min=0), default=500,
+              help="Write azimuth/elevation sweep grids every N steps.")
+@click.option("--num-workers", type=click.IntRange(min=0), default=0, help="Image-loading worker processes.")
+def train_ssv(data, preset, out, steps, resume, force, device, seed, batch_size, g_group, eval_data, eval_every,
+              no_imc, no_sym, phi, phi_weights, viewpoint_head, supervised, az_range, el_range, tilt_range, lr_d,
+              lr_g, w_imc, w_sym, w_gsym, w_style, w_view, checkpoint_every, log_every, media_every, num_workers):
+    """Train SSV: synthesis network S + viewpoint network V (the critic) without pose labels.
+
+    Writes a numbered run folder with config.json, tensorboard logs, metrics.jsonl, sample sweeps and checkpoints;
+    the final V is evaluated on --eval-data when given.
+    """
+    from common import distributed as dist_utils
+    from common.training import fit
+
+    from .trainer import SSVTrainer
+
+    if not data.exists():
+        raise ViewsslError("--data: no such folder", data)
+    if eval_data is not None and not eval_data.exists():
+        raise ViewsslError("--eval-data: no such folder", eval_data)
+    if phi_weights is not None and not phi_weights.is_file():
+        raise ViewsslError("--phi-weights: no such file", phi_weights)
+    steps = steps or DEFAULT_STEPS[preset]
+    config = build_config(
+        preset, str(data), seed=seed, batch_size=batch_size, g_group=g_group,
+        eval_data=str(eval_data) if eval_data else None, no_imc=no_imc, no_sym=no_sym, phi=phi,
+        phi_weights=str(phi_weights) if phi_weights else None, viewpoint_head=viewpoint_head, supervised=supervised,
+        az_range_deg=az_range, el_range_deg=el_range, tilt_range_deg=tilt_range, lr_d=lr_d, lr_g=lr_g,
+        weights={"w_imc": w_imc, "w_sym": w_sym, "w_gsym": w_gsym, "w_style": w_style, "w_view": w_view},
+        num_workers=num_workers, steps=steps,
+    )
+    dev = resolve_device(device)
+    dist_utils.init_from_env(dev)
+    run_dir, resume_from = resolve_run_dir(out, run_tag(data, supervised), resume)
+    if eval_every is None:
+        eval_every = 500 if eval_data else 0
+    trainer = SSVTrainer(config, dev)
+    log.info("training SSV (%s preset%s) in %s", preset, ", supervised" if supervised else "", run_dir)
+    result = fit(trainer, run_dir, steps, checkpoint_every=checkpoint_every, eval_every=eval_every,
+                 log_every=log_every, media_every=0 if supervised else media_every, resume=resume_from, force=force)
+    if dist_utils.is_main():
+        click.echo(f"run folder: {run_dir}")
+        click.echo(f"checkpoint: {result['checkpoint']}")
+        for k, v in sorted((result.get("metrics") or {}).items()):
+            click.echo(f"  {k}: {v:.4g}")

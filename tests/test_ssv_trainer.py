@@ -1,0 +1,210 @@
+"""SSVTrainer: training steps of both presets, exact resume, supervised baseline, media, evaluation, model I/O, CLI."""
+import math
+import time
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from common.data.labels import write_labels
+from common.io import load_checkpoint, write_image
+from common.training import fit
+from ssv.model_io import angle_errors, load_pose_model
+from ssv.trainer import SSVTrainer, default_config
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine, 2 oneDNN threads spin against other processes (5x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+TINY = dict(
+    image_size=16,
+    code_dim=4,
+    n_mlp=2,
+    g_channels_3d=[8, 4],
+    g_channels_3d_post=[4],
+    g_projection=8,
+    g_channels_2d=[4],
+    d_channels=[4, 8, 8],
+    d_feature=8,
+    d_head_hidden=8,
+    batch_size=4,
+    g_group=2,
+    phi_size=None,
+)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """20 tiny labelled images (a bright square whose position follows the azimuth)."""
+    root = tmp_path_factory.mktemp("ssvdata")
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(20):
+        az = (i / 19 - 0.5) * 2.0
+        img = torch.rand(3, 16, 16, generator=gen) * 0.3
+        c = int(8 + 5 * math.sin(az))
+        img[:, 6:10, c - 2 : c + 2] = 1.0
+        write_image(root / "images" / f"{i:03d}.png", img)
+        rows.append({"path": f"images/{i:03d}.png", "azimuth": az, "elevation": 0.1 * (i % 3), "tilt": -0.05 * (i % 4)})
+    write_labels(root / "labels.csv", rows)
+    return root
+
+
+def tiny_config(folder, **kw):
+    return default_config("cpu", data=str(folder), **{**TINY, **kw})
+
+
+def all_params(trainer):
+    return {f"{name}.{k}": v.detach().clone() for name, m in trainer.modules().items() for k, v in m.state_dict().items()}
+
+
+@pytest.mark.parametrize("kw", [{}, {"phi": "random", "viewpoint_head": "6d"}, {"w_imc": 0.0, "w_sym": 0.0, "w_gsym": 0.0}])
+def test_two_steps_tiny(folder, kw):
+    t = SSVTrainer(tiny_config(folder, **kw))
+    before = all_params(t)
+    it = t.batches(0)
+    for step in range(2):
+        terms = t.train_step(next(it), step)
+        assert all(torch.isfinite(v) for v in terms.values())
+    after = all_params(t)
+    assert not torch.equal(before["V.score_head.weight"], after["V.score_head.weight"])
+    assert not torch.equal(before["G.to_rgb.weight"], after["G.to_rgb.weight"])
+    assert ("d_imc" in terms) == (t.config["w_imc"] > 0) and ("d_sym" in terms) == (t.config["w_sym"] > 0)
+
+
+def test_cpu_preset_two_steps(folder):
+    t = SSVTrainer(default_config("cpu", data=str(folder), batch_size=4, g_group=2))
+    assert t.config["image_size"] == 32
+    it = t.batches(0)
+    for step in range(2):
+        terms = t.train_step(next(it), step)
+    assert all(torch.isfinite(v) for v in terms.values())
+
+
+@pytest.mark.slow
+def test_paper_preset_one_step(folder):
+    """One full step of the 128x128 paper networks at batch 2 (forward and backward of both phases); ~30-100 s on two
+    shared CPU cores, hence slow. The fast suite checks the paper networks' shapes in test_ssv_networks.py."""
+    t = SSVTrainer(default_config("paper", data=str(folder), phi="critic"))
+    assert t.config["batch_size"] == 2 and t.config["image_size"] == 128
+    t0 = time.perf_counter()
+    terms = t.train_step(next(t.batches(0)), 0)
+    assert all(torch.isfinite(v) for v in terms.values())
+    assert time.perf_counter() - t0 < 120
+
+
+def test_resume_equals_uninterrupted(folder, tmp_path):
+    full = SSVTrainer(tiny_config(folder))
+    fit(full, tmp_path / "full", steps=4, checkpoint_every=0, progress=False, log_every=0)
+    first = SSVTrainer(tiny_config(folder))
+    fit(first, tmp_path / "half", steps=2, checkpoint_every=2, progress=False, log_every=0)
+    torch.manual_seed(1234)  # a fresh process would be in another RNG state: the checkpoint must restore it
+    second = SSVTrainer(tiny_config(folder, steps=4))
+    out = fit(second, tmp_path / "half", steps=4, resume="auto", progress=False, log_every=0)
+    assert out["start_step"] == 2
+    a, b = all_params(full), all_params(second)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    for name in ("V", "G"):
+        sa, sb = full.optimizers()[name].state_dict(), second.optimizers()[name].state_dict()
+        for pid in sa["state"]:
+            assert torch.equal(sa["state"][pid]["exp_avg"], sb["state"][pid]["exp_avg"])
+
+
+def test_supervised_baseline_learns(folder, tmp_path):
+    t = SSVTrainer(tiny_config(folder, supervised=True, lr_supervised=3e-3))
+    assert set(t.modules()) == {"V"}
+    it = t.batches(0)
+    first = [float(t.train_step(next(it), s)["sup_view"]) for s in range(3)]
+    for s in range(3, 40):
+        last = float(t.train_step(next(it), s)["sup_view"])
+    assert last < sum(first) / 3
+    out = fit(SSVTrainer(tiny_config(folder, supervised=True)), tmp_path / "sup", steps=2, progress=False)
+    ckpt = load_checkpoint(out["checkpoint"])
+    assert ckpt["family"] == "ssv" and set(ckpt["modules"]) == {"V"}
+
+
+def test_media_evaluation_and_pose_model(folder, tmp_path):
+    t = SSVTrainer(tiny_config(folder, eval_data=str(folder)))
+    out = fit(t, tmp_path / "run", steps=2, checkpoint_every=0, media_every=2, eval_every=2, progress=False)
+    assert (tmp_path / "run" / "samples" / "azimuth-00000002.png").is_file()
+    grid = t.sample_grid(n_styles=2, n_views=3)
+    assert grid.shape == (3, 2 * 16, 3 * 16) and 0 <= grid.min() and grid.max() <= 1
+    assert out["metrics"], "evaluate() returned no metrics"
+    # the checkpoint opens as a PoseModel that predicts exactly what the trainer's V predicts
+    model = load_pose_model(load_checkpoint(out["checkpoint"]))
+    images = torch.rand(3, 3, 16, 16)
+    assert model.family == "ssv" and model.input_size == 16
+    assert torch.allclose(model.predict_angles(images), t.pose_model().predict_angles(images))
+    feats = model.features(images, ["pooled", "block1"])
+    assert feats["pooled"].shape == (3, 8) and feats["block1"].shape == (3, 8)
+    # resizing: 32x32 inputs are resized to the model's 16
+    assert model.predict_angles(torch.rand(2, 3, 32, 32)).shape == (2, 3)
+
+
+def test_angle_errors_calibration():
+    gen = torch.Generator().manual_seed(0)
+    gt = (torch.rand(100, 3, generator=gen) * 2 - 1).double().numpy()
+    # a frame with flipped sign, offset and scale is fixed by calibration, not by the raw error
+    pred = -0.5 * gt + 0.3
+    e = angle_errors(pred, gt)
+    assert e["cal_mae_azimuth"] < 1e-6 and e["raw_mae_azimuth"] > 10
+    # a frame whose zero sits at 180 degrees does not wrap
+    e = angle_errors(((gt + math.pi + math.pi) % (2 * math.pi)) - math.pi, gt)
+    assert e["cal_mae_mean"] < 1e-6
+
+
+def test_bad_data_is_a_clear_error(tmp_path):
+    from common.errors import ViewsslError
+
+    t = SSVTrainer(tiny_config(tmp_path / "missing"))
+    with pytest.raises(ViewsslError, match="missing"):
+        t.batches(0)
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+def test_cli_help_documents_every_option():
+    from experiments.cli import cli
+
+    result = CliRunner().invoke(cli, ["train", "ssv", "--help"])
+    assert result.exit_code == 0, result.output
+    for opt in ("--data", "--preset", "--out", "--steps", "--resume", "--force", "--device", "--seed", "--batch-size",
+                "--eval-data", "--no-imc", "--no-sym", "--phi", "--viewpoint-head", "--supervised"):
+        assert opt in result.output
+
+
+def test_cli_trains_and_resumes(folder, tmp_path):
+    from experiments.cli import cli
+
+    args = ["train", "ssv", "--data", str(folder), "--out", str(tmp_path / "runs"), "--steps", "2", "--batch-size", "4",
+            "--g-group", "2", "--device", "cpu", "--no-imc", "--media-every", "0"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert len(runs) == 1 and (runs[0] / "checkpoints" / "ckpt-00000002.pt").is_file()
+    ckpt = load_checkpoint(runs[0] / "checkpoints" / "ckpt-00000002.pt")
+    assert ckpt["config"]["w_imc"] == 0 and ckpt["config"]["image_size"] == 32
+    # --resume auto continues the same run folder
+    result = CliRunner().invoke(cli, args[:7] + ["3"] + args[8:] + ["--resume", "auto"])
+    assert result.exit_code == 0, result.output
+    assert (runs[0] / "checkpoints" / "ckpt-00000003.pt").is_file() and len(list((tmp_path / "runs").iterdir())) == 1
+    # a different config is refused in one line
+    result = CliRunner().invoke(cli, args[:7] + ["4"] + args[8:] + ["--resume", "auto", "--no-sym"])
+    assert result.exit_code == 2 and "Error:" in result.output and "w_sym" in result.output
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    from experiments.cli import cli
+
+    result = CliRunner().invoke(cli, ["train", "ssv", "--data", str(tmp_path / "nope")])
+    assert result.exit_code == 2 and "Error:" in result.output and "nope" in result.output
+    assert "Traceback" not in result.output
+    result = CliRunner().invoke(cli, ["train", "ssv", "--data", str(tmp_path), "--phi", "alexnet", "--phi-weights",
+                                      str(tmp_path / "absent.pth")])
+    assert result.exit_code == 2 and "--phi-weights" in result.output
