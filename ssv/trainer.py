@@ -362,7 +362,7 @@ class SSVTrainer(Trainer):
             except ImportError:
                 run_metrics = None
             if run_metrics is not None:
-                return _flat_floats(run_metrics(model, path))
+                return _flat_floats(dict(run_metrics(model, path, metrics=["viewpoint"], device=self.device)))
             from .model_io import angle_errors
 
             if self._eval_dataset is None:
