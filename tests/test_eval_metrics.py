@@ -94,8 +94,9 @@ def _sequence_rows(seed: int, n_seq: int, n_frames: int, seq_prefix: str):
     return rows
 
 
-def make_benchmark(root: Path) -> Path:
-    """objects/{train,test,test_unseen_pose,ood_train,ood_test}, heads/test, sequences/{train,test}."""
+def make_benchmark(root: Path, unseen_gallery: bool = False) -> Path:
+    """objects/{train,test,test_unseen_pose,ood_train,ood_test}, heads/test, sequences/{train,test}
+    (+ objects/train_unseen_pose with ``unseen_gallery``)."""
     splits = {
         "objects/train": (_object_rows(["car", "chair"], 3, 6), ("view",)),
         "objects/test": (_object_rows(["car", "chair"], 2, 6, inst_offset=10), ("view",)),
@@ -104,6 +105,8 @@ def make_benchmark(root: Path) -> Path:
         "objects/ood_test": (_object_rows(["mug"], 2, 6, inst_offset=40), ("view",)),
         "heads/test": ([{**r, "category": "", "instance": ""} for r in _object_rows(["h"], 1, 12)], ()),
     }
+    if unseen_gallery:
+        splits["objects/train_unseen_pose"] = (_object_rows(["car", "chair"], 3, 9), ("view",))
     train_seq = _sequence_rows(0, 3, 5, "tr")
     # The test sequences re-use the train geometry (other sequence ids): the 1-NN is the identical frame.
     test_seq = [{**r, "sequence": "te" + r["sequence"][2:], "instance": "te" + r["instance"][2:]} for r in train_seq]
@@ -248,6 +251,13 @@ def test_run_metrics_on_fake_benchmark(bench):
     assert all(isinstance(v, float) for v in res.values())
     json.dumps(res.to_json())
     assert res.context["taps"] == ["pooled"] and res.context["layout"] == "benchmark"
+
+
+def test_knn_pose_unseen_pose_gallery(tmp_path):
+    root = make_benchmark(tmp_path / "b", unseen_gallery=True)
+    res = run_metrics(OracleModel(root), root, ["knn_pose"])
+    assert res["knn_pose/unseen_pose/acc"] == 1.0
+    assert res.protocol["knn_pose"]["unseen_pose"]["gallery"] == "objects/train_unseen_pose"
 
 
 def test_features_computed_once_per_split(bench):

@@ -14,7 +14,8 @@ How it stays fast and exact (the FAISS "refine" idea, with a proof instead of a 
 3. Every coarse similarity is within a rigorous error bound of the exact one (rounding of the inputs, measured per
    vector; accumulation; rounding of the output), so if the last candidate's upper bound lies below the k-th
    candidate's lower bound no item outside the candidates can be in the exact top k. Rows where that certificate
-   fails (near-ties in a dense region) are recomputed over the whole gallery in the exact dtype.
+   fails (near-ties in a dense region) get a wider candidate set from the same coarse block, and rows that still
+   fail are recomputed over the whole gallery in the exact dtype.
 4. The candidates are re-scored in the exact dtype and the top k taken.
 
 :func:`knn_classify` is solo-learn's ``WeightedKNNClassifier`` (cosine): each of the k neighbours votes for its label
@@ -30,6 +31,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -96,17 +98,81 @@ def _prepare(x: torch.Tensor, exact: torch.dtype, coarse: torch.dtype, device: t
     return unit, low, resid
 
 
-def _select(sims: torch.Tensor, kc: int, use_blocks: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _block_size(n_pad: int, width: int) -> int:
+    """Largest power-of-two block (<= _BLOCK) leaving at least 2 * width blocks per row; 0: select directly."""
+    b = _BLOCK
+    while b >= 4 and n_pad // b < 2 * width:
+        b //= 2
+    return b if b >= 4 else 0
+
+
+def _block_max(sims: torch.Tensor, block: int) -> torch.Tensor:
+    """Per-block maxima of (C, Npad) as sortable keys (C, Npad // _BLOCK). For 16-bit floats the raw int16 bit
+    patterns are used (about 3x faster than a bf16 reduction on CPU): they order non-negative values correctly and
+    put every negative value below every non-negative one, which :func:`_select` checks is enough."""
+    c, n_pad = sims.shape
+    if sims.dtype in (torch.bfloat16, torch.float16):
+        return sims.view(torch.int16).view(c, n_pad // block, block).amax(-1)
+    return sims.view(c, n_pad // block, block).amax(-1)
+
+
+def _select(sims: torch.Tensor, kc: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``kc`` values and columns of each row of ``sims`` (C, Npad); a block-max pre-selection when rows are long:
     the kc largest entries always lie in the kc blocks with the largest maxima."""
     c, n_pad = sims.shape
-    if not use_blocks:
-        return sims.topk(kc, dim=1)
-    blocks = sims.view(c, n_pad // _BLOCK, _BLOCK).amax(-1)
-    top_blocks = blocks.topk(kc, dim=1).indices
-    cols = (top_blocks[:, :, None] * _BLOCK + torch.arange(_BLOCK, device=sims.device)).reshape(c, -1)
+    block = _block_size(n_pad, kc)
+    if not block:
+        vals, cols = sims.float().topk(kc, dim=1)
+        return vals.to(sims.dtype), cols
+    keys, top_blocks = _block_max(sims, block).topk(kc, dim=1)
+    if keys.dtype == torch.int16:
+        # Integer keys rank blocks correctly only among blocks whose maximum is >= +0.0: rows whose kc-th block
+        # maximum is negative redo the ranking with a float reduction.
+        neg = (keys[:, -1] < 0).nonzero().squeeze(1)
+        if neg.numel():
+            fb = sims[neg].view(len(neg), n_pad // block, block).float().amax(-1)
+            top_blocks[neg] = fb.topk(kc, dim=1).indices
+    cols = (top_blocks[:, :, None] * block + torch.arange(block, device=sims.device)).reshape(c, -1)
     vals, pos = torch.gather(sims, 1, cols).topk(kc, dim=1)
     return vals, torch.gather(cols, 1, pos)
+
+
+def _certified(vals: torch.Tensor, k: int, eps_q: torch.Tensor, u_out: float, partial: bool) -> torch.Tensor:
+    """Rows (bool) whose candidates provably contain the exact top k. Every non-candidate j has coarse value
+    b_j <= b_last, so its exact similarity is <= b_last + E(b_last); the k best candidates have exact similarity
+    >= b_k - E(b_k), with E(b) = eps_q + u_out |b| / (1 - u_out). The first below the second proves it."""
+    if not partial:
+        return torch.ones(vals.shape[0], dtype=torch.bool, device=vals.device)
+    b_k, b_last = vals[:, k - 1], vals[:, -1]
+    upper = b_last + eps_q + u_out * b_last.abs() / (1 - u_out)
+    lower = b_k - eps_q - u_out * b_k.abs() / (1 - u_out)
+    return (upper < lower) | torch.isneginf(b_last)
+
+
+def _refine(train_unit, q, cand, vals, k, ex_vals, ex_idx, rows, n) -> None:
+    """Rescore candidates (R, W) in the exact dtype and write the top k of each row into ``ex_vals[rows]`` /
+    ``ex_idx[rows]`` (rows=None: all rows in order).
+
+    The R*W dot products are one sampled dense-dense product (``torch.sparse.sampled_addmm`` with the candidate
+    pattern as a CSR mask): each gallery row is read straight from memory once per use, never copied into a gathered
+    (R, W, D) block, which is about 2.5x faster than index_select + bmm on CPU."""
+    r_total, width = cand.shape
+    cols = cand.clamp_max(n - 1)
+    order = cols.argsort(dim=1)  # CSR wants increasing column indices within a row
+    cols = torch.gather(cols, 1, order)
+    cand = torch.gather(cand, 1, order)
+    vals = torch.gather(vals, 1, order)
+    crow = torch.arange(0, r_total * width + 1, width, device=q.device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+        pattern = torch.sparse_csr_tensor(crow, cols.reshape(-1), torch.zeros(r_total * width, dtype=q.dtype,
+                                          device=q.device), size=(r_total, n), check_invariants=False)
+        sc = torch.sparse.sampled_addmm(pattern, q, train_unit.T, beta=0.0).values().view(r_total, width)
+    sc = sc.masked_fill(torch.isneginf(vals), -math.inf)
+    v, p = sc.topk(k, dim=1)
+    dest = slice(None) if rows is None else rows
+    ex_vals[dest] = v
+    ex_idx[dest] = torch.gather(cand, 1, p)
 
 
 def knn_search(
@@ -157,10 +223,10 @@ def knn_search(
     coarse = exact if coarse_dtype is None else coarse_dtype
     low_precision = coarse in (torch.bfloat16, torch.float16)
     if margin is None:
-        margin = k_eff + 16 if low_precision else 4
+        margin = k_eff // 2 + 8 if low_precision else 4
     kc = min(n, k_eff + int(margin))
+    tiers = [kc] + ([min(n, k_eff + 4 * int(margin) + 16)] if kc < n else [])
     n_pad = -(-n // _BLOCK) * _BLOCK
-    use_blocks = n_pad // _BLOCK >= 4 * kc
 
     train_unit, train_low, train_resid = _prepare(train_features, exact, coarse, device, n_pad)
     query_unit, _, query_resid = _prepare(query_features, exact, exact, device, m)
@@ -184,8 +250,6 @@ def knn_search(
     bytes_per = torch.finfo(coarse).bits // 8 + (1 if train_groups is not None else 0)
     chunk = int(max(1, min(m, memory_budget // max(1, n_pad * bytes_per))))
     buf = torch.empty(chunk, n_pad, dtype=coarse, device=device)
-    rows_per_gather = int(max(1, min(chunk, (32 * 2**20) // max(1, kc * d * torch.finfo(exact).bits // 8))))
-    gather_buf = torch.empty(rows_per_gather * kc, d, dtype=exact, device=device)
     fallback_rows = 0
     for s in range(0, m, chunk):
         e = min(m, s + chunk)
@@ -197,42 +261,29 @@ def knn_search(
             sims[:, n:] = -math.inf
         if train_groups is not None:
             sims[:, :n].masked_fill_(query_groups[s:e, None] == train_groups[None, :], -math.inf)
-        vals, cand = _select(sims, kc, use_blocks)
-        vals = vals.double()
-
-        # Certificate: every non-candidate j has coarse b_j <= b_last, so exact s_j <= b_last + E(b_last); the k best
-        # candidates have exact s >= b_k - E(b_k). If the first is below the second, the exact top k are candidates.
         r_q = query_resid[s:e] + r_extra
         eps_q = r_q * (1 + r_x) + r_x + gamma * (1 + r_q) * (1 + r_x) + slack
-        if kc < n:
-            b_k, b_last = vals[:, k_eff - 1], vals[:, -1]
-            upper = b_last + eps_q + u_out * b_last.abs() / (1 - u_out)
-            lower = b_k - eps_q - u_out * b_k.abs() / (1 - u_out)
-            ok = (upper < lower) | torch.isinf(b_last)
-        else:
-            ok = torch.ones(c, dtype=torch.bool, device=device)
-
-        # Rescore the candidates in the exact dtype, a few rows at a time through one small reused buffer.
         ex_vals = torch.empty(c, k_eff, dtype=exact, device=device)
         ex_idx = torch.empty(c, k_eff, dtype=torch.long, device=device)
-        for r0 in range(0, c, rows_per_gather):
-            r1 = min(c, r0 + rows_per_gather)
-            g = gather_buf[: (r1 - r0) * kc]
-            torch.index_select(train_unit, 0, cand[r0:r1].reshape(-1).clamp_max(n - 1), out=g)
-            sc = torch.bmm(g.view(r1 - r0, kc, d), q[r0:r1, :, None]).squeeze(-1)
-            sc.masked_fill_(torch.isneginf(vals[r0:r1]), -math.inf)
-            v, p = sc.topk(k_eff, dim=1)
-            ex_vals[r0:r1] = v
-            ex_idx[r0:r1] = torch.gather(cand[r0:r1], 1, p)
-
-        bad = (~ok).nonzero().squeeze(1)
-        if bad.numel():
-            fallback_rows += int(bad.numel())
-            full = q[bad] @ train_unit.T
+        rows = torch.arange(c, device=device)
+        # Tier 1: k + margin candidates for every row; tier 2: a wider set for the rows tier 1 could not certify;
+        # then the whole gallery, exactly, for what is left.
+        for width in tiers:
+            every = rows.numel() == c
+            vals, cand = _select(sims if every else sims[rows], width)
+            vals = vals.double()
+            ok = _certified(vals, k_eff, eps_q if every else eps_q[rows], u_out, width < n)
+            _refine(train_unit, q if every else q[rows], cand, vals, k_eff, ex_vals, ex_idx, None if every else rows, n)
+            rows = rows[~ok]
+            if rows.numel() == 0:
+                break
+        if rows.numel():
+            fallback_rows += int(rows.numel())
+            full = q[rows] @ train_unit.T
             if train_groups is not None:
-                full.masked_fill_(query_groups[s:e][bad, None] == train_groups[None, :], -math.inf)
+                full.masked_fill_(query_groups[s:e][rows, None] == train_groups[None, :], -math.inf)
             fv, fi = full.topk(k_eff, dim=1)
-            ex_vals[bad], ex_idx[bad] = fv, fi
+            ex_vals[rows], ex_idx[rows] = fv, fi
         ex_idx = torch.where(torch.isneginf(ex_vals), torch.full_like(ex_idx, -1), ex_idx)
         sims_out[s:e, :k_eff] = ex_vals
         idx_out[s:e, :k_eff] = ex_idx

@@ -10,8 +10,9 @@ The registry :data:`METRICS` maps a name to ``fn(model: PoseModel, ctx: EvalCont
 ``viewpoint``       viewpoint errors, raw and SSV-calibrated, on ``heads/<split>`` and ``objects/<split>`` (or the
                     folder); needs ``predict_angles``
 ``knn_pose``        absolute pose by weighted kNN over the Fib view index, per category: ``in_domain``
-                    (objects/train -> objects/<split>), ``unseen_pose`` (-> test_unseen_pose: geodesic only, the
-                    view sets differ), ``ood`` (ood_train -> ood_test); folder: leave-one-out
+                    (objects/train -> objects/<split>), ``unseen_pose`` (train_unseen_pose -> test_unseen_pose;
+                    without train_unseen_pose: train -> test_unseen_pose, geodesic only since the view sets
+                    differ), ``ood`` (ood_train -> ood_test); folder: leave-one-out
 ``relative_pose``   relative-pose MLP probe: ``in_domain``, ``unseen_pose``, ``unseen_category`` (probe trained
                     and tested on the ood splits)
 ``linear_probe``    category top-1 of a linear probe, objects/train -> objects/<split>
@@ -42,7 +43,7 @@ from .boxes import BOX_COLUMNS, box_frames_from_table, box_iou_3d, fit_box
 from .context import DataSource, EvalContext, SkipMetric
 from .knn import knn_classify, knn_search
 from .pose import VIEWPOINT_KEYS, evaluate_viewpoints, geodesic_summary, knn_pose, viewpoint_errors
-from .probes import linear_probe, relative_pose_probe
+from .probes import RelativePoseProbe, linear_probe
 from .retrieval import recall_at_k, reid_metrics
 from .taps import parse_compress
 
@@ -277,7 +278,11 @@ def knn_pose_metric(model, ctx: EvalContext) -> dict[str, float]:
     if ctx.source.layout == "folder":
         sets = [("", "", "", "")]
     else:
-        sets = _pairs(ctx, [("in_domain", k, "train", ctx.split), ("unseen_pose", k, "train", "test_unseen_pose"),
+        # Unseen poses: the Fib(100) renders of the train instances are the gallery when rendered (then the view
+        # index is shared and accuracy is defined); otherwise the Fib(50) train gallery, geodesic error only.
+        unseen_gallery = "train_unseen_pose" if ctx.has(k, "train_unseen_pose") else "train"
+        sets = _pairs(ctx, [("in_domain", k, "train", ctx.split),
+                            ("unseen_pose", k, unseen_gallery, "test_unseen_pose"),
                             ("ood", k, "ood_train", "ood_test")])
     out: dict[str, float] = {}
     for name, kind, tr_split, q_split in sets:
@@ -286,7 +291,7 @@ def knn_pose_metric(model, ctx: EvalContext) -> dict[str, float]:
         tr_view, q_view = tr_o.column("view"), q_o.column("view")
         if tr_view is None or q_view is None:
             continue
-        use_acc = name != "unseen_pose"
+        use_acc = not (name == "unseen_pose" and tr_split == "train")  # Fib(50) indices vs Fib(100) indices
         tr_f, q_f = ctx.features(model, kind, tr_split), ctx.features(model, kind, q_split)
         tr_cat, q_cat = tr_o.strings("category"), q_o.strings("category")
         tr_cat = tr_cat if tr_cat is not None else [""] * len(tr_o.indices)
@@ -336,17 +341,20 @@ def relative_pose_metric(model, ctx: EvalContext) -> dict[str, float]:
     sets = _pairs(ctx, [("in_domain", k, "train", ctx.split), ("unseen_pose", k, "train", "test_unseen_pose"),
                         ("unseen_category", k, "ood_train", "ood_test")])
     out: dict[str, float] = {}
+    probes: dict[str, tuple] = {}  # one probe per training split (in_domain and unseen_pose share it)
     for name, kind, tr_split, q_split in sets:
         tr_o, q_o = ctx.outputs(model, kind, tr_split), ctx.outputs(model, kind, q_split)
         tk, qk = _instance_keys(tr_o), _instance_keys(q_o)
         if tk is None or qk is None:
             continue
         gt, gq = _ids(tk, qk)
-        figs = relative_pose_probe(
-            ctx.features(model, kind, tr_split), _rotations(tr_o, ctx.device), gt,
-            ctx.features(model, kind, q_split), _rotations(q_o, ctx.device), gq,
-            steps=ctx.probe_steps, hidden=ctx.probe_hidden, test_pairs=ctx.probe_pairs, seed=ctx.seed,
-        )
+        tr_f, tr_r = ctx.features(model, kind, tr_split), _rotations(tr_o, ctx.device)
+        if tr_split not in probes:
+            probe = RelativePoseProbe(steps=ctx.probe_steps, hidden=ctx.probe_hidden, seed=ctx.seed).fit(tr_f, tr_r, gt)
+            probes[tr_split] = (probe, float(torch.quantile(probe.errors(tr_f, tr_r, gt, ctx.probe_pairs), 0.5)))
+        probe, train_median = probes[tr_split]
+        figs = probe.score(ctx.features(model, kind, q_split), _rotations(q_o, ctx.device), gq, ctx.probe_pairs)
+        figs["train_median_geodesic"] = train_median
         for key, v in figs.items():
             out[_join(name, key)] = v
         ctx.record("relative_pose", **{name: {

@@ -21,7 +21,7 @@ from ..geometry import geodesic_distance, rotation_6d_to_matrix
 from .pose import geodesic_summary
 
 __all__ = ["standardize", "linear_probe", "PairSampler", "same_group_pairs", "relative_rotation",
-           "relative_pose_probe"]
+           "RelativePoseProbe", "relative_pose_probe"]
 
 
 def standardize(train: torch.Tensor, *others: torch.Tensor):
@@ -128,6 +128,69 @@ class _PairMLP(torch.nn.Module):
         return rotation_6d_to_matrix(self.net(torch.cat([a, b], dim=-1)))
 
 
+class RelativePoseProbe:
+    """The pair MLP: :meth:`fit` on same-group pairs of training features, :meth:`score` on any set of features
+    (standardised with the training statistics). Seeded; leaves the global RNG alone."""
+
+    def __init__(self, *, steps: int = 300, hidden: int = 256, batch_size: int = 256, lr: float = 1e-3,
+                 seed: int = 0):
+        self.steps, self.hidden, self.batch_size, self.lr, self.seed = int(steps), int(hidden), int(batch_size), lr, int(seed)
+        self.model: _PairMLP | None = None
+
+    def _standardize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float().to(self.mean.device) - self.mean) / self.std
+
+    def fit(self, features: torch.Tensor, rotations: torch.Tensor, groups) -> "RelativePoseProbe":
+        device = features.device
+        x = features.float()
+        self.mean = x.mean(dim=0, keepdim=True)
+        self.std = x.std(dim=0, keepdim=True, unbiased=False).clamp_min(1e-6)
+        x = self._standardize(x)
+        r = rotations.to(device=device, dtype=torch.float32)
+        gen = torch.Generator().manual_seed(self.seed)
+        init_seed = int(torch.randint(2**31 - 1, (1,), generator=gen))
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(init_seed)
+            model = _PairMLP(x.shape[1], self.hidden).to(device)
+        opt = torch.optim.Adam(model.parameters(), lr=self.lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.steps))
+        sampler = PairSampler(groups)
+        model.train()
+        with torch.enable_grad(), _threads(device):
+            for _ in range(self.steps):
+                i, j = sampler.sample(self.batch_size, gen)
+                i, j = i.to(device), j.to(device)
+                loss = geodesic_distance(model(x[i], x[j]), relative_rotation(r[i], r[j])).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+        model.eval()
+        self.model = model
+        return self
+
+    def errors(self, features: torch.Tensor, rotations: torch.Tensor, groups, n_pairs: int = 2000) -> torch.Tensor:
+        """Geodesic errors (degrees, float64) on ``n_pairs`` seeded same-group pairs."""
+        if self.model is None:
+            raise RuntimeError("RelativePoseProbe.errors before fit")
+        x = self._standardize(features)
+        r = rotations.to(device=x.device, dtype=torch.float32)
+        i, j = same_group_pairs(groups, int(n_pairs), torch.Generator().manual_seed(self.seed + 1))
+        i, j = i.to(x.device), j.to(x.device)
+        errs = []
+        with torch.no_grad():
+            for s in range(0, len(i), 4096):
+                a, b = i[s : s + 4096], j[s : s + 4096]
+                errs.append(geodesic_distance(self.model(x[a], x[b]).double(), relative_rotation(r[a], r[b]).double()))
+        return torch.rad2deg(torch.cat(errs))
+
+    def score(self, features: torch.Tensor, rotations: torch.Tensor, groups, n_pairs: int = 2000) -> dict[str, float]:
+        """``median_geodesic, mean_geodesic, acc_30`` and ``n_test_pairs``."""
+        out = geodesic_summary(self.errors(features, rotations, groups, n_pairs))
+        out["n_test_pairs"] = float(n_pairs)
+        return out
+
+
 def relative_pose_probe(
     train_features: torch.Tensor,
     train_rotations: torch.Tensor,
@@ -148,45 +211,9 @@ def relative_pose_probe(
     Returns ``median_geodesic, mean_geodesic, acc_30`` (degrees / fraction) on the test pairs and
     ``train_median_geodesic`` on as many training pairs, plus ``n_test_pairs``.
     """
-    device = train_features.device
-    gen = torch.Generator().manual_seed(int(seed))
-    x_tr, x_te = standardize(train_features.float(), test_features.float().to(device))
-    r_tr = train_rotations.to(device=device, dtype=torch.float32)
-    r_te = test_rotations.to(device=device, dtype=torch.float32)
-    init_seed = int(torch.randint(2**31 - 1, (1,), generator=gen))
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(init_seed)
-        model = _PairMLP(x_tr.shape[1], hidden).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
-    sampler = PairSampler(train_groups)
-    model.train()
-    with torch.enable_grad(), _threads(device):
-        for _ in range(int(steps)):
-            i, j = sampler.sample(batch_size, gen)
-            i, j = i.to(device), j.to(device)
-            pred = model(x_tr[i], x_tr[j])
-            loss = geodesic_distance(pred, relative_rotation(r_tr[i], r_tr[j])).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    model.eval()
-
-    def score(x, r, groups, n):
-        eval_gen = torch.Generator().manual_seed(int(seed) + 1)
-        i, j = same_group_pairs(groups, n, eval_gen)
-        i, j = i.to(device), j.to(device)
-        errs = []
-        with torch.no_grad():
-            for s in range(0, n, 4096):
-                p = model(x[i[s : s + 4096]], x[j[s : s + 4096]])
-                errs.append(geodesic_distance(p.double(), relative_rotation(r[i[s : s + 4096]], r[j[s : s + 4096]]).double()))
-        return torch.rad2deg(torch.cat(errs))
-
-    test_err = score(x_te, r_te, test_groups, int(test_pairs))
-    train_err = score(x_tr, r_tr, train_groups, int(test_pairs))
-    out = geodesic_summary(test_err)
-    out["train_median_geodesic"] = float(torch.quantile(train_err, 0.5))
-    out["n_test_pairs"] = float(test_pairs)
+    probe = RelativePoseProbe(steps=steps, hidden=hidden, batch_size=batch_size, lr=lr, seed=seed)
+    probe.fit(train_features, train_rotations, train_groups)
+    out = probe.score(test_features.to(train_features.device), test_rotations, test_groups, test_pairs)
+    out["train_median_geodesic"] = float(torch.quantile(probe.errors(train_features, train_rotations, train_groups,
+                                                                     test_pairs), 0.5))
     return out
