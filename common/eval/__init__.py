@@ -35,6 +35,8 @@ from .probes import linear_probe, relative_pose_probe
 from .retrieval import recall_at_k, reid_metrics
 from .taps import Compressor, LayerTaps, extract_taps, pool_feature_map
 
+from . import readout  # noqa: E402,F401  (registers the "viewpoint_readout" metric)
+
 __all__ = [
     "knn_classify", "knn_search", "weighted_vote",
     "box_iou_3d", "box_corners", "fit_box",
