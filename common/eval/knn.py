@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import time
 import warnings
 from typing import NamedTuple
 
@@ -41,7 +42,7 @@ __all__ = ["KNNResult", "knn_search", "knn_classify", "weighted_vote", "fast_bf1
 log = logging.getLogger("viewssl.eval.knn")
 
 DEFAULT_MEMORY_BUDGET = 256 * 2**20  # bytes for one chunk's coarse similarity block (plus masks)
-_BLOCK = 32  # columns per block in the block-max top-k pre-selection
+_BLOCK = 16  # columns per block in the block-max top-k pre-selection
 
 
 class KNNResult(NamedTuple):
@@ -132,9 +133,10 @@ def _select(sims: torch.Tensor, kc: int) -> tuple[torch.Tensor, torch.Tensor]:
         if neg.numel():
             fb = sims[neg].view(len(neg), n_pad // block, block).float().amax(-1)
             top_blocks[neg] = fb.topk(kc, dim=1).indices
-    cols = (top_blocks[:, :, None] * block + torch.arange(block, device=sims.device)).reshape(c, -1)
-    vals, pos = torch.gather(sims, 1, cols).topk(kc, dim=1)
-    return vals, torch.gather(cols, 1, pos)
+    blocks = torch.gather(sims.view(c, n_pad // block, block), 1, top_blocks[:, :, None].expand(c, kc, block))
+    vals, pos = blocks.reshape(c, kc * block).topk(kc, dim=1)
+    cols = torch.gather(top_blocks, 1, pos // block) * block + pos % block
+    return vals, cols
 
 
 def _certified(vals: torch.Tensor, k: int, eps_q: torch.Tensor, u_out: float, partial: bool) -> torch.Tensor:
@@ -226,7 +228,7 @@ def knn_search(
         margin = k_eff // 2 + 8 if low_precision else 4
     kc = min(n, k_eff + int(margin))
     tiers = [kc] + ([min(n, k_eff + 4 * int(margin) + 16)] if kc < n else [])
-    n_pad = -(-n // _BLOCK) * _BLOCK
+    n_pad = -(-n // 32) * 32
 
     train_unit, train_low, train_resid = _prepare(train_features, exact, coarse, device, n_pad)
     query_unit, _, query_resid = _prepare(query_features, exact, exact, device, m)
@@ -250,13 +252,16 @@ def knn_search(
     bytes_per = torch.finfo(coarse).bits // 8 + (1 if train_groups is not None else 0)
     chunk = int(max(1, min(m, memory_budget // max(1, n_pad * bytes_per))))
     buf = torch.empty(chunk, n_pad, dtype=coarse, device=device)
-    fallback_rows = 0
+    fallback_rows, tier_rows = 0, [0] * len(tiers)
+    clock = _Clock(log.isEnabledFor(logging.DEBUG))
+    clock("prepare")
     for s in range(0, m, chunk):
         e = min(m, s + chunk)
         c = e - s
         q = query_unit[s:e]
         sims = buf[:c]
         torch.mm(q.to(coarse), train_low_t, out=sims)
+        clock("coarse matmul")
         if n_pad != n:
             sims[:, n:] = -math.inf
         if train_groups is not None:
@@ -268,12 +273,15 @@ def knn_search(
         rows = torch.arange(c, device=device)
         # Tier 1: k + margin candidates for every row; tier 2: a wider set for the rows tier 1 could not certify;
         # then the whole gallery, exactly, for what is left.
-        for width in tiers:
+        for t, width in enumerate(tiers):
             every = rows.numel() == c
+            tier_rows[t] += int(rows.numel())
             vals, cand = _select(sims if every else sims[rows], width)
             vals = vals.double()
             ok = _certified(vals, k_eff, eps_q if every else eps_q[rows], u_out, width < n)
+            clock("select")
             _refine(train_unit, q if every else q[rows], cand, vals, k_eff, ex_vals, ex_idx, None if every else rows, n)
+            clock("refine")
             rows = rows[~ok]
             if rows.numel() == 0:
                 break
@@ -284,12 +292,35 @@ def knn_search(
                 full.masked_fill_(query_groups[s:e][rows, None] == train_groups[None, :], -math.inf)
             fv, fi = full.topk(k_eff, dim=1)
             ex_vals[rows], ex_idx[rows] = fv, fi
+            clock("fallback")
         ex_idx = torch.where(torch.isneginf(ex_vals), torch.full_like(ex_idx, -1), ex_idx)
         sims_out[s:e, :k_eff] = ex_vals
         idx_out[s:e, :k_eff] = ex_idx
-    if fallback_rows:
-        log.debug("knn_search: %d of %d queries recomputed over the whole gallery", fallback_rows, m)
+    if clock.enabled:
+        log.debug("knn_search %dx%d k=%d coarse=%s chunk=%d: tier rows %s (widths %s), %d full fallbacks; %s",
+                  m, n, k_eff, coarse, chunk, tier_rows, tiers, fallback_rows, clock.summary())
     return KNNResult(sims_out, idx_out)
+
+
+class _Clock:
+    """Accumulated wall time per phase, only when debugging (CPU ops are synchronous; on CUDA it syncs)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.totals: dict[str, float] = {}
+        self.last = time.perf_counter()
+
+    def __call__(self, phase: str) -> None:
+        if not self.enabled:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.totals[phase] = self.totals.get(phase, 0.0) + now - self.last
+        self.last = now
+
+    def summary(self) -> str:
+        return ", ".join(f"{k} {v:.3f}s" for k, v in self.totals.items())
 
 
 def weighted_vote(
