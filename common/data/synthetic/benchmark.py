@@ -131,6 +131,29 @@ class BenchmarkConfig:
         config.validate()
         return config
 
+    @classmethod
+    def parse_overrides(cls, pairs: Iterable[str]) -> dict:
+        """``["frames=48", "categories=car,mug"]`` -> typed overrides (for ``--set KEY=VALUE`` on the CLI)."""
+        defaults = {f.name: getattr(cls(), f.name) for f in fields(cls)}
+        out = {}
+        for pair in pairs:
+            key, sep, value = pair.partition("=")
+            key = key.strip()
+            if not sep or key not in defaults:
+                raise ViewsslError(f"--set {pair!r}: expected KEY=VALUE with KEY one of {', '.join(defaults)}")
+            default = defaults[key]
+            try:
+                if isinstance(default, tuple):
+                    out[key] = tuple(v.strip() for v in value.split(",") if v.strip())
+                elif isinstance(default, bool):
+                    out[key] = value.strip().lower() in ("1", "true", "yes")
+                else:
+                    out[key] = type(default)(value)
+            except ValueError:
+                kind = "an integer" if isinstance(default, int) else "a number"
+                raise ViewsslError(f"--set {pair!r}: {key} must be {kind}") from None
+        return out
+
     def validate(self) -> None:
         if not 8 <= self.size <= 1024:
             raise ViewsslError(f"--size must be between 8 and 1024 pixels, not {self.size}")

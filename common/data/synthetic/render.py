@@ -45,7 +45,8 @@ colours, a vertical/diagonal colour-gradient background, and antialiasing by sup
 times larger, box-filter down). Images come back as (H, W, 3) uint8 RGB with row 0 at the top.
 
 The OpenGL context is created lazily, once per process, with ``backend="egl"`` (no X display needed), and again in
-a forked child (a DataLoader worker) the first time it renders: :func:`get_renderer`.
+a forked child (a DataLoader worker) the first time it renders: :func:`get_renderer`. Mesa's llvmpipe runs with
+``LP_NUM_THREADS=0`` (set unless the environment sets it): its rasteriser threads would not survive the fork.
 """
 from __future__ import annotations
 
@@ -244,6 +245,10 @@ class Renderer:
     def __init__(self, cache_size: int = 128):
         import moderngl
 
+        # llvmpipe's rasteriser threads do not survive fork(): a DataLoader worker forked from a process that has
+        # rendered would hang creating its own context. Rasterising in the calling thread avoids that, and is as
+        # fast for these small images (one process per core is the way to scale). Set LP_NUM_THREADS to override.
+        os.environ.setdefault("LP_NUM_THREADS", "0")
         try:
             self.ctx = moderngl.create_standalone_context(backend="egl")
         except Exception as e:  # missing libEGL / Mesa

@@ -1,0 +1,199 @@
+"""``viewssl data render`` (the synthetic benchmark) and ``viewssl data show`` (an image grid of any labels folder).
+
+The commands attach to the ``data`` group of :mod:`common.cli`; ``experiments/cli.py`` imports this module.
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+import click
+import numpy as np
+
+from ..cli import data
+from ..errors import ViewsslError
+from ..io import atomic_write_bytes, read_image
+from .labels import LABELS_FILE, LabelTable, read_labels
+
+__all__ = ["render", "show", "make_grid"]
+
+
+@data.command("render")
+@click.option("--kind", type=click.Choice(["objects", "heads", "triplets", "sequences", "all"]), default="all",
+              show_default=True, help="Which part of the benchmark to render.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Benchmark folder (created; DIR/<kind>/<split>/labels.csv + images, DIR/meta.json).")
+@click.option("--size", type=click.IntRange(16, 1024), default=64, show_default=True, help="Image size in pixels.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Benchmark seed (same seed, same bytes).")
+@click.option("--scale", type=click.Choice(["small", "full"]), default="small", show_default=True,
+              help="small: ~5k images in seconds (demo); full: what experiments train on (a few minutes).")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+              help="Override a benchmark setting (repeatable), e.g. --set triplet_step=20 --set frames=48 "
+                   "--set categories=car,chair. Keys: the fields of common.data.synthetic.BenchmarkConfig.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+def render(kind: str, out: Path, size: int, seed: int, scale: str, settings: tuple[str, ...],
+           no_progress: bool) -> None:
+    """Render the offline synthetic viewpoint benchmark (objects, heads, triplets, sequences) to disk.
+
+    Labels are exact; the camera convention is documented in common/data/synthetic/render.py.
+    """
+    from .synthetic import KINDS, BenchmarkConfig, format_summary, render_benchmark
+
+    kinds = KINDS if kind == "all" else (kind,)
+    overrides = BenchmarkConfig.parse_overrides(settings)
+    for key in ("size", "seed"):
+        if key in overrides:
+            raise ViewsslError(f"--set {key}=...: use --{key}")
+    summary = render_benchmark(out, kinds=kinds, size=size, seed=seed, scale=scale, progress=not no_progress,
+                               **overrides)
+    click.echo(format_summary(summary))
+
+
+@data.command("show")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="PNG to write  [default: FOLDER/grid.png]")
+@click.option("--n", "n", type=click.IntRange(1, 400), default=36, show_default=True,
+              help="Number of images in the grid.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Which images are picked.")
+def show(folder: Path, out: Path | None, n: int, seed: int) -> None:
+    """Write an image grid of FOLDER with each image's labels (degrees).
+
+    FOLDER is a labels.csv folder or a rendered benchmark (every kind gets an equal share of the grid: one
+    image per category, whole (L, C, R) triplets, frames spread along sequences).
+    """
+    path, count = make_grid(folder, out, n=n, seed=seed)
+    click.echo(f"wrote {path} ({count} images)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class _Tile:
+    path: Path
+    caption: str
+    group: int = 1  # size of the group it starts (triplets, sequence frames), 0 inside a group
+
+
+def _find_tables(folder: Path) -> list[tuple[str, LabelTable]]:
+    """(group name, table) for FOLDER itself or every labels.csv one or two levels below it."""
+    if not folder.exists():
+        raise ViewsslError("no such folder", folder)
+    if not folder.is_dir():
+        raise ViewsslError("not a folder", folder)
+    if (folder / LABELS_FILE).is_file():
+        return [("", read_labels(folder))]
+    found = sorted(folder.glob(f"*/{LABELS_FILE}")) + sorted(folder.glob(f"*/*/{LABELS_FILE}"))
+    if not found:
+        raise ViewsslError(f"no {LABELS_FILE} in this folder or its subfolders (expected a labels folder or a "
+                           "rendered benchmark)", folder)
+    return [(p.parent.relative_to(folder).parts[0], read_labels(p.parent)) for p in found]
+
+
+_KIND_ORDER = {"objects": 0, "heads": 1, "triplets": 2, "sequences": 3}
+
+
+def _caption(table: LabelTable, i: int) -> str:
+    raw = table.raw
+    first = raw["category"][i] if "category" in raw else table.paths[i].name
+    if "position" in raw and raw["position"][i] != "":
+        first += " " + "LCR"[int(float(raw["position"][i])) % 3]
+    elif "frame" in raw and raw["frame"][i] != "":
+        first += f" f{raw['frame'][i]}"
+    a, e, t = (int(round(math.degrees(float(x)))) for x in table.angles[i])
+    return f"{first}\naz {a} el {e} ti {t}"
+
+
+def _groups(table: LabelTable) -> dict[str, list[list[int]]]:
+    """Row groups shown together (a triplet, frames of a sequence, or one row), bucketed by category."""
+    raw, n = table.raw, len(table)
+    category = raw.get("category", [""] * n)
+    buckets: dict[str, list[list[int]]] = {}
+    if "triplet" in raw and "position" in raw:
+        by_triplet: dict[str, list[int]] = {}
+        for i in range(n):
+            by_triplet.setdefault(raw["triplet"][i], []).append(i)
+        for rows in by_triplet.values():
+            rows.sort(key=lambda i: float(raw["position"][i] or 0))
+            buckets.setdefault(category[rows[0]], []).append(rows)
+    elif "sequence" in raw and any(raw["sequence"]):
+        by_seq: dict[str, list[int]] = {}
+        for i in range(n):
+            by_seq.setdefault(raw["sequence"][i], []).append(i)
+        for rows in by_seq.values():
+            rows.sort(key=lambda i: table.frame[i] if table.frame is not None else i)
+            picks = sorted({rows[round(k * (len(rows) - 1) / 2)] for k in range(3)})
+            buckets.setdefault(category[rows[0]], []).append(picks)
+    else:
+        for i in range(n):
+            buckets.setdefault(category[i], []).append([i])
+    return buckets
+
+
+def _select(tables: list[tuple[str, LabelTable]], n: int, seed: int) -> list[_Tile]:
+    rng = np.random.default_rng(seed)
+    kinds: dict[str, dict[str, list[tuple[LabelTable, list[int]]]]] = {}
+    for kind, table in tables:
+        for category, groups in _groups(table).items():
+            kinds.setdefault(kind, {}).setdefault(category, []).extend((table, g) for g in groups)
+    names = sorted(kinds, key=lambda k: (_KIND_ORDER.get(k, 9), k))
+    tiles: list[_Tile] = []
+    for position, kind in enumerate(names):
+        quota = n // len(names) + (1 if position < n % len(names) else 0)
+        buckets = [kinds[kind][c] for c in sorted(kinds[kind])]
+        for b in buckets:
+            order = rng.permutation(len(b))
+            b[:] = [b[i] for i in order]
+        taken: list[_Tile] = []
+        depth = 0
+        while len(taken) < quota and any(depth < len(b) for b in buckets):
+            for b in buckets:
+                if depth >= len(b):
+                    continue
+                table, rows = b[depth]
+                if len(taken) + len(rows) > quota:
+                    continue
+                taken.extend(_Tile(table.paths[i], _caption(table, i), len(rows) if j == 0 else 0)
+                             for j, i in enumerate(rows))
+            depth += 1
+        tiles.extend(taken)
+    return tiles
+
+
+def make_grid(folder: str | os.PathLike, out: str | os.PathLike | None = None, n: int = 36, seed: int = 0,
+              tile: int = 64) -> tuple[Path, int]:
+    """Write a captioned grid of up to ``n`` images of a labels folder or benchmark; returns (path, images)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder = Path(folder)
+    tiles = _select(_find_tables(folder), n, seed)
+    if not tiles:
+        raise ViewsslError("nothing to show", folder)
+    out = Path(out) if out is not None else folder / "grid.png"
+    if out.suffix.lower() != ".png":
+        raise ViewsslError("--out must be a .png file", out)
+    cols = max(1, math.ceil(math.sqrt(len(tiles))))
+    if any(t.group == 3 for t in tiles):  # keep triplets and frame groups on one row
+        cols = 3 * math.ceil(cols / 3)
+    rows = math.ceil(len(tiles) / cols)
+    w, h, label = 1.0, 1.0, 0.32
+    fig = plt.figure(figsize=(cols * w, rows * (h + label)), dpi=110)
+    fig.patch.set_facecolor("white")
+    for k, t in enumerate(tiles):
+        r, c = divmod(k, cols)
+        ax = fig.add_axes([c / cols + 0.04 / cols, 1 - (r + 1) / rows + label / (h + label) / rows,
+                           0.92 / cols, (h / (h + label)) * 0.96 / rows])
+        image = read_image(t.path, tile).permute(1, 2, 0).numpy()
+        ax.imshow(image, interpolation="nearest")
+        ax.set_axis_off()
+        ax.text(0.5, -0.03, t.caption, transform=ax.transAxes, ha="center", va="top", fontsize=5.5,
+                linespacing=1.1)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", facecolor="white")
+    plt.close(fig)
+    atomic_write_bytes(out, buf.getvalue())
+    return out, len(tiles)

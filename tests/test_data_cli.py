@@ -1,0 +1,96 @@
+"""`viewssl data render` and `viewssl data show` through click's CliRunner."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from experiments.cli import cli
+
+TINY = ["--set", "categories=car", "--set", "ood_categories=mug", "--set", "train_instances=1", "--set",
+        "val_instances=1", "--set", "test_instances=1", "--set", "ood_train_instances=1", "--set",
+        "ood_test_instances=1", "--set", "view_stride=25", "--set", "unseen_views=4", "--set", "head_train=3",
+        "--set", "head_test=2", "--set", "head_train_identities=2", "--set", "head_test_identities=1", "--set",
+        "triplets_per_instance=1", "--set", "sequence_categories=chair", "--set", "sequence_train_instances=1",
+        "--set", "sequence_test_instances=1", "--set", "frames=3"]
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "bench"
+    result = CliRunner().invoke(cli, ["data", "render", "--kind", "all", "--out", str(out), "--size", "32",
+                                      "--seed", "5", "--no-progress", *TINY])
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def test_render_writes_the_layout_and_prints_a_summary(rendered):
+    out, output = rendered
+    assert "objects/train" in output and "sequences/test" in output
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["seed"] == 5 and meta["size"] == 32 and meta["config"]["frames"] == 3
+    assert meta["config"]["categories"] == ["car"]
+    for kind, split in (("objects", "test_unseen_pose"), ("heads", "train"), ("triplets", "train"),
+                        ("sequences", "test")):
+        assert (out / kind / split / "labels.csv").is_file()
+
+
+def test_render_one_kind(tmp_path):
+    out = tmp_path / "h"
+    result = CliRunner().invoke(cli, ["data", "render", "--kind", "heads", "--out", str(out), "--size", "16",
+                                      "--no-progress", *TINY])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["heads", "meta.json"]
+
+
+def test_show_writes_a_grid(rendered, tmp_path):
+    out, _ = rendered
+    grid = tmp_path / "grid.png"
+    result = CliRunner().invoke(cli, ["data", "show", str(out), "--out", str(grid), "--n", "12"])
+    assert result.exit_code == 0, result.output
+    assert grid.stat().st_size > 1000 and "12 images" in result.output
+    # a single labels folder, default output inside it
+    result = CliRunner().invoke(cli, ["data", "show", str(out / "objects" / "train"), "--n", "4"])
+    assert result.exit_code == 0, result.output
+    assert (out / "objects" / "train" / "grid.png").is_file()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["data", "show", "/nonexistent/folder"], "no such folder"),
+    (["data", "render", "--out", "{tmp}/x", "--set", "frames"], "expected KEY=VALUE"),
+    (["data", "render", "--out", "{tmp}/x", "--set", "nonsense=3"], "expected KEY=VALUE"),
+    (["data", "render", "--out", "{tmp}/x", "--set", "frames=many"], "frames must be an integer"),
+    (["data", "render", "--out", "{tmp}/x", "--set", "categories=car,spaceship"], "unknown categories spaceship"),
+    (["data", "render", "--out", "{tmp}/x", "--set", "seed=3"], "use --seed"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert result.output.strip().count("\n") == 0, result.output
+
+
+def test_show_rejects_a_folder_without_labels(tmp_path):
+    result = CliRunner().invoke(cli, ["data", "show", str(tmp_path)])
+    assert result.exit_code == 2 and "no labels.csv" in result.output
+
+
+def test_render_refuses_other_settings_in_the_same_folder(rendered):
+    out, _ = rendered
+    result = CliRunner().invoke(cli, ["data", "render", "--kind", "heads", "--out", str(out), "--size", "32",
+                                      "--seed", "6", "--no-progress", *TINY])
+    assert result.exit_code == 2 and "other settings" in result.output
+
+
+def test_bad_choice_is_a_usage_error(tmp_path):
+    result = CliRunner().invoke(cli, ["data", "render", "--kind", "cats", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "cats" in result.output
+
+
+@pytest.mark.parametrize("command", [["data", "--help"], ["data", "render", "--help"], ["data", "show", "--help"]])
+def test_help(command):
+    result = CliRunner().invoke(cli, command)
+    assert result.exit_code == 0 and "Usage" in result.output

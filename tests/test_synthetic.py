@@ -1,0 +1,298 @@
+"""The synthetic benchmark: camera convention, labels agree with images, determinism, splits, triplets, streaming."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from common.data.labels import LabeledFolder, read_labels
+from common.data.synthetic import (
+    CATEGORIES,
+    IN_DOMAIN,
+    OUT_OF_DOMAIN,
+    SEQUENCE_COLUMNS,
+    BenchmarkConfig,
+    SyntheticDataset,
+    fib_rotations,
+    render_benchmark,
+    summarize,
+)
+from common.data.synthetic.parts import Builder
+from common.data.synthetic.render import Background, Camera, Light, get_renderer, project
+from common.errors import ViewsslError
+from common.geometry import angles_to_matrix, geodesic_distance
+
+# A benchmark small enough to render in a second or two.
+TINY = dict(categories=("car", "mug"), ood_categories=("bottle",), train_instances=2, val_instances=1,
+            test_instances=1, ood_train_instances=1, ood_test_instances=1, view_stride=17, head_train=6, head_test=3,
+            head_train_identities=2, head_test_identities=1, triplets_per_instance=2, sequence_categories=("mug",),
+            sequence_train_instances=1, sequence_test_instances=1, frames=4)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("bench") / "b"
+    render_benchmark(root, scale="small", seed=3, progress=False, **TINY)
+    return root
+
+
+def _rot(az, el, ti) -> np.ndarray:
+    return angles_to_matrix(*(torch.tensor(math.radians(a), dtype=torch.float64) for a in (az, el, ti))).numpy()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Camera convention: a white cube with coloured nubs on +x (red), +y (green) and +z (blue)
+# ---------------------------------------------------------------------------------------------------------------
+NUBS = {"red": ((1, 0, 0), (0.9, 0.05, 0.05)), "green": ((0, 1, 0), (0.05, 0.9, 0.05)),
+        "blue": ((0, 0, 1), (0.05, 0.05, 0.9))}
+SIZE, FOV, DIST = 64, 30.0, 4.0
+
+
+@pytest.fixture(scope="module")
+def marker_cube():
+    b = Builder(np.random.default_rng(0))
+    b.box((1, 1, 1), (0, 0, 0), (0.9, 0.9, 0.9))
+    for axis, color in NUBS.values():
+        a = np.asarray(axis, dtype=float)
+        b.box((0.3, 0.3, 0.3), a * 0.65, color)  # a 0.3 cube sticking out of the face, from 0.5 to 0.8
+    return b.build("test/marker-cube", normalize=False)
+
+
+def _render_cube(mesh, az, el, ti):
+    camera = Camera.from_fov(SIZE, FOV)
+    image = get_renderer().render([mesh], _rot(az, el, ti), (0, 0, -DIST), camera, Light(direction=(0, 0, 1),
+                                  ambient=0.5, diffuse=0.5, specular=0.0), Background())
+    return image.astype(np.float64), camera
+
+
+def _centroid(image, name):
+    """Pixel centre of mass (u, v) and pixel count of a nub's colour."""
+    channel = {"red": 0, "green": 1, "blue": 2}[name]
+    others = [c for c in range(3) if c != channel]
+    mask = (image[..., channel] > 60) & (image[..., others].max(-1) < 0.5 * image[..., channel])
+    if mask.sum() == 0:
+        return None, 0
+    v, u = np.nonzero(mask)
+    return np.array([u.mean() + 0.5, v.mean() + 0.5]), int(mask.sum())
+
+
+@pytest.mark.parametrize("angles", [(0, 0, 0), (-90, 0, 0), (90, 0, 0), (0, 0, 90), (0, 45, 0), (0, -45, 0),
+                                    (30, 20, -25), (-120, 35, 60), (180, -10, 10)])
+def test_nubs_land_where_the_convention_says(marker_cube, angles):
+    image, camera = _render_cube(marker_cube, *angles)
+    R = _rot(*angles)
+    for name, (axis, _) in NUBS.items():
+        centre_cam = R @ (np.asarray(axis) * 0.65) + (0, 0, -DIST)
+        facing = (R @ np.asarray(axis, dtype=float))[2]  # > 0: the nub's outer face looks at the camera
+        centroid, count = _centroid(image, name)
+        if facing > 0.3:
+            assert count > 10, (name, angles)
+            expected = project(centre_cam, camera)
+            assert np.abs(centroid - expected).max() < 3.5, (name, angles, centroid, expected)
+        elif facing < -0.5:
+            assert count < 5, (name, angles, count)
+
+
+def test_readable_convention_cases(marker_cube):
+    c = SIZE / 2
+    # identity: +x (red) to the image right, +y (green) up, +z (blue) faces the camera at the centre
+    image, _ = _render_cube(marker_cube, 0, 0, 0)
+    assert _centroid(image, "red")[0][0] > c + 15 and _centroid(image, "green")[0][1] < c - 15
+    assert np.abs(_centroid(image, "blue")[0] - c).max() < 1.5
+    # azimuth -90: the +x side faces the camera; +90: it faces away
+    assert np.abs(_centroid(_render_cube(marker_cube, -90, 0, 0)[0], "red")[0] - c).max() < 1.5
+    assert _centroid(_render_cube(marker_cube, 90, 0, 0)[0], "red")[1] == 0
+    # tilt +90 turns the image content counter-clockwise: +x goes up
+    red = _centroid(_render_cube(marker_cube, 0, 0, 90)[0], "red")[0]
+    assert red[1] < c - 15 and abs(red[0] - c) < 2
+    # elevation +45: the camera looks down, the top tips towards it and the front moves down
+    image, _ = _render_cube(marker_cube, 0, 45, 0)
+    assert _centroid(image, "blue")[0][1] > c + 8
+    assert _centroid(image, "green")[1] > 10
+
+
+def test_projection_matches_opengl_and_principal_point():
+    b = Builder(np.random.default_rng(0))
+    b.box((0.2, 0.2, 0.2), (0, 0, 0), (1, 1, 1))
+    dot = b.build("test/dot", normalize=False)
+    camera = Camera(70.0, 60.0, 30.0, 36.0, 64, 64)  # off-centre principal point, fx != fy
+    for X in [(0.0, 0.0, -4.0), (0.7, -0.4, -3.0), (-1.0, 0.8, -5.0)]:
+        image, mask = get_renderer().render([dot], np.eye(3), X, camera, with_mask=True)
+        v, u = np.nonzero(mask > 0.5)
+        got = np.array([u.mean() + 0.5, v.mean() + 0.5])
+        assert np.abs(got - project(np.asarray(X), camera)).max() < 0.6
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The benchmark
+# ---------------------------------------------------------------------------------------------------------------
+def test_categories_split_13_11():
+    assert len(IN_DOMAIN) == 13 and len(OUT_OF_DOMAIN) == 11 and not set(IN_DOMAIN) & set(OUT_OF_DOMAIN)
+    assert set(IN_DOMAIN) | set(OUT_OF_DOMAIN) == set(CATEGORIES)
+
+
+def test_every_category_builds_varied_normalised_instances():
+    from common.data.synthetic import build_object
+
+    for name in CATEGORIES:
+        a, b = build_object(name, 0, 7), build_object(name, 1, 7)
+        for m in (a, b):
+            half_diag = np.linalg.norm(m.extents) / 2
+            assert abs(half_diag - 1) < 1e-5 and np.abs(m.positions).max() <= 1.0 + 1e-5, name
+            assert 0 < m.n_triangles < 5000, name
+        assert not np.array_equal(a.vertex_data, b.vertex_data), name
+
+
+def test_render_is_deterministic(tiny, tmp_path):
+    again = tmp_path / "again"
+    render_benchmark(again, scale="small", seed=3, progress=False, **TINY)
+    files = sorted(p.relative_to(tiny) for p in tiny.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
+    assert len(files) > 50
+    for f in files:
+        assert (tiny / f).read_bytes() == (again / f).read_bytes(), f
+
+
+def test_layout_meta_and_summary(tiny):
+    s = summarize(tiny)
+    assert set(s["kinds"]) == {"objects", "heads", "triplets", "sequences"}
+    assert set(s["kinds"]["objects"]["splits"]) == {"train", "val", "test", "test_unseen_pose",
+                                                    "train_unseen_pose", "ood_train", "ood_test"}
+    assert s["kinds"]["objects"]["splits"]["test_unseen_pose"]["fib"] == 100
+    # 2 categories x 2 instances x views 0, 17, 34 of Fib(50)
+    assert s["kinds"]["objects"]["splits"]["train"]["images"] == 2 * 2 * 3
+    seq = read_labels(tiny / "sequences" / "train")
+    assert seq.columns[-len(SEQUENCE_COLUMNS):] == list(SEQUENCE_COLUMNS)
+    for column in ("fx", "fy", "cx", "cy", "box_cx", "box_cy", "box_cz", "box_sx", "box_sy", "box_sz", "plane_nx",
+                   "plane_ny", "plane_nz", "plane_d", "bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1"):
+        assert np.isfinite(seq.numeric(column)).all()
+    trip = read_labels(tiny / "triplets" / "train")
+    assert list(trip.numeric("position")[:6]) == [0, 1, 2, 0, 1, 2]
+
+
+def test_splits_are_disjoint(tiny):
+    inst = {s: set(read_labels(tiny / "objects" / s).raw["instance"]) for s in ("train", "val", "test", "ood_train",
+                                                                                 "ood_test")}
+    for a in inst:
+        for b in inst:
+            if a < b:
+                assert not inst[a] & inst[b], (a, b)
+    assert inst["train"] == set(read_labels(tiny / "objects" / "train_unseen_pose").raw["instance"])
+    assert inst["test"] == set(read_labels(tiny / "objects" / "test_unseen_pose").raw["instance"])
+    cats_in = set(read_labels(tiny / "objects" / "train").raw["category"])
+    cats_ood = set(read_labels(tiny / "objects" / "ood_train").raw["category"])
+    assert cats_in == {"car", "mug"} and cats_ood == {"bottle"}
+    assert set(read_labels(tiny / "triplets" / "train").raw["instance"]) <= inst["train"]
+    seq = [set(read_labels(tiny / "sequences" / s).raw["instance"]) for s in ("train", "test")]
+    assert not seq[0] & seq[1] and not seq[1] & set().union(*inst.values())
+    heads = [set(read_labels(tiny / "heads" / s).raw["instance"]) for s in ("train", "test")]
+    assert not heads[0] & heads[1]
+    # Fib(50) and Fib(100) share no viewpoint
+    d = geodesic_distance(torch.from_numpy(fib_rotations(50))[:, None], torch.from_numpy(fib_rotations(100))[None])
+    assert d.min() > math.radians(1.0)
+
+
+def test_object_labels_are_the_fib_rotations(tiny):
+    for split, n in (("train", 50), ("test_unseen_pose", 100)):
+        t = read_labels(tiny / "objects" / split)
+        R = angles_to_matrix(*t.angles.unbind(-1))
+        expected = torch.from_numpy(fib_rotations(n))[torch.from_numpy(t.numeric("view").astype(np.int64))]
+        assert geodesic_distance(R, expected).max() < 1e-6
+
+
+def test_labels_reproduce_the_images(tiny):
+    """Re-rendering with the rotation rebuilt from labels.csv (degrees) gives the same image."""
+    for kind, split in (("objects", "test"), ("heads", "test"), ("triplets", "train")):
+        ds = SyntheticDataset.from_root(tiny, kind, split)
+        table = read_labels(tiny / kind / split)
+        for i in range(0, len(ds), max(1, len(ds) // 3)):
+            spec = ds.specs[i]
+            R = angles_to_matrix(*table.angles[i]).numpy()
+            assert np.abs(R - spec.rotation).max() < 1e-6
+            image = get_renderer().render([ds.mesh(i)], R, spec.translation, spec.camera, spec.light,
+                                          spec.background, supersample=ds.config.supersample)
+            disk = (LabeledFolder(tiny / kind / split, size=None)[i]["image"] * 255).round().byte()
+            diff = np.abs(image.astype(int) - disk.permute(1, 2, 0).numpy().astype(int))
+            assert (diff > 2).mean() < 0.002, (kind, i)
+
+
+def test_sequence_boxes_agree_with_the_images(tiny):
+    ds = SyntheticDataset.from_root(tiny, "sequences", "test")
+    table = read_labels(tiny / "sequences" / "test")
+    col = {c: table.numeric(c) for c in SEQUENCE_COLUMNS}
+    for i in range(len(ds)):
+        image, mask = ds.render(i, with_mask=True)
+        cam = Camera(col["fx"][i], col["fy"][i], col["cx"][i], col["cy"][i], 64, 64)
+        centre = project(np.array([col["box_cx"][i], col["box_cy"][i], col["box_cz"][i]]), cam)
+        u, v = np.floor(centre).astype(int)
+        assert mask[max(v - 1, 0):v + 2, max(u - 1, 0):u + 2].max() > 0.5, i  # the box centre lies on the object
+        vs, us = np.nonzero(mask > 0)
+        assert us.min() >= col["bbox_x0"][i] - 1 and us.max() + 1 <= col["bbox_x1"][i] + 1
+        assert vs.min() >= col["bbox_y0"][i] - 1 and vs.max() + 1 <= col["bbox_y1"][i] + 1
+        # the ground plane passes through the bottom of the box, below the object
+        R = angles_to_matrix(*table.angles[i]).numpy()
+        n = np.array([col["plane_nx"][i], col["plane_ny"][i], col["plane_nz"][i]])
+        assert np.allclose(n, R[:, 1], atol=1e-5)
+        bottom = np.array([col["box_cx"][i], col["box_cy"][i], col["box_cz"][i]]) - R[:, 1] * col["box_sy"][i] / 2
+        assert abs(n @ bottom + col["plane_d"][i]) < 1e-4
+        assert n @ np.zeros(3) + col["plane_d"][i] > 0  # the camera is above the ground
+
+
+def test_triplets_are_symmetric(tiny):
+    t = read_labels(tiny / "triplets" / "train")
+    step = math.radians(BenchmarkConfig().triplet_step)
+    R = angles_to_matrix(*t.angles.unbind(-1)).reshape(-1, 3, 3, 3)
+    L, C, Rr = R[:, 0], R[:, 1], R[:, 2]
+    assert torch.allclose(geodesic_distance(L, C), torch.full((len(R),), step, dtype=R.dtype), atol=1e-5)
+    assert torch.allclose(geodesic_distance(C, Rr), torch.full((len(R),), step, dtype=R.dtype), atol=1e-5)
+    assert torch.allclose(Rr, C @ L.transpose(-1, -2) @ C, atol=1e-5)
+    assert (geodesic_distance(L, Rr) > step * 1.5).all()
+    views = t.numeric("view").reshape(-1, 3)
+    assert (views == views[:, :1]).all()
+
+
+def test_head_poses_respect_ranges():
+    ds = SyntheticDataset("heads", "test", scale="small", head_test=40, yaw_range=30, pitch_range=10, roll_range=5)
+    a = torch.stack([torch.tensor([r["azimuth"], r["elevation"], r["tilt"]]) for r in ds.rows])
+    assert (a.abs().max(0).values <= torch.tensor([30.0, 10.0, 5.0]).deg2rad() + 1e-9).all()
+    assert a[:, 0].abs().max() > math.radians(20)
+
+
+def test_streaming_equals_disk(tiny):
+    for kind, split in (("objects", "ood_test"), ("heads", "train"), ("sequences", "train"), ("triplets", "train")):
+        streamed, disk = SyntheticDataset.from_root(tiny, kind, split), LabeledFolder(tiny / kind / split)
+        assert len(streamed) == len(disk)
+        for i in (0, len(disk) - 1):
+            a, b = streamed[i], disk[i]
+            assert a.keys() == b.keys()
+            assert torch.equal(a["image"], b["image"]) and torch.equal(a["angles"], b["angles"]), (kind, i)
+            assert all(a[k] == b[k] for k in ("index", "category", "instance", "sequence", "frame")), (kind, i)
+
+
+def test_dataloader_workers_render_after_fork(tiny):
+    ds = SyntheticDataset.from_root(tiny, "objects", "val")
+    expected = torch.stack([ds[i]["image"] for i in range(len(ds))])  # the parent has a context now
+    ctx = "fork" if "fork" in torch.multiprocessing.get_all_start_methods() else None
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=1, multiprocessing_context=ctx)
+    got = torch.cat([batch["image"] for batch in loader])
+    assert torch.equal(got, expected)
+
+
+def test_bad_input_is_a_viewssl_error(tiny, tmp_path):
+    with pytest.raises(ViewsslError, match="unknown categories"):
+        BenchmarkConfig.preset("small", categories=("car", "spaceship"))
+    with pytest.raises(ViewsslError, match="scale"):
+        BenchmarkConfig.preset("huge")
+    with pytest.raises(ViewsslError, match="no split"):
+        SyntheticDataset("heads", "val")
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(ViewsslError, match="not a folder"):
+        render_benchmark(f, kinds=("heads",), progress=False, **TINY)
+    with pytest.raises(ViewsslError, match="other settings"):
+        render_benchmark(tiny, kinds=("heads",), seed=4, progress=False, **TINY)
+    with pytest.raises(ViewsslError, match="meta.json"):
+        summarize(tmp_path)
