@@ -86,8 +86,8 @@ class DataSource:
 class SplitOutputs:
     table: LabelTable
     indices: np.ndarray  # rows of the table that were evaluated (all, or a seeded subset under ``limit``)
-    true_angles: torch.Tensor  # (N, 3) float64 radians
-    angles: torch.Tensor | None  # (N, 3) float64 predicted, or None
+    true_angles: torch.Tensor  # (N, 3) float64 radians, on the CPU
+    angles: torch.Tensor | None  # (N, 3) float64 predicted (CPU), or None
     features: dict[str, torch.Tensor]  # tap -> (N, D) on the context's device
 
     def column(self, name: str) -> np.ndarray | None:
@@ -212,7 +212,7 @@ class EvalContext:
                     if a is None:
                         want_angles, angles = False, None
                     else:
-                        angles.append(a.detach().to(self.device, torch.float64))
+                        angles.append(a.detach().to("cpu", torch.float64))
                 if taps:
                     out = model.features(images, taps)
                     for t in taps:
@@ -222,7 +222,7 @@ class EvalContext:
         result = SplitOutputs(
             table=table,
             indices=idx,
-            true_angles=table.angles[idx].to(self.device, torch.float64),
+            true_angles=table.angles[idx].to(torch.float64),
             angles=torch.cat(angles) if want_angles and angles else None,
             features={t: torch.cat(v) for t, v in feats.items() if v},
         )

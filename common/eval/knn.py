@@ -10,13 +10,18 @@ How it stays fast and exact (the FAISS "refine" idea, with a proof instead of a 
    AMX (fast bf16 matmul with float32 accumulation) and float32 otherwise (on CUDA too: its bf16 GEMMs may reduce in
    reduced precision, which would void the bound; TF32 is accounted for when enabled), in query chunks whose
    (chunk x gallery) similarity block stays under ``memory_budget`` bytes, into one reused buffer.
-2. It keeps ``k + margin`` candidates per query (a block-max pre-selection makes this top-k cheap on long rows).
+2. It keeps ``k + margin`` candidates per query: block maxima over 16 columns (read as int16 keys for bf16) pick
+   the candidate blocks, and only those are sorted.
 3. Every coarse similarity is within a rigorous error bound of the exact one (rounding of the inputs, measured per
    vector; accumulation; rounding of the output), so if the last candidate's upper bound lies below the k-th
    candidate's lower bound no item outside the candidates can be in the exact top k. Rows where that certificate
    fails (near-ties in a dense region) get a wider candidate set from the same coarse block, and rows that still
    fail are recomputed over the whole gallery in the exact dtype.
-4. The candidates are re-scored in the exact dtype and the top k taken.
+4. The candidates are re-scored in the exact dtype (one sampled dense-dense product over the candidate pattern) and
+   the top k taken.
+
+Ties between exactly equal similarities are broken arbitrarily (as any top-k). Memory stays at about
+``memory_budget`` plus one coarse and one exact copy of the normalised gallery.
 
 :func:`knn_classify` is solo-learn's ``WeightedKNNClassifier`` (cosine): each of the k neighbours votes for its label
 with weight ``exp(sim / T)``; the class with the largest total wins (ties -> lowest class id). With ``k=1`` it is exact
@@ -46,8 +51,8 @@ _BLOCK = 16  # columns per block in the block-max top-k pre-selection
 
 
 class KNNResult(NamedTuple):
-    """``similarities`` (M, k) cosines in the exact dtype, descending; ``indices`` (M, k) int64 gallery rows, -1 where a query has
-    fewer than k admissible neighbours (its similarity is then -inf)."""
+    """``similarities`` (M, k) cosines in the exact dtype, descending; ``indices`` (M, k) int64 gallery rows, -1
+    where a query has fewer than k admissible neighbours (its similarity is then -inf)."""
 
     similarities: torch.Tensor
     indices: torch.Tensor

@@ -226,7 +226,8 @@ def _groups(ctx: EvalContext, train_o, query_o, same_set: bool):
 
 
 def _rotations(o, device) -> torch.Tensor:
-    return angles_to_matrix(*o.true_angles.unbind(-1)).to(device)
+    rot = angles_to_matrix(*o.true_angles.unbind(-1))
+    return rot.to(device) if device.type != "mps" else rot.float().to(device)  # MPS has no float64
 
 
 def _pairs(ctx: EvalContext, sets: Iterable[tuple[str, str, str, str]]):
