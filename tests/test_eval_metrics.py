@@ -316,6 +316,15 @@ def test_single_folder(tmp_path):
     assert res2["viewpoint/raw/mae"] == res["viewpoint/raw/mae"]
 
 
+def test_leave_one_out_without_other_instances_is_skipped(tmp_path):
+    folder = tmp_path / "one"
+    write_split(folder, _object_rows(["a", "b"], 1, 5), 1, ("view",))
+    (folder / "manifest.json").write_text(json.dumps({"1": "."}))
+    res = run_metrics(OracleModel(folder), folder, ["knn_pose", "knn_class"])
+    assert "no query has an admissible neighbour" in res.skipped["knn_pose"]
+    assert res["knn_class/top1"] == 0.0  # the only other items belong to the other category
+
+
 def test_bad_data_root(tmp_path):
     with pytest.raises(ViewsslError, match="no such data folder"):
         run_metrics(OracleModel.__new__(OracleModel), tmp_path / "missing")

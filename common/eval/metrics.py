@@ -286,6 +286,7 @@ def knn_pose_metric(model, ctx: EvalContext) -> dict[str, float]:
                             ("unseen_pose", k, unseen_gallery, "test_unseen_pose"),
                             ("ood", k, "ood_train", "ood_test")])
     out: dict[str, float] = {}
+    no_neighbours: list[str] = []
     for name, kind, tr_split, q_split in sets:
         same = tr_split == q_split
         tr_o, q_o = ctx.outputs(model, kind, tr_split), ctx.outputs(model, kind, q_split)
@@ -314,20 +315,25 @@ def knn_pose_metric(model, ctx: EvalContext) -> dict[str, float]:
                 train_groups=None if g_tr is None else g_tr[ti], query_groups=None if g_q is None else g_q[qi],
             )
             geo.update(errs)
-            if use_acc:
+            if use_acc and correct.numel():
                 acc.update(correct)
                 per_cat.append(figs["acc"])
         if geo.all().numel() == 0:
+            no_neighbours.append(name or "leave_one_out")
             continue
         if use_acc:
             out[_join(name, "acc")] = acc.compute()
             out[_join(name, "acc_macro")] = float(np.mean(per_cat))
         for key, v in geo.compute().items():
             out[_join(name, key)] = v
+        out[_join(name, "n_queries")] = float(geo.all().numel())
         ctx.record("knn_pose", **{name or "leave_one_out": {
             "gallery": ctx.name(kind, tr_split), "queries": ctx.name(kind, q_split), "k": ctx.knn_k,
             "temperature": ctx.knn_temperature, "per_category": True, "class": "view column (Fib index)",
             "exclude_same_instance": bool(g_tr is not None) and ctx.exclude_same_instance}})
+    if not out and no_neighbours:
+        raise SkipMetric("no query has an admissible neighbour (same-instance neighbours are excluded; every "
+                         "category needs two or more instances)")
     if not out:
         raise SkipMetric("needs a 'view' column (Fib view index) in the gallery and query labels")
     return out

@@ -190,9 +190,10 @@ def knn_pose(
     """Absolute pose by weighted kNN over discrete viewpoint indices (one category's gallery and queries).
 
     The predicted index's viewpoint is the chordal mean of the gallery rotations carrying that index (for rendered
-    Fibonacci views all copies are equal, so it is that rotation). Returns ``(figures, correct (M,) bool or empty,
-    geodesic errors (M,) degrees)``; figures: ``acc`` (exact index; only when ``query_views`` is given),
-    ``median_geodesic``, ``mean_geodesic``, ``acc_30``.
+    Fibonacci views all copies are equal, so it is that rotation). Queries left without any admissible neighbour
+    (all excluded by the groups) are not scored. Returns ``(figures, correct (M',) bool or empty, geodesic errors
+    (M',) degrees)`` over the M' scored queries; figures: ``acc`` (exact index; only when ``query_views`` is given),
+    ``median_geodesic``, ``mean_geodesic``, ``acc_30``, ``n_queries`` (M').
     """
     device = query_features.device
     views = torch.as_tensor(train_views, device=device).long()
@@ -204,12 +205,13 @@ def knn_pose(
     for v in views.unique().tolist():
         if v >= 0:
             reps[v] = chordal_mean(train_rot[views == v])
+    valid = pred >= 0  # queries with at least one admissible neighbour
     pred_rot = reps[pred.clamp_min(0)]
-    errors = geodesic_errors_deg(pred_rot, query_rotations.to(device=device, dtype=torch.float64))
-    errors = torch.where(pred >= 0, errors, torch.full_like(errors, 180.0))
+    errors = geodesic_errors_deg(pred_rot, query_rotations.to(device=device, dtype=torch.float64))[valid]
     figures = geodesic_summary(errors)
     correct = torch.zeros(0, dtype=torch.bool, device=device)
     if query_views is not None:
-        correct = pred == torch.as_tensor(query_views, device=device).long()
-        figures = {"acc": float(correct.double().mean()), **figures}
+        correct = (pred == torch.as_tensor(query_views, device=device).long())[valid]
+        figures = {"acc": float(correct.double().mean()) if correct.numel() else math.nan, **figures}
+    figures["n_queries"] = float(valid.sum())
     return figures, correct, errors
