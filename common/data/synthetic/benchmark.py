@@ -76,6 +76,9 @@ EXTRA_COLUMNS = {"objects": ("view",), "heads": (), "triplets": ("triplet", "pos
 #: Sequence test instances are numbered from here, so they are disjoint from every object split's instances.
 SEQUENCE_TEST_OFFSET = 1000
 META_FILE = "meta.json"
+CONVENTION = ("X_cam = R @ X_obj + t with R = angles_to_matrix(azimuth, elevation, tilt) = R_y(az) R_x(el) R_z(tilt); "
+              "object frame y up, +z front; OpenGL camera x right, y up, looking down -z; pixel u = cx + fx * X / (-Z), "
+              "v = cy - fy * Y / (-Z), image spans [0, W] x [0, H] (see common/data/synthetic/render.py)")
 META_VERSION = 1
 
 
@@ -578,7 +581,8 @@ def render_benchmark(out: str | os.PathLike, kinds: Iterable[str] = KINDS, size:
                            "render into an empty folder", root)
     root.mkdir(parents=True, exist_ok=True)
     meta = meta or {"generator": "viewssl.synthetic", "version": META_VERSION, "seed": config.seed,
-                    "size": config.size, "scale": scale, "config": config.to_json(), "kinds": {}}
+                    "size": config.size, "scale": scale, "config": config.to_json(), "convention": CONVENTION,
+                    "kinds": {}}
     for kind in kinds:
         tmp = root / f".{kind}.partial"
         if tmp.exists():

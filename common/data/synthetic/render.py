@@ -132,7 +132,8 @@ class Background:
     angle: float = 0.0
 
     def image(self, height: int, width: int) -> np.ndarray:
-        """(H, W, 3) float32 in [0, 1]."""
+        """(H, W, 3) float32 in [0, 1]: the gradient the renderer puts behind the scene (its resolve shader computes
+        the same formula per pixel centre)."""
         v = (np.arange(height, dtype=np.float32) + 0.5) / height - 0.5
         u = (np.arange(width, dtype=np.float32) + 0.5) / width - 0.5
         ramp = np.cos(self.angle) * v[:, None] + np.sin(self.angle) * u[None, :]
@@ -242,7 +243,7 @@ class Renderer:
     OBJECT_LABEL = 1.0
     SCENERY_LABEL = 0.5
 
-    def __init__(self, cache_size: int = 128):
+    def __init__(self, cache_size: int = 512):
         import moderngl
 
         # llvmpipe's rasteriser threads do not survive fork(): a DataLoader worker forked from a process that has
