@@ -20,6 +20,7 @@ TINY = dict(
     image_size=16,
     code_dim=4,
     n_mlp=2,
+    rotate_size=None,
     g_channels_3d=[8, 4],
     g_channels_3d_post=[4],
     g_projection=8,
