@@ -114,6 +114,23 @@ def test_readable_convention_cases(marker_cube):
     assert _centroid(image, "green")[1] > 10
 
 
+def test_upright_camera_formula_of_the_docstring():
+    from common.geometry import axis_rotation, look_at_rotation, matrix_to_angles
+
+    for phi, theta in [(0.7, 0.4), (-2.0, -0.3), (0.0, 0.5), (1.2, 0.0)]:
+        d = torch.tensor([math.cos(theta) * math.sin(phi), math.sin(theta), math.cos(theta) * math.cos(phi)],
+                         dtype=torch.float64)
+        R = look_at_rotation(d)
+        x, y = (torch.tensor(a, dtype=torch.float64) for a in (theta, -phi))
+        assert torch.allclose(R, axis_rotation("x", x) @ axis_rotation("y", y), atol=1e-12)
+        assert torch.allclose(R[2], d)  # where the camera is = third row of R
+        az, el, ti = matrix_to_angles(R)
+        if phi == 0:
+            assert abs(az) < 1e-9 and abs(el - theta) < 1e-9 and abs(ti) < 1e-9
+        if theta == 0:
+            assert abs(az + phi) < 1e-9 and abs(el) < 1e-9 and abs(ti) < 1e-9
+
+
 def test_projection_matches_opengl_and_principal_point():
     b = Builder(np.random.default_rng(0))
     b.box((0.2, 0.2, 0.2), (0, 0, 0), (1, 1, 1))

@@ -13,9 +13,9 @@ The origin is the centre of the object's axis-aligned bounding box (for heads: t
 
     X_cam = R @ X_obj + t,        R = angles_to_matrix(azimuth, elevation, tilt) = R_y(az) @ R_x(el) @ R_z(tilt),
 
-with t = (0, 0, -distance) for the ``objects``, ``triplets`` and ``heads`` kinds (the object origin sits on the
-optical axis) and a general per-frame t for ``sequences`` (``box_cx, box_cy, box_cz`` = t, since the box centre is
-the object origin).
+with t = (0, 0, -distance) for the ``objects`` and ``triplets`` kinds (the object origin sits on the optical axis),
+t = (0, 0, -distance) plus a small framing jitter (up to 0.08 sideways, 4 % in depth) for ``heads``, and a general
+per-frame t for ``sequences`` (``box_cx, box_cy, box_cz`` = t, since the box centre is the object origin).
 
 **Projection to pixels.** u points right and v points down, in pixel units, continuous: the image spans
 [0, W] x [0, H], pixel (row j, column i) covers u in [i, i+1) and v in [j, j+1) and its centre is (i + 0.5, j + 0.5).
@@ -27,15 +27,22 @@ Equivalently (u, v, 1) ~ K @ diag(1, -1, -1) @ X_cam with K = [[fx, 0, cx], [0, 
 camera (x right, y down, z forward) is this camera rotated by pi about x. By default cx = W / 2 and cy = H / 2, so
 the optical axis passes through the image centre, and fx = fy = (W / 2) / tan(fov / 2).
 
-**What the angles do** (t on the optical axis; "front" = object +z, "top" = object +y):
+**What the angles do** (t on the optical axis; "front" = object +z, "top" = object +y). R acts on object points
+right to left: first tilt about z, then elevation about x, then azimuth about y, all three axes being the camera's
+(which coincide with the object's at the identity); equivalently, intrinsically, azimuth about y, then elevation
+about the rotated x, then tilt about the twice-rotated z.
 
 - (0, 0, 0): the front faces the camera, the top is image-up, object +x is image-right.
-- azimuth: rotation about the object's up axis, R_y(az) @ (0, 0, 1) = (sin az, 0, cos az). Positive azimuth turns the
-  front towards the image right; az = +90 deg shows the object's -x side, az = -90 deg its +x side, 180 deg its back.
-- elevation: R_x(el) @ (0, 1, 0) = (0, cos el, sin el). Positive elevation tips the top towards the camera: the
-  camera looks down on the object (el = +90 deg is the top view) and the front moves down in the image.
-- tilt: rotation about the object's own front axis, applied first. At az = el = 0, positive tilt rotates the image
-  content counter-clockwise (object +x moves to image-up).
+- azimuth alone: R_y(az) @ (0, 0, 1) = (sin az, 0, cos az). Positive azimuth turns the front towards the image
+  right; az = +90 deg shows the object's -x side, az = -90 deg its +x side, 180 deg its back.
+- elevation alone: R_x(el) @ (0, 1, 0) = (0, cos el, sin el). Positive elevation tips the top towards the camera:
+  the camera looks down on the object (el = +90 deg is the top view) and the front moves down in the image.
+- tilt alone: positive tilt rotates the image content counter-clockwise (object +x moves to image-up).
+- where the camera is, seen from the object: the unit vector R^T @ (0, 0, 1) (the third row of R).
+- upright cameras (``look_at_rotation``, used for the Fib(n) views, triplet centres and sequences): a camera at
+  longitude phi (from +z towards +x) and latitude theta (above the object's horizon) has R = R_x(theta) @ R_y(-phi).
+  That is a different order from R_y(az) R_x(el), so its labels (from ``matrix_to_angles``) generally carry a
+  non-zero tilt; at phi = 0 they are (0, theta, 0), at theta = 0 they are (-phi, 0, 0).
 - heads: azimuth = yaw, elevation = pitch, tilt = roll. Positive yaw turns the face to the image right (the
   subject's left), positive pitch lowers the chin (the camera sees the top of the head), positive roll tips the
   head counter-clockwise in the image.
