@@ -29,7 +29,8 @@ from common.geometry import angles_to_matrix, geodesic_distance
 TINY = dict(categories=("car", "mug"), ood_categories=("bottle",), train_instances=2, val_instances=1,
             test_instances=1, ood_train_instances=1, ood_test_instances=1, view_stride=17, head_train=6, head_test=3,
             head_train_identities=2, head_test_identities=1, triplets_per_instance=2, sequence_categories=("mug",),
-            sequence_train_instances=1, sequence_test_instances=1, frames=4)
+            sequence_train_instances=1, sequence_test_instances=1, frames=4, head_triplets=2, head_sequences_train=1,
+            head_sequences_test=1)
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +176,7 @@ def test_render_is_deterministic(tiny, tmp_path):
 
 def test_layout_meta_and_summary(tiny):
     s = summarize(tiny)
-    assert set(s["kinds"]) == {"objects", "heads", "triplets", "sequences"}
+    assert set(s["kinds"]) == {"objects", "heads", "triplets", "sequences", "head_triplets", "head_sequences"}
     assert set(s["kinds"]["objects"]["splits"]) == {"train", "val", "test", "test_unseen_pose",
                                                     "train_unseen_pose", "ood_train", "ood_test"}
     assert s["kinds"]["objects"]["splits"]["test_unseen_pose"]["fib"] == 100
@@ -207,6 +208,8 @@ def test_splits_are_disjoint(tiny):
     assert not seq[0] & seq[1] and not seq[1] & set().union(*inst.values())
     heads = [set(read_labels(tiny / "heads" / s).raw["instance"]) for s in ("train", "test")]
     assert not heads[0] & heads[1]
+    head_seq = [set(read_labels(tiny / "head_sequences" / s).raw["instance"]) for s in ("train", "test")]
+    assert head_seq[0] <= {"id00000", "id00001"} and head_seq[1] == {"id00002"}
     # Fib(50) and Fib(100) share no viewpoint
     d = geodesic_distance(torch.from_numpy(fib_rotations(50))[:, None], torch.from_numpy(fib_rotations(100))[None])
     assert d.min() > math.radians(1.0)
@@ -258,8 +261,10 @@ def test_sequence_boxes_agree_with_the_images(tiny):
         assert n @ np.zeros(3) + col["plane_d"][i] > 0  # the camera is above the ground
 
 
-def test_triplets_are_symmetric(tiny):
-    t = read_labels(tiny / "triplets" / "train")
+@pytest.mark.parametrize("kind", ["triplets", "head_triplets"])
+def test_triplets_are_symmetric(tiny, kind):
+    t = read_labels(tiny / kind / "train")
+    assert list(t.numeric("position")[:6]) == [0, 1, 2, 0, 1, 2]
     step = math.radians(BenchmarkConfig().triplet_step)
     R = angles_to_matrix(*t.angles.unbind(-1)).reshape(-1, 3, 3, 3)
     L, C, Rr = R[:, 0], R[:, 1], R[:, 2]
@@ -267,8 +272,18 @@ def test_triplets_are_symmetric(tiny):
     assert torch.allclose(geodesic_distance(C, Rr), torch.full((len(R),), step, dtype=R.dtype), atol=1e-5)
     assert torch.allclose(Rr, C @ L.transpose(-1, -2) @ C, atol=1e-5)
     assert (geodesic_distance(L, Rr) > step * 1.5).all()
-    views = t.numeric("view").reshape(-1, 3)
-    assert (views == views[:, :1]).all()
+    if kind == "triplets":
+        views = t.numeric("view").reshape(-1, 3)
+        assert (views == views[:, :1]).all()
+
+
+def test_head_sequences_turn_at_constant_speed(tiny):
+    t = read_labels(tiny / "head_sequences" / "train")
+    assert list(t.frame) == list(range(len(t)))
+    R = angles_to_matrix(*t.angles.unbind(-1))
+    steps = geodesic_distance(R[:-1], R[1:])
+    assert torch.allclose(steps, steps.mean().expand_as(steps), atol=1e-5)
+    assert geodesic_distance(R[0], R[-1]) >= math.radians(BenchmarkConfig().head_turn_min) - 1e-6
 
 
 def test_head_poses_respect_ranges():

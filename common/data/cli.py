@@ -21,7 +21,8 @@ __all__ = ["render", "show", "make_grid"]
 
 
 @data.command("render")
-@click.option("--kind", type=click.Choice(["objects", "heads", "triplets", "sequences", "all"]), default="all",
+@click.option("--kind", type=click.Choice(["objects", "heads", "triplets", "sequences", "head_triplets",
+                                           "head_sequences", "all"]), default="all",
               show_default=True, help="Which part of the benchmark to render.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Benchmark folder (created; DIR/<kind>/<split>/labels.csv + images, DIR/meta.json).")
@@ -35,7 +36,8 @@ __all__ = ["render", "show", "make_grid"]
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def render(kind: str, out: Path, size: int, seed: int, scale: str, settings: tuple[str, ...],
            no_progress: bool) -> None:
-    """Render the offline synthetic viewpoint benchmark (objects, heads, triplets, sequences) to disk.
+    """Render the offline synthetic viewpoint benchmark to disk (objects, heads, triplets, sequences,
+    head_triplets, head_sequences).
 
     Labels are exact; the camera convention is documented in common/data/synthetic/render.py.
     """
@@ -91,7 +93,7 @@ def _find_tables(folder: Path) -> list[tuple[str, LabelTable]]:
     return [(p.parent.relative_to(folder).parts[0], read_labels(p.parent)) for p in found]
 
 
-_KIND_ORDER = {"objects": 0, "heads": 1, "triplets": 2, "sequences": 3}
+_KIND_ORDER = {"objects": 0, "heads": 1, "triplets": 2, "sequences": 3, "head_triplets": 4, "head_sequences": 5}
 
 
 def _caption(table: LabelTable, i: int) -> str:
@@ -132,33 +134,31 @@ def _groups(table: LabelTable) -> dict[str, list[list[int]]]:
 
 
 def _select(tables: list[tuple[str, LabelTable]], n: int, seed: int) -> list[_Tile]:
+    """Up to ``n`` tiles, shared about equally between the kinds; within a kind, round-robin over categories."""
     rng = np.random.default_rng(seed)
     kinds: dict[str, dict[str, list[tuple[LabelTable, list[int]]]]] = {}
     for kind, table in tables:
         for category, groups in _groups(table).items():
             kinds.setdefault(kind, {}).setdefault(category, []).extend((table, g) for g in groups)
     names = sorted(kinds, key=lambda k: (_KIND_ORDER.get(k, 9), k))
-    tiles: list[_Tile] = []
-    for position, kind in enumerate(names):
-        quota = n // len(names) + (1 if position < n % len(names) else 0)
+    queues: dict[str, list[tuple[LabelTable, list[int]]]] = {}
+    for kind in names:
         buckets = [kinds[kind][c] for c in sorted(kinds[kind])]
-        for b in buckets:
-            order = rng.permutation(len(b))
-            b[:] = [b[i] for i in order]
-        taken: list[_Tile] = []
-        depth = 0
-        while len(taken) < quota and any(depth < len(b) for b in buckets):
-            for b in buckets:
-                if depth >= len(b):
-                    continue
-                table, rows = b[depth]
-                if len(taken) + len(rows) > quota:
-                    continue
-                taken.extend(_Tile(table.paths[i], _caption(table, i), len(rows) if j == 0 else 0)
-                             for j, i in enumerate(rows))
-            depth += 1
-        tiles.extend(taken)
-    return tiles
+        buckets = [[b[i] for i in rng.permutation(len(b))] for b in buckets]
+        depth = max(len(b) for b in buckets)
+        queues[kind] = [b[d] for d in range(depth) for b in buckets if d < len(b)][::-1]  # pop() from the end
+    chosen: dict[str, list[_Tile]] = {kind: [] for kind in names}
+    total = 0
+    while True:
+        fits = [k for k in names if queues[k] and total + len(queues[k][-1][1]) <= n]
+        if not fits:
+            break
+        kind = min(fits, key=lambda k: len(chosen[k]))  # the kind with the fewest tiles so far (ties: kind order)
+        table, rows = queues[kind].pop()
+        chosen[kind].extend(_Tile(table.paths[i], _caption(table, i), len(rows) if j == 0 else 0)
+                            for j, i in enumerate(rows))
+        total += len(rows)
+    return [tile for kind in names for tile in chosen[kind]]
 
 
 def make_grid(folder: str | os.PathLike, out: str | os.PathLike | None = None, n: int = 36, seed: int = 0,

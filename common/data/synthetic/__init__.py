@@ -1,4 +1,5 @@
-"""The offline synthetic viewpoint benchmark: procedural objects, heads, triplets and sequences with exact labels.
+"""The offline synthetic viewpoint benchmark: procedural objects, heads, triplets and sequences with exact labels
+(kinds ``objects, heads, triplets, sequences, head_triplets, head_sequences``).
 
 - :mod:`.render`: the headless moderngl (EGL) renderer and **the camera/pixel convention** every label follows.
 - :mod:`.parts`, :mod:`.meshes`, :mod:`.heads`: parametric parts, the 24 object categories, procedural heads.

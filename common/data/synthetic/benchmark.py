@@ -26,6 +26,13 @@ Four kinds, each a set of splits (``DIR/<kind>/<split>/labels.csv`` + ``images/`
   rotation in camera coordinates is angles_to_matrix(azimuth, elevation, tilt). Light is fixed in the world, so
   shading changes with the camera like in a real video.
 
+- ``head_triplets`` (trajectory regularisation on heads): a centre pose drawn like a ``heads`` image (train
+  identities), L and R built like ``triplets`` (``triplet_step``); same columns as ``triplets`` minus ``view``.
+- ``head_sequences`` (frame pairs on heads): one head (identity, light, background fixed) turning along the
+  constant-speed geodesic ``slerp(R_start, R_end, s)``, s = frame / (frames - 1), between two poses drawn like a
+  ``heads`` image (at least ``head_turn_min`` degrees apart); ``train`` uses train identities, ``test`` test ones.
+  Columns ``sequence`` and ``frame``.
+
 Camera and pixel conventions: ``render.py`` (module docstring). Every image is a pure function of (config, kind,
 split, index): :class:`SyntheticDataset` renders item i on demand (map-style, usable in DataLoader workers) and
 :func:`render_benchmark` writes the very same images and rows to disk (byte-identical for the same seed).
@@ -47,7 +54,8 @@ import torch
 from torch.utils.data import Dataset
 
 from ...errors import ViewsslError
-from ...geometry import angles_to_matrix, fibonacci_sphere, look_at_rotation, matrix_to_angles, slerp
+from ...geometry import (angles_to_matrix, fibonacci_sphere, geodesic_distance, look_at_rotation, matrix_to_angles,
+                         slerp)
 from ...io import atomic_write_json
 from ..labels import LABELS_FILE, _index, write_labels
 from .heads import build_head
@@ -62,17 +70,19 @@ __all__ = [
     "summarize", "format_summary", "fib_rotations", "load_config",
 ]
 
-KINDS = ("objects", "heads", "triplets", "sequences")
+KINDS = ("objects", "heads", "triplets", "sequences", "head_triplets", "head_sequences")
 SPLITS = {
     "objects": ("train", "val", "test", "test_unseen_pose", "train_unseen_pose", "ood_train", "ood_test"),
     "heads": ("train", "test"),
     "triplets": ("train",),
     "sequences": ("train", "test"),
+    "head_triplets": ("train",),
+    "head_sequences": ("train", "test"),
 }
 SEQUENCE_COLUMNS = ("fx", "fy", "cx", "cy", "box_cx", "box_cy", "box_cz", "box_sx", "box_sy", "box_sz", "plane_nx",
                     "plane_ny", "plane_nz", "plane_d", "bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1")
 EXTRA_COLUMNS = {"objects": ("view",), "heads": (), "triplets": ("triplet", "position", "view"),
-                 "sequences": SEQUENCE_COLUMNS}
+                 "sequences": SEQUENCE_COLUMNS, "head_triplets": ("triplet", "position"), "head_sequences": ()}
 #: Sequence test instances are numbered from here, so they are disjoint from every object split's instances.
 SEQUENCE_TEST_OFFSET = 1000
 META_FILE = "meta.json"
@@ -112,6 +122,10 @@ class BenchmarkConfig:
     roll_range: float = 40.0
     head_fov: float = 30.0
     head_distance: float = 5.0
+    head_triplets: int = 1000       # triplets of head_triplets/train
+    head_sequences_train: int = 100
+    head_sequences_test: int = 20
+    head_turn_min: float = 40.0     # degrees between the first and last pose of a head sequence
     # triplets
     triplets_per_instance: int = 10
     triplet_step: float = 15.0      # degrees
@@ -189,6 +203,7 @@ PRESETS: dict[str, dict] = {
     "small": dict(train_instances=2, val_instances=1, test_instances=1, ood_train_instances=1, ood_test_instances=1,
                   view_stride=2,
                   head_train=400, head_test=100, head_train_identities=40, head_test_identities=10,
+                  head_triplets=100, head_sequences_train=10, head_sequences_test=4,
                   triplets_per_instance=4, sequence_train_instances=1, sequence_test_instances=1),
     # what experiments train on
     "full": {},
@@ -297,7 +312,7 @@ def _instances(config: BenchmarkConfig, kind: str, split: str) -> tuple[tuple[st
             return config.sequence_categories, range(config.sequence_train_instances)
         return config.sequence_categories, range(SEQUENCE_TEST_OFFSET,
                                                  SEQUENCE_TEST_OFFSET + config.sequence_test_instances)
-    if kind == "heads":
+    if kind in ("heads", "head_triplets", "head_sequences"):
         n0 = config.head_train_identities
         return ("head",), range(0, n0) if split == "train" else range(n0, n0 + config.head_test_identities)
     raise KeyError((kind, split))
@@ -333,15 +348,68 @@ def _plan_heads(config: BenchmarkConfig, split: str) -> list[ViewSpec]:
     for i in range(n):
         rng = instance_rng(config.seed, "heads", split, i)
         identity = identities[int(rng.integers(len(identities)))]
-        yaw, pitch, roll = (math.radians(rng.uniform(-r, r)) for r in (config.yaw_range, config.pitch_range,
-                                                                         config.roll_range))
+        yaw, pitch, roll = _head_pose(config, rng)
         R = _rotation(yaw, pitch, roll)
-        t = np.array([rng.uniform(-0.08, 0.08), rng.uniform(-0.08, 0.08),
-                      -config.head_distance * rng.uniform(0.96, 1.04)])
+        t = _head_translation(config, rng)
         row = {"path": f"images/{i:06d}.png", "azimuth": yaw, "elevation": pitch, "tilt": roll, "category": "head",
                "instance": f"id{identity:05d}"}
         specs.append(ViewSpec(row, ("head", identity), R, t, camera, _random_light(rng),
                               _random_background(rng, (0.1, 0.8))))
+    return specs
+
+
+def _head_pose(config: BenchmarkConfig, rng: np.random.Generator) -> tuple[float, float, float]:
+    """(yaw, pitch, roll) radians, uniform in the configured ranges."""
+    return tuple(math.radians(rng.uniform(-r, r)) for r in (config.yaw_range, config.pitch_range, config.roll_range))
+
+
+def _head_translation(config: BenchmarkConfig, rng: np.random.Generator) -> np.ndarray:
+    return np.array([rng.uniform(-0.08, 0.08), rng.uniform(-0.08, 0.08),
+                     -config.head_distance * rng.uniform(0.96, 1.04)])
+
+
+def _plan_head_triplets(config: BenchmarkConfig, split: str) -> list[ViewSpec]:
+    _, identities = _instances(config, "head_triplets", split)
+    camera = Camera.from_fov(config.size, config.head_fov)
+    step = math.radians(config.triplet_step)
+    specs = []
+    for k in range(config.head_triplets):
+        rng = instance_rng(config.seed, "head_triplets", split, k)
+        identity = identities[int(rng.integers(len(identities)))]
+        R_C = _rotation(*_head_pose(config, rng))
+        R_L = _axis_angle_matrix(rng.normal(size=3), step) @ R_C
+        R_R = slerp(torch.from_numpy(R_L), torch.from_numpy(R_C), 2.0).numpy()
+        t, light, background = _head_translation(config, rng), _random_light(rng), _random_background(rng, (0.1, 0.8))
+        for position, R in enumerate((R_L, R_C, R_R)):
+            az, el, ti = _angles(R)
+            row = {"path": f"images/{k:06d}_{position}.png", "azimuth": az, "elevation": el, "tilt": ti,
+                   "category": "head", "instance": f"id{identity:05d}", "triplet": k, "position": position}
+            specs.append(ViewSpec(row, ("head", identity), R, t, camera, light, background))
+    return specs
+
+
+def _plan_head_sequences(config: BenchmarkConfig, split: str) -> list[ViewSpec]:
+    _, identities = _instances(config, "head_sequences", split)
+    camera = Camera.from_fov(config.size, config.head_fov)
+    n = config.head_sequences_train if split == "train" else config.head_sequences_test
+    specs = []
+    for k in range(n):
+        rng = instance_rng(config.seed, "head_sequences", split, k)
+        identity = identities[int(rng.integers(len(identities)))]
+        R0 = torch.from_numpy(_rotation(*_head_pose(config, rng)))
+        for _ in range(100):  # the two ends at least head_turn_min apart (the ranges allow it unless tiny)
+            R1 = torch.from_numpy(_rotation(*_head_pose(config, rng)))
+            if math.degrees(float(geodesic_distance(R0, R1))) >= config.head_turn_min:
+                break
+        t, light, background = _head_translation(config, rng), _random_light(rng), _random_background(rng, (0.1, 0.8))
+        name = f"head{k:04d}"
+        for frame in range(config.frames):
+            s = frame / max(config.frames - 1, 1)
+            R = slerp(R0, R1, s).numpy()
+            az, el, ti = _angles(R)
+            row = {"path": f"images/{name}/{frame:03d}.png", "azimuth": az, "elevation": el, "tilt": ti,
+                   "category": "head", "instance": f"id{identity:05d}", "sequence": name, "frame": frame}
+            specs.append(ViewSpec(row, ("head", identity), R, t, camera, light, background))
     return specs
 
 
@@ -437,7 +505,8 @@ def _plan_sequences(config: BenchmarkConfig, split: str) -> list[ViewSpec]:
 
 
 _PLANNERS = {"objects": _plan_objects, "heads": _plan_heads, "triplets": _plan_triplets,
-             "sequences": _plan_sequences}
+             "sequences": _plan_sequences, "head_triplets": _plan_head_triplets,
+             "head_sequences": _plan_head_sequences}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -474,7 +543,7 @@ class SyntheticDataset(Dataset):
                    for r in self.rows]
         self.categories, self._category = _index([w["category"] for w in written]) if n else ([], neg)
         self.instances, self._instance = _index([w["instance"] for w in written]) if n else ([], neg)
-        if kind == "sequences":
+        if kind in ("sequences", "head_sequences"):
             self.sequences, self._sequence = _index([w["sequence"] for w in written])
             self._frame = np.array([r["frame"] for r in self.rows], dtype=np.int64)
         else:
@@ -559,7 +628,7 @@ def render_benchmark(out: str | os.PathLike, kinds: Iterable[str] = KINDS, size:
                      scale: str = "small", progress: bool = True, **overrides) -> dict:
     """Render the benchmark into ``out`` and return its summary (:func:`summarize`).
 
-    ``kinds``: any of ``objects, heads, triplets, sequences``; ``scale``: ``"small"`` (seconds, for the demo) or
+    ``kinds``: any of :data:`KINDS`; ``scale``: ``"small"`` (seconds, for the demo) or
     ``"full"`` (what experiments train on); ``overrides``: any :class:`BenchmarkConfig` field (tests use tiny
     counts). Each kind is written to a temporary folder and moved into place when complete; ``meta.json`` records
     the configuration and the counts. Adding a kind to an existing benchmark requires the same configuration.
@@ -602,14 +671,14 @@ def render_benchmark(out: str | os.PathLike, kinds: Iterable[str] = KINDS, size:
             info = {"images": len(ds), "categories": ds.categories, "instances": len(ds.instances)}
             if kind == "objects":
                 info["fib"] = config.unseen_views if split.endswith("unseen_pose") else config.views
-            if kind == "sequences":
+            if kind in ("sequences", "head_sequences"):
                 info["sequences"] = len(ds.sequences)
-            if kind == "triplets":
+            if kind in ("triplets", "head_triplets"):
                 info["triplets"] = len(ds) // 3
-            if kind in ("objects", "triplets", "heads"):
+            if kind != "sequences":
                 cam = ds.specs[0].camera
                 info["intrinsics"] = {"fx": cam.fx, "fy": cam.fy, "cx": cam.cx, "cy": cam.cy}
-                info["distance"] = config.head_distance if kind == "heads" else config.object_distance
+                info["distance"] = config.head_distance if kind.startswith("head") else config.object_distance
             kind_meta["splits"][split] = info
         final = root / kind
         if final.exists():
