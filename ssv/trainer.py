@@ -13,7 +13,8 @@ One :meth:`SSVTrainer.train_step` = one V (critic) step then one S (generator) s
 
 **S step** (V frozen, in train mode as in the release): a batch of 3 groups (z2, v2), (z2, v3), (z3, v2) of
 ``g_group`` samples each; ``-E V(S) + w_style ||z - z_hat||^2 + w_view L_v(v, v_hat)`` and the generator symmetry
-``w_gsym SmoothL1(S(z2, flip v2), sg hflip S(z2, v2))``. Then the EMA generator is updated.
+``w_gsym SmoothL1(S(z2, flip v2), sg hflip S(z2, v2))``. Then the EMA generator is updated (decay ``ema_decay``,
+ramped up as min(ema_decay, (1 + step) / (10 + step)); it only draws the sample grids).
 
 Adam with betas (0, 0.99); the mapping MLP's learning rate is ``lr_mapping_mult`` x the generator's. Style codes are
 U(-1, 1); viewpoints are drawn independently and uniformly in [-range, range] (radians in the config; the defaults are
@@ -315,7 +316,8 @@ class SSVTrainer(Trainer):
         _average_gradients(self.G)
         self.opt_G.step()
         _set_requires_grad(self.V, True)
-        ema_update(self.G_ema, self.G, c["ema_decay"])
+        # EMA with a ramp-up (decay (1 + t) / (10 + t) early on), so short CPU runs get a useful EMA generator
+        ema_update(self.G_ema, self.G, min(float(c["ema_decay"]), (1.0 + step) / (10.0 + step)))
         terms["g_total"] = total_g.detach()
         return terms
 
