@@ -16,6 +16,8 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision  # at import time on purpose: torchvision pulls in triton, which crashes if loaded after an EGL
+                    # context exists (the synthetic renderer), so it must come first
 
 from common.errors import ViewsslError
 
@@ -46,8 +48,6 @@ class ResNetEncoder(nn.Module):
 
     def __init__(self, arch: str = "resnet18", small_stem: bool = True, weights: str | None = None):
         super().__init__()
-        import torchvision
-
         if arch != "resnet18":
             raise ViewsslError(f"--arch {arch!r}: only resnet18 is available")
         net = torchvision.models.resnet18(weights=None)
