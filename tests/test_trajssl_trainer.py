@@ -214,12 +214,20 @@ def test_cli_help_documents_every_option():
     (["--data", "{bench}", "--pairs", "nearby", "--traj-weight", "0.2", "--data", "{objects}"], "needs"),
     (["--data", "{bench}", "--method", "byol"], "byol"),
     (["--data", "{bench}", "--resume", "{missing}"], "--resume"),
+    (["--data", "{bench}", "--resume", "{ssv_ckpt}"], "'ssv' checkpoint"),
+    (["--data", "{bench}", "--resume", "{junk_ckpt}"], "not a readable viewssl checkpoint"),
+    (["--data", "{bench}", "--traj-weight", "-1"], "--traj-weight"),
 ])
 def test_cli_bad_input_one_line_exit_2(bench, tmp_path, args, message):
     empty = tmp_path / "empty"
     empty.mkdir()
+    from common.io import atomic_save
+
+    atomic_save({"family": "ssv", "config": {}, "step": 1, "modules": {}}, tmp_path / "ssv.pt")
+    (tmp_path / "junk.pt").write_bytes(b"PK\x03\x04 truncated")
     fill = {"missing": str(tmp_path / "nope"), "empty": str(empty), "bench": str(bench),
-            "objects": str(bench / "objects" / "train")}
+            "objects": str(bench / "objects" / "train"), "ssv_ckpt": str(tmp_path / "ssv.pt"),
+            "junk_ckpt": str(tmp_path / "junk.pt")}
     args = [a.format(**fill) for a in args]
     r = CliRunner().invoke(_cli(), ["train", "encoder", *args, "--steps", "1", "--batch-size", "4", "--image-size",
                                     "16", "--out", str(tmp_path / "runs")])

@@ -134,7 +134,8 @@ def train_encoder(data, method, traj_weight, traj_layer, pairs, steps, batch_siz
         trainer = EncoderTrainer(config, dev)
         if run_dir is None:
             run_dir = new_run_dir(out, tag)
-        click.echo(f"run folder: {run_dir}", err=True)
+        if dist_utils.is_main():
+            click.echo(f"run folder: {run_dir}", err=True)
         result = fit(trainer, run_dir, steps, checkpoint_every=checkpoint_every, eval_every=eval_every,
                      log_every=log_every, resume=resume_arg, force=force)
         main = dist_utils.is_main()

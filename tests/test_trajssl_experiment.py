@@ -1,0 +1,42 @@
+"""experiments.traj_objects: aggregation over seeds, paired differences and the markdown tables (no training)."""
+import math
+
+import pytest
+
+from experiments.traj_objects import COLUMNS, aggregate, format_markdown, paired_deltas
+
+
+def _run(method, w, seed, pose, cls):
+    metrics = {}
+    for tap, bonus in (("pooled", 0.0), ("layer3", 0.1)):
+        metrics[f"knn_pose/{tap}/in_domain/acc"] = pose + bonus
+        metrics[f"linear_probe/{tap}/top1"] = cls
+    return {"config": {"method": method, "traj_weight": w, "seed": seed}, "metrics": metrics,
+            "sec_per_step": 1.0, "eval_seconds": 2.0}
+
+
+RUNS = [_run("vicreg", 0.0, 0, 0.40, 0.8), _run("vicreg", 0.0, 1, 0.50, 0.8),
+        _run("vicreg", 0.2, 0, 0.44, 0.8), _run("vicreg", 0.2, 1, 0.56, 0.8)]
+
+
+def test_aggregate_mean_and_sample_std():
+    agg = aggregate(RUNS)
+    s = agg["vicreg-traj0"]["knn_pose/pooled/in_domain/acc"]
+    assert s["n"] == 2 and s["mean"] == pytest.approx(0.45) and s["std"] == pytest.approx(math.sqrt(0.005))
+
+
+def test_paired_deltas_by_seed():
+    key = "knn_pose/pooled/in_domain/acc"
+    d = paired_deltas(RUNS, key, key, lambda c: c["traj_weight"] == 0, lambda c: c["traj_weight"] == 0.2)
+    assert d["n"] == 2 and d["mean"] == pytest.approx(0.05) and d["std"] == pytest.approx(math.sqrt(2 * 0.01**2))
+    mid = paired_deltas(RUNS, key, key.replace("pooled", "layer3"), lambda c: True, lambda c: True)
+    assert mid["mean"] == pytest.approx(0.1)
+
+
+def test_markdown_has_both_taps_and_effect_tables():
+    md = format_markdown(RUNS, aggregate(RUNS), {"quick": False, "steps": 10, "batch_size": 4, "image_size": 32})
+    assert "final layer" in md and "mid layer" in md and "Trajectory effect" in md
+    assert "| vicreg + traj 0.2 | 80.0 ± 0.0 |" in md
+    assert "| vicreg, pooled | 0.0 ± 0.0 | n/a | 5.0 ± 1.4 |" in md
+    header = next(line for line in md.splitlines() if line.startswith("| method |"))
+    assert header.count("|") - 2 == len(COLUMNS)
