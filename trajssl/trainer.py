@@ -138,6 +138,8 @@ def embedding_spread(z: torch.Tensor) -> torch.Tensor:
 
 class EncoderTrainer(Trainer):
     family = "encoder"
+    #: also free to change on resume: they do not change what is trained
+    resume_ignore_keys = Trainer.resume_ignore_keys + ("num_workers", "eval_gallery", "eval_queries")
 
     def __init__(self, config: dict, device: torch.device):
         config = resolve_config(config)
