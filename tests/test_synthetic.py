@@ -165,8 +165,9 @@ def test_every_category_builds_varied_normalised_instances():
 
 
 def test_render_is_deterministic(tiny, tmp_path):
+    """Same seed, same bytes -- also when two worker processes share the rendering."""
     again = tmp_path / "again"
-    render_benchmark(again, scale="small", seed=3, progress=False, **TINY)
+    render_benchmark(again, scale="small", seed=3, progress=False, workers=2, **TINY)
     files = sorted(p.relative_to(tiny) for p in tiny.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
     assert len(files) > 50

@@ -33,8 +33,10 @@ __all__ = ["render", "show", "make_grid"]
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
               help="Override a benchmark setting (repeatable), e.g. --set triplet_step=20 --set frames=48 "
                    "--set categories=car,chair. Keys: the fields of common.data.synthetic.BenchmarkConfig.")
+@click.option("--workers", type=click.IntRange(0, 256), default=1, show_default=True,
+              help="Rendering processes (0: one per CPU). The images do not depend on it.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
-def render(kind: str, out: Path, size: int, seed: int, scale: str, settings: tuple[str, ...],
+def render(kind: str, out: Path, size: int, seed: int, scale: str, settings: tuple[str, ...], workers: int,
            no_progress: bool) -> None:
     """Render the offline synthetic viewpoint benchmark to disk (objects, heads, triplets, sequences,
     head_triplets, head_sequences).
@@ -49,7 +51,7 @@ def render(kind: str, out: Path, size: int, seed: int, scale: str, settings: tup
         if key in overrides:
             raise ViewsslError(f"--set {key}=...: use --{key}")
     summary = render_benchmark(out, kinds=kinds, size=size, seed=seed, scale=scale, progress=not no_progress,
-                               **overrides)
+                               workers=workers, **overrides)
     click.echo(format_summary(summary))
 
 

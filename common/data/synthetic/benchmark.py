@@ -42,6 +42,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import multiprocessing
 import os
 import shutil
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -52,6 +53,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 from ...errors import ViewsslError
 from ...geometry import (angles_to_matrix, fibonacci_sphere, geodesic_distance, look_at_rotation, matrix_to_angles,
@@ -624,17 +626,33 @@ def _encode_png(image: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
+_WORKER_DATASETS: dict = {}
+
+
+def _write_images(task: tuple) -> int:
+    """Render rows ``indices`` of (kind, split) and write their PNGs under ``folder``; runs in pool workers too."""
+    config, kind, split, folder, indices = task
+    ds = _WORKER_DATASETS.get((kind, split))
+    if ds is None or ds.config != config:
+        _WORKER_DATASETS.clear()  # one split at a time: keep memory flat
+        ds = _WORKER_DATASETS[(kind, split)] = SyntheticDataset(kind, split, config=config)
+    for i in indices:
+        path = folder / ds.rows[i]["path"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(_encode_png(ds.render(i)))
+    return len(indices)
+
+
 def render_benchmark(out: str | os.PathLike, kinds: Iterable[str] = KINDS, size: int = 64, seed: int = 0,
-                     scale: str = "small", progress: bool = True, **overrides) -> dict:
+                     scale: str = "small", progress: bool = True, workers: int = 1, **overrides) -> dict:
     """Render the benchmark into ``out`` and return its summary (:func:`summarize`).
 
     ``kinds``: any of :data:`KINDS`; ``scale``: ``"small"`` (seconds, for the demo) or
-    ``"full"`` (what experiments train on); ``overrides``: any :class:`BenchmarkConfig` field (tests use tiny
-    counts). Each kind is written to a temporary folder and moved into place when complete; ``meta.json`` records
-    the configuration and the counts. Adding a kind to an existing benchmark requires the same configuration.
+    ``"full"`` (what experiments train on); ``workers``: processes rendering in parallel (0 = one per CPU; the
+    bytes do not depend on it); ``overrides``: any :class:`BenchmarkConfig` field (tests use tiny counts). Each
+    kind is written to a temporary folder and moved into place when complete; ``meta.json`` records the
+    configuration and the counts. Adding a kind to an existing benchmark requires the same configuration.
     """
-    from tqdm import tqdm
-
     kinds = tuple(kinds)
     bad = [k for k in kinds if k not in KINDS]
     if bad or not kinds:
@@ -652,43 +670,66 @@ def render_benchmark(out: str | os.PathLike, kinds: Iterable[str] = KINDS, size:
     meta = meta or {"generator": "viewssl.synthetic", "version": META_VERSION, "seed": config.seed,
                     "size": config.size, "scale": scale, "config": config.to_json(), "convention": CONVENTION,
                     "kinds": {}}
-    for kind in kinds:
-        tmp = root / f".{kind}.partial"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        kind_meta = {"splits": {}, "extra_columns": list(EXTRA_COLUMNS[kind])}
-        for split in SPLITS[kind]:
-            ds = SyntheticDataset(kind, split, config=config)
-            if not len(ds):
-                continue
-            folder = tmp / split
-            for i in tqdm(range(len(ds)), desc=f"{kind}/{split}", unit="img", disable=not progress, leave=False,
-                          mininterval=0.5):
-                path = folder / ds.rows[i]["path"]
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(_encode_png(ds.render(i)))
-            write_labels(folder / LABELS_FILE, ds.rows, extra_columns=ds.extra_columns)
-            info = {"images": len(ds), "categories": ds.categories, "instances": len(ds.instances)}
-            if kind == "objects":
-                info["fib"] = config.unseen_views if split.endswith("unseen_pose") else config.views
-            if kind in ("sequences", "head_sequences"):
-                info["sequences"] = len(ds.sequences)
-            if kind in ("triplets", "head_triplets"):
-                info["triplets"] = len(ds) // 3
-            if kind != "sequences":
-                cam = ds.specs[0].camera
-                info["intrinsics"] = {"fx": cam.fx, "fy": cam.fy, "cx": cam.cx, "cy": cam.cy}
-                info["distance"] = config.head_distance if kind.startswith("head") else config.object_distance
-            kind_meta["splits"][split] = info
-        final = root / kind
-        if final.exists():
-            shutil.rmtree(final)
-        if tmp.exists():
-            os.replace(tmp, final)
-        meta["kinds"][kind] = kind_meta
-        atomic_write_json(meta, root / META_FILE)
-        log.info("rendered %s: %s", kind, ", ".join(f"{s} {v['images']}" for s, v in kind_meta["splits"].items()))
+    workers = (os.cpu_count() or 1) if workers == 0 else max(1, int(workers))
+    pool = None
+    if workers > 1:
+        methods = multiprocessing.get_all_start_methods()
+        pool = multiprocessing.get_context("fork" if "fork" in methods else "spawn").Pool(workers)
+    try:
+        for kind in kinds:
+            _render_kind(root, kind, config, meta, pool, workers, progress)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
     return summarize(root)
+
+
+def _render_kind(root: Path, kind: str, config: BenchmarkConfig, meta: dict, pool, workers: int,
+                 progress: bool) -> None:
+    """Render one kind into ``root/.<kind>.partial``, move it to ``root/<kind>`` and record it in meta.json."""
+    tmp = root / f".{kind}.partial"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    kind_meta = {"splits": {}, "extra_columns": list(EXTRA_COLUMNS[kind])}
+    for split in SPLITS[kind]:
+        ds = SyntheticDataset(kind, split, config=config)
+        if not len(ds):
+            continue
+        folder = tmp / split
+        chunk = 64 if pool is None else max(8, min(256, len(ds) // (4 * workers) + 1))
+        tasks = [(config, kind, split, folder, range(a, min(a + chunk, len(ds)))) for a in range(0, len(ds), chunk)]
+        with tqdm(total=len(ds), desc=f"{kind}/{split}", unit="img", disable=not progress, leave=False,
+                  mininterval=0.5) as bar:
+            if pool is None:
+                _WORKER_DATASETS[(kind, split)] = ds
+                for task in tasks:
+                    bar.update(_write_images(task))
+            else:
+                for n in pool.imap_unordered(_write_images, tasks):
+                    bar.update(n)
+        _WORKER_DATASETS.clear()
+        write_labels(folder / LABELS_FILE, ds.rows, extra_columns=ds.extra_columns)
+        info = {"images": len(ds), "categories": ds.categories, "instances": len(ds.instances)}
+        if kind == "objects":
+            info["fib"] = config.unseen_views if split.endswith("unseen_pose") else config.views
+        if kind in ("sequences", "head_sequences"):
+            info["sequences"] = len(ds.sequences)
+        if kind in ("triplets", "head_triplets"):
+            info["triplets"] = len(ds) // 3
+        if kind != "sequences":
+            cam = ds.specs[0].camera
+            info["intrinsics"] = {"fx": cam.fx, "fy": cam.fy, "cx": cam.cx, "cy": cam.cy}
+            info["distance"] = config.head_distance if kind.startswith("head") else config.object_distance
+        kind_meta["splits"][split] = info
+    final = root / kind
+    if final.exists():
+        shutil.rmtree(final)
+    if tmp.exists():
+        os.replace(tmp, final)
+    meta["kinds"][kind] = kind_meta
+    atomic_write_json(meta, root / META_FILE)
+    log.info("rendered %s: %s", kind, ", ".join(f"{s} {v['images']}" for s, v in kind_meta["splits"].items()))
 
 
 # ---------------------------------------------------------------------------------------------------------------
