@@ -148,3 +148,27 @@ def test_no_admissible_neighbour_predicts_minus_one():
     g = torch.zeros(4, dtype=torch.long)
     pred = knn_classify(x, torch.tensor([0, 1, 0, 1]), x, k=2, train_groups=g, query_groups=g)
     assert (pred == -1).all()
+
+
+@pytest.mark.parametrize("coarse", [torch.bfloat16, torch.float16, torch.float32])
+def test_coarse_error_bound_holds_for_every_pair(coarse):
+    # The certificate is only as good as this bound: |coarse similarity - exact cosine| <= E(b) for all pairs.
+    from common.eval.knn import _ErrorBound, _prepare
+
+    rng = np.random.default_rng(7)
+    xt = rng.standard_normal((300, 96)) * rng.uniform(0.1, 10, (300, 1))
+    xq = rng.standard_normal((200, 96)) * rng.uniform(0.1, 10, (200, 1))
+    xt[:20] = xq[:20] + 1e-4 * rng.standard_normal((20, 96))  # near-identical pairs: similarities close to 1
+    t, q = torch.from_numpy(xt).float(), torch.from_numpy(xq).float()
+    _, t_low, t_res = _prepare(t, torch.float32, coarse, torch.device("cpu"), 300)
+    _, q_low, q_res = _prepare(q, torch.float32, coarse, torch.device("cpu"), 200)
+    b = (q_low @ t_low.T).double()  # the coarse product, output rounded to the coarse dtype
+    a = xt / np.linalg.norm(xt, axis=1, keepdims=True)
+    c = xq / np.linalg.norm(xq, axis=1, keepdims=True)
+    exact = torch.from_numpy(c @ a.T)
+    bound = _ErrorBound(t_res, 96, coarse, torch.float32, torch.device("cpu"))
+    err = (b - exact).abs()
+    assert (err <= bound.total(q_res, b)).all()
+    if coarse != torch.float32:
+        assert float(q_res.max()) > 0  # the query side's rounding is measured, not assumed away
+        assert float(err.max()) > 0.05 * float(bound.total(q_res, b).max())  # and the bound is not vacuous

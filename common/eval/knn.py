@@ -182,6 +182,37 @@ def _refine(train_unit, q, cand, vals, k, ex_vals, ex_idx, rows, n) -> None:
     ex_idx[dest] = torch.gather(cand, 1, p)
 
 
+class _ErrorBound:
+    """Rigorous bound on |coarse similarity - exact cosine| for a query/gallery pair.
+
+    Sources: rounding of the unit vectors to the coarse dtype (Cauchy-Schwarz on the measured residual norms r_q and
+    r_x: |q.x - q~.x~| <= r_q (1 + r_x) + r_x), accumulation in at least float32 (gamma_D * sum |q~_i x~_i| <=
+    gamma_D (1 + r_q)(1 + r_x)), the exact dtype's own rounding (``slack``), and rounding of the output to the coarse
+    dtype, relative: E(b) = eps(r_q) + u_out |b| / (1 - u_out).
+    """
+
+    def __init__(self, train_resid: torch.Tensor, d: int, coarse: torch.dtype, exact: torch.dtype,
+                 device: torch.device):
+        low_precision = coarse in (torch.bfloat16, torch.float16)
+        u_acc = 2.0**-53 if coarse == torch.float64 else 2.0**-24
+        self.gamma = d * u_acc / (1 - d * u_acc)
+        self.r_x = float(train_resid.max()) if train_resid.numel() else 0.0
+        self.r_extra = 0.0
+        if device.type == "cuda" and coarse == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+            self.r_extra = 2.0**-11  # TF32 rounds the inputs to 11 significant bits inside the matmul
+            self.r_x += self.r_extra
+        self.u_out = _unit_roundoff(coarse) if low_precision else 0.0
+        self.slack = 2 * d * _unit_roundoff(exact) + 1e-12
+
+    def eps(self, query_resid: torch.Tensor) -> torch.Tensor:
+        r_q = query_resid + self.r_extra
+        return r_q * (1 + self.r_x) + self.r_x + self.gamma * (1 + r_q) * (1 + self.r_x) + self.slack
+
+    def total(self, query_resid: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """E for coarse values ``b`` (R, W) of queries with residuals (R,)."""
+        return self.eps(query_resid)[:, None] + self.u_out * b.abs() / (1 - self.u_out)
+
+
 def knn_search(
     train_features: torch.Tensor,
     query_features: torch.Tensor,
@@ -236,24 +267,11 @@ def knn_search(
     n_pad = -(-n // 32) * 32
 
     train_unit, train_low, train_resid = _prepare(train_features, exact, coarse, device, n_pad)
-    query_unit, _, query_resid = _prepare(query_features, exact, exact, device, m)
+    query_unit, query_low, query_resid = _prepare(query_features, exact, coarse, device, m)
     train_low_t = train_low.T.contiguous()
     del train_low
 
-    # Rigorous bound on |coarse - exact cosine| for a pair: rounding of the float64 unit vectors to the coarse dtype
-    # (Cauchy-Schwarz on the measured residual norms r_q, r_x), accumulation in >= float32 (gamma_D * sum |a_i b_i| <=
-    # gamma_D (1 + r_q)(1 + r_x)), and rounding of the output to the coarse dtype: E(b) = eps_q + u_out |b| / (1 - u_out).
-    u_acc = 2.0**-53 if coarse == torch.float64 else 2.0**-24
-    gamma = d * u_acc / (1 - d * u_acc)
-    r_x = float(train_resid.max())
-    r_extra = 0.0
-    if device.type == "cuda" and coarse == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        r_extra = 2.0**-11  # TF32 rounds the inputs to 11 significant bits inside the matmul
-        r_x += r_extra
-    u_out = _unit_roundoff(coarse) if low_precision else 0.0
-    # The exact-dtype unit vectors and rescoring are themselves off by a few ulps: widen by that too (tiny).
-    slack = 2 * d * _unit_roundoff(exact) + 1e-12
-
+    bound = _ErrorBound(train_resid, d, coarse, exact, device)
     bytes_per = torch.finfo(coarse).bits // 8 + (1 if train_groups is not None else 0)
     chunk = int(max(1, min(m, memory_budget // max(1, n_pad * bytes_per))))
     buf = torch.empty(chunk, n_pad, dtype=coarse, device=device)
@@ -265,14 +283,14 @@ def knn_search(
         c = e - s
         q = query_unit[s:e]
         sims = buf[:c]
-        torch.mm(q.to(coarse), train_low_t, out=sims)
+        torch.mm(query_low[s:e], train_low_t, out=sims)
         clock("coarse matmul")
         if n_pad != n:
             sims[:, n:] = -math.inf
         if train_groups is not None:
             sims[:, :n].masked_fill_(query_groups[s:e, None] == train_groups[None, :], -math.inf)
-        r_q = query_resid[s:e] + r_extra
-        eps_q = r_q * (1 + r_x) + r_x + gamma * (1 + r_q) * (1 + r_x) + slack
+        eps_q = bound.eps(query_resid[s:e])
+        u_out = bound.u_out
         ex_vals = torch.empty(c, k_eff, dtype=exact, device=device)
         ex_idx = torch.empty(c, k_eff, dtype=torch.long, device=device)
         rows = torch.arange(c, device=device)
