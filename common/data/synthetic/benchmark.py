@@ -45,10 +45,10 @@ import math
 import multiprocessing
 import os
 import shutil
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -89,8 +89,9 @@ EXTRA_COLUMNS = {"objects": ("view",), "heads": (), "triplets": ("triplet", "pos
 SEQUENCE_TEST_OFFSET = 1000
 META_FILE = "meta.json"
 CONVENTION = ("X_cam = R @ X_obj + t with R = angles_to_matrix(azimuth, elevation, tilt) = R_y(az) R_x(el) R_z(tilt); "
-              "object frame y up, +z front; OpenGL camera x right, y up, looking down -z; pixel u = cx + fx * X / (-Z), "
-              "v = cy - fy * Y / (-Z), image spans [0, W] x [0, H] (see common/data/synthetic/render.py)")
+              "object frame y up, +z front; OpenGL camera x right, y up, looking down -z; "
+              "pixel u = cx + fx * X / (-Z), v = cy - fy * Y / (-Z), image spans [0, W] x [0, H] "
+              "(see common/data/synthetic/render.py)")
 META_VERSION = 1
 
 
@@ -291,7 +292,6 @@ class ViewSpec:
     light: Light
     background: Background
     ground: tuple | None = None      # arguments of _ground, sequences only
-    extras: dict = field(default_factory=dict)
 
 
 def _instances(config: BenchmarkConfig, kind: str, split: str) -> tuple[tuple[str, ...], range]:
