@@ -261,7 +261,7 @@ def knn_search(
     coarse = exact if coarse_dtype is None else coarse_dtype
     low_precision = coarse in (torch.bfloat16, torch.float16)
     if margin is None:
-        margin = k_eff // 2 + 8 if low_precision else 4
+        margin = k_eff + 12 if low_precision else 4
     kc = min(n, k_eff + int(margin))
     tiers = [kc] + ([min(n, k_eff + 4 * int(margin) + 16)] if kc < n else [])
     n_pad = -(-n // 32) * 32
