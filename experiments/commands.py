@@ -37,3 +37,37 @@ def demo(out: Path, seed: int, device: str, render_only: bool) -> None:
     result = run_compare(bench, out / "compare", quick=True, seeds=1, device=device, seed=seed)
     click.echo(result["table"])
     click.echo(f"results: {result['out']}  (total {time.perf_counter() - t0:.0f} s)")
+
+
+@cli.command("compare")
+@click.option("--data", "bench", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="A rendered benchmark (with heads, head_triplets, head_sequences); default: render one into "
+                   "OUT/benchmark.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output folder  [default: runs/compare-quick or runs/compare-full]")
+@click.option("--quick", is_flag=True, help="Short schedules and the small benchmark (minutes on 2 cores).")
+@click.option("--seeds", type=click.IntRange(1, 20), default=1, show_default=True, help="Seeds per method.")
+@click.option("--seed", type=int, default=0, show_default=True, help="First seed.")
+@click.option("--methods", default=None, help="Comma-separated subset of: " + "ssv, vicreg, vicreg_traj, "
+              "simsiam_nearby, simsiam_distant, supervised.")
+@click.option("--steps-scale", type=float, default=1.0, show_default=True,
+              help="Multiply every method's step count (e.g. 0.01 for a smoke run).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, mps.")
+def compare(bench: Path | None, out: Path | None, quick: bool, seeds: int, seed: int, methods: str | None,
+            steps_scale: float, device: str) -> None:
+    """Train SSV, VICReg, VICReg + trajectory, SimSiam on nearby and on distant frame pairs, and a supervised upper
+    bound on the synthetic heads; evaluate all with the common evaluation module; write results.md, results.json and
+    plots."""
+    from common.data.synthetic import render_benchmark
+
+    from .compare import run_compare
+
+    out = out or Path(f"runs/compare-{'quick' if quick else 'full'}")
+    if bench is None:
+        bench = out / "benchmark"
+        render_benchmark(bench, scale="small" if quick else "full", seed=seed)
+    names = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+    result = run_compare(bench, out, quick=quick, seeds=seeds, device=device, seed=seed, methods=names,
+                         steps_scale=steps_scale)
+    click.echo(result["table"])
+    click.echo(f"wrote {out / 'results.md'}, {out / 'results.json'} and {len(result['plots'])} plots")
