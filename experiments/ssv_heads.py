@@ -94,14 +94,16 @@ def markdown(results: dict, command: str, wall: float) -> str:
         "# SSV on the synthetic heads",
         "",
         f"Command: `{command}`  ",
-        f"Wall time: {wall / 60:.1f} min on {torch.get_num_threads()} thread(s).",
+        f"Wall time: {wall / 60:.1f} min on {results.get('threads', torch.get_num_threads())} thread(s).",
         "",
         "MAE in degrees on the labelled test heads. *raw*: V's own frame, no fit; *calibrated*: SSV's protocol "
         "(per-angle linear fit on a seeded 10% of the test frames, scored on the other 90%).",
         "",
-        "| method | steps | raw az | raw el | raw tilt | raw MAE | cal az | cal el | cal tilt | cal MAE | train min |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | steps | raw az | raw el | raw tilt | raw MAE | cal az | cal el | cal tilt | cal MAE | train min | s/step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    if results.get("quick"):
+        lines[2:2] = ["**Quick smoke run (4 steps per row): the numbers below mean nothing.**", ""]
     for row, r in results["rows"].items():
         m = r["metrics"]
 
@@ -112,6 +114,7 @@ def markdown(results: dict, command: str, wall: float) -> str:
         cells = [ROW_TITLES.get(row, row), str(r.get("steps", "-"))]
         cells += [f(f"raw/{k}") for k in KEYS] + [f(f"calibrated/{k}") for k in KEYS]
         cells.append(f"{r['train_seconds'] / 60:.1f}" if r.get("train_seconds") else "-")
+        cells.append(f"{r['sec_per_step']:.2f}" if r.get("sec_per_step") else "-")
         lines.append("| " + " | ".join(cells) + " |")
     goals = results.get("goals", {})
     if goals:
