@@ -147,6 +147,11 @@ def test_media_evaluation_and_pose_model(folder, tmp_path):
     assert feats["pooled"].shape == (3, 8) and feats["block1"].shape == (3, 8)
     # resizing: 32x32 inputs are resized to the model's 16
     assert model.predict_angles(torch.rand(2, 3, 32, 32)).shape == (2, 3)
+    # and through the shared evaluation module (family "ssv" registered by ssv.model_io)
+    from common.eval import load_model
+
+    shared = load_model(tmp_path / "run")
+    assert shared.family == "ssv" and torch.allclose(shared.predict_angles(images), model.predict_angles(images))
 
 
 def test_angle_errors_calibration():
