@@ -101,7 +101,7 @@ def test_partner_offsets(bench):
     from trajssl.data import SequenceFrames
 
     frames = SequenceFrames(bench / "sequences" / "train", 16)
-    seq, frame = frames._seq_of, frames.table.frame
+    seq, frame = frames.table.sequence_index, frames.table.frame
     idx = list(range(len(frames)))
     torch.manual_seed(0)
     for _ in range(20):
@@ -113,9 +113,10 @@ def test_partner_offsets(bench):
     assert frames.partners(idx, "same") == idx
 
 
-def test_resume_equals_uninterrupted(bench, tmp_path):
-    cfg = {**TINY, "method": "vicreg", "data": str(bench), "traj_weight": 0.2, "schedule_steps": 4, "seed": 3,
-           "warmup_steps": 1}
+@pytest.mark.parametrize("variant", [{"method": "vicreg", "traj_weight": 0.2},
+                                     {"method": "simsiam", "pairs": "nearby"}])
+def test_resume_equals_uninterrupted(bench, tmp_path, variant):
+    cfg = {**TINY, **variant, "data": str(bench), "schedule_steps": 4, "seed": 3, "warmup_steps": 1}
     full = EncoderTrainer({**cfg, "steps": 4}, CPU)
     fit(full, tmp_path / "full", steps=4, checkpoint_every=2, progress=False)
     first = EncoderTrainer({**cfg, "steps": 2}, CPU)

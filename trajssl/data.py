@@ -90,48 +90,33 @@ class ImageFolder(LabeledFolder):
 
 
 class SequenceFrames(LabeledFolder):
-    """Frames of video sequences (``sequence`` and ``frame`` columns) with SiamPose's partner sampling."""
+    """Frames of video sequences (``sequence`` and ``frame`` columns) with SiamPose's partner sampling
+    (:class:`common.data.folders.FramePairs`; ``distant`` here is its ``uniform``: any other frame of the sequence)."""
+
+    #: --pairs value -> FramePairs mode
+    MODES = {"same": "same", "nearby": "nearby", "distant": "uniform"}
 
     def __init__(self, root: str | os.PathLike, size: int = 32):
+        from common.data.folders import FramePairs
+
         super().__init__(root, size)
         t = self.table
         if t.sequence_index is None or t.frame is None:
             raise ViewsslError("not a sequence folder: needs 'sequence' and 'frame' columns", t.csv_path)
-        seq = t.sequence_index
-        if (seq < 0).any() or (t.frame < 0).any():
-            bad = int(np.nonzero((seq < 0) | (t.frame < 0))[0][0])
+        if (t.sequence_index < 0).any() or (t.frame < 0).any():
+            bad = int(np.nonzero((t.sequence_index < 0) | (t.frame < 0))[0][0])
             raise ViewsslError(f"line {bad + 2}: empty sequence or frame", t.csv_path)
-        # Frames of each sequence in frame order: members[s] = row indices, pos[i] = position of row i in it.
-        order = np.lexsort((t.frame, seq))
-        self._members: list[np.ndarray] = []
-        self._seq_of = seq
-        self._pos = np.empty(len(seq), dtype=np.int64)
-        for s in range(len(t.sequences)):
-            rows = order[seq[order] == s]
-            self._members.append(rows)
-            self._pos[rows] = np.arange(len(rows))
+        self._pairs = {mode: FramePairs(self, fp_mode, max_offset=2) for mode, fp_mode in self.MODES.items()}
 
     def partners(self, indices: torch.Tensor | list[int], mode: str) -> list[int]:
         """Partner row of each index: ``same`` -> itself; ``nearby`` -> 1 or 2 frames before or after (within the
-        sequence); ``distant`` -> uniform over the other frames of the sequence. Uses the global torch RNG (one
-        uniform draw per index); a sequence of one frame pairs a frame with itself."""
-        if mode not in ("same", "nearby", "distant"):
+        sequence); ``distant`` -> uniform over the other frames of the sequence. One uniform draw per index from the
+        global torch RNG (main process); a sequence of one frame pairs a frame with itself."""
+        if mode not in self._pairs:
             raise ViewsslError(f"--pairs {mode!r}: expected same, nearby or distant")
-        idx = [int(i) for i in indices]
-        u = torch.rand(len(idx)).tolist()
-        out = []
-        for i, r in zip(idx, u):
-            members = self._members[self._seq_of[i]]
-            p = int(self._pos[i])
-            if mode == "same" or len(members) == 1:
-                out.append(i)
-                continue
-            if mode == "nearby":
-                cands = [p + d for d in (-2, -1, 1, 2) if 0 <= p + d < len(members)]
-            else:
-                cands = [q for q in range(len(members)) if q != p]
-            out.append(int(members[cands[min(int(r * len(cands)), len(cands) - 1)]]))
-        return out
+        idx = np.asarray([int(i) for i in indices], dtype=np.int64)
+        u = torch.rand(len(idx), dtype=torch.float64).numpy()
+        return [int(i) for i in self._pairs[mode].partner_indices(idx, u)]
 
     def load(self, rows: list[int]) -> torch.Tensor:
         """Images of the given rows, (B, 3, S, S)."""
