@@ -582,3 +582,11 @@ class _NoSeq(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return {}
+
+
+def test_layout_misfits_are_left_out_with_a_count(tmp_path, caplog):
+    write_video(tmp_path, seq_lengths=(2,))
+    write_rgb(tmp_path / "class-1" / "group-1" / "seq-1" / "thumb.jpg", np.zeros((4, 4, 3), np.uint8))
+    with caplog.at_level(logging.WARNING, logger="viewssl.data.folders"):
+        ds = VideoFrames(tmp_path, size=4)
+    assert len(ds) == 2 and "left out 1 images" in caplog.text and "thumb.jpg" in caplog.text

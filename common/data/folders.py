@@ -458,14 +458,13 @@ class ShapeNetRenders(ImageItems):
 
     def __init__(self, root: str | os.PathLike, size: int | None = 64, transform=None, skip_bad: bool = False):
         super().__init__(root, size, transform, skip_bad)
-        paths, synsets, models, view, axis, position, trip = [], [], [], [], [], [], []
+        paths, synsets, models, view, axis, position, trip, ignored = [], [], [], [], [], [], [], []
         for p in _inside_only(self.root, list_images(self.root, (".png",)), self.skip_bad, self):
             rel = p.relative_to(self.root)
-            if len(rel.parts) != 3:
-                continue
             m = TRIPLET_NAME.match(rel.name)
             v = VIEW_NAME.match(rel.name)
-            if not (m or v):
+            if len(rel.parts) != 3 or not (m or v):
+                ignored.append(rel)
                 continue
             paths.append(p)
             synsets.append(rel.parts[0])
@@ -482,6 +481,7 @@ class ShapeNetRenders(ImageItems):
                 trip.append(None)
         if not paths:
             raise ViewsslError(f"no {self.item_noun} found", self.root)
+        _log_ignored(self.root, ignored, "<synset>/<model>/<anchor>_<axis>_<k>.png or <view>.png")
         self.categories, cat = _ids(synsets)
         self.instances, inst = _ids(models)
         self.triplet_names, trip_idx = _ids(trip)
@@ -531,7 +531,10 @@ class ShapeNetRenders(ImageItems):
                 target = self.root / key
                 if Path(key).is_absolute():
                     raise ViewsslError(f"key {key!r} is absolute; keys are paths relative to the folder", js)
-                check_inside(self.root, target, f"key {key!r}")
+                try:
+                    target.resolve().relative_to(self.root.resolve())
+                except ValueError:
+                    raise ViewsslError(f"key {key!r} escapes the dataset folder", js) from None
                 i = index.get(Path(key).as_posix())
                 if i is None:
                     raise ViewsslError(f"key {key!r} is not a render in this folder", js)
@@ -547,6 +550,13 @@ class ShapeNetRenders(ImageItems):
                     raise ViewsslError(f"key {key!r}: expected a 3x3 matrix or [azimuth, elevation, tilt] in degrees",
                                        js)
             log.info("%s: angles from %s for %d images", self.root, js.name, len(table))
+
+
+def _log_ignored(root: Path, ignored: list[Path], pattern: str) -> None:
+    """Images that do not fit the layout are left out, with a count in the log (never silently)."""
+    if ignored:
+        log.warning("%s: left out %d images that do not match %s (first: %s)", root, len(ignored), pattern,
+                    ignored[0].as_posix())
 
 
 def _is_numeric(value) -> bool:
@@ -580,10 +590,11 @@ class VideoFrames(ImageItems):
 
     def __init__(self, root: str | os.PathLike, size: int | None = 64, transform=None, skip_bad: bool = False):
         super().__init__(root, size, transform, skip_bad)
-        paths, cats, insts, seqs, frames = [], [], [], [], []
+        paths, cats, insts, seqs, frames, ignored = [], [], [], [], [], []
         for p in _inside_only(self.root, list_images(self.root, (".jpg", ".jpeg", ".png")), self.skip_bad, self):
             m = FRAME_NAME.match(p.name)
             if not m:
+                ignored.append(p.relative_to(self.root))
                 continue
             rel = p.relative_to(self.root)
             folders = rel.parts[:-1]
@@ -594,6 +605,7 @@ class VideoFrames(ImageItems):
             insts.append("/".join(folders[:2]) if len(folders) >= 3 else None)
         if not paths:
             raise ViewsslError(f"no {self.item_noun} found", self.root)
+        _log_ignored(self.root, ignored, "frame_<number>.<jpg|jpeg|png>")
         self.categories, cat = _ids(cats)
         self.instances, inst = _ids(insts)
         self.sequences, seq = _ids(seqs)
