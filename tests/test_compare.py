@@ -1,0 +1,62 @@
+"""Smoke run of `viewssl compare`: every method trains two steps on a tiny benchmark; files and tables are produced."""
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from experiments.cli import cli
+
+TINY = dict(head_train=24, head_test=12, head_train_identities=6, head_test_identities=3, head_triplets=16,
+            head_sequences_train=2, head_sequences_test=1, frames=8)
+
+
+@pytest.fixture(scope="module")
+def tiny_bench(tmp_path_factory):
+    from common.data.synthetic import render_benchmark
+
+    root = tmp_path_factory.mktemp("bench") / "b"
+    render_benchmark(root, kinds=("heads", "head_triplets", "head_sequences"), size=32, scale="small",
+                     progress=False, **TINY)
+    return root
+
+
+def test_compare_smoke_writes_tables_and_plots(tiny_bench, tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = tmp_path / "cmp"
+        result = CliRunner().invoke(cli, ["--quiet", "compare", "--quick", "--data", str(tiny_bench), "--out", str(out),
+                                          "--steps-scale", "0.001", "--device", "cpu"], catch_exceptions=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "results.json").read_text())
+    assert set(data["runs"]) == {"ssv", "vicreg", "vicreg_traj", "simsiam_nearby", "simsiam_distant", "supervised"}
+    for name, runs in data["runs"].items():
+        assert runs[0]["steps"] == 2
+        assert 0 <= runs[0]["viewpoint_readout/readout/mae"] <= 180, name
+    for name in ("ssv", "supervised"):
+        assert 0 <= data["runs"][name][0]["viewpoint/calibrated/mae"] <= 180
+        assert "calibrated" in json.dumps(data["protocol"][name])
+    md = (out / "results.md").read_text()
+    table = [line for line in md.splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + 6 and all(line.count("|") == table[0].count("|") for line in table)
+    assert "| SSV (cpu preset) |" in md and "heads/test" in md
+    for png in ("per_angle_errors", "error_vs_azimuth", "sequence_pca", "ssv_azimuth_sweep"):
+        assert (out / f"{png}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({png}.png)" in md
+    assert "| method | readout az" in result.output
+
+
+def test_compare_refuses_a_benchmark_without_head_kinds(tmp_path):
+    (tmp_path / "b" / "heads").mkdir(parents=True)
+    result = CliRunner().invoke(cli, ["compare", "--data", str(tmp_path / "b"), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert "lacks head_triplets, head_sequences" in result.output and "Traceback" not in result.output
+
+
+def test_compare_unknown_method(tiny_bench, tmp_path):
+    result = CliRunner().invoke(cli, ["compare", "--data", str(tiny_bench), "--out", str(tmp_path / "o"),
+                                      "--methods", "ssv,byol"])
+    assert result.exit_code == 2 and "unknown method(s) byol" in result.output
