@@ -6,22 +6,20 @@ shortcut is taken.
 
 How it stays fast and exact (the FAISS "refine" idea, with a proof instead of a heuristic margin):
 
-1. A coarse pass multiplies the (float64-normalised) queries and gallery in a cheap dtype, **bfloat16** on a CPU with
-   AMX (fast bf16 matmul with float32 accumulation) and float32 otherwise (on CUDA too: its bf16 GEMMs may reduce in
-   reduced precision, which would void the bound; TF32 is accounted for when enabled), in query chunks whose
-   (chunk x gallery) similarity block stays under ``memory_budget`` bytes, into one reused buffer.
-2. It keeps ``k + margin`` candidates per query: block maxima over 16 columns (read as int16 keys for bf16) pick
-   the candidate blocks, and only those are sorted.
-3. Every coarse similarity is within a rigorous error bound of the exact one (rounding of the inputs, measured per
-   vector; accumulation; rounding of the output), so if the last candidate's upper bound lies below the k-th
-   candidate's lower bound no item outside the candidates can be in the exact top k. Rows where that certificate
-   fails (near-ties in a dense region) get a wider candidate set from the same coarse block, and rows that still
-   fail are recomputed over the whole gallery in the exact dtype.
-4. The candidates are re-scored in the exact dtype (one sampled dense-dense product over the candidate pattern) and
-   the top k taken.
-
-Ties between exactly equal similarities are broken arbitrarily (as any top-k). Memory stays at about
-``memory_budget`` plus one coarse and one exact copy of the normalised gallery.
+1. A coarse pass multiplies the normalised queries and gallery in a cheap dtype, **bfloat16** on a CPU with AMX
+   (fast bf16 matmul with float32 accumulation) and the exact dtype otherwise (on CUDA too: its bf16 GEMMs may
+   reduce in reduced precision, which would void the bound; TF32 is accounted for when enabled), in query chunks
+   whose (chunk x gallery) similarity block stays under ``memory_budget`` bytes, into one reused buffer.
+2. The gallery columns are partitioned into blocks of 16 (strided: columns j, j + nb, ...); per row the
+   ``k + margin`` blocks with the largest maxima are kept (int16 maxima of the bf16 bits, two-level top-k).
+3. Every coarse similarity b is within a rigorous bound E(b) of the exact cosine (rounding of both inputs, measured
+   per vector; accumulation; rounding of the output). With t_k the k-th largest block maximum the exact k-th
+   similarity is >= L = t_k - E(t_k); everything outside the kept blocks is <= tau (the last kept maximum), so if
+   tau + E(tau) < L the exact top k lies in the kept blocks (the row is *certified*). Rows that are not get more
+   blocks from the same coarse block of similarities, and rows that still are not are recomputed over the whole
+   gallery in the exact dtype.
+4. Inside the kept blocks only the entries with b + E(b) >= L can reach the top k; those (a few more than k) are
+   rescored in the exact dtype by one sampled dense-dense product over their ragged pattern, and the top k taken.
 
 :func:`knn_classify` is solo-learn's ``WeightedKNNClassifier`` (cosine): each of the k neighbours votes for its label
 with weight ``exp(sim / T)``; the class with the largest total wins (ties -> lowest class id). With ``k=1`` it is exact
@@ -30,6 +28,9 @@ nearest-neighbour classification.
 Neighbours can be excluded per query with ``train_groups`` / ``query_groups``: gallery item j is never a neighbour of
 query i when ``train_groups[j] == query_groups[i]`` (pass instance ids to exclude same-instance neighbours, or
 ``arange`` ids to exclude self-matches when the gallery is the query set). Groups < 0 never match.
+
+Ties between exactly equal similarities are broken arbitrarily (as by any top-k). Memory stays at about
+``memory_budget`` plus one coarse and one exact copy of the normalised gallery and queries.
 """
 from __future__ import annotations
 
