@@ -28,6 +28,8 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m experiments.bench_render
 	$(PY) -m experiments.bench_knn
+	$(PY) -m experiments.bench_encoder
+	$(PY) -m experiments.bench_ssv --preset paper --batch-size 2
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
