@@ -54,12 +54,13 @@ def _resume_target(out: Path, tag: str, resume: str | None) -> tuple[Path | None
               help="Semantic (view-invariance) objective.")
 @click.option("--traj-weight", type=float, default=0.0, show_default=True,
               help="Weight of the trajectory loss on unaugmented geodesic triplets (paper: 0.2; 0 = off). Needs "
-                   "DIR/triplets/train.")
+                   "DIR/triplets/train (--pairs dual: consecutive frames of DIR/sequences/train instead).")
 @click.option("--traj-layer", type=click.Choice(TRAJ_LAYERS), default="pooled", show_default=True,
               help="Features the trajectory loss straightens: pooled 512-d, or a flattened mid-layer map.")
 @click.option("--pairs", type=click.Choice(PAIR_MODES), default="augment", show_default=True,
               help="Positive pairs: two augmentations of one image (augment), or a frame and a partner of the same "
-                   "sequence at offset 0 (same), 1-2 frames (nearby) or anywhere (distant), from DIR/sequences/train.")
+                   "sequence at offset 0 (same), 1-2 frames (nearby) or anywhere (distant), from DIR/sequences/train; "
+                   "dual = two projector heads on one trunk, one on nearby and one on distant pairs, losses summed.")
 @click.option("--steps", type=click.IntRange(min=1), default=200, show_default=True,
               help="Total optimiser steps (a resumed run counts the steps already done).")
 @click.option("--batch-size", type=click.IntRange(min=2), default=32, show_default=True,
@@ -104,6 +105,7 @@ def train_encoder(data, method, traj_weight, traj_layer, pairs, steps, batch_siz
     Examples:
       viewssl train encoder --data bench --method vicreg --traj-weight 0.2
       viewssl train encoder --data bench --method simsiam --pairs nearby --steps 2000
+      viewssl train encoder --data bench --method simsiam --pairs dual --traj-weight 0.2
       torchrun --nproc_per_node 4 -m experiments.cli train encoder --data bench --batch-size 256
     """
     from common import distributed as dist_utils

@@ -5,7 +5,8 @@
 - :class:`SequenceFrames`: a ``labels.csv`` folder with ``sequence`` and ``frame`` columns (``DIR/sequences/train``);
   :meth:`SequenceFrames.partners` draws, in the main process with the global torch RNG, the positive partner of each
   frame at offset ``same`` (the frame itself), ``nearby`` (1-2 frames away) or ``distant`` (uniform over the rest of
-  its sequence), as SiamPose's pair strategies.
+  its sequence), as SiamPose's pair strategies; ``dual`` (the two-head model) uses a nearby and a distant partner
+  per frame, and :meth:`SequenceFrames.consecutive` gives the (previous, frame, next) triplets of its trajectory loss.
 
 Items are deterministic (the same index always gives the same tensors); every random choice is made by the trainer.
 """
@@ -25,7 +26,7 @@ from common.io import read_image
 
 log = logging.getLogger("viewssl.trajssl.data")
 
-PAIR_MODES = ("augment", "same", "nearby", "distant")
+PAIR_MODES = ("augment", "same", "nearby", "distant", "dual")
 
 __all__ = ["PAIR_MODES", "TripletFolder", "SequenceFrames", "ImageFolder", "find_split"]
 
@@ -117,6 +118,26 @@ class SequenceFrames(LabeledFolder):
         idx = np.asarray([int(i) for i in indices], dtype=np.int64)
         u = torch.rand(len(idx), dtype=torch.float64).numpy()
         return [int(i) for i in self._pairs[mode].partner_indices(idx, u)]
+
+    def consecutive(self, indices: torch.Tensor | list[int]) -> tuple[list[int], list[int], list[int]]:
+        """(previous, centre, next) rows of three consecutive frames (by frame rank in the sequence) around each
+        index, for the trajectory loss on sequences. The centre is the frame itself, moved one frame inwards at
+        either end of its sequence; a sequence of one or two frames repeats frames (a degenerate triplet, which
+        the trajectory loss counts as zero). Deterministic: no random draw."""
+        if not hasattr(self, "_rank_order"):
+            seq, frame = self.table.sequence_index, self.table.frame
+            n = len(seq)
+            order = np.lexsort((np.arange(n), frame, seq))
+            position = np.empty(n, dtype=np.int64)
+            position[order] = np.arange(n)
+            s = seq[order]
+            self._rank_order = (order, position, np.searchsorted(s, s, "left"), np.searchsorted(s, s, "right"))
+        order, position, first, end = self._rank_order
+        p = position[np.asarray([int(i) for i in indices], dtype=np.int64)]
+        lo, hi = first[p], end[p] - 1
+        c = np.where(hi - lo >= 2, np.clip(p, lo + 1, hi - 1), p)
+        left, right = np.maximum(c - 1, lo), np.minimum(c + 1, hi)
+        return tuple([int(i) for i in order[x]] for x in (left, c, right))
 
     def load(self, rows: list[int]) -> torch.Tensor:
         """Images of the given rows, (B, 3, S, S)."""

@@ -9,6 +9,13 @@ One step:
    the pooled features (default) or a flattened mid-layer map (``traj_layer``);
 4. one optimiser step; lr from the step index (warm-up + cosine), so resuming needs no scheduler state.
 
+``--pairs dual`` (one model that is pose-informed and instance-invariant at once, the open problem SiamPose states):
+one trunk, two sets of method heads, each frame drawn with a nearby *and* a distant partner. Head A ("heads") takes
+the loss on (frame, nearby partner), head B ("heads_distant") on (frame, distant partner), each pair augmented as in
+its single-purpose mode (4 backbone passes per step instead of 2); the losses are summed. With ``traj_weight > 0``
+the trajectory loss runs on (previous, frame, next) consecutive frames of the same sequences
+(:meth:`SequenceFrames.consecutive`), unaugmented, at ``traj_layer`` of the shared trunk.
+
 Under torchrun (WORLD_SIZE > 1) the whole network runs in one DistributedDataParallel forward, batch norms are
 synchronised (:mod:`trajssl.distributed`), InfoNCE / VICReg see the embeddings of all processes, and the batch is
 sharded by :func:`common.training.batch_iterator`. Online monitors: the mean per-dimension std of the normalised
@@ -115,15 +122,24 @@ def resolve_config(config: dict) -> dict:
 class SiameseNet(nn.Module):
     """Encoder + method heads, so that one DDP forward covers every backbone pass of a step."""
 
-    def __init__(self, encoder: nn.Module, method: nn.Module, traj_layer: str, tap_grid: int):
+    def __init__(self, encoder: nn.Module, method: nn.Module, traj_layer: str, tap_grid: int,
+                 method_b: nn.Module | None = None):
         super().__init__()
         self.encoder, self.method = encoder, method
+        if method_b is not None:  # --pairs dual: the distant-pair heads (not registered otherwise)
+            self.method_b = method_b
         self.traj_layer, self.tap_grid = traj_layer, tap_grid
 
-    def forward(self, v1: torch.Tensor, v2: torch.Tensor, triplet: torch.Tensor | None = None) -> dict:
+    def forward(self, v1: torch.Tensor, v2: torch.Tensor, triplet: torch.Tensor | None = None,
+                v3: torch.Tensor | None = None, v4: torch.Tensor | None = None) -> dict:
         h1 = self.encoder(v1)["pooled"]
         h2 = self.encoder(v2)["pooled"]
         out = {"v1": {"h": h1, **self.method.heads(h1)}, "v2": {"h": h2, **self.method.heads(h2)}}
+        if v3 is not None:
+            h3 = self.encoder(v3)["pooled"]
+            h4 = self.encoder(v4)["pooled"]
+            out["v3"] = {"h": h3, **self.method_b.heads(h3)}
+            out["v4"] = {"h": h4, **self.method_b.heads(h4)}
         if triplet is not None:
             f = self.encoder(triplet, taps=(self.traj_layer,))[self.traj_layer]
             out["traj"] = tap_vector(f, self.tap_grid)
@@ -151,20 +167,27 @@ class EncoderTrainer(Trainer):
 
         self.encoder = build_encoder(c).to(device)
         self.method = build_method(c["method"], self.encoder.feat_dim, c).to(device)
-        net = SiameseNet(self.encoder, self.method, c["traj_layer"], int(c["tap_grid"]))
+        self.dual = c["pairs"] == "dual"
+        self.method_b = build_method(c["method"], self.encoder.feat_dim, c).to(device) if self.dual else None
+        net = SiameseNet(self.encoder, self.method, c["traj_layer"], int(c["tap_grid"]), self.method_b)
         if self.world > 1:
             from .distributed import convert_sync_batchnorm
 
             net = convert_sync_batchnorm(net, device)
             self.encoder, self.method = net.encoder, net.method
+            self.method_b = getattr(net, "method_b", None)
             net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
         self.net = net
         parts = {"encoder": self.encoder, "projector": self.method.projector}
         if hasattr(self.method, "predictor"):
             parts["predictor"] = self.method.predictor
+        if self.dual:
+            parts["projector_distant"] = self.method_b.projector
+            if hasattr(self.method_b, "predictor"):
+                parts["predictor_distant"] = self.method_b.predictor
         self.optimizer = build_optimizer(parts, c["optimizer"], float(c["lr"]), float(c["weight_decay"]),
                                          momentum=float(c["momentum"]),
-                                         fixed_lr=("predictor",) if c["method"] == "simsiam" else ())
+                                         fixed_lr=("predictor", "predictor_distant") if c["method"] == "simsiam" else ())
         self.augment = SemanticViews(int(c["image_size"]), mode=c["augment"],
                                      crop_scale=(float(c["crop_scale_min"]), 1.0)).to(device)
         self._eval_cache = None
@@ -173,7 +196,7 @@ class EncoderTrainer(Trainer):
     def _build_data(self, c: dict) -> None:
         size, data = int(c["image_size"]), c["data"]
         self.triplets = self.frames = None
-        if c["traj_weight"] > 0:
+        if c["traj_weight"] > 0 and c["pairs"] != "dual":  # dual: consecutive frames of the sequences instead
             root = find_split(data, "triplets")
             if root is None:
                 raise ViewsslError("--traj-weight > 0 needs triplets: no triplets/train/labels.csv (with triplet and "
@@ -203,7 +226,12 @@ class EncoderTrainer(Trainer):
         if self.triplets is not None and self.source is not self.triplets:
             extra = batch_iterator(self.triplets, bs, seed + 1, start_step, num_workers=workers)
         for batch in main:
-            if self.frames is not None:
+            if self.frames is not None and c["pairs"] == "dual":
+                batch["partner"] = self.frames.load(self.frames.partners(batch["index"], "nearby"))
+                batch["partner_distant"] = self.frames.load(self.frames.partners(batch["index"], "distant"))
+                if c["traj_weight"] > 0:
+                    batch["triplet"] = torch.cat([self.frames.load(r) for r in self.frames.consecutive(batch["index"])])
+            elif self.frames is not None:
                 rows = self.frames.partners(batch["index"], c["pairs"])
                 batch["partner"] = self.frames.load(rows)
             if extra is not None:
@@ -215,6 +243,8 @@ class EncoderTrainer(Trainer):
 
     # --- training --------------------------------------------------------------------------------------------------
     def modules(self) -> dict[str, nn.Module]:
+        if self.dual:
+            return {"encoder": self.encoder, "heads": self.method, "heads_distant": self.method_b}
         return {"encoder": self.encoder, "heads": self.method}
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
@@ -235,8 +265,15 @@ class EncoderTrainer(Trainer):
         x2 = batch["partner"].to(dev, dtype, non_blocking=True) if "partner" in batch else x
         v1, v2 = self.augment(x, x2, sync_flip="partner" in batch)
         triplet = batch["triplet"].to(dev, dtype, non_blocking=True) if "triplet" in batch else None
-        out = self.net(v1, v2, triplet)
+        v3 = v4 = None
+        if self.dual:  # head B: the frame and its distant partner, augmented as --pairs distant does
+            v3, v4 = self.augment(x, batch["partner_distant"].to(dev, dtype, non_blocking=True), sync_flip=True)
+        out = self.net(v1, v2, triplet, v3, v4)
         terms = self.method.loss(out["v1"], out["v2"])
+        if self.dual:
+            far = self.method_b.loss(out["v3"], out["v4"])
+            terms = {"semantic": terms["semantic"] + far["semantic"],
+                     **{f"{k}_nearby": v for k, v in terms.items()}, **{f"{k}_distant": v for k, v in far.items()}}
         loss = terms["semantic"]
         if triplet is not None:
             traj = trajectory_loss(*out["traj"].chunk(3))
@@ -248,6 +285,8 @@ class EncoderTrainer(Trainer):
         terms = {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}}
         terms["std_z"] = embedding_spread(out["v1"]["z"])
         terms["std_h"] = embedding_spread(out["v1"]["h"])
+        if self.dual:
+            terms["std_z_distant"] = embedding_spread(out["v3"]["z"])
         terms["lr"] = torch.tensor(float(c["lr"]) * factor)
         return terms
 
