@@ -1,0 +1,415 @@
+"""Which frame pairs make Siamese features pose-informed, which make them instance-invariant, and can one model be
+both? SiamPose's Table 2 (same / nearby / distant pairs) on the synthetic object sequences, plus a two-head model.
+
+    python -m experiments.frame_pairs --data BENCH [--methods simsiam[,vicreg]] [--modes same,nearby,distant,dual]
+                                      [--dual-traj-weight 0.2] [--seeds 0,1,2] [--steps 1500] [--batch-size 32]
+                                      [--out runs/frame_pairs]
+    python -m experiments.frame_pairs --quick            # smoke test: tiny sequences, 2 steps, 2 seeds (minutes)
+
+For every method (SimSiam by default; VICReg with ``--methods simsiam,vicreg``), pair mode and seed it trains an
+encoder on ``BENCH/sequences/train`` (:mod:`trajssl.trainer`, ``--pairs same | nearby | distant | dual``) and
+evaluates the last checkpoint with the common evaluation module (:func:`common.eval.run_metrics`) on the sequences
+splits (``BENCH/sequences`` as a train/test split folder; the test sequences are other instances of the same
+categories):
+
+- pose-informed: SiamPose's zero-shot 9-DoF box fitting (``box_fit``: 1-NN train frame by cosine, oracle 2D box,
+  ground plane and intrinsics of the query; AP@0.5 = share of test frames with 3D IoU > 0.5, and the mean IoU), the
+  pose of that same 1-NN (median geodesic error of its rotation, computed here from the evaluation's cached
+  features), and a ridge readout of the viewpoint angles (``viewpoint_readout``, MAE);
+- instance-invariant: kNN category top-1 (``knn_class``, train -> test) and sequence re-identification mAP
+  (``reid``, within the test frames, the query itself excluded).
+
+``dual`` is the two-head model of :mod:`trajssl.trainer` (one trunk, head A on nearby pairs, head B on distant
+pairs, losses summed); with ``--dual-traj-weight w > 0`` a second dual row adds the trajectory loss on
+(previous, frame, next) consecutive frames. Features are read from the trunk (``pooled``, and ``layer3`` as the mid
+layer) and, as a separate table, from the projector heads themselves (each model's projector; the dual model's
+head A and head B). Reported as mean +- std over seeds; the dual rows also as paired per-seed differences to each
+single-purpose model.
+
+Writes ``OUT/results.json`` (every figure of every run, the aggregates, the protocol, the command and the wall
+time) and ``OUT/results.md``. Runs resume: each run lives in ``OUT/runs/<method>-<pairs>[-traj<w>]-s<seed>`` with
+its checkpoints and ``eval.json``; rerunning the command skips finished runs and continues interrupted ones. Without
+sequences in ``--data`` they are rendered there first (``--quick``: a tiny set).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import shlex
+import sys
+import time
+from pathlib import Path
+
+# torchvision (-> torch._dynamo -> triton) must be imported before the EGL renderer creates its context (see
+# experiments/traj_objects.py); trajssl imports torchvision at module level.
+import trajssl.encoders  # noqa: F401,E402  (must precede the renderer)
+import numpy as np
+import torch
+
+from common.errors import ViewsslError
+from common.io import atomic_write_bytes, atomic_write_json
+
+from .traj_objects import _fmt, _stats, paired_deltas
+
+log = logging.getLogger("viewssl.experiments.frame_pairs")
+
+MODES = ("same", "nearby", "distant", "dual")
+TRUNK_TAPS = ("pooled", "layer3")
+TAP_TITLES = {"pooled": "trunk, final layer (pooled, 512-d)", "layer3": "trunk, mid layer (layer3 map pooled to 4x4)",
+              "head": "projector heads (each model's projector output; dual: head A = nearby, head B = distant)"}
+#: (column title, result key with {tap}, scale, higher is better, kind)
+COLUMNS = [
+    ("box AP@0.5 %", "box_fit/{tap}/ap_50", 100.0, True, "pose"),
+    ("box mean IoU %", "box_fit/{tap}/mean_iou", 100.0, True, "pose"),
+    ("pose 1-NN med deg", "pose_nn/{tap}/median_geodesic", 1.0, False, "pose"),
+    ("pose readout MAE deg", "viewpoint_readout/{tap}/readout/mae", 1.0, False, "pose"),
+    ("class kNN %", "knn_class/{tap}/top1", 100.0, True, "instance"),
+    ("re-ID mAP %", "reid/{tap}/map", 100.0, True, "instance"),
+    ("re-ID top-1 %", "reid/{tap}/top1", 100.0, True, "instance"),
+]
+METRICS = ["box_fit", "viewpoint_readout", "knn_class", "reid"]
+#: tiny sequences for --quick: 3 categories, 1 train + 1 test instance each, 12 frames
+QUICK_BENCH = dict(sequence_categories=("car", "mug", "chair"), frames=12)
+PAPER_NOTE = ("SiamPose (Jean, St-Charles et al.; paper tables not retrievable here, see "
+              "shared/reference/trajssl_and_siampose.md): nearby frame pairs give pose-informed latents (better "
+              "zero-shot box fitting) and distant pairs instance-invariant ones (better re-identification / "
+              "classification); a model with both is stated as open.")
+
+
+def variant_name(method: str, pairs: str, traj_weight: float) -> str:
+    return f"{method}-{pairs}" + (f"-traj{traj_weight:g}" if traj_weight > 0 else "")
+
+
+def run_name(method: str, pairs: str, traj_weight: float, seed: int) -> str:
+    return f"{variant_name(method, pairs, traj_weight)}-s{seed}"
+
+
+def variant_title(method: str, pairs: str, traj_weight: float) -> str:
+    name = {"same": "same frame", "nearby": "nearby frames", "distant": "distant frames",
+            "dual": "dual: nearby + distant heads"}[pairs]
+    return f"{method}, {name}" + (f" + traj {traj_weight:g}" if traj_weight > 0 else "")
+
+
+def ensure_benchmark(data: Path, quick: bool, size: int) -> Path:
+    """Use ``data`` if it holds sequences; otherwise render them there."""
+    if (data / "sequences" / "train" / "labels.csv").is_file() and (data / "sequences" / "test" / "labels.csv").is_file():
+        return data
+    from common.data.synthetic import render_benchmark
+
+    log.info("rendering the %s sequences into %s", "quick" if quick else "full", data)
+    render_benchmark(data, kinds=("sequences",), size=size, scale="small" if quick else "full", seed=0,
+                     progress=not quick, **(QUICK_BENCH if quick else {}))
+    return data
+
+
+class HeadTaps:
+    """A trained encoder as a PoseModel whose taps also include the projector outputs: ``head`` (the run's
+    ``heads`` module, i.e. head A of a dual model) and, for a dual model, ``head_distant`` (head B)."""
+
+    family = "encoder"
+
+    def __init__(self, ckpt: dict, device: torch.device):
+        from trajssl.methods import build_method
+        from trajssl.model_io import load_encoder_model
+
+        self.base = load_encoder_model(ckpt, device)
+        self.input_size, self.device = self.base.input_size, self.base.device
+        config = ckpt["config"]
+        self.heads = {}
+        for tap, module in (("head", "heads"), ("head_distant", "heads_distant")):
+            if module in ckpt["modules"]:
+                m = build_method(config["method"], self.base.encoder.feat_dim, config)
+                m.load_state_dict(ckpt["modules"][module])
+                self.heads[tap] = m.to(self.device).eval()
+        self.taps = list(self.base.taps) + list(self.heads)
+
+    def predict_angles(self, images):
+        return None
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor, taps=("pooled",)) -> dict[str, torch.Tensor]:
+        trunk = [t for t in taps if t not in self.heads]
+        need = list(dict.fromkeys(trunk + (["pooled"] if len(trunk) < len(taps) else [])))
+        f = self.base.features(images, need)
+        return {t: self.heads[t].projector(f["pooled"]).float() if t in self.heads else f[t] for t in taps}
+
+
+def pose_nearest_neighbour(model, ctx, taps) -> dict[str, float]:
+    """Rotation error of the 1-NN training frame (cosine, the neighbour box_fit uses) for every test frame, per tap:
+    ``pose_nn/<tap>/{median_geodesic, mean_geodesic, acc_30}``. Reads the features cached in the context."""
+    from common.eval.knn import knn_search
+    from common.eval.pose import geodesic_errors_deg, geodesic_summary
+    from common.geometry import angles_to_matrix
+
+    tr_o, q_o = ctx.outputs(model, "", "train"), ctx.outputs(model, "", ctx.split)
+    rot_tr = angles_to_matrix(*tr_o.true_angles.unbind(-1))
+    rot_q = angles_to_matrix(*q_o.true_angles.unbind(-1))
+    out = {}
+    for tap in taps:
+        nn_idx = knn_search(ctx.features(model, "", "train", tap), ctx.features(model, "", ctx.split, tap), 1)
+        errs = geodesic_errors_deg(rot_tr[nn_idx.indices[:, 0].cpu()], rot_q)
+        out.update({f"pose_nn/{tap}/{k}": v for k, v in geodesic_summary(errs).items()})
+    return out
+
+
+def evaluate_run(ckpt: dict, bench: Path, device: torch.device, seed: int, eval_options: dict) -> tuple[dict, dict, dict]:
+    """(metrics, protocol, skipped) of one checkpoint on ``bench/sequences`` (train = gallery, test = queries)."""
+    from common.eval import run_metrics
+    from common.eval.context import DataSource, EvalContext
+
+    model = HeadTaps(ckpt, device)
+    taps = list(TRUNK_TAPS) + list(model.heads)
+    ctx = EvalContext(source=DataSource.detect(bench / "sequences"), split="test", device=device, seed=seed,
+                      taps=taps, **eval_options)
+    res = run_metrics(model, metrics=METRICS, context=ctx)
+    metrics = {**dict(res), **pose_nearest_neighbour(model, ctx, taps)}
+    protocol = {**res.protocol, "pose_nn": {
+        "gallery": "sequences/train", "queries": "sequences/test", "neighbour": "1-NN cosine (as box_fit)",
+        "error": "geodesic angle between the neighbour's and the query's camera-frame rotation, degrees"}}
+    return metrics, protocol, dict(res.skipped)
+
+
+def train_and_evaluate(bench: Path, run_dir: Path, config: dict, device: torch.device, eval_options: dict,
+                       progress: bool = True) -> dict:
+    """Train (or resume) one run and evaluate its last checkpoint; cached in ``run_dir/eval.json``."""
+    import json
+
+    from common.training import find_checkpoint, fit
+    from trajssl.trainer import EncoderTrainer
+
+    cache = run_dir / "eval.json"
+    if cache.is_file():
+        saved = json.loads(cache.read_text())
+        if saved.get("config") == config and saved.get("eval_options") == eval_options:
+            log.info("%s: finished earlier, reusing %s", run_dir.name, cache)
+            return saved
+    steps = int(config["steps"])
+    trainer = EncoderTrainer(config, device)
+    t0 = time.perf_counter()
+    result = fit(trainer, run_dir, steps=steps, checkpoint_every=max(steps // 5, 1),
+                 log_every=max(min(steps // 50, 50), 1), eval_every=0, resume="auto", progress=progress)
+    trained = steps - int(result["start_step"])
+    train_seconds = time.perf_counter() - t0
+    ckpt, path = find_checkpoint(run_dir)
+    t1 = time.perf_counter()
+    metrics, protocol, skipped = evaluate_run(ckpt, bench, device, int(config["seed"]), eval_options)
+    out = {
+        "config": config, "eval_options": eval_options, "checkpoint": str(path), "metrics": metrics,
+        "skipped": skipped, "protocol": protocol, "train_seconds": train_seconds, "trained_steps": trained,
+        "sec_per_step": train_seconds / trained if trained else None,
+        "eval_seconds": time.perf_counter() - t1, "final_terms": result.get("terms", {}),
+    }
+    atomic_write_json(out, cache)
+    return out
+
+
+def _variant(config: dict) -> str:
+    return variant_name(config["method"], config["pairs"], float(config["traj_weight"]))
+
+
+def aggregate(runs: list[dict]) -> dict:
+    """{variant: {key: stats over seeds}} with variant = "<method>-<pairs>[-traj<w>]"."""
+    groups: dict[str, list[dict]] = {}
+    for r in runs:
+        groups.setdefault(_variant(r["config"]), []).append(r)
+    return {g: {k: _stats([r["metrics"].get(k) for r in rs]) for k in sorted({k for r in rs for k in r["metrics"]})}
+            for g, rs in groups.items()}
+
+
+def dual_deltas(runs: list[dict], tap: str = "pooled") -> dict:
+    """Paired per-seed differences (dual variant minus single-purpose variant) on every column, for each method,
+    dual variant and single mode: ``{"<dual variant> - <single variant>": {column key: stats}}``."""
+    out = {}
+    variants = {(r["config"]["method"], r["config"]["pairs"], float(r["config"]["traj_weight"])) for r in runs}
+    for m, p, w in sorted(variants):
+        if p != "dual":
+            continue
+        for single in ("nearby", "distant"):
+            if (m, single, 0.0) not in variants:
+                continue
+            name = f"{variant_name(m, p, w)} - {variant_name(m, single, 0.0)}"
+            out[name] = {key.format(tap=tap): paired_deltas(
+                runs, key.format(tap=tap), key.format(tap=tap),
+                lambda c, m=m, s=single: (c["method"], c["pairs"], float(c["traj_weight"])) == (m, s, 0.0),
+                lambda c, m=m, p=p, w=w: (c["method"], c["pairs"], float(c["traj_weight"])) == (m, p, w))
+                for _, key, _, _, _ in COLUMNS}
+    return out
+
+
+def _ordered_variants(runs: list[dict]) -> list[tuple[str, str, float]]:
+    order = {m: i for i, m in enumerate(MODES)}
+    variants = {(r["config"]["method"], r["config"]["pairs"], float(r["config"]["traj_weight"])) for r in runs}
+    return sorted(variants, key=lambda v: (v[0] != "simsiam", v[0], order.get(v[1], 9), v[2]))
+
+
+def _row(title: str, stats: dict, tap: str) -> str:
+    cells = [_fmt(stats.get(key.format(tap=tap), {}), scale) for _, key, scale, _, _ in COLUMNS]
+    return f"| {title} | " + " | ".join(cells) + " |"
+
+
+def _claim_sentence(agg: dict, runs: list[dict], method: str, tap: str = "pooled") -> list[str]:
+    """Whether nearby beats distant on the pose columns and distant beats nearby on the instance columns (paired
+    by seed), one honest line per column."""
+    near, far = variant_name(method, "nearby", 0.0), variant_name(method, "distant", 0.0)
+    if near not in agg or far not in agg:
+        return []
+    lines = []
+    for title, key, scale, higher, kind in COLUMNS:
+        k = key.format(tap=tap)
+        d = paired_deltas(runs, k, k, lambda c: _variant(c) == far, lambda c: _variant(c) == near)
+        if d["n"] == 0 or not math.isfinite(d["mean"]):
+            continue
+        head = f"- {title}: nearby minus distant {d['mean'] * scale:+.1f} ± {d['std'] * scale:.1f}"
+        if d["mean"] == 0:
+            lines.append(f"{head} (no difference; SiamPose expects {'nearby' if kind == 'pose' else 'distant'} "
+                         "better).")
+            continue
+        near_better = (d["mean"] > 0) == higher
+        clear = d["n"] > 1 and abs(d["mean"]) > 2 * d["std"] / math.sqrt(d["n"])
+        verdict = "as SiamPose" if near_better == (kind == "pose") else "**opposite to SiamPose**"
+        lines.append(f"{head} ({'nearby' if near_better else 'distant'} better, {verdict}; "
+                     f"{'beyond' if clear else 'within'} 2 standard errors over {d['n']} seed(s)).")
+    return lines
+
+
+def format_markdown(runs: list[dict], agg: dict, args: dict) -> str:
+    variants = _ordered_variants(runs)
+    seeds = sorted({r["config"]["seed"] for r in runs})
+    head = "| model | " + " | ".join(c[0] for c in COLUMNS) + " |"
+    rule = "|---|" + "---|" * len(COLUMNS)
+    quick = " (QUICK smoke run: numbers are meaningless)" if args["quick"] else ""
+    lines = ["# Frame pairs on the synthetic object sequences (SiamPose Table 2 analog) and a two-head model", "",
+             f"{len(runs)} runs: {len(variants)} variants x seeds {', '.join(map(str, seeds))}; {args['steps']} "
+             f"steps, batch {args['batch_size']}, {args['image_size']} px, {args['stem']} stem{quick}.",
+             "Trained on `sequences/train`; box fit and pose 1-NN: gallery `sequences/train`, queries "
+             "`sequences/test` (other instances of the same categories); pose readout: ridge on train, scored on "
+             "test; class kNN: category, train -> test; re-ID: within `sequences/test`. Mean ± std over seeds. "
+             "Pose-informed columns first (box, pose), instance-invariant ones last (class, re-ID).", ""]
+    for tap in (*TRUNK_TAPS, "head"):
+        lines += [f"## {TAP_TITLES[tap]}", "", head, rule]
+        for m, p, w in variants:
+            g = agg[variant_name(m, p, w)]
+            if tap == "head" and p == "dual":
+                lines.append(_row(variant_title(m, p, w) + ", head A (nearby)", g, "head"))
+                lines.append(_row(variant_title(m, p, w) + ", head B (distant)", g, "head_distant"))
+            else:
+                lines.append(_row(variant_title(m, p, w), g, tap))
+        if tap == "pooled":  # the random-neighbour baseline depends on the seed only: one run per seed
+            first = [r for r in runs if _variant(r["config"]) == variant_name(*variants[0])]
+            cells = [_fmt(_stats([r["metrics"].get(f"box_fit/pooled/random_neighbor/{k}") for r in first]), 100.0)
+                     for k in ("ap_50", "mean_iou")]
+            lines.append("| random train frame (box baseline) | " + " | ".join(cells + ["n/a"] * (len(COLUMNS) - 2))
+                         + " |")
+        lines.append("")
+    deltas = dual_deltas(runs)
+    if deltas:
+        lines += ["## One model that has both? Dual minus each single-purpose model (pooled trunk; paired by seed; "
+                  "points or degrees)", "", "| comparison | " + " | ".join(c[0] for c in COLUMNS) + " |", rule]
+        for name, d in deltas.items():
+            lines.append(f"| {name} | " + " | ".join(_fmt(d[key.format(tap='pooled')], scale)
+                                                     for _, key, scale, _, _ in COLUMNS) + " |")
+        lines += ["", "Read: the dual model has both if it is no worse than `nearby` on the pose columns (box: "
+                  "higher is better, degrees: lower) and no worse than `distant` on the instance columns.", ""]
+    lines += ["## Against SiamPose's claim (pooled trunk)", ""]
+    for m in sorted({v[0] for v in variants}):
+        claim = _claim_sentence(agg, runs, m)
+        if claim:
+            lines += [f"{m}:"] + claim + [""]
+    lines += [PAPER_NOTE, ""]
+    secs = {}
+    for r in runs:
+        if r.get("sec_per_step"):
+            secs.setdefault(r["config"]["pairs"] + (" + traj" if r["config"]["traj_weight"] > 0 else ""), []).append(
+                r["sec_per_step"])
+    if secs:
+        lines.append("Training s/step (median): " + ", ".join(f"{k} {np.median(v):.2f}" for k, v in secs.items())
+                     + f"; evaluation median {np.median([r['eval_seconds'] for r in runs]):.0f} s per run.")
+    if args.get("command"):
+        lines.append(f"Command: `{args['command']}`; wall time {args.get('wall_seconds', 0):.0f} s.")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, default=None, help="benchmark root (sequences rendered there if missing)")
+    p.add_argument("--out", type=Path, default=None, help="output folder [runs/frame_pairs or runs/frame_pairs-quick]")
+    p.add_argument("--methods", default="simsiam", help="comma-separated: simsiam, vicreg, simclr [simsiam]")
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated pair modes [{','.join(MODES)}]")
+    p.add_argument("--dual-traj-weight", type=float, default=0.2,
+                   help="extra dual row with the trajectory loss on consecutive frames at this weight (0 = none)")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds [0,1,2; quick: 0,1]")
+    p.add_argument("--steps", type=int, default=None, help="training steps per run [1500; quick: 2]")
+    p.add_argument("--batch-size", type=int, default=None, help="[32; quick: 8]")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--stem", choices=["imagenet", "small"], default="imagenet",
+                   help="ResNet-18 stem (imagenet at 64 px costs about a quarter of small at 32 px)")
+    p.add_argument("--render-size", type=int, default=64, help="pixel size when rendering the sequences")
+    p.add_argument("--box-queries", type=int, default=1000, help="test frames scored by the box fit (SiamPose: 1000)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quick", action="store_true", help="smoke test: tiny sequences, 2 steps, 2 seeds")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+    from common.cli import resolve_device
+    from trajssl.methods import METHODS as KNOWN
+
+    q = args.quick
+    seeds = [int(s) for s in (args.seeds or ("0,1" if q else "0,1,2")).split(",") if s.strip()]
+    steps = args.steps or (2 if q else 1500)
+    batch = args.batch_size or (8 if q else 32)
+    out = args.out or Path("runs/frame_pairs-quick" if q else "runs/frame_pairs")
+    data = args.data or (out / "benchmark")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in methods if m not in KNOWN] + [m for m in modes if m not in MODES]
+    if bad or not methods or not modes:
+        raise SystemExit(f"Error: --methods / --modes: unknown {', '.join(bad) or 'empty list'} (methods: "
+                         f"{', '.join(KNOWN)}; modes: {', '.join(MODES)})")
+    device = resolve_device(args.device)
+    try:
+        bench = ensure_benchmark(data, q, args.render_size)
+    except ViewsslError as e:
+        raise SystemExit(f"Error: {e}")
+    command = "python -m experiments.frame_pairs " + " ".join(shlex.quote(a) for a in argv)
+    eval_options = {"box_queries": args.box_queries}
+    t0 = time.perf_counter()
+    plan = []
+    for m in methods:
+        for mode in modes:
+            weights = [0.0] + ([args.dual_traj_weight] if mode == "dual" and args.dual_traj_weight > 0 else [])
+            plan += [(m, mode, w, s) for w in weights for s in seeds]
+    runs = []
+    for i, (m, mode, w, s) in enumerate(plan):
+        config = {"method": m, "pairs": mode, "traj_weight": w, "data": str(bench), "seed": s, "steps": steps,
+                  "batch_size": batch, "image_size": args.image_size, "small_stem": args.stem == "small"}
+        run_dir = out / "runs" / run_name(m, mode, w, s)
+        log.info("[%d/%d] %s", i + 1, len(plan), run_dir)
+        try:
+            runs.append(train_and_evaluate(bench, run_dir, config, device, eval_options, progress=not q))
+        except ViewsslError as e:
+            raise SystemExit(f"Error: {e}")
+    agg = aggregate(runs)
+    wall = time.perf_counter() - t0
+    summary = {"quick": q, "steps": steps, "batch_size": batch, "image_size": args.image_size, "stem": args.stem,
+               "command": command, "wall_seconds": wall}
+    md = format_markdown(runs, agg, summary)
+    result = {"settings": {**summary, "seeds": seeds, "methods": methods, "modes": modes,
+                           "dual_traj_weight": args.dual_traj_weight, "data": str(bench), "eval": eval_options,
+                           "device": str(device)},
+              "columns": [{"title": t, "key": k, "scale": sc, "higher_is_better": h, "kind": kind}
+                          for t, k, sc, h, kind in COLUMNS],
+              "aggregate": agg, "dual_deltas": {tap: dual_deltas(runs, tap) for tap in TRUNK_TAPS},
+              "protocol": runs[0]["protocol"] if runs else {}, "runs": runs}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(result, out / "results.json")
+    atomic_write_bytes(out / "results.md", md.encode())
+    print(md)
+    print(f"results: {out / 'results.md'}, {out / 'results.json'}")
+    print(f"wall time {wall:.0f} s; command: {command}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
