@@ -590,3 +590,23 @@ def test_layout_misfits_are_left_out_with_a_count(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="viewssl.data.folders"):
         ds = VideoFrames(tmp_path, size=4)
     assert len(ds) == 2 and "left out 1 images" in caplog.text and "thumb.jpg" in caplog.text
+
+
+def test_export_labels_round_trip(tmp_path):
+    from common.data.formats import export_labels
+
+    write_biwi(tmp_path / "biwi", sessions=("01",))
+    ds = BIWI(tmp_path / "biwi", size=16, detector="center")
+    out = export_labels(ds, tmp_path / "crops", progress=False)
+    back = open_dataset(out, size=16)
+    assert isinstance(back, CheckedLabeledFolder) and len(back) == len(ds)
+    for i in range(len(ds)):
+        a, b = ds[i], back[i]
+        torch.testing.assert_close(a["angles"], b["angles"], atol=1e-5, rtol=0)
+        assert (a["sequence"], a["frame"]) == (b["sequence"], b["frame"])
+        assert (a["image"] - b["image"]).abs().max() < 1 / 255 + 1e-6
+    with pytest.raises(ViewsslError, match="already holds"):
+        export_labels(ds, out, progress=False)
+    write_video(tmp_path / "vid", seq_lengths=(1,))
+    with pytest.raises(ViewsslError, match="no angles"):
+        export_labels(VideoFrames(tmp_path / "vid", size=4), tmp_path / "x", progress=False)

@@ -531,7 +531,11 @@ class FaceAlignmentDetector:
         return self._fa
 
     def detect(self, image: np.ndarray, prior=None):
-        found = self._model().get_landmarks_from_image(image)
+        import warnings
+
+        with warnings.catch_warnings():  # "No faces were detected." per frame; the fallback is logged by the caller
+            warnings.simplefilter("ignore", UserWarning)
+            found = self._model().get_landmarks_from_image(image)
         if not found:
             return None
         boxes = [face_box_from_landmarks(np.asarray(p)[:, :2]) for p in found]

@@ -49,7 +49,7 @@ from .labels import LABELS_FILE, LabeledFolder
 
 log = logging.getLogger("viewssl.data.formats")
 
-__all__ = ["KINDS", "open_dataset", "detect_format", "resolve_split", "CheckedLabeledFolder"]
+__all__ = ["KINDS", "open_dataset", "detect_format", "resolve_split", "CheckedLabeledFolder", "export_labels"]
 
 
 class CheckedLabeledFolder(LabeledFolder):
@@ -239,3 +239,36 @@ def open_dataset(path: str | os.PathLike, size: int | None = 64, split: str | No
     dataset = cls(root, size=size, **kwargs)
     log.info("opened %s as %s: %d items", root, name, len(dataset))
     return dataset
+
+
+def export_labels(dataset, out: str | os.PathLike, progress: bool = True) -> Path:
+    """Write every item of a labelled dataset as ``out/images/<index>.png`` + ``out/labels.csv`` (angles, and the
+    category / instance / sequence / frame ids where known), so slow crops (BIWI's detector, 300W-LP's .mat reads)
+    are computed once and later runs open a plain ``labels.csv`` folder. Items whose angles are not finite are an
+    error (``labels.csv`` holds labelled images only). Returns ``out``."""
+    from tqdm import tqdm
+
+    from ..io import write_image
+    from .labels import write_labels
+
+    out = Path(out)
+    if (out / LABELS_FILE).exists():
+        raise ViewsslError(f"already holds a {LABELS_FILE}; choose an empty folder", out)
+    rows = []
+    width = max(6, len(str(len(dataset))))
+    for i in tqdm(range(len(dataset)), desc=f"export {out.name}", unit="img", disable=not progress):
+        item = dataset[i]
+        angles = item["angles"]
+        if not bool(np.isfinite(angles.numpy()).all()):
+            where = getattr(dataset, "paths", None)
+            raise ViewsslError(f"item {i} has no angles; only labelled datasets can be exported to {LABELS_FILE}",
+                               where[i] if where is not None else None)
+        rel = f"images/{int(item['index']):0{width}d}.png"
+        write_image(out / rel, item["image"])
+        row = {"path": rel, "azimuth": float(angles[0]), "elevation": float(angles[1]), "tilt": float(angles[2])}
+        for key in ("category", "instance", "sequence", "frame"):
+            row[key] = "" if int(item[key]) < 0 else int(item[key])
+        rows.append(row)
+    write_labels(out / LABELS_FILE, rows)
+    log.info("exported %d items to %s", len(rows), out)
+    return out
