@@ -61,8 +61,8 @@ import numpy as np
 import torch
 
 from ..errors import ViewsslError
-from ..geometry import angles_to_matrix, axis_rotation, matrix_to_angles
-from .folders import ImageItems, _ids, _inside_only, list_images, load_rgb, natural_key, require_folder
+from ..geometry import axis_rotation, matrix_to_angles
+from .folders import ImageItems, _ids, _inside_only, list_images, load_rgb, natural_key
 
 log = logging.getLogger("viewssl.data.faces")
 
@@ -203,7 +203,8 @@ class FaceMatFolder(ImageItems):
     ``<subset>_Flip`` image without its own file, the unflipped image's points mirrored), then ``pt3d_68`` in the
     image's .mat (AFLW2000), then ``pt2d`` if it has 68 points (300W-LP's .mat; note TFDS calls these the *origin*
     landmarks, i.e. of the source photo, so for the synthesised large-pose views the separate landmarks file is
-    preferred). No landmarks is an error naming the .mat.
+    preferred). No landmarks is an error naming the .mat. The top-level ``landmarks/`` and ``Code/`` folders of
+    300W-LP are not searched for images.
 
     Ids: ``instance`` = the source face of a 300W-LP image (``AFW/AFW_134212_1`` for ``AFW/AFW_134212_1_5.jpg``, the
     views synthesised from one photo share it), -1 for AFLW2000; ``category``, ``sequence``, ``frame`` = -1.
@@ -222,8 +223,9 @@ class FaceMatFolder(ImageItems):
             raise ViewsslError(f"angles={angles!r}: expected one of {', '.join(ANGLE_MODES)}")
         self.angle_mode = angles
         self.landmarks_root = self.root / "landmarks" if (self.root / "landmarks").is_dir() else None
+        skip_dirs = [self.root / "landmarks", self.root / "Code"]  # 300W-LP's landmark files and Matlab code
         images = [p for p in list_images(self.root, (".jpg", ".jpeg", ".png"))
-                  if self.landmarks_root is None or self.landmarks_root not in p.parents]
+                  if not any(d in p.parents for d in skip_dirs)]
         images = _inside_only(self.root, images, self.skip_bad, self)
         paths, instances, missing = [], [], []
         for p in images:

@@ -37,7 +37,6 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
