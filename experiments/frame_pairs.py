@@ -267,7 +267,7 @@ def _claim_sentence(agg: dict, runs: list[dict], method: str, tap: str = "pooled
             continue
         near_better = (d["mean"] > 0) == higher
         clear = d["n"] > 1 and abs(d["mean"]) > 2 * d["std"] / math.sqrt(d["n"])
-        verdict = "as SiamPose" if near_better == (kind == "pose") else "**opposite to SiamPose**"
+        verdict = "as SiamPose's claim" if near_better == (kind == "pose") else "**against SiamPose's claim**"
         lines.append(f"{head} ({'nearby' if near_better else 'distant'} better, {verdict}; "
                      f"{'beyond' if clear else 'within'} 2 standard errors over {d['n']} seed(s)).")
     return lines
