@@ -1,6 +1,8 @@
 """kNN search / classification against scikit-learn and a direct NumPy computation."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -172,3 +174,21 @@ def test_coarse_error_bound_holds_for_every_pair(coarse):
     if coarse != torch.float32:
         assert float(q_res.max()) > 0  # the query side's rounding is measured, not assumed away
         assert float(err.max()) > 0.05 * float(bound.total(q_res, b).max())  # and the bound is not vacuous
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_floor_to_dtype(dtype):
+    from common.eval.knn import _floor_to
+
+    x = torch.tensor([0.2, -0.2, 1e-3, -1e-3, 0.0, 0.123456789, -0.987654321, -math.inf, 3.0], dtype=torch.float64)
+    x = torch.cat([x, torch.randn(1000, dtype=torch.float64)])
+    y = _floor_to(x, dtype)
+    assert y.dtype == dtype
+    assert (y.double() <= x).all()
+    # ... and it is the largest such value: the next value up in that dtype exceeds x.
+    finite = torch.isfinite(x)
+    nxt = torch.nextafter(y.float(), torch.tensor(math.inf)).to(dtype) if dtype == torch.float32 else None
+    if nxt is not None:
+        assert (nxt.double()[finite] > x[finite]).all()
+    else:
+        assert ((x - y.double())[finite] <= x.abs()[finite] * 2.0 ** -7 + 1e-7).all()

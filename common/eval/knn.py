@@ -147,6 +147,21 @@ def _top_blocks(sims: torch.Tensor, width: int, block: int) -> tuple[torch.Tenso
     return top, vals.double()
 
 
+def _floor_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The largest value of ``dtype`` that is <= ``x`` (float64), elementwise: round to nearest, then step one ulp
+    down (on the integer bit pattern) where that rounded up."""
+    y = x.to(dtype)
+    if dtype == torch.float64:
+        return y
+    up = y.double() > x
+    if not up.any():
+        return y
+    int_type = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}[dtype]
+    bits = y.view(int_type)
+    step = torch.where(y > 0, bits - 1, torch.where(y < 0, bits + 1, torch.full_like(bits, torch.iinfo(int_type).min + 1)))
+    return torch.where(up, step.view(dtype), y)
+
+
 def _tier(sims, q, train_unit, width, k, block, bound: "_ErrorBound", q_resid, n):
     """Candidates from the ``width`` best blocks of each row, a certificate, and exact rescoring of the candidates
     that can still be in the top k. Returns (ok (R,) bool, top-k exact values (R, k), their columns (R, k)).
@@ -171,9 +186,7 @@ def _tier(sims, q, train_unit, width, k, block, bound: "_ErrorBound", q_resid, n
     # b + E(b) >= low  <=>  b >= b* (b + E(b) is increasing): solve per row, widen by a hair for the float32 compare.
     num = low - eps
     b_star = torch.where(num >= 0, num / (1 + u), num / (1 - u))
-    # Compared in the coarse dtype (no conversion pass): lowered by a relative 2^-7 first, more than the rounding of
-    # the threshold to 16 bits can raise it, so the window only ever grows.
-    thr = (b_star - b_star.abs() * 2.0**-7 - 1e-30).to(vals.dtype)
+    thr = _floor_to(b_star, vals.dtype)  # compared in the coarse dtype: no conversion pass over the values
     window = (vals >= thr[:, None]) & (vals != -math.inf)
     rows, pos = window.nonzero().unbind(1)  # row-major: rows ascending
     cols = top[rows, pos % width] + (pos // width) * nb
