@@ -90,15 +90,15 @@ def _prepare(x: torch.Tensor, exact: torch.dtype, coarse: torch.dtype, device: t
     unit = torch.empty(n, d, dtype=exact, device=device)
     low = torch.zeros(pad_to, d, dtype=coarse, device=device) if coarse != exact else None
     resid = torch.zeros(n, dtype=torch.float64, device=device)
-    step = max(1, (32 * 2**20) // max(1, d * 4))
+    step = max(1, (8 * 2**20) // max(1, d * 4))  # cache-sized steps: each is read a few times
     for s in range(0, n, step):
         e = min(n, s + step)
         xe = x[s:e].to(device=device, dtype=exact)
-        unit[s:e] = xe / torch.linalg.vector_norm(xe, dim=1, keepdim=True).clamp_min(1e-30)
+        torch.div(xe, torch.linalg.vector_norm(xe, dim=1, keepdim=True).clamp_min(1e-30), out=unit[s:e])
         if low is not None:
             low[s:e] = unit[s:e]
             # unit - low is exact in the exact dtype (low is unit rounded to fewer bits); its norm to ~d ulps.
-            r = torch.linalg.vector_norm(unit[s:e] - low[s:e].to(exact), dim=1).double()
+            r = torch.linalg.vector_norm(unit[s:e] - low[s:e], dim=1).double()
             resid[s:e] = r * (1 + 2 * d * _unit_roundoff(exact))
     if low is None:
         low = unit if pad_to == n else torch.cat([unit, unit.new_zeros(pad_to - n, d)])
