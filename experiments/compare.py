@@ -46,14 +46,14 @@ class Method:
 
 
 METHODS: dict[str, Method] = {
-    "ssv": Method("SSV (cpu preset)", "ssv", "heads/train", {}, (200, 4000)),
-    "vicreg": Method("VICReg", "encoder", "heads/train", {"method": "vicreg"}, (80, 1500)),
+    "ssv": Method("SSV (cpu preset)", "ssv", "heads/train", {}, (150, 4000)),
+    "vicreg": Method("VICReg", "encoder", "heads/train", {"method": "vicreg"}, (60, 1500)),
     "vicreg_traj": Method("VICReg + trajectory", "encoder", "head_triplets/train",
-                          {"method": "vicreg", "traj_weight": 0.2}, (80, 1500)),
+                          {"method": "vicreg", "traj_weight": 0.2}, (60, 1500)),
     "simsiam_nearby": Method("SimSiam, nearby frames", "encoder", "head_sequences/train",
-                             {"method": "simsiam", "pairs": "nearby"}, (80, 1500)),
+                             {"method": "simsiam", "pairs": "nearby"}, (60, 1500)),
     "simsiam_distant": Method("SimSiam, distant frames", "encoder", "head_sequences/train",
-                              {"method": "simsiam", "pairs": "distant"}, (80, 1500)),
+                              {"method": "simsiam", "pairs": "distant"}, (60, 1500)),
     "supervised": Method("supervised upper bound (V + labels)", "ssv", "heads/train", {"supervised": True},
                          (300, 2000)),
 }
