@@ -50,7 +50,7 @@ import torch
 from common.errors import ViewsslError
 from common.io import atomic_write_bytes, atomic_write_json
 
-from .traj_objects import _fmt, _stats, paired_deltas
+from .traj_objects import _fmt, _stats, paired_deltas, train_and_evaluate
 
 log = logging.getLogger("viewssl.experiments.frame_pairs")
 
@@ -168,40 +168,6 @@ def evaluate_run(ckpt: dict, bench: Path, device: torch.device, seed: int, eval_
         "gallery": "sequences/train", "queries": "sequences/test", "neighbour": "1-NN cosine (as box_fit)",
         "error": "geodesic angle between the neighbour's and the query's camera-frame rotation, degrees"}}
     return metrics, protocol, dict(res.skipped)
-
-
-def train_and_evaluate(bench: Path, run_dir: Path, config: dict, device: torch.device, eval_options: dict,
-                       progress: bool = True) -> dict:
-    """Train (or resume) one run and evaluate its last checkpoint; cached in ``run_dir/eval.json``."""
-    import json
-
-    from common.training import find_checkpoint, fit
-    from trajssl.trainer import EncoderTrainer
-
-    cache = run_dir / "eval.json"
-    if cache.is_file():
-        saved = json.loads(cache.read_text())
-        if saved.get("config") == config and saved.get("eval_options") == eval_options:
-            log.info("%s: finished earlier, reusing %s", run_dir.name, cache)
-            return saved
-    steps = int(config["steps"])
-    trainer = EncoderTrainer(config, device)
-    t0 = time.perf_counter()
-    result = fit(trainer, run_dir, steps=steps, checkpoint_every=max(steps // 5, 1),
-                 log_every=max(min(steps // 50, 50), 1), eval_every=0, resume="auto", progress=progress)
-    trained = steps - int(result["start_step"])
-    train_seconds = time.perf_counter() - t0
-    ckpt, path = find_checkpoint(run_dir)
-    t1 = time.perf_counter()
-    metrics, protocol, skipped = evaluate_run(ckpt, bench, device, int(config["seed"]), eval_options)
-    out = {
-        "config": config, "eval_options": eval_options, "checkpoint": str(path), "metrics": metrics,
-        "skipped": skipped, "protocol": protocol, "train_seconds": train_seconds, "trained_steps": trained,
-        "sec_per_step": train_seconds / trained if trained else None,
-        "eval_seconds": time.perf_counter() - t1, "final_terms": result.get("terms", {}),
-    }
-    atomic_write_json(out, cache)
-    return out
 
 
 def _variant(config: dict) -> str:
@@ -387,7 +353,8 @@ def main(argv: list[str] | None = None) -> dict:
         run_dir = out / "runs" / run_name(m, mode, w, s)
         log.info("[%d/%d] %s", i + 1, len(plan), run_dir)
         try:
-            runs.append(train_and_evaluate(bench, run_dir, config, device, eval_options, progress=not q))
+            runs.append(train_and_evaluate(bench, run_dir, config, device, eval_options, progress=not q,
+                                           evaluate=evaluate_run, eval_during_training=False))
         except ViewsslError as e:
             raise SystemExit(f"Error: {e}")
     agg = aggregate(runs)

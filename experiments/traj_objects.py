@@ -80,13 +80,23 @@ def ensure_benchmark(data: Path, quick: bool, size: int) -> Path:
     return data
 
 
-def train_and_evaluate(bench: Path, run_dir: Path, config: dict, device: torch.device, eval_options: dict,
-                       progress: bool = True) -> dict:
-    """Train (or resume) one run and evaluate its last checkpoint; cached in ``run_dir/eval.json``."""
+def evaluate_run(ckpt: dict, bench: Path, device: torch.device, seed: int, eval_options: dict) -> tuple[dict, dict, dict]:
+    """The trajectory table's evaluation of one checkpoint: (metrics, protocol, skipped)."""
     from common.eval import run_metrics
-    from common.io import load_checkpoint
-    from common.training import find_checkpoint, fit
     from trajssl.model_io import load_encoder_model
+
+    model = load_encoder_model(ckpt, device)
+    res = run_metrics(model, bench, metrics=METRICS, taps=list(TAPS), split="test", device=device, seed=seed,
+                      **eval_options)
+    return dict(res), res.protocol, dict(res.skipped)
+
+
+def train_and_evaluate(bench: Path, run_dir: Path, config: dict, device: torch.device, eval_options: dict,
+                       progress: bool = True, evaluate=evaluate_run, eval_during_training: bool = True) -> dict:
+    """Train (or resume) one encoder run and evaluate its last checkpoint with ``evaluate(ckpt, bench, device, seed,
+    eval_options) -> (metrics, protocol, skipped)``; the result is cached in ``run_dir/eval.json`` (reused when the
+    config and the evaluation options are unchanged). Shared by the trajectory and frame-pair experiments."""
+    from common.training import find_checkpoint, fit
     from trajssl.trainer import EncoderTrainer
 
     cache = run_dir / "eval.json"
@@ -98,19 +108,17 @@ def train_and_evaluate(bench: Path, run_dir: Path, config: dict, device: torch.d
     steps = int(config["steps"])
     trainer = EncoderTrainer(config, device)
     t0 = time.perf_counter()
-    result = fit(trainer, run_dir, steps=steps, checkpoint_every=max(steps // 5, 1), log_every=max(min(steps // 50, 50), 1),
-                 eval_every=max(steps // 5, 1) if steps >= 50 else 0, resume="auto", progress=progress)
+    eval_every = max(steps // 5, 1) if eval_during_training and steps >= 50 else 0
+    result = fit(trainer, run_dir, steps=steps, checkpoint_every=max(steps // 5, 1),
+                 log_every=max(min(steps // 50, 50), 1), eval_every=eval_every, resume="auto", progress=progress)
     trained = steps - int(result["start_step"])
     train_seconds = time.perf_counter() - t0
     ckpt, path = find_checkpoint(run_dir)
-    model = load_encoder_model(ckpt, device)
     t1 = time.perf_counter()
-    res = run_metrics(model, bench, metrics=METRICS, taps=list(TAPS), split="test", device=device,
-                      seed=int(config["seed"]), **eval_options)
+    metrics, protocol, skipped = evaluate(ckpt, bench, device, int(config["seed"]), eval_options)
     out = {
-        "config": config, "eval_options": eval_options, "checkpoint": str(path), "metrics": dict(res),
-        "skipped": res.skipped, "protocol": res.protocol,
-        "train_seconds": train_seconds, "trained_steps": trained,
+        "config": config, "eval_options": eval_options, "checkpoint": str(path), "metrics": metrics,
+        "skipped": skipped, "protocol": protocol, "train_seconds": train_seconds, "trained_steps": trained,
         "sec_per_step": train_seconds / trained if trained else None,
         "eval_seconds": time.perf_counter() - t1, "final_terms": result.get("terms", {}),
     }
