@@ -91,3 +91,16 @@ def test_truncated_image_is_named(tmp_path):
     ds = LabeledFolder(tmp_path)
     with pytest.raises(ViewsslError, match=r"1\.png: unreadable or truncated image"):
         ds[1]
+
+
+def test_atomic_writes_respect_the_umask(tmp_path):
+    import os
+
+    from common.io import atomic_write_bytes
+
+    mask = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "a.bin", b"x")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "a.bin").stat().st_mode & 0o777 == 0o644
