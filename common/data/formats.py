@@ -78,18 +78,7 @@ class CheckedLabeledFolder(LabeledFolder):
         return self.table.angles.float()
 
     def _item(self, i: int) -> dict:
-        image = to_tensor(load_rgb(self.table.paths[i]), self.size)
-        if self.transform is not None:
-            image = self.transform(image)
-        return {
-            "image": image,
-            "angles": self.table.angles[i].float(),
-            "index": i,
-            "category": int(self._category[i]),
-            "instance": int(self._instance[i]),
-            "sequence": int(self._sequence[i]),
-            "frame": int(self._frame[i]),
-        }
+        return self.item(i, to_tensor(load_rgb(self.table.paths[i]), self.size))
 
     # the skip / verify logic of the folder datasets, shared by delegation
     def __getitem__(self, i: int) -> dict:

@@ -220,7 +220,10 @@ class LabeledFolder(Dataset):
         return self.table.categories
 
     def __getitem__(self, i: int) -> dict:
-        image = read_image(self.table.paths[i], self.size)
+        return self.item(i, read_image(self.table.paths[i], self.size))
+
+    def item(self, i: int, image: torch.Tensor) -> dict:
+        """The item dict of row ``i`` around an already decoded ``image`` (the transform is applied here)."""
         if self.transform is not None:
             image = self.transform(image)
         return {
