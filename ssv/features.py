@@ -124,30 +124,23 @@ class _ImageNetPhi(nn.Module):
         return self.features(x)
 
 
-def _alexnet(weights_path, input_size) -> nn.Module:
+#: name -> (torchvision builder, name in errors, how many ``features`` layers Phi keeps)
+_IMAGENET_PHI = {"alexnet": ("alexnet", "an AlexNet", 4), "vgg": ("vgg16", "a VGG-16", 9)}
+
+
+def _imagenet_phi(name: str, weights_path, input_size) -> nn.Module:
+    """The first layers of a torchvision ImageNet network, from local weights only."""
     import torchvision
 
-    state = _load_state_dict("alexnet", weights_path)
+    builder, title, n_layers = _IMAGENET_PHI[name]
+    state = _load_state_dict(name, weights_path)
     with torch.device("meta"):  # no random init (fast, and the global RNG is untouched)
-        model = torchvision.models.alexnet(weights=None)
+        model = getattr(torchvision.models, builder)(weights=None)
     try:
         model.load_state_dict(state, assign=True)
     except RuntimeError as e:
-        raise ViewsslError(f"--phi alexnet: not an AlexNet state dict ({str(e).splitlines()[0][:160]})") from None
-    return _ImageNetPhi(model.features[:4], input_size)
-
-
-def _vgg(weights_path, input_size) -> nn.Module:
-    import torchvision
-
-    state = _load_state_dict("vgg", weights_path)
-    with torch.device("meta"):  # no random init (fast, and the global RNG is untouched)
-        model = torchvision.models.vgg16(weights=None)
-    try:
-        model.load_state_dict(state, assign=True)
-    except RuntimeError as e:
-        raise ViewsslError(f"--phi vgg: not a VGG-16 state dict ({str(e).splitlines()[0][:160]})") from None
-    return _ImageNetPhi(model.features[:9], input_size)
+        raise ViewsslError(f"--phi {name}: not {title} state dict ({str(e).splitlines()[0][:160]})") from None
+    return _ImageNetPhi(model.features[:n_layers], input_size)
 
 
 class _TapOf(nn.Module):
@@ -209,10 +202,8 @@ def build_phi(
     ``critic``. ``auto`` is resolved with :func:`resolve_phi`.
     """
     name = resolve_phi(name, weights_path)
-    if name == "alexnet":
-        return _alexnet(weights_path, input_size)
-    if name == "vgg":
-        return _vgg(weights_path, input_size)
+    if name in _IMAGENET_PHI:
+        return _imagenet_phi(name, weights_path, input_size)
     if name == "critic":
         if critic is None:
             raise ValueError("--phi critic needs the viewpoint network")
