@@ -8,7 +8,8 @@ For every method (SimCLR, VICReg, SimSiam), with and without the trajectory loss
 seed, it trains an encoder on ``BENCH/triplets/train`` (semantic views = augmentations of the centre image; the
 trajectory loss on the unaugmented geodesic triplets, pooled features) and evaluates the final checkpoint with the
 common evaluation module (:func:`common.eval.run_metrics`) on two feature taps: ``pooled`` (final layer, 512-d) and
-``layer3`` (mid layer, 256 x 4 x 4 at 32 px). Reported, as mean +- std over seeds:
+``layer3`` (mid layer, 256 x 4 x 4 at 32 px with the small stem, or at 64 px with ``--stem imagenet``). Reported, as
+mean +- std over seeds:
 
 - classification: linear-probe and kNN category top-1 (objects/train -> objects/test);
 - absolute pose: per-category weighted kNN over the Fib view index (accuracy of the exact view, as the paper) and
@@ -167,7 +168,8 @@ def format_markdown(runs: list[dict], agg: dict, args: dict) -> str:
     lines = ["# Trajectory regularisation on the synthetic objects", "",
              f"{len(runs)} runs: methods {', '.join(methods)}; trajectory weight {', '.join(f'{w:g}' for w in weights)}; "
              f"seeds {', '.join(map(str, seeds))}; {args['steps']} steps, batch {args['batch_size']}, "
-             f"{args['image_size']} px{' (QUICK smoke run: numbers are meaningless)' if args['quick'] else ''}.",
+             f"{args['image_size']} px, {args.get('stem', 'small')} stem"
+             f"{' (QUICK smoke run: numbers are meaningless)' if args['quick'] else ''}.",
              "Mean ± std over seeds. Pose accuracies: kNN = exact Fib view index (per category); rel = relative-pose "
              "probe within 30 deg. Median errors in degrees (lower is better).", ""]
     head = "| method | " + " | ".join(c[0] for c in COLUMNS) + " |"
@@ -227,6 +229,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=None, help="training steps per run [1500; quick: 2]")
     p.add_argument("--batch-size", type=int, default=None, help="[64; quick: 8]")
     p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--stem", choices=["small", "imagenet"], default="small",
+                   help="ResNet-18 stem: small (3x3 stride 1, no max-pool; the paper's, on 32 px) or imagenet "
+                        "(7x7 stride 2 + max-pool: at 64 px about a quarter of the cost of small at 32 px)")
     p.add_argument("--render-size", type=int, default=64, help="pixel size when rendering the benchmark")
     p.add_argument("--probe-steps", type=int, default=None, help="relative-pose / linear probe steps [300; quick: 20]")
     p.add_argument("--eval-limit", type=int, default=None, help="at most this many images per eval split")
@@ -260,12 +265,12 @@ def main(argv: list[str] | None = None) -> dict:
     plan = [(m, w, s) for m in methods for w in sorted({0.0, args.traj_weight}) for s in seeds]
     for i, (m, w, s) in enumerate(plan):
         config = {"method": m, "traj_weight": w, "data": str(bench), "seed": s, "steps": steps, "batch_size": batch,
-                  "image_size": args.image_size}
+                  "image_size": args.image_size, "small_stem": args.stem == "small"}
         run_dir = out / "runs" / run_name(m, w, s)
         log.info("[%d/%d] %s", i + 1, len(plan), run_dir)
         runs.append(train_and_evaluate(bench, run_dir, config, device, eval_options, progress=not q))
     agg = aggregate(runs)
-    summary = {"quick": q, "steps": steps, "batch_size": batch, "image_size": args.image_size}
+    summary = {"quick": q, "steps": steps, "batch_size": batch, "image_size": args.image_size, "stem": args.stem}
     md = format_markdown(runs, agg, summary)
     deltas = {}
     for m in methods:

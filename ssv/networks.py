@@ -341,12 +341,15 @@ PRESETS: dict[str, dict] = {
         "g_channels_3d_post": [],
         "g_projection": 64,  # 16 * 16 = 256 -> 64 at 16^2
         "g_channels_2d": [16],  # 32^2
-        "d_channels": [8, 16, 32, 64],  # 32 -> 16 -> 8 -> 4
+        # V: twice the channels of a first guess ([8, 16, 32, 64]) and no head dropout (the release's 0.5): on the
+        # synthetic heads this V reads the generator's viewpoint ~1.4x faster per step (cycle L_v 3.5 vs 5.0 after
+        # 250 steps) for 1.3x the step time, and with labels it learns azimuth twice as fast.
+        "d_channels": [16, 32, 64, 128],  # 32 -> 16 -> 8 -> 4
         "d_feature": 128,
         "d_head_hidden": 64,
         "d_norm": "instance",
         "mbstd": False,
-        "dropout": 0.5,
+        "dropout": 0.0,
         "viewpoint_head": "spherical",
     },
     # the same design at 64x64
@@ -365,7 +368,7 @@ PRESETS: dict[str, dict] = {
         "d_head_hidden": 64,
         "d_norm": "instance",
         "mbstd": False,
-        "dropout": 0.5,
+        "dropout": 0.0,
         "viewpoint_head": "spherical",
     },
 }
