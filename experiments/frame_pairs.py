@@ -41,9 +41,6 @@ import sys
 import time
 from pathlib import Path
 
-# torchvision (-> torch._dynamo -> triton) must be imported before the EGL renderer creates its context (see
-# experiments/traj_objects.py); trajssl imports torchvision at module level.
-import trajssl.encoders  # noqa: F401,E402  (must precede the renderer)
 import numpy as np
 import torch
 

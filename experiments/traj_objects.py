@@ -34,9 +34,6 @@ import sys
 import time
 from pathlib import Path
 
-# torchvision (-> torch._dynamo -> triton) must be imported before the EGL renderer creates its context: importing
-# triton afterwards crashes the process. trajssl imports torchvision at module level.
-import trajssl.encoders  # noqa: F401,E402  (must precede the renderer)
 import numpy as np
 import torch
 

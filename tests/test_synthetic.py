@@ -329,3 +329,20 @@ def test_bad_input_is_a_viewssl_error(tiny, tmp_path):
         render_benchmark(tiny, kinds=("heads",), seed=4, progress=False, **TINY)
     with pytest.raises(ViewsslError, match="meta.json"):
         summarize(tmp_path)
+
+
+def test_model_code_imported_after_rendering_does_not_crash(tmp_path):
+    """Loading triton (torchvision, torch._dynamo) after an EGL context exists segfaulted; the renderer preloads it."""
+    import subprocess
+    import sys
+
+    code = (
+        "from common.data.synthetic import render_benchmark\n"
+        f"render_benchmark({str(tmp_path / 'b')!r}, kinds=('heads',), size=16, scale='small', progress=False,\n"
+        "                 head_train=2, head_test=2, head_train_identities=1, head_test_identities=1)\n"
+        "import torchvision, torch._dynamo\n"
+        "print('ok')\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]

@@ -16,8 +16,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision  # at import time on purpose: torchvision pulls in triton, which crashes if loaded after an EGL
-                    # context exists (the synthetic renderer), so it must come first
+import torchvision
 
 from common.errors import ViewsslError
 

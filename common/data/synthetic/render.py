@@ -241,6 +241,15 @@ void main() {
 """
 
 
+def _preload_triton() -> None:
+    """Import triton (if installed) before the EGL context exists: loading it afterwards segfaults the process, and
+    torch imports it lazily (torchvision, torch._dynamo), so any later model code would crash."""
+    try:
+        import triton  # noqa: F401
+    except Exception:  # not installed, or broken: then nothing will import it later either
+        pass
+
+
 class Renderer:
     """Renders triangle meshes (objects exposing ``key`` and ``vertex_data``: (N, 9) float32 rows of position,
     normal, colour) into uint8 RGB images. Use :func:`get_renderer` rather than building one: it owns a GL context.
@@ -257,6 +266,7 @@ class Renderer:
         # rendered would hang creating its own context. Rasterising in the calling thread avoids that, and is as
         # fast for these small images (one process per core is the way to scale). Set LP_NUM_THREADS to override.
         os.environ.setdefault("LP_NUM_THREADS", "0")
+        _preload_triton()
         try:
             self.ctx = moderngl.create_standalone_context(backend="egl")
         except Exception as e:  # missing libEGL / Mesa
