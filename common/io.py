@@ -17,7 +17,8 @@ import torch
 
 from .errors import ViewsslError
 
-__all__ = ["atomic_write_bytes", "atomic_save", "atomic_write_json", "load_checkpoint", "read_image", "write_image"]
+__all__ = ["atomic_write_bytes", "atomic_save", "atomic_write_json", "load_checkpoint", "load_rgb", "read_image",
+           "to_rgb_uint8", "to_tensor", "write_image"]
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -83,37 +84,109 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return obj
 
 
-def read_image(path: str | os.PathLike, size: int | None = None) -> torch.Tensor:
-    """Read an image file as float32 RGB (3, H, W) in [0, 1]; optionally resized to ``size`` x ``size``.
+def _jpeg_complete(data: np.ndarray, path: Path) -> bool:
+    """A JPEG ends with the EOI marker (FF D9), possibly followed by padding. When it does not, ask Pillow (which
+    accepts trailing junk after a complete image but refuses a truncated one)."""
+    tail = bytes(data[-64:]).rstrip(b"\x00\r\n ")
+    if tail.endswith(b"\xff\xd9"):
+        return True
+    try:
+        from PIL import Image, ImageFile
 
-    Grayscale and RGBA images are converted to RGB (RGBA composited on black). A missing, unreadable or truncated
-    file is a :class:`ViewsslError` naming the file.
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+        with Image.open(path) as im:
+            im.load()
+        return True
+    except ImportError:  # no Pillow: a JPEG without its end marker is treated as truncated
+        return False
+    except Exception:
+        return False
+
+
+def to_rgb_uint8(img: np.ndarray, path: str | os.PathLike) -> np.ndarray:
+    """Convert a decoded OpenCV array (BGR order) to (H, W, 3) uint8 RGB, or raise naming ``path``.
+
+    Convertible: 8-bit and 16-bit integers (16-bit scaled by 1/257), float images with values in [0, 1];
+    1 channel (gray), 2 (gray + alpha), 3 (BGR), 4 (BGRA); alpha is composited on black.
+    Not convertible (error): other integer types (e.g. 32-bit), non-finite or out-of-range floats, other channel
+    counts, empty images.
     """
+    import cv2
+
+    if img.size == 0 or img.ndim not in (2, 3):
+        raise ViewsslError(f"unsupported image shape {tuple(img.shape)}", path)
+    if img.dtype == np.uint8:
+        pass
+    elif img.dtype == np.uint16:
+        img = (img.astype(np.float32) / 257.0 + 0.5).astype(np.uint8)
+    elif img.dtype in (np.float32, np.float64):
+        if not np.isfinite(img).all():
+            raise ViewsslError("unsupported image: float pixels that are not finite", path)
+        lo, hi = float(img.min()), float(img.max())
+        if lo < 0.0 or hi > 1.0:
+            raise ViewsslError(f"unsupported image: float pixels outside [0, 1] (range {lo:.3g}..{hi:.3g})", path)
+        img = (img * 255.0 + 0.5).astype(np.uint8)
+    else:
+        raise ViewsslError(f"unsupported image mode: {img.dtype} pixels (expected 8- or 16-bit, or float in [0, 1])",
+                           path)
+    channels = 1 if img.ndim == 2 else img.shape[2]
+    if img.ndim == 3 and channels == 1:
+        img = img[..., 0]
+    if channels == 1:
+        return cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_GRAY2RGB)
+    if channels == 2:  # gray + alpha
+        alpha = img[..., 1:2].astype(np.float32) / 255.0
+        gray = (img[..., 0:1].astype(np.float32) * alpha + 0.5).astype(np.uint8)
+        return np.repeat(gray, 3, axis=2)
+    if channels == 3:
+        return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    if channels == 4:
+        alpha = img[..., 3:4].astype(np.float32) / 255.0
+        rgb = (img[..., :3].astype(np.float32) * alpha + 0.5).astype(np.uint8)
+        return cv2.cvtColor(rgb, cv2.COLOR_BGR2RGB)
+    raise ViewsslError(f"unsupported image mode with {channels} channels (expected 1, 2, 3 or 4)", path)
+
+
+def load_rgb(path: str | os.PathLike) -> np.ndarray:
+    """Read an image file as (H, W, 3) uint8 RGB; a missing, empty, unreadable, truncated or unconvertible file is a
+    :class:`ViewsslError` naming it."""
     import cv2
 
     path = Path(path)
     if not path.is_file():
         raise ViewsslError("image not found", path)
-    data = np.fromfile(str(path), dtype=np.uint8)
-    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    try:
+        data = np.fromfile(str(path), dtype=np.uint8)
+    except OSError as e:
+        raise ViewsslError(f"cannot read image ({e.strerror or e})", path) from None
+    if data.size == 0:
+        raise ViewsslError("empty image file (0 bytes)", path)
+    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if img is None:
         raise ViewsslError("unreadable or truncated image", path)
-    if img.dtype == np.uint16:
-        img = (img / 257.0).astype(np.uint8)
-    if img.dtype != np.uint8:
-        raise ViewsslError(f"unsupported image type {img.dtype}", path)
-    if img.ndim == 2:
-        img = cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
-    elif img.shape[2] == 4:
-        alpha = img[..., 3:4].astype(np.float32) / 255.0
-        img = cv2.cvtColor((img[..., :3] * alpha).astype(np.uint8), cv2.COLOR_BGR2RGB)
-    elif img.shape[2] == 3:
-        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-    else:
-        raise ViewsslError(f"unsupported image mode with {img.shape[2]} channels", path)
+    if data[:2].tobytes() == b"\xff\xd8" and not _jpeg_complete(data, path):
+        raise ViewsslError("truncated JPEG (no end-of-image marker)", path)
+    return to_rgb_uint8(img, path)
+
+
+def to_tensor(img: np.ndarray, size: int | None) -> torch.Tensor:
+    """(H, W, 3) uint8 RGB -> (3, S, S) float32 in [0, 1], resized to ``size`` x ``size`` (area filter when shrinking)
+    unless ``size`` is None."""
+    import cv2
+
     if size is not None and (img.shape[0] != size or img.shape[1] != size):
-        img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
+        shrink = img.shape[0] > size or img.shape[1] > size
+        img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
     return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255.0)
+
+
+def read_image(path: str | os.PathLike, size: int | None = None) -> torch.Tensor:
+    """Read an image file as float32 RGB (3, H, W) in [0, 1]; optionally resized to ``size`` x ``size``.
+
+    :func:`load_rgb` then :func:`to_tensor`: gray, gray + alpha, RGBA (composited on black), 16-bit and float images
+    are converted; a missing, unreadable, truncated or unconvertible file is a :class:`ViewsslError` naming it.
+    """
+    return to_tensor(load_rgb(path), size)
 
 
 def write_image(path: str | os.PathLike, image: torch.Tensor | np.ndarray) -> None:

@@ -14,6 +14,7 @@ from common.data.folders import ImageFolder, ShapeNetRenders, load_rgb, to_rgb_u
 from common.data.formats import detect_format, open_dataset
 from common.data.labels import read_labels
 from common.errors import ViewsslError
+from common.io import read_image
 from tests.test_loaders import (biwi_pose_text, pose_mat, write_aflw2000, write_biwi, write_rgb, write_shapenet,
                                 write_video)
 
@@ -141,6 +142,8 @@ def test_image_modes_convertible(tmp_path):
     for name, value in [("la.png", 200), ("g16.png", 255), ("c16.png", 10), ("rgba.png", 255), ("f.tiff", 128)]:
         img = load_rgb(tmp_path / name)
         assert img.shape == (6, 6, 3) and img.dtype == np.uint8 and int(img[0, 0, 0]) == value, name
+        # labels.csv folders and triplets read through common.io.read_image: the same conversions
+        assert torch.equal(read_image(tmp_path / name, 6), torch.from_numpy(img).permute(2, 0, 1).float() / 255), name
     ds = ImageFolder(tmp_path, size=4)
     assert len(ds) == 5 and ds.verify(progress=False) == []
     # 2-channel arrays straight from a decoder are gray + alpha

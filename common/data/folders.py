@@ -45,6 +45,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import ViewsslError
+from ..io import load_rgb, to_rgb_uint8, to_tensor  # noqa: F401  (re-exported: the loaders' image reader)
 
 log = logging.getLogger("viewssl.data.folders")
 
@@ -65,104 +66,8 @@ def natural_key(s: str) -> tuple:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Reading images
+# Paths (images are read by common.io.load_rgb / to_tensor)
 # --------------------------------------------------------------------------------------------------------------------
-
-def _jpeg_complete(data: np.ndarray, path: Path) -> bool:
-    """A JPEG ends with the EOI marker (FF D9), possibly followed by padding. When it does not, ask Pillow (which
-    accepts trailing junk after a complete image but refuses a truncated one)."""
-    tail = bytes(data[-64:]).rstrip(b"\x00\r\n ")
-    if tail.endswith(b"\xff\xd9"):
-        return True
-    try:
-        from PIL import Image, ImageFile
-
-        ImageFile.LOAD_TRUNCATED_IMAGES = False
-        with Image.open(path) as im:
-            im.load()
-        return True
-    except ImportError:  # no Pillow: a JPEG without its end marker is treated as truncated
-        return False
-    except Exception:
-        return False
-
-
-def to_rgb_uint8(img: np.ndarray, path: str | os.PathLike) -> np.ndarray:
-    """Convert a decoded OpenCV array (BGR order) to (H, W, 3) uint8 RGB, or raise naming ``path``.
-
-    Convertible: 8-bit and 16-bit integers (16-bit scaled by 1/257), float images with values in [0, 1];
-    1 channel (gray), 2 (gray + alpha), 3 (BGR), 4 (BGRA); alpha is composited on black.
-    Not convertible (error): other integer types (e.g. 32-bit), non-finite or out-of-range floats, other channel
-    counts, empty images.
-    """
-    import cv2
-
-    if img.size == 0 or img.ndim not in (2, 3):
-        raise ViewsslError(f"unsupported image shape {tuple(img.shape)}", path)
-    if img.dtype == np.uint8:
-        pass
-    elif img.dtype == np.uint16:
-        img = (img.astype(np.float32) / 257.0 + 0.5).astype(np.uint8)
-    elif img.dtype in (np.float32, np.float64):
-        if not np.isfinite(img).all():
-            raise ViewsslError("unsupported image: float pixels that are not finite", path)
-        lo, hi = float(img.min()), float(img.max())
-        if lo < 0.0 or hi > 1.0:
-            raise ViewsslError(f"unsupported image: float pixels outside [0, 1] (range {lo:.3g}..{hi:.3g})", path)
-        img = (img * 255.0 + 0.5).astype(np.uint8)
-    else:
-        raise ViewsslError(f"unsupported image mode: {img.dtype} pixels (expected 8- or 16-bit, or float in [0, 1])",
-                           path)
-    channels = 1 if img.ndim == 2 else img.shape[2]
-    if img.ndim == 3 and channels == 1:
-        img = img[..., 0]
-    if channels == 1:
-        return cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_GRAY2RGB)
-    if channels == 2:  # gray + alpha
-        alpha = img[..., 1:2].astype(np.float32) / 255.0
-        gray = (img[..., 0:1].astype(np.float32) * alpha + 0.5).astype(np.uint8)
-        return np.repeat(gray, 3, axis=2)
-    if channels == 3:
-        return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-    if channels == 4:
-        alpha = img[..., 3:4].astype(np.float32) / 255.0
-        rgb = (img[..., :3].astype(np.float32) * alpha + 0.5).astype(np.uint8)
-        return cv2.cvtColor(rgb, cv2.COLOR_BGR2RGB)
-    raise ViewsslError(f"unsupported image mode with {channels} channels (expected 1, 2, 3 or 4)", path)
-
-
-def load_rgb(path: str | os.PathLike) -> np.ndarray:
-    """Read an image file as (H, W, 3) uint8 RGB; a missing, empty, unreadable, truncated or unconvertible file is a
-    :class:`ViewsslError` naming it."""
-    import cv2
-
-    path = Path(path)
-    if not path.is_file():
-        raise ViewsslError("image not found", path)
-    try:
-        data = np.fromfile(str(path), dtype=np.uint8)
-    except OSError as e:
-        raise ViewsslError(f"cannot read image ({e.strerror or e})", path) from None
-    if data.size == 0:
-        raise ViewsslError("empty image file (0 bytes)", path)
-    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
-    if img is None:
-        raise ViewsslError("unreadable or truncated image", path)
-    if data[:2].tobytes() == b"\xff\xd8" and not _jpeg_complete(data, path):
-        raise ViewsslError("truncated JPEG (no end-of-image marker)", path)
-    return to_rgb_uint8(img, path)
-
-
-def to_tensor(img: np.ndarray, size: int | None) -> torch.Tensor:
-    """(H, W, 3) uint8 RGB -> (3, S, S) float32 in [0, 1], resized to ``size`` x ``size`` (area filter when shrinking)
-    unless ``size`` is None."""
-    import cv2
-
-    if size is not None and (img.shape[0] != size or img.shape[1] != size):
-        shrink = img.shape[0] > size or img.shape[1] > size
-        img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255.0)
-
 
 def check_inside(root: Path, path: Path, what: str = "file") -> Path:
     """``path`` resolved, refusing one that escapes ``root`` (through ``..`` or a symlink)."""
