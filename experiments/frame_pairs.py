@@ -244,7 +244,8 @@ def format_markdown(runs: list[dict], agg: dict, args: dict) -> str:
     quick = " (QUICK smoke run: numbers are meaningless)" if args["quick"] else ""
     lines = ["# Frame pairs on the synthetic object sequences (SiamPose Table 2 analog) and a two-head model", "",
              f"{len(runs)} runs: {len(variants)} variants x seeds {', '.join(map(str, seeds))}; {args['steps']} "
-             f"steps, batch {args['batch_size']}, {args['image_size']} px, {args['stem']} stem{quick}.",
+             f"steps, batch {args['batch_size']}, {args['image_size']} px, {args['stem']} stem, "
+             f"{args.get('optimizer', 'lars')}{quick}.",
              "Trained on `sequences/train`; box fit and pose 1-NN: gallery `sequences/train`, queries "
              "`sequences/test` (other instances of the same categories); pose readout: ridge on train, scored on "
              "test; class kNN: category, train -> test; re-ID: within `sequences/test`. Mean ± std over seeds. "
@@ -308,6 +309,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--stem", choices=["imagenet", "small"], default="imagenet",
                    help="ResNet-18 stem (imagenet at 64 px costs about a quarter of small at 32 px)")
+    p.add_argument("--optimizer", choices=["lars", "sgd", "adamw"], default="lars",
+                   help="the encoder's optimiser (see experiments/traj_objects.py --optimizer)")
     p.add_argument("--render-size", type=int, default=64, help="pixel size when rendering the sequences")
     p.add_argument("--box-queries", type=int, default=1000, help="test frames scored by the box fit (SiamPose: 1000)")
     p.add_argument("--device", default="auto")
@@ -346,7 +349,8 @@ def main(argv: list[str] | None = None) -> dict:
     runs = []
     for i, (m, mode, w, s) in enumerate(plan):
         config = {"method": m, "pairs": mode, "traj_weight": w, "data": str(bench), "seed": s, "steps": steps,
-                  "batch_size": batch, "image_size": args.image_size, "small_stem": args.stem == "small"}
+                  "batch_size": batch, "image_size": args.image_size, "small_stem": args.stem == "small",
+                  "optimizer": args.optimizer}
         run_dir = out / "runs" / run_name(m, mode, w, s)
         log.info("[%d/%d] %s", i + 1, len(plan), run_dir)
         try:
@@ -357,7 +361,7 @@ def main(argv: list[str] | None = None) -> dict:
     agg = aggregate(runs)
     wall = time.perf_counter() - t0
     summary = {"quick": q, "steps": steps, "batch_size": batch, "image_size": args.image_size, "stem": args.stem,
-               "command": command, "wall_seconds": wall}
+               "optimizer": args.optimizer, "command": command, "wall_seconds": wall}
     md = format_markdown(runs, agg, summary)
     result = {"settings": {**summary, "seeds": seeds, "methods": methods, "modes": modes,
                            "dual_traj_weight": args.dual_traj_weight, "data": str(bench), "eval": eval_options,

@@ -30,6 +30,7 @@ import argparse
 import json
 import logging
 import math
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -167,6 +168,8 @@ def format_markdown(runs: list[dict], agg: dict, args: dict) -> str:
              f"seeds {', '.join(map(str, seeds))}; {args['steps']} steps, batch {args['batch_size']}, "
              f"{args['image_size']} px, {args.get('stem', 'small')} stem, {args.get('optimizer', 'lars')}"
              f"{' (QUICK smoke run: numbers are meaningless)' if args['quick'] else ''}.",
+             *([f"Command: `{args['command']}`; wall time {args.get('wall_seconds', 0):.0f} s."]
+               if args.get("command") else []),
              "Mean ± std over seeds. Pose accuracies: kNN = exact Fib view index (per category); rel = relative-pose "
              "probe within 30 deg. Median errors in degrees (lower is better).", ""]
     head = "| method | " + " | ".join(c[0] for c in COLUMNS) + " |"
@@ -238,6 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="auto")
     p.add_argument("--quick", action="store_true", help="smoke test: tiny benchmark, 2 steps, 2 seeds")
     args = p.parse_args(argv)
+    command = "python -m experiments.traj_objects " + shlex.join(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
     from common.cli import resolve_device
@@ -271,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict:
         runs.append(train_and_evaluate(bench, run_dir, config, device, eval_options, progress=not q))
     agg = aggregate(runs)
     summary = {"quick": q, "steps": steps, "batch_size": batch, "image_size": args.image_size, "stem": args.stem,
-               "optimizer": args.optimizer}
+               "optimizer": args.optimizer, "command": command, "wall_seconds": time.perf_counter() - t0}
     md = format_markdown(runs, agg, summary)
     deltas = {}
     for m in methods:
@@ -282,8 +286,7 @@ def main(argv: list[str] | None = None) -> dict:
                     runs, k, k, lambda c, m=m: c["method"] == m and c["traj_weight"] == 0,
                     lambda c, m=m: c["method"] == m and c["traj_weight"] == args.traj_weight)
     result = {"settings": {**summary, "seeds": seeds, "methods": methods, "traj_weight": args.traj_weight,
-                           "data": str(bench), "eval": eval_options, "device": str(device),
-                           "wall_seconds": time.perf_counter() - t0},
+                           "data": str(bench), "eval": eval_options, "device": str(device)},
               "aggregate": agg, "traj_deltas": deltas, "runs": runs}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(result, out / "results.json")

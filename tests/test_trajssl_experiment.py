@@ -1,9 +1,10 @@
-"""experiments.traj_objects: aggregation over seeds, paired differences and the markdown tables (no training)."""
+"""experiments.traj_objects: aggregation over seeds, paired differences, the markdown tables, and a --quick run."""
+import json
 import math
 
 import pytest
 
-from experiments.traj_objects import COLUMNS, aggregate, format_markdown, paired_deltas
+from experiments.traj_objects import COLUMNS, aggregate, format_markdown, main, paired_deltas
 
 
 def _run(method, w, seed, pose, cls):
@@ -40,3 +41,23 @@ def test_markdown_has_both_taps_and_effect_tables():
     assert "| vicreg, pooled | 0.0 ± 0.0 | n/a | 5.0 ± 1.4 |" in md
     header = next(line for line in md.splitlines() if line.startswith("| method |"))
     assert header.count("|") - 2 == len(COLUMNS)
+
+
+def test_quick_run_trains_both_weights_and_writes_the_tables(tmp_path):
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = tmp_path / "traj"
+        result = main(["--quick", "--out", str(out), "--methods", "vicreg", "--seeds", "0", "--device", "cpu",
+                       "--stem", "imagenet", "--image-size", "32", "--optimizer", "adamw"])
+    finally:
+        torch.set_num_threads(threads)
+    assert [r["config"]["traj_weight"] for r in result["runs"]] == [0.0, 0.2]
+    assert all(r["config"]["optimizer"] == "adamw" and not r["config"]["small_stem"] for r in result["runs"])
+    saved = json.loads((out / "results.json").read_text())
+    assert 0.0 <= saved["aggregate"]["vicreg-traj0.2"]["linear_probe/layer3/top1"]["mean"] <= 1.0
+    md = (out / "results.md").read_text()
+    assert "Command: `python -m experiments.traj_objects --quick" in md and "imagenet stem, adamw" in md
+    assert "QUICK smoke run" in md
