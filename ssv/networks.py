@@ -352,25 +352,13 @@ PRESETS: dict[str, dict] = {
         "dropout": 0.0,
         "viewpoint_head": "spherical",
     },
-    # the same design at 64x64
-    "cpu64": {
-        "image_size": 64,
-        "code_dim": 32,
-        "n_mlp": 4,
-        "volume_size": 4,
-        "rotate_size": 16,
-        "g_channels_3d": [32, 16],
-        "g_channels_3d_post": [],
-        "g_projection": 64,
-        "g_channels_2d": [32, 16],  # 32^2, 64^2
-        "d_channels": [8, 16, 32, 64, 128],  # 64 -> 32 -> 16 -> 8 -> 4
-        "d_feature": 128,
-        "d_head_hidden": 64,
-        "d_norm": "instance",
-        "mbstd": False,
-        "dropout": 0.0,
-        "viewpoint_head": "spherical",
-    },
+}
+# the same design at 64x64: one more styled 2-D block in S, one more block in V
+PRESETS["cpu64"] = {
+    **copy.deepcopy(PRESETS["cpu"]),
+    "image_size": 64,
+    "g_channels_2d": [32, 16],  # 32^2, 64^2
+    "d_channels": [8, 16, 32, 64, 128],  # 64 -> 32 -> 16 -> 8 -> 4
 }
 
 
