@@ -289,7 +289,7 @@ class ViewpointNetwork(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 # Presets. "paper" = the release's sizes at 128x128 (S: 17.2 M parameters, like VPAwareSynthesizer_ssv; V: the live
 # part of VPNet with its first 128x128 block made live). "cpu" = a 32x32 pair small enough to train on two CPU cores
-# (1.5-1.7 s per step at batch 16 on one thread with another job on the other core), "cpu64" = the same at 64x64.
+# (1.3 s per step at batch 16 on one thread with another job on the other core), "cpu64" = the same at 64x64.
 
 NETWORK_KEYS = (
     "image_size",

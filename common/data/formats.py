@@ -43,7 +43,7 @@ import numpy as np
 from ..errors import ViewsslError
 from .faces import AFLW2000, BIWI, W300LP, biwi_sessions
 from .folders import (FRAME_NAME, IMAGE_SUFFIXES, TRIPLET_NAME, VIEW_NAME, ImageFolder, ShapeNetRenders,
-                      VideoFrames, load_rgb, natural_key, require_folder, to_tensor, walk_files)
+                      VideoFrames, natural_key, require_folder, walk_files)
 from .labels import LABELS_FILE, LabeledFolder
 
 log = logging.getLogger("viewssl.data.formats")
@@ -52,9 +52,8 @@ __all__ = ["KINDS", "open_dataset", "detect_format", "resolve_split", "CheckedLa
 
 
 class CheckedLabeledFolder(LabeledFolder):
-    """:class:`LabeledFolder` with the loaders' bad-input behaviour: images decoded by
-    :func:`common.data.folders.load_rgb` (gray + alpha and 16-bit converted, truncated JPEGs caught), opt-in
-    ``skip_bad`` (a bad image is replaced by the next readable one and counted in ``skipped``), and :meth:`verify`."""
+    """:class:`LabeledFolder` with the loaders' bad-input behaviour: opt-in ``skip_bad`` (a bad image is replaced
+    by the next readable one and counted in ``skipped``), and :meth:`verify`."""
 
     kind = "labels"
 
@@ -78,7 +77,7 @@ class CheckedLabeledFolder(LabeledFolder):
         return self.table.angles.float()
 
     def _item(self, i: int) -> dict:
-        return self.item(i, to_tensor(load_rgb(self.table.paths[i]), self.size))
+        return LabeledFolder.__getitem__(self, i)
 
     # the skip / verify logic of the folder datasets, shared by delegation
     def __getitem__(self, i: int) -> dict:
