@@ -47,7 +47,7 @@ import torch
 from common.errors import ViewsslError
 from common.io import atomic_write_bytes, atomic_write_json
 
-from .traj_objects import _fmt, _stats, paired_deltas, train_and_evaluate
+from .traj_objects import _fmt, _stats, add_encoder_arguments, paired_deltas, train_and_evaluate
 
 log = logging.getLogger("viewssl.experiments.frame_pairs")
 
@@ -306,11 +306,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seeds", default=None, help="comma-separated seeds [0,1,2; quick: 0,1]")
     p.add_argument("--steps", type=int, default=None, help="training steps per run [1500; quick: 2]")
     p.add_argument("--batch-size", type=int, default=None, help="[32; quick: 8]")
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--stem", choices=["imagenet", "small"], default="imagenet",
-                   help="ResNet-18 stem (imagenet at 64 px costs about a quarter of small at 32 px)")
-    p.add_argument("--optimizer", choices=["lars", "sgd", "adamw"], default="lars",
-                   help="the encoder's optimiser (see experiments/traj_objects.py --optimizer)")
+    add_encoder_arguments(p, image_size=64, stem="imagenet")
     p.add_argument("--render-size", type=int, default=64, help="pixel size when rendering the sequences")
     p.add_argument("--box-queries", type=int, default=1000, help="test frames scored by the box fit (SiamPose: 1000)")
     p.add_argument("--device", default="auto")

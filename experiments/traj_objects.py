@@ -219,6 +219,17 @@ def format_markdown(runs: list[dict], agg: dict, args: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def add_encoder_arguments(p: argparse.ArgumentParser, image_size: int, stem: str) -> None:
+    """The encoder options shared by this script and ``experiments.frame_pairs``: --image-size, --stem, --optimizer."""
+    p.add_argument("--image-size", type=int, default=image_size)
+    p.add_argument("--stem", choices=["small", "imagenet"], default=stem,
+                   help="ResNet-18 stem: small (3x3 stride 1, no max-pool; the paper's, on 32 px) or imagenet "
+                        "(7x7 stride 2 + max-pool: at 64 px about a quarter of the cost of small at 32 px)")
+    p.add_argument("--optimizer", choices=["lars", "sgd", "adamw"], default="lars",
+                   help="lars: the paper's (lr 0.3 x batch / 256, warm-up, cosine); adamw (lr 1e-3) learns faster "
+                        "in short runs at small batches")
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=None, help="benchmark root (rendered there if missing)")
@@ -228,14 +239,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seeds", default=None, help="comma-separated seeds [0,1,2; quick: 0,1]")
     p.add_argument("--steps", type=int, default=None, help="training steps per run [1500; quick: 2]")
     p.add_argument("--batch-size", type=int, default=None, help="[64; quick: 8]")
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--stem", choices=["small", "imagenet"], default="small",
-                   help="ResNet-18 stem: small (3x3 stride 1, no max-pool; the paper's, on 32 px) or imagenet "
-                        "(7x7 stride 2 + max-pool: at 64 px about a quarter of the cost of small at 32 px)")
+    add_encoder_arguments(p, image_size=32, stem="small")
     p.add_argument("--render-size", type=int, default=64, help="pixel size when rendering the benchmark")
-    p.add_argument("--optimizer", choices=["lars", "sgd", "adamw"], default="lars",
-                   help="lars: the paper's (lr 0.3 x batch / 256, warm-up, cosine); adamw (lr 1e-3) learns faster "
-                        "in short runs at small batches")
     p.add_argument("--probe-steps", type=int, default=None, help="relative-pose / linear probe steps [300; quick: 20]")
     p.add_argument("--eval-limit", type=int, default=None, help="at most this many images per eval split")
     p.add_argument("--device", default="auto")
