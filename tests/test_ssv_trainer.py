@@ -1,6 +1,5 @@
 """SSVTrainer: training steps of both presets, exact resume, supervised baseline, media, evaluation, model I/O, CLI."""
 import math
-import time
 
 import pytest
 import torch
@@ -90,13 +89,12 @@ def test_cpu_preset_two_steps(folder):
 @pytest.mark.slow
 def test_paper_preset_one_step(folder):
     """One full step of the 128x128 paper networks at batch 2 (forward and backward of both phases); ~30-100 s on two
-    shared CPU cores, hence slow. The fast suite checks the paper networks' shapes in test_ssv_networks.py."""
+    shared CPU cores, hence slow (its time is measured by experiments/bench_ssv.py, not asserted here). The fast
+    suite checks the paper networks' shapes in test_ssv_networks.py."""
     t = SSVTrainer(default_config("paper", data=str(folder), phi="critic"))
     assert t.config["batch_size"] == 2 and t.config["image_size"] == 128
-    t0 = time.perf_counter()
     terms = t.train_step(next(t.batches(0)), 0)
     assert all(torch.isfinite(v) for v in terms.values())
-    assert time.perf_counter() - t0 < 120
 
 
 def test_resume_equals_uninterrupted(folder, tmp_path):
