@@ -56,8 +56,12 @@ __all__ = ["SSVTrainer", "default_config", "TRAIN_DEFAULTS", "open_images", "sam
 #: Training defaults per preset (network sizes are in :data:`ssv.networks.PRESETS`).
 TRAIN_DEFAULTS: dict[str, dict] = {
     "paper": {"batch_size": 2, "g_group": 2, "phi_size": 224},
-    "cpu": {"batch_size": 16, "g_group": 8, "phi_size": 64},
-    "cpu64": {"batch_size": 16, "g_group": 8, "phi_size": 64},
+    # cpu presets: lr 2e-3 (StyleGAN2 uses 2.5e-3). With equalised learning rates Adam's lr is close to the relative
+    # change of a weight per step, so at the release's 5e-4 a few thousand CPU steps barely move S from its
+    # initialisation: on the synthetic heads, 600 GAN-only steps at 5e-4 drew saturated colour blobs, at 2e-3
+    # skin-toned heads on muted backgrounds (experiments/ssv_heads.py, README).
+    "cpu": {"batch_size": 16, "g_group": 8, "phi_size": 64, "lr_d": 2e-3, "lr_g": 2e-3},
+    "cpu64": {"batch_size": 16, "g_group": 8, "phi_size": 64, "lr_d": 2e-3, "lr_g": 2e-3},
 }
 
 _COMMON_DEFAULTS = {
@@ -67,7 +71,8 @@ _COMMON_DEFAULTS = {
     "seed": 0,
     "num_workers": 0,
     "supervised": False,
-    # optimisation (release: Adam(0, 0.99), lr 5e-4 for V and S, 5e-6 for the mapping MLP; EMA 0.999)
+    # optimisation (release: Adam(0, 0.99), lr 5e-4 for V and S, 5e-6 for the mapping MLP; EMA 0.999;
+    # the cpu presets raise lr, see TRAIN_DEFAULTS)
     "lr_d": 5e-4,
     "lr_g": 5e-4,
     "lr_mapping_mult": 0.01,
