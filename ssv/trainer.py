@@ -59,7 +59,7 @@ TRAIN_DEFAULTS: dict[str, dict] = {
     # cpu presets: lr 2e-3 (StyleGAN2 uses 2.5e-3). With equalised learning rates Adam's lr is close to the relative
     # change of a weight per step, so at the release's 5e-4 a few thousand CPU steps barely move S from its
     # initialisation: on the synthetic heads, 600 GAN-only steps at 5e-4 drew saturated colour blobs, at 2e-3
-    # skin-toned heads on muted backgrounds (experiments/ssv_heads.py, README).
+    # skin-toned heads on muted backgrounds (README, "The learning rate held the generator back").
     "cpu": {"batch_size": 16, "g_group": 8, "phi_size": 64, "lr_d": 2e-3, "lr_g": 2e-3},
     "cpu64": {"batch_size": 16, "g_group": 8, "phi_size": 64, "lr_d": 2e-3, "lr_g": 2e-3},
 }
