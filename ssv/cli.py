@@ -165,8 +165,10 @@ def build_config(
 @click.option("--az-range", type=float, default=None, help="Sampled azimuth range +- DEG [default: 80.2].")
 @click.option("--el-range", type=float, default=None, help="Sampled elevation range +- DEG [default: 68.8].")
 @click.option("--tilt-range", type=float, default=None, help="Sampled tilt range +- DEG [default: 43.0].")
-@click.option("--lr-d", type=float, default=None, help="Learning rate of V [default: cpu 2e-3, paper 5e-4].")
-@click.option("--lr-g", type=float, default=None, help="Learning rate of S (mapping MLP: x0.01) [default: cpu 2e-3, paper 5e-4].")
+@click.option("--lr-d", type=float, default=None,
+              help="Learning rate of V [default: 2e-3 for cpu and cpu64, 5e-4 for paper].")
+@click.option("--lr-g", type=float, default=None,
+              help="Learning rate of S (mapping MLP: x0.01) [default: 2e-3 for cpu and cpu64, 5e-4 for paper].")
 @click.option("--w-imc", type=float, default=None, help="Weight of L_imc [default: 0.4, applied once].")
 @click.option("--w-sym", type=float, default=None, help="Weight of the symmetry loss on V [default: 0.4].")
 @click.option("--w-gsym", type=float, default=None, help="Weight of the symmetry loss on S [default: 0.5].")

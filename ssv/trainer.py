@@ -56,13 +56,10 @@ __all__ = ["SSVTrainer", "default_config", "TRAIN_DEFAULTS", "open_images", "sam
 #: Training defaults per preset (network sizes are in :data:`ssv.networks.PRESETS`).
 TRAIN_DEFAULTS: dict[str, dict] = {
     "paper": {"batch_size": 2, "g_group": 2, "phi_size": 224},
-    # cpu presets: lr 2e-3 (StyleGAN2 uses 2.5e-3). With equalised learning rates Adam's lr is close to the relative
-    # change of a weight per step, so at the release's 5e-4 a few thousand CPU steps barely move S from its
-    # initialisation: on the synthetic heads, 600 GAN-only steps at 5e-4 drew saturated colour blobs, at 2e-3
-    # skin-toned heads on muted backgrounds (README, "The learning rate held the generator back").
+    # lr 2e-3, not the release's 5e-4: why is in ssv/README.md ("Deliberate differences from the release")
     "cpu": {"batch_size": 16, "g_group": 8, "phi_size": 64, "lr_d": 2e-3, "lr_g": 2e-3},
-    "cpu64": {"batch_size": 16, "g_group": 8, "phi_size": 64, "lr_d": 2e-3, "lr_g": 2e-3},
 }
+TRAIN_DEFAULTS["cpu64"] = dict(TRAIN_DEFAULTS["cpu"])  # the same training at 64x64, as PRESETS["cpu64"]
 
 _COMMON_DEFAULTS = {
     "family": "ssv",
