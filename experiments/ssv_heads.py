@@ -163,19 +163,23 @@ def check_goals(rows: dict) -> dict:
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch intra-op threads (1 is faster when other jobs share the cores).")
 @click.option("--phi", type=click.Choice(("auto", "alexnet", "vgg", "critic", "random")), default="auto")
+@click.option("--augment-gain", type=float, default=None,
+              help="SSV rows: random illumination ramps on V's inputs (see viewssl train ssv --help) [default: off].")
 @click.option("--quick", is_flag=True, help="Smoke test: 4 steps per row (numbers meaningless).")
-def main(data, out, preset, steps, sup_steps, rows, batch_size, seed, device, threads, phi, quick):
+def main(data, out, preset, steps, sup_steps, rows, batch_size, seed, device, threads, phi, augment_gain, quick):
     """Train SSV (full and ablations) and the supervised baseline on the synthetic heads; report MAE tables."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     try:
-        run(data, out, preset, steps, sup_steps, rows, batch_size, seed, device, threads, phi, quick)
+        run(data, out, preset, steps, sup_steps, rows, batch_size, seed, device, threads, phi, quick,
+            augment_gain=augment_gain)
     except ViewsslError as e:
         click.echo(f"Error: {e}", err=True)
         sys.exit(2)
 
 
-def run(data, out, preset, steps, sup_steps, rows, batch_size, seed, device, threads, phi, quick) -> dict:
+def run(data, out, preset, steps, sup_steps, rows, batch_size, seed, device, threads, phi, quick,
+        augment_gain=None) -> dict:
     from common.cli import resolve_device
     from common.training import fit
     from ssv.cli import build_config
@@ -208,7 +212,8 @@ def run(data, out, preset, steps, sup_steps, rows, batch_size, seed, device, thr
         n_steps = sup_steps if row == "supervised" else steps
         config = build_config(preset, str(train_dir), seed=seed, batch_size=batch_size, phi=phi,
                               az_range_deg=ranges and ranges["az"], el_range_deg=ranges and ranges["el"],
-                              tilt_range_deg=ranges and ranges["tilt"], steps=n_steps, **ROWS[row])
+                              tilt_range_deg=ranges and ranges["tilt"], steps=n_steps,
+                              augment_gain=None if row == "supervised" else augment_gain, **ROWS[row])
         trainer = SSVTrainer(config, dev)
         log.info("row %s: %d steps in %s", row, n_steps, out / row)
         t0 = time.perf_counter()

@@ -73,6 +73,7 @@ def build_config(
     tilt_range_deg: float | None = None,
     lr_d: float | None = None,
     lr_g: float | None = None,
+    augment_gain: float | None = None,
     weights: dict | None = None,
     num_workers: int = 0,
     steps: int | None = None,
@@ -100,6 +101,10 @@ def build_config(
         overrides["lr_d"] = lr_d
     if lr_g is not None:
         overrides["lr_g"] = lr_g
+    if augment_gain is not None:
+        if not 0 <= augment_gain <= 1:
+            raise ViewsslError(f"--augment-gain: {augment_gain} is not in [0, 1]")
+        overrides["augment_gain"] = augment_gain
     for key, value in (weights or {}).items():
         if value is not None:
             if value < 0:
@@ -169,6 +174,9 @@ def build_config(
               help="Learning rate of V [default: 2e-3 for cpu and cpu64, 5e-4 for paper].")
 @click.option("--lr-g", type=float, default=None,
               help="Learning rate of S (mapping MLP: x0.01) [default: 2e-3 for cpu and cpu64, 5e-4 for paper].")
+@click.option("--augment-gain", type=float, default=None,
+              help="Random linear illumination ramps (gain up to this, in [0, 1] image units) on every image V reads, "
+                   "so S cannot show azimuth as shading; 0 = off, as the release [default: 0].")
 @click.option("--w-imc", type=float, default=None, help="Weight of L_imc [default: 0.4, applied once].")
 @click.option("--w-sym", type=float, default=None, help="Weight of the symmetry loss on V [default: 0.4].")
 @click.option("--w-gsym", type=float, default=None, help="Weight of the symmetry loss on S [default: 0.5].")
@@ -181,7 +189,7 @@ def build_config(
 @click.option("--num-workers", type=click.IntRange(min=0), default=0, help="Image-loading worker processes.")
 def train_ssv(data, preset, out, steps, resume, force, device, seed, batch_size, g_group, eval_data, eval_every,
               no_imc, no_sym, phi, phi_weights, viewpoint_head, supervised, az_range, el_range, tilt_range, lr_d,
-              lr_g, w_imc, w_sym, w_gsym, w_style, w_view, checkpoint_every, log_every, media_every, num_workers):
+              lr_g, augment_gain, w_imc, w_sym, w_gsym, w_style, w_view, checkpoint_every, log_every, media_every, num_workers):
     """Train SSV: synthesis network S + viewpoint network V (the critic) without pose labels.
 
     Writes a numbered run folder with config.json, tensorboard logs, metrics.jsonl, sample sweeps and checkpoints;
@@ -204,7 +212,7 @@ def train_ssv(data, preset, out, steps, resume, force, device, seed, batch_size,
         eval_data=str(eval_data) if eval_data else None, no_imc=no_imc, no_sym=no_sym, phi=phi,
         phi_weights=str(phi_weights) if phi_weights else None, viewpoint_head=viewpoint_head, supervised=supervised,
         az_range_deg=az_range, el_range_deg=el_range, tilt_range_deg=tilt_range, lr_d=lr_d, lr_g=lr_g,
-        weights={"w_imc": w_imc, "w_sym": w_sym, "w_gsym": w_gsym, "w_style": w_style, "w_view": w_view},
+        augment_gain=augment_gain, weights={"w_imc": w_imc, "w_sym": w_sym, "w_gsym": w_gsym, "w_style": w_style, "w_view": w_view},
         num_workers=num_workers, steps=steps,
     )
     dev = resolve_device(device)

@@ -20,6 +20,12 @@ Adam with betas (0, 0.99); the mapping MLP's learning rate is ``lr_mapping_mult`
 U(-1, 1); viewpoints are drawn independently and uniformly in [-range, range] (radians in the config; the defaults are
 the release's 300W-LP ranges: azimuth +-1.4 (80 deg), elevation +-1.2 (69 deg), tilt +-0.75 (43 deg)).
 
+**Illumination** (``augment_gain > 0``, not in the release): every image V reads, real or synthetic, first gets a
+random linear brightness ramp from one image edge (kornia's ``RandomLinearIllumination`` draws it, gain
+U(0, augment_gain) in [0, 1] units; it is added without kornia's clamp, since S's output is not bounded). The
+reconstruction of L_imc gets the same ramp as its real image. Without it, on the synthetic heads, S learns to show
+azimuth as a left-right shading asymmetry, and V then reads the light direction of real heads as their azimuth.
+
 Ablations: ``w_imc = 0`` (``--no-imc``), ``w_sym = w_gsym = 0`` (``--no-sym``); every weight is a config key.
 
 **Supervised baseline** (``supervised = True``): the same V trained with the labels (L_v only, random horizontal flips
@@ -91,6 +97,8 @@ _COMMON_DEFAULTS = {
     "az_range": 1.4,
     "el_range": 1.2,
     "tilt_range": 0.75,
+    # random linear illumination on every image V reads (0 = off, the release); see "Illumination" in the docstring
+    "augment_gain": 0.0,
 }
 
 
@@ -194,6 +202,11 @@ class SSVTrainer(Trainer):
                                      input_size=c.get("phi_size")).to(device)
                 log.info("L_imc feature network Phi: %s", self.phi_name)
         self.ranges = (float(c["az_range"]), float(c["el_range"]), float(c["tilt_range"]))
+        self.illumination = None
+        if float(c.get("augment_gain", 0.0)) > 0 and not self.supervised:
+            from kornia.augmentation import RandomLinearIllumination
+
+            self.illumination = RandomLinearIllumination(gain=(0.0, float(c["augment_gain"])), p=1.0)
         self._dataset = None
         self._eval_dataset = None
         seed_everything(int(c["seed"]))  # training randomness: seed + rank
@@ -227,6 +240,18 @@ class SSVTrainer(Trainer):
     def sample_v(self, n: int) -> torch.Tensor:
         return sample_viewpoints(n, self.ranges, self.device)
 
+    def illuminate(self, images: torch.Tensor, ramp: torch.Tensor | None = None):
+        """(B, 3, H, W) model-range images -> (images + ramp, ramp); a new ramp is drawn unless one is given.
+
+        Identity (ramp None) when ``augment_gain`` is 0. The ramp comes from the global RNG (exact resume).
+        """
+        if self.illumination is None:
+            return images, None
+        if ramp is None:
+            params = self.illumination.forward_parameters(images.shape)
+            ramp = 2.0 * params["gradient"].to(images.device, images.dtype)  # [0, 1] units -> model range
+        return images + ramp, ramp
+
     def _v_forward(self, *images: torch.Tensor) -> list[dict]:
         """V on several batches: one concatenated pass (per-sample ops only) unless minibatch-stddev couples them."""
         if self.V.mbstd or len(images) == 1:
@@ -258,6 +283,8 @@ class SSVTrainer(Trainer):
         z1, v1 = self.sample_z(B), self.sample_v(B)
         with torch.no_grad():
             fake = self.G(z1, v1)
+        x, x_ramp = self.illuminate(x)
+        fake, _ = self.illuminate(fake)
         use_sym = c["w_sym"] > 0
         outs = self._v_forward(*([x, losses.hflip(x), fake] if use_sym else [x, fake]))
         out_real, out_fake = outs[0], outs[-1]
@@ -274,7 +301,7 @@ class SSVTrainer(Trainer):
             terms["d_sym"] = l_sym.detach()
         if c["w_imc"] > 0:
             v_hat = self.V.decode(out_real["view"])
-            recon = self.G(out_real["z"], v_hat)
+            recon, _ = self.illuminate(self.G(out_real["z"], v_hat), x_ramp)
             with torch.no_grad():
                 feat_real = self.phi(x)
             l_imc = losses.image_consistency_loss(feat_real, self.phi(recon))
@@ -303,7 +330,7 @@ class SSVTrainer(Trainer):
             images, flipped_view = images[: 3 * n], images[3 * n :]
         else:
             images = self.G(zs, vs)
-        out = self.V(images)
+        out = self.V(self.illuminate(images)[0])
         g_adv = losses.generator_adversarial_loss(out["score"])
         g_style = losses.style_loss(out["z"], zs)
         g_view = self.head.loss(out["view"], self.head.encode(vs))

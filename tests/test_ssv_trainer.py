@@ -63,7 +63,8 @@ def all_params(trainer):
     return {f"{name}.{k}": v.detach().clone() for name, m in trainer.modules().items() for k, v in m.state_dict().items()}
 
 
-@pytest.mark.parametrize("kw", [{}, {"phi": "random", "viewpoint_head": "6d"}, {"w_imc": 0.0, "w_sym": 0.0, "w_gsym": 0.0}])
+@pytest.mark.parametrize("kw", [{}, {"phi": "random", "viewpoint_head": "6d"}, {"w_imc": 0.0, "w_sym": 0.0, "w_gsym": 0.0},
+                                {"augment_gain": 0.5}])
 def test_two_steps_tiny(folder, kw):
     t = SSVTrainer(tiny_config(folder, **kw))
     before = all_params(t)
@@ -97,13 +98,14 @@ def test_paper_preset_one_step(folder):
     assert all(torch.isfinite(v) for v in terms.values())
 
 
-def test_resume_equals_uninterrupted(folder, tmp_path):
-    full = SSVTrainer(tiny_config(folder))
+@pytest.mark.parametrize("gain", [0.0, 0.5])
+def test_resume_equals_uninterrupted(folder, tmp_path, gain):
+    full = SSVTrainer(tiny_config(folder, augment_gain=gain))
     fit(full, tmp_path / "full", steps=4, checkpoint_every=0, progress=False, log_every=0)
-    first = SSVTrainer(tiny_config(folder))
+    first = SSVTrainer(tiny_config(folder, augment_gain=gain))
     fit(first, tmp_path / "half", steps=2, checkpoint_every=2, progress=False, log_every=0)
     torch.manual_seed(1234)  # a fresh process would be in another RNG state: the checkpoint must restore it
-    second = SSVTrainer(tiny_config(folder, steps=4))
+    second = SSVTrainer(tiny_config(folder, steps=4, augment_gain=gain))
     out = fit(second, tmp_path / "half", steps=4, resume="auto", progress=False, log_every=0)
     assert out["start_step"] == 2
     a, b = all_params(full), all_params(second)
@@ -114,6 +116,30 @@ def test_resume_equals_uninterrupted(folder, tmp_path):
         sa, sb = full.optimizers()[name].state_dict(), second.optimizers()[name].state_dict()
         for pid in sa["state"]:
             assert torch.equal(sa["state"][pid]["exp_avg"], sb["state"][pid]["exp_avg"])
+
+
+def test_illumination_ramps(folder):
+    """augment_gain 0 leaves images alone; otherwise a ramp linear from one edge, at most 2 x gain in model range,
+    the same in every channel, drawn per image, and reused exactly when passed back (L_imc's reconstruction)."""
+    x = torch.randn(64, 3, 16, 16)
+    off = SSVTrainer(tiny_config(folder))
+    same, ramp = off.illuminate(x)
+    assert same is x and ramp is None
+    t = SSVTrainer(tiny_config(folder, augment_gain=0.4))
+    y, ramp = t.illuminate(x)
+    assert torch.allclose(y - x, ramp, atol=1e-6)
+    assert ramp.abs().max() <= 0.8 + 1e-6 and ramp.abs().amax(dim=(1, 2, 3)).min() >= 0  # gain U(0, 0.4) -> 2x
+    assert torch.equal(ramp, ramp[:, :1].expand_as(ramp))  # one brightness field for all channels
+    for r in ramp[:, 0]:
+        along_rows = torch.allclose(r, r[:, :1].expand_as(r))  # constant along each row: ramp runs top <-> bottom
+        along_cols = torch.allclose(r, r[:1].expand_as(r))
+        assert along_rows or along_cols
+        line = r[:, 0] if along_rows else r[0]
+        assert torch.allclose(line.diff().diff(), torch.zeros(14), atol=1e-5)  # linear
+        assert line.abs().min() < 1e-6  # zero at the far edge
+    assert not torch.allclose(ramp[0], ramp[1])
+    z, again = t.illuminate(torch.zeros_like(x), ramp)
+    assert again is ramp and torch.equal(z, ramp)
 
 
 def test_supervised_baseline_learns(folder, tmp_path):
@@ -179,7 +205,7 @@ def test_cli_help_documents_every_option():
     result = CliRunner().invoke(cli, ["train", "ssv", "--help"])
     assert result.exit_code == 0, result.output
     for opt in ("--data", "--preset", "--out", "--steps", "--resume", "--force", "--device", "--seed", "--batch-size",
-                "--eval-data", "--no-imc", "--no-sym", "--phi", "--viewpoint-head", "--supervised"):
+                "--eval-data", "--no-imc", "--no-sym", "--phi", "--viewpoint-head", "--supervised", "--augment-gain"):
         assert opt in result.output
 
 
