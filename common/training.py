@@ -62,6 +62,9 @@ class Trainer:
     #: config keys that may change between a run and its resumption (they do not change the training itself)
     resume_ignore_keys: tuple[str, ...] = ("steps", "device", "out", "resume", "force", "checkpoint_every",
                                            "eval_every", "log_every", "media_every", "eval_data", "progress", "debug")
+    #: Config keys added after checkpoints were written, with the value those older runs behaved as (resume fills them
+    #: in before comparing configs, so an old run stays resumable).
+    resume_defaults: dict = {}
 
     def __init__(self, config: dict, device: torch.device):
         self.config = dict(config)
@@ -305,7 +308,8 @@ def fit(trainer: Trainer, run_dir: str | Path, steps: int, checkpoint_every: int
             ckpt, resumed_from = find_checkpoint(source)
             if ckpt["family"] != trainer.family:
                 raise ViewsslError(f"is a {ckpt['family']!r} checkpoint, not {trainer.family!r}", resumed_from)
-            diff = config_diff(ckpt["config"], trainer.config, trainer.resume_ignore_keys)
+            diff = config_diff({**trainer.resume_defaults, **ckpt["config"]}, trainer.config,
+                               trainer.resume_ignore_keys)
             if diff and not force:
                 raise ViewsslError(f"config differs from the checkpoint's ({'; '.join(diff)}); pass --force to resume anyway", resumed_from)
             if diff:

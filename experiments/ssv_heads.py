@@ -76,6 +76,32 @@ def evaluate(model, test_dir: Path, device) -> dict[str, float]:
     return out
 
 
+def shading_shortcut(model, test_dir: Path, limit: int = 2000, batch: int = 250) -> dict[str, float]:
+    """Does V read the light as the azimuth? Pearson r of V's raw azimuth on (the first ``limit``) test heads with
+    their true azimuth (``r_az_true``) and with their left-right brightness asymmetry (``r_az_shading``: mean gray of
+    the left image half minus the right half, which on the benchmark follows the random light direction far more than
+    the pose). A V that learned the shading shortcut has a high ``r_az_shading`` and a low ``r_az_true``."""
+    from common.data.labels import LabeledFolder
+
+    data = LabeledFolder(test_dir, size=None)
+    n = min(len(data), limit)
+    pred, true, asym = [], [], []
+    for start in range(0, n, batch):
+        items = [data[i] for i in range(start, min(n, start + batch))]
+        images = torch.stack([it["image"] for it in items])
+        gray = images.mean(dim=1)
+        half = gray.shape[-1] // 2
+        asym.append(gray[..., :half].mean(dim=(1, 2)) - gray[..., -half:].mean(dim=(1, 2)))
+        pred.append(model.predict_angles(images)[:, 0].cpu())
+        true.append(torch.stack([it["angles"][0] for it in items]))
+    pred, true, asym = (torch.cat(t).double().numpy() for t in (pred, true, asym))
+
+    def r(a, b):
+        return float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else float("nan")
+
+    return {"r_az_true": r(pred, true), "r_az_shading": r(pred, asym)}
+
+
 def random_floor(test_dir: Path, seed: int) -> dict[str, float]:
     from common.data.labels import read_labels
     from common.eval import evaluate_viewpoints
@@ -94,13 +120,18 @@ def markdown(results: dict, command: str, wall: float) -> str:
         "# SSV on the synthetic heads",
         "",
         f"Command: `{command}`  ",
-        f"Wall time: {wall / 60:.1f} min on {results.get('threads', torch.get_num_threads())} thread(s).",
+        f"Wall time: {wall / 60:.1f} min on {results.get('threads', torch.get_num_threads())} thread(s)"
+        + (" (rows trained by an earlier run of the command keep that run's train time)."
+           if any(r.get("trained_earlier") for r in results["rows"].values()) else "."),
         "",
         "MAE in degrees on the labelled test heads. *raw*: V's own frame, no fit; *calibrated*: SSV's protocol "
-        "(per-angle linear fit on a seeded 10% of the test frames, scored on the other 90%).",
+        "(per-angle linear fit on a seeded 10% of the test frames, scored on the other 90%). "
+        "*r(az)*, *r(az, shading)*: Pearson r of V's raw azimuth with the true azimuth and with the image's left-right "
+        "brightness asymmetry (which follows the light, not the pose).",
         "",
-        "| method | steps | raw az | raw el | raw tilt | raw MAE | cal az | cal el | cal tilt | cal MAE | train min | s/step |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | steps | raw az | raw el | raw tilt | raw MAE | cal az | cal el | cal tilt | cal MAE | r(az) "
+        "| r(az, shading) | train min | s/step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     if results.get("quick"):
         lines[2:2] = ["**Quick smoke run (4 steps per row): the numbers below mean nothing.**", ""]
@@ -113,6 +144,8 @@ def markdown(results: dict, command: str, wall: float) -> str:
 
         cells = [ROW_TITLES.get(row, row), str(r.get("steps", "-"))]
         cells += [f(f"raw/{k}") for k in KEYS] + [f(f"calibrated/{k}") for k in KEYS]
+        cells += [f"{m[k]:+.2f}" if m.get(k) is not None and math.isfinite(m[k]) else "-"
+                  for k in ("r_az_true", "r_az_shading")]
         cells.append(f"{r['train_seconds'] / 60:.1f}" if r.get("train_seconds") else "-")
         cells.append(f"{r['sec_per_step']:.2f}" if r.get("sec_per_step") else "-")
         lines.append("| " + " | ".join(cells) + " |")
@@ -207,6 +240,7 @@ def run(data, out, preset, steps, sup_steps, rows, batch_size, seed, device, thr
     results: dict = {"command": " ".join(shlex.quote(a) for a in ["python", "-m", "experiments.ssv_heads", *sys.argv[1:]]),
                      "preset": preset, "data": str(Path(data).resolve()), "ranges_deg": ranges, "quick": quick,
                      "threads": torch.get_num_threads(), "rows": {}}
+    previous = _previous_rows(out)
 
     for row in row_names:
         n_steps = sup_steps if row == "supervised" else steps
@@ -222,11 +256,17 @@ def run(data, out, preset, steps, sup_steps, rows, batch_size, seed, device, thr
         train_seconds = time.perf_counter() - t0
         done = n_steps - res["start_step"]
         metrics = evaluate(trainer.pose_model(), test_dir, dev)
+        metrics.update(shading_shortcut(trainer.pose_model(), test_dir))
         results["rows"][row] = {
             "steps": n_steps, "metrics": metrics, "train_seconds": train_seconds,
             "sec_per_step": train_seconds / done if done > 0 else None, "run_dir": str(out / row),
             "phi": getattr(trainer, "phi_name", None),
         }
+        old = previous.get(row, {})
+        if done == 0 and old.get("steps") == n_steps and old.get("sec_per_step"):
+            # already trained by an earlier run of this command: keep the time it took then
+            results["rows"][row].update(train_seconds=old["train_seconds"], sec_per_step=old["sec_per_step"],
+                                        trained_earlier=True)
         log.info("row %s: calibrated MAE %.2f deg, raw MAE %.2f deg (%.1f min, %s s/step)", row,
                  metrics.get("calibrated/mae", float("nan")), metrics.get("raw/mae", float("nan")),
                  train_seconds / 60, f"{train_seconds / done:.2f}" if done > 0 else "-")
@@ -237,6 +277,14 @@ def run(data, out, preset, steps, sup_steps, rows, batch_size, seed, device, thr
     click.echo(markdown(results, results["command"], wall))
     click.echo(f"wall time: {wall / 60:.1f} min; tables in {out / 'ssv_heads.md'} and {out / 'ssv_heads.json'}")
     return results
+
+
+def _previous_rows(out: Path) -> dict:
+    """The rows of an earlier ``OUT/ssv_heads.json`` ({} if there is none or it is unreadable)."""
+    try:
+        return dict(json.loads((out / "ssv_heads.json").read_text()).get("rows", {}))
+    except (OSError, ValueError, AttributeError):
+        return {}
 
 
 def _write(results: dict, out: Path, t_start: float) -> float:

@@ -163,6 +163,7 @@ class SSVTrainer(Trainer):
 
     family = "ssv"
     resume_ignore_keys = Trainer.resume_ignore_keys + ("num_workers", "phi_weights")
+    resume_defaults = {"augment_gain": 0.0}  # runs from before the illumination ramps
 
     def __init__(self, config: dict, device: torch.device = torch.device("cpu")):
         missing = [k for k in NETWORK_KEYS if k not in config]

@@ -54,3 +54,54 @@ def test_quick_run_writes_the_table_with_every_row(tiny_heads, tmp_path):
         assert 0 <= row["metrics"]["calibrated/mae"] <= 180, name
     table = (out / "ssv_heads.md").read_text()
     assert table.count("| SSV") == 3 and "random prediction (floor)" in table and "learned" in table
+
+
+class _Fake:
+    """A pose model whose azimuth is a given function of the image (or the next labels in order)."""
+
+    def __init__(self, azimuth_of):
+        self.azimuth_of = azimuth_of
+
+    def predict_angles(self, images):
+        az = self.azimuth_of(images)
+        return torch.stack([az, torch.zeros_like(az), torch.zeros_like(az)], dim=1)
+
+
+def test_shading_shortcut_correlations(tiny_heads):
+    import numpy as np
+
+    from common.data.labels import read_labels
+    from experiments.ssv_heads import shading_shortcut
+
+    test_dir = tiny_heads / "heads" / "test"
+
+    def mirror_difference(images):  # left half minus right half, computed as the image minus its mirror
+        g = images.numpy().mean(axis=1)
+        d = (g - g[..., ::-1])[..., : g.shape[-1] // 2].mean(axis=(1, 2))
+        return torch.from_numpy(d.copy()).float()
+
+    shading = shading_shortcut(_Fake(lambda x: -3.0 * mirror_difference(x)), test_dir, batch=5)
+    assert shading["r_az_shading"] == pytest.approx(-1.0, abs=1e-5)
+    labels = iter(read_labels(test_dir).angles[:, 0])
+    truthful = shading_shortcut(_Fake(lambda x: torch.stack([next(labels) for _ in range(len(x))])), test_dir, batch=5)
+    assert truthful["r_az_true"] == pytest.approx(1.0, abs=1e-6)
+    assert truthful["r_az_shading"] == pytest.approx(shading["r_az_true"] * -1, abs=1e-5)  # r(true, asym), both ways
+    assert np.isfinite(truthful["r_az_shading"])
+
+
+def test_rerun_keeps_the_train_time_of_finished_rows(tiny_heads, tmp_path):
+    threads = torch.get_num_threads()
+    args = ["--data", str(tiny_heads), "--out", str(tmp_path / "ssv"), "--quick", "--threads", "1", "--device", "cpu",
+            "--phi", "critic", "--rows", "no_imc_sym"]
+    try:
+        first = CliRunner().invoke(main, args, catch_exceptions=False)
+        before = json.loads((tmp_path / "ssv" / "ssv_heads.json").read_text())["rows"]["no_imc_sym"]
+        again = CliRunner().invoke(main, args, catch_exceptions=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert first.exit_code == 0 and again.exit_code == 0, again.output
+    after = json.loads((tmp_path / "ssv" / "ssv_heads.json").read_text())["rows"]["no_imc_sym"]
+    assert after["trained_earlier"] is True and after["train_seconds"] == before["train_seconds"]
+    assert after["metrics"]["calibrated/mae"] == pytest.approx(before["metrics"]["calibrated/mae"])
+    assert "keep that run's train time" in (tmp_path / "ssv" / "ssv_heads.md").read_text()
+    assert "r(az, shading)" in (tmp_path / "ssv" / "ssv_heads.md").read_text()

@@ -118,6 +118,23 @@ def test_resume_equals_uninterrupted(folder, tmp_path, gain):
             assert torch.equal(sa["state"][pid]["exp_avg"], sb["state"][pid]["exp_avg"])
 
 
+def test_runs_from_before_the_illumination_ramps_still_resume(folder, tmp_path):
+    """A checkpoint whose config has no augment_gain ran without ramps: it resumes as gain 0, not as any gain."""
+    from common.errors import ViewsslError
+    from common.io import atomic_save
+
+    fit(SSVTrainer(tiny_config(folder)), tmp_path / "old", steps=1, checkpoint_every=1, progress=False, log_every=0)
+    (path,) = (tmp_path / "old" / "checkpoints").glob("*.pt")
+    ckpt = load_checkpoint(path)
+    del ckpt["config"]["augment_gain"]
+    atomic_save(ckpt, path)
+    out = fit(SSVTrainer(tiny_config(folder)), tmp_path / "old", steps=2, resume="auto", progress=False, log_every=0)
+    assert out["start_step"] == 1
+    with pytest.raises(ViewsslError, match="augment_gain"):
+        fit(SSVTrainer(tiny_config(folder, augment_gain=0.5)), tmp_path / "old", steps=3, resume=path,
+            progress=False, log_every=0)
+
+
 def test_illumination_ramps(folder):
     """augment_gain 0 leaves images alone; otherwise a ramp linear from one edge, at most 2 x gain in model range,
     the same in every channel, drawn per image, and reused exactly when passed back (L_imc's reconstruction)."""
