@@ -76,11 +76,13 @@ def evaluate(model, test_dir: Path, device) -> dict[str, float]:
     return out
 
 
-def shading_shortcut(model, test_dir: Path, limit: int = 2000, batch: int = 250) -> dict[str, float]:
+def shading_shortcut(model, test_dir: Path, limit: int = 2000, batch: int = 250, plot: Path | None = None,
+                     title: str = "") -> dict[str, float]:
     """Does V read the light as the azimuth? Pearson r of V's raw azimuth on (the first ``limit``) test heads with
     their true azimuth (``r_az_true``) and with their left-right brightness asymmetry (``r_az_shading``: mean gray of
     the left image half minus the right half, which on the benchmark follows the random light direction far more than
-    the pose). A V that learned the shading shortcut has a high ``r_az_shading`` and a low ``r_az_true``."""
+    the pose). A V that learned the shading shortcut has a high ``r_az_shading`` and a low ``r_az_true``.
+    ``plot``: also write both scatter plots there (PNG)."""
     from common.data.labels import LabeledFolder
 
     data = LabeledFolder(test_dir, size=None)
@@ -99,7 +101,30 @@ def shading_shortcut(model, test_dir: Path, limit: int = 2000, batch: int = 250)
     def r(a, b):
         return float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else float("nan")
 
-    return {"r_az_true": r(pred, true), "r_az_shading": r(pred, asym)}
+    result = {"r_az_true": r(pred, true), "r_az_shading": r(pred, asym)}
+    if plot is not None:
+        _scatter(plot, np.degrees(pred), [(np.degrees(true), "true azimuth (deg)", result["r_az_true"]),
+                                          (asym, "left-right brightness asymmetry", result["r_az_shading"])], title)
+    return result
+
+
+def _scatter(path: Path, y, panels, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), sharey=True)
+    for ax, (x, label, r) in zip(axes, panels):
+        ax.scatter(x, y, s=3, alpha=0.4)
+        ax.set_xlabel(label)
+        ax.set_title(f"r = {r:+.2f}")
+    axes[0].set_ylabel("V's azimuth (deg)")
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def random_floor(test_dir: Path, seed: int) -> dict[str, float]:
@@ -256,7 +281,8 @@ def run(data, out, preset, steps, sup_steps, rows, batch_size, seed, device, thr
         train_seconds = time.perf_counter() - t0
         done = n_steps - res["start_step"]
         metrics = evaluate(trainer.pose_model(), test_dir, dev)
-        metrics.update(shading_shortcut(trainer.pose_model(), test_dir))
+        metrics.update(shading_shortcut(trainer.pose_model(), test_dir, plot=out / f"{row}_azimuth_scatter.png",
+                                        title=f"{ROW_TITLES.get(row, row)}, {n_steps} steps: V on the test heads"))
         results["rows"][row] = {
             "steps": n_steps, "metrics": metrics, "train_seconds": train_seconds,
             "sec_per_step": train_seconds / done if done > 0 else None, "run_dir": str(out / row),

@@ -105,3 +105,4 @@ def test_rerun_keeps_the_train_time_of_finished_rows(tiny_heads, tmp_path):
     assert after["metrics"]["calibrated/mae"] == pytest.approx(before["metrics"]["calibrated/mae"])
     assert "keep that run's train time" in (tmp_path / "ssv" / "ssv_heads.md").read_text()
     assert "r(az, shading)" in (tmp_path / "ssv" / "ssv_heads.md").read_text()
+    assert (tmp_path / "ssv" / "no_imc_sym_azimuth_scatter.png").stat().st_size > 0
