@@ -127,6 +127,27 @@ def _scatter(path: Path, y, panels, title: str) -> None:
     plt.close(fig)
 
 
+@torch.no_grad()
+def cycle_errors(trainer, n: int = 512, seed: int = 0) -> dict[str, float]:
+    """How well V reads the generator's own viewpoint: MAE in degrees of V's angles on ``n`` EMA-generator samples
+    at viewpoints drawn from S's sampling ranges (a private RNG: training randomness is untouched). {} without S."""
+    from common.geometry import angular_difference
+
+    if getattr(trainer, "supervised", True):
+        return {}
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.rand(n, 2 * trainer.config["code_dim"], generator=gen) * 2 - 1
+    v = (torch.rand(n, 3, generator=gen) * 2 - 1) * torch.tensor(trainer.ranges)
+    was = trainer.V.training
+    trainer.V.eval()
+    try:
+        pred = trainer.V.decode(trainer.V(trainer.G_ema(z.to(trainer.device), v.to(trainer.device)))["view"]).cpu()
+    finally:
+        trainer.V.train(was)
+    err = torch.rad2deg(angular_difference(pred, v)).mean(dim=0)
+    return {"cycle/azimuth_mae": float(err[0]), "cycle/mae": float(err.mean())}
+
+
 def random_floor(test_dir: Path, seed: int) -> dict[str, float]:
     from common.data.labels import read_labels
     from common.eval import evaluate_viewpoints
@@ -152,11 +173,12 @@ def markdown(results: dict, command: str, wall: float) -> str:
         "MAE in degrees on the labelled test heads. *raw*: V's own frame, no fit; *calibrated*: SSV's protocol "
         "(per-angle linear fit on a seeded 10% of the test frames, scored on the other 90%). "
         "*r(az)*, *r(az, shading)*: Pearson r of V's raw azimuth with the true azimuth and with the image's left-right "
-        "brightness asymmetry (which follows the light, not the pose).",
+        "brightness asymmetry (which follows the light, not the pose). *cycle*: V's MAE on 512 samples of the EMA "
+        "generator at known viewpoints (does V read S's viewpoint?).",
         "",
         "| method | steps | raw az | raw el | raw tilt | raw MAE | cal az | cal el | cal tilt | cal MAE | r(az) "
-        "| r(az, shading) | train min | s/step |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| r(az, shading) | cycle az | cycle MAE | train min | s/step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     if results.get("quick"):
         lines[2:2] = ["**Quick smoke run (4 steps per row): the numbers below mean nothing.**", ""]
@@ -171,6 +193,7 @@ def markdown(results: dict, command: str, wall: float) -> str:
         cells += [f(f"raw/{k}") for k in KEYS] + [f(f"calibrated/{k}") for k in KEYS]
         cells += [f"{m[k]:+.2f}" if m.get(k) is not None and math.isfinite(m[k]) else "-"
                   for k in ("r_az_true", "r_az_shading")]
+        cells += [f("cycle/azimuth_mae"), f("cycle/mae")]
         cells.append(f"{r['train_seconds'] / 60:.1f}" if r.get("train_seconds") else "-")
         cells.append(f"{r['sec_per_step']:.2f}" if r.get("sec_per_step") else "-")
         lines.append("| " + " | ".join(cells) + " |")
@@ -283,6 +306,7 @@ def run(data, out, preset, steps, sup_steps, rows, batch_size, seed, device, thr
         metrics = evaluate(trainer.pose_model(), test_dir, dev)
         metrics.update(shading_shortcut(trainer.pose_model(), test_dir, plot=out / f"{row}_azimuth_scatter.png",
                                         title=f"{ROW_TITLES.get(row, row)}, {n_steps} steps: V on the test heads"))
+        metrics.update(cycle_errors(trainer, seed=seed))
         results["rows"][row] = {
             "steps": n_steps, "metrics": metrics, "train_seconds": train_seconds,
             "sec_per_step": train_seconds / done if done > 0 else None, "run_dir": str(out / row),

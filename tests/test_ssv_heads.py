@@ -106,3 +106,32 @@ def test_rerun_keeps_the_train_time_of_finished_rows(tiny_heads, tmp_path):
     assert "keep that run's train time" in (tmp_path / "ssv" / "ssv_heads.md").read_text()
     assert "r(az, shading)" in (tmp_path / "ssv" / "ssv_heads.md").read_text()
     assert (tmp_path / "ssv" / "no_imc_sym_azimuth_scatter.png").stat().st_size > 0
+
+
+def test_cycle_errors_measure_how_well_v_reads_the_generator():
+    import math
+    from types import SimpleNamespace
+
+    from experiments.ssv_heads import cycle_errors
+
+    class ReadsView(torch.nn.Module):  # V reads the viewpoint S wrote into the pixels, off by `offset` (radians)
+        def __init__(self, offset):
+            super().__init__()
+            self.offset = torch.tensor(offset)
+
+        def forward(self, images):
+            return {"view": images.flatten(1)}
+
+        def decode(self, view):
+            return view + self.offset
+
+    def trainer(offset):
+        return SimpleNamespace(supervised=False, config={"code_dim": 2}, ranges=(1.4, 1.0, 0.7), device="cpu",
+                               G_ema=lambda z, v: v.view(-1, 3, 1, 1), V=ReadsView(offset))
+
+    exact = cycle_errors(trainer([0.0, 0.0, 0.0]))
+    assert exact == {"cycle/azimuth_mae": 0.0, "cycle/mae": 0.0}
+    off = cycle_errors(trainer([0.1, -0.2, 2 * math.pi + 0.3]))  # a full turn is no error
+    assert off["cycle/azimuth_mae"] == pytest.approx(math.degrees(0.1), abs=1e-3)
+    assert off["cycle/mae"] == pytest.approx(math.degrees(0.2), abs=1e-3)
+    assert cycle_errors(SimpleNamespace(supervised=True)) == {}
