@@ -31,7 +31,7 @@ Ablations: ``w_imc = 0`` (``--no-imc``), ``w_sym = w_gsym = 0`` (``--no-sym``); 
 **Supervised baseline** (``supervised = True``): the same V trained with the labels (L_v only, random horizontal flips
 with mirrored labels), so the comparison isolates the self-supervision.
 
-All randomness (z, v, flips, dropout, GP interpolation) comes from the global torch RNG in the main process, so
+All randomness (z, v, flips, dropout, GP interpolation, illumination ramps) comes from the global torch RNG in the main process, so
 :func:`common.training.fit` resumes bit-exactly. Under torchrun each rank takes ``batch_size / world`` real images
 and ``g_group / world`` generator samples, and gradients are averaged over ranks after each backward.
 """
