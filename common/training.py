@@ -25,7 +25,8 @@ import re
 import signal
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from types import MappingProxyType
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -64,7 +65,7 @@ class Trainer:
                                            "eval_every", "log_every", "media_every", "eval_data", "progress", "debug")
     #: Config keys added after checkpoints were written, with the value those older runs behaved as (resume fills them
     #: in before comparing configs, so an old run stays resumable).
-    resume_defaults: dict = {}
+    resume_defaults: Mapping[str, Any] = MappingProxyType({})
 
     def __init__(self, config: dict, device: torch.device):
         self.config = dict(config)

@@ -76,12 +76,25 @@ def evaluate(model, test_dir: Path, device) -> dict[str, float]:
     return out
 
 
+def brightness_asymmetry(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) images -> (B,) mean gray of the left half minus the right half (the light and the background
+    gradient both move it)."""
+    gray = images.mean(dim=1)
+    half = gray.shape[-1] // 2
+    return gray[..., :half].mean(dim=(1, 2)) - gray[..., -half:].mean(dim=(1, 2))
+
+
+def _pearson(a, b) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else float("nan")
+
+
 def shading_shortcut(model, test_dir: Path, limit: int = 2000, batch: int = 250, plot: Path | None = None,
                      title: str = "") -> dict[str, float]:
     """Does V read the light as the azimuth? Pearson r of V's raw azimuth on (the first ``limit``) test heads with
-    their true azimuth (``r_az_true``) and with their left-right brightness asymmetry (``r_az_shading``: mean gray of
-    the left image half minus the right half, which on the benchmark follows the random light direction far more than
-    the pose). A V that learned the shading shortcut has a high ``r_az_shading`` and a low ``r_az_true``.
+    their true azimuth (``r_az_true``) and with their left-right brightness asymmetry (``r_az_shading``, see
+    :func:`brightness_asymmetry`; ``r_true_shading`` is how much that asymmetry says about the true azimuth). A V that
+    learned the shading shortcut has a high ``r_az_shading`` and a low ``r_az_true``.
     ``plot``: also write both scatter plots there (PNG)."""
     from common.data.labels import LabeledFolder
 
@@ -91,17 +104,12 @@ def shading_shortcut(model, test_dir: Path, limit: int = 2000, batch: int = 250,
     for start in range(0, n, batch):
         items = [data[i] for i in range(start, min(n, start + batch))]
         images = torch.stack([it["image"] for it in items])
-        gray = images.mean(dim=1)
-        half = gray.shape[-1] // 2
-        asym.append(gray[..., :half].mean(dim=(1, 2)) - gray[..., -half:].mean(dim=(1, 2)))
+        asym.append(brightness_asymmetry(images))
         pred.append(model.predict_angles(images)[:, 0].cpu())
         true.append(torch.stack([it["angles"][0] for it in items]))
     pred, true, asym = (torch.cat(t).double().numpy() for t in (pred, true, asym))
-
-    def r(a, b):
-        return float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else float("nan")
-
-    result = {"r_az_true": r(pred, true), "r_az_shading": r(pred, asym)}
+    result = {"r_az_true": _pearson(pred, true), "r_az_shading": _pearson(pred, asym),
+              "r_true_shading": _pearson(true, asym)}
     if plot is not None:
         _scatter(plot, np.degrees(pred), [(np.degrees(true), "true azimuth (deg)", result["r_az_true"]),
                                           (asym, "left-right brightness asymmetry", result["r_az_shading"])], title)
@@ -130,7 +138,9 @@ def _scatter(path: Path, y, panels, title: str) -> None:
 @torch.no_grad()
 def cycle_errors(trainer, n: int = 512, seed: int = 0) -> dict[str, float]:
     """How well V reads the generator's own viewpoint: MAE in degrees of V's angles on ``n`` EMA-generator samples
-    at viewpoints drawn from S's sampling ranges (a private RNG: training randomness is untouched). {} without S."""
+    at viewpoints drawn from S's sampling ranges (a private RNG: training randomness is untouched), and how S shows
+    the azimuth: ``cycle/r_az_shading``, Pearson r of the sampled azimuth with the samples' left-right brightness
+    asymmetry. {} without S."""
     from common.geometry import angular_difference
 
     if getattr(trainer, "supervised", True):
@@ -141,11 +151,13 @@ def cycle_errors(trainer, n: int = 512, seed: int = 0) -> dict[str, float]:
     was = trainer.V.training
     trainer.V.eval()
     try:
-        pred = trainer.V.decode(trainer.V(trainer.G_ema(z.to(trainer.device), v.to(trainer.device)))["view"]).cpu()
+        images = trainer.G_ema(z.to(trainer.device), v.to(trainer.device))
+        pred = trainer.V.decode(trainer.V(images)["view"]).cpu()
     finally:
         trainer.V.train(was)
     err = torch.rad2deg(angular_difference(pred, v)).mean(dim=0)
-    return {"cycle/azimuth_mae": float(err[0]), "cycle/mae": float(err.mean())}
+    return {"cycle/azimuth_mae": float(err[0]), "cycle/mae": float(err.mean()),
+            "cycle/r_az_shading": _pearson(v[:, 0], brightness_asymmetry(images.float().cpu()))}
 
 
 def random_floor(test_dir: Path, seed: int) -> dict[str, float]:
@@ -173,30 +185,37 @@ def markdown(results: dict, command: str, wall: float) -> str:
         "MAE in degrees on the labelled test heads. *raw*: V's own frame, no fit; *calibrated*: SSV's protocol "
         "(per-angle linear fit on a seeded 10% of the test frames, scored on the other 90%). "
         "*r(az)*, *r(az, shading)*: Pearson r of V's raw azimuth with the true azimuth and with the image's left-right "
-        "brightness asymmetry (which follows the light, not the pose). *cycle*: V's MAE on 512 samples of the EMA "
-        "generator at known viewpoints (does V read S's viewpoint?).",
+        "brightness asymmetry (moved by the light and the background, not only the pose). *cycle*: V's MAE on 512 "
+        "samples of the EMA generator at known viewpoints (does V read S's viewpoint?); *S: r(az, shading)*: Pearson r "
+        "of the sampled azimuth with the samples' brightness asymmetry (does S show azimuth as shading?).",
         "",
         "| method | steps | raw az | raw el | raw tilt | raw MAE | cal az | cal el | cal tilt | cal MAE | r(az) "
-        "| r(az, shading) | cycle az | cycle MAE | train min | s/step |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| r(az, shading) | cycle az | cycle MAE | S: r(az, shading) | train min | s/step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     if results.get("quick"):
         lines[2:2] = ["**Quick smoke run (4 steps per row): the numbers below mean nothing.**", ""]
     for row, r in results["rows"].items():
         m = r["metrics"]
 
-        def f(key):
+        def f(key, fmt=".1f"):
             v = m.get(key)
-            return f"{v:.1f}" if v is not None and math.isfinite(v) else "-"
+            return format(v, fmt) if v is not None and math.isfinite(v) else "-"
+
+        def corr(key):
+            return f(key, "+.2f")
 
         cells = [ROW_TITLES.get(row, row), str(r.get("steps", "-"))]
         cells += [f(f"raw/{k}") for k in KEYS] + [f(f"calibrated/{k}") for k in KEYS]
-        cells += [f"{m[k]:+.2f}" if m.get(k) is not None and math.isfinite(m[k]) else "-"
-                  for k in ("r_az_true", "r_az_shading")]
-        cells += [f("cycle/azimuth_mae"), f("cycle/mae")]
+
+        cells += [corr("r_az_true"), corr("r_az_shading"), f("cycle/azimuth_mae"), f("cycle/mae"),
+                  corr("cycle/r_az_shading")]
         cells.append(f"{r['train_seconds'] / 60:.1f}" if r.get("train_seconds") else "-")
         cells.append(f"{r['sec_per_step']:.2f}" if r.get("sec_per_step") else "-")
         lines.append("| " + " | ".join(cells) + " |")
+    r_true = [r["metrics"]["r_true_shading"] for r in results["rows"].values() if "r_true_shading" in r["metrics"]]
+    if r_true:
+        lines += ["", f"On this test split the brightness asymmetry has r = {r_true[0]:+.2f} with the true azimuth."]
     goals = results.get("goals", {})
     if goals:
         lines += ["", "Goals (issue 4, calibrated MAE):", ""]

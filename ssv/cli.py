@@ -104,6 +104,8 @@ def build_config(
     if augment_gain is not None:
         if not 0 <= augment_gain <= 1:
             raise ViewsslError(f"--augment-gain: {augment_gain} is not in [0, 1]")
+        if supervised and augment_gain > 0:
+            raise ViewsslError("--augment-gain has no effect with --supervised (the ramps are for SSV's V)")
         overrides["augment_gain"] = augment_gain
     for key, value in (weights or {}).items():
         if value is not None:
@@ -175,8 +177,9 @@ def build_config(
 @click.option("--lr-g", type=float, default=None,
               help="Learning rate of S (mapping MLP: x0.01) [default: 2e-3 for cpu and cpu64, 5e-4 for paper].")
 @click.option("--augment-gain", type=float, default=None,
-              help="Random linear illumination ramps (gain up to this, in [0, 1] image units) on every image V reads, "
-                   "so S cannot show azimuth as shading; 0 = off, as the release [default: 0].")
+              help="Random linear illumination ramps (gain up to this, in [0, 1] image units, from a random image "
+                   "edge) on every image V reads, which makes shading a less reliable cue to S's azimuth; 0 = off, as "
+                   "the release [default: 0].")
 @click.option("--w-imc", type=float, default=None, help="Weight of L_imc [default: 0.4, applied once].")
 @click.option("--w-sym", type=float, default=None, help="Weight of the symmetry loss on V [default: 0.4].")
 @click.option("--w-gsym", type=float, default=None, help="Weight of the symmetry loss on S [default: 0.5].")

@@ -86,6 +86,7 @@ def test_shading_shortcut_correlations(tiny_heads):
     truthful = shading_shortcut(_Fake(lambda x: torch.stack([next(labels) for _ in range(len(x))])), test_dir, batch=5)
     assert truthful["r_az_true"] == pytest.approx(1.0, abs=1e-6)
     assert truthful["r_az_shading"] == pytest.approx(shading["r_az_true"] * -1, abs=1e-5)  # r(true, asym), both ways
+    assert truthful["r_true_shading"] == pytest.approx(truthful["r_az_shading"])
     assert np.isfinite(truthful["r_az_shading"])
 
 
@@ -120,17 +121,23 @@ def test_cycle_errors_measure_how_well_v_reads_the_generator():
             self.offset = torch.tensor(offset)
 
         def forward(self, images):
-            return {"view": images.flatten(1)}
+            return {"view": images[:, :, 0, 0]}
 
         def decode(self, view):
             return view + self.offset
 
-    def trainer(offset):
+    def shaded(z, v):  # (B, 3, 1, 2): v in the left pixel, v with the azimuth negated in the right one
+        return torch.stack([v, v * torch.tensor([-1.0, 1.0, 1.0])], dim=-1).unsqueeze(2)
+
+    def trainer(offset, G=shaded):
         return SimpleNamespace(supervised=False, config={"code_dim": 2}, ranges=(1.4, 1.0, 0.7), device="cpu",
-                               G_ema=lambda z, v: v.view(-1, 3, 1, 1), V=ReadsView(offset))
+                               G_ema=G, V=ReadsView(offset))
 
     exact = cycle_errors(trainer([0.0, 0.0, 0.0]))
-    assert exact == {"cycle/azimuth_mae": 0.0, "cycle/mae": 0.0}
+    assert exact["cycle/azimuth_mae"] == 0.0 and exact["cycle/mae"] == 0.0
+    assert exact["cycle/r_az_shading"] == pytest.approx(1.0)  # left minus right brightness = 2/3 azimuth
+    unshaded = cycle_errors(trainer([0.0, 0.0, 0.0], G=lambda z, v: torch.stack([v, v], dim=-1).unsqueeze(2)))
+    assert math.isnan(unshaded["cycle/r_az_shading"])  # no asymmetry at all
     off = cycle_errors(trainer([0.1, -0.2, 2 * math.pi + 0.3]))  # a full turn is no error
     assert off["cycle/azimuth_mae"] == pytest.approx(math.degrees(0.1), abs=1e-3)
     assert off["cycle/mae"] == pytest.approx(math.degrees(0.2), abs=1e-3)

@@ -145,7 +145,10 @@ def test_illumination_ramps(folder):
     t = SSVTrainer(tiny_config(folder, augment_gain=0.4))
     y, ramp = t.illuminate(x)
     assert torch.allclose(y - x, ramp, atol=1e-6)
-    assert ramp.abs().max() <= 0.8 + 1e-6 and ramp.abs().amax(dim=(1, 2, 3)).min() >= 0  # gain U(0, 0.4) -> 2x
+    peak = ramp.abs().amax(dim=(1, 2, 3))
+    assert peak.max() <= 0.8 + 1e-6 and peak.max() > 0.4  # gain U(0, 0.4) in [0, 1] units -> up to 0.8 here
+    total = ramp.sum(dim=(1, 2, 3))
+    assert (total > 0).any() and (total < 0).any()  # brightening and darkening ramps
     assert torch.equal(ramp, ramp[:, :1].expand_as(ramp))  # one brightness field for all channels
     for r in ramp[:, 0]:
         along_rows = torch.allclose(r, r[:, :1].expand_as(r))  # constant along each row: ramp runs top <-> bottom
@@ -157,6 +160,25 @@ def test_illumination_ramps(folder):
     assert not torch.allclose(ramp[0], ramp[1])
     z, again = t.illuminate(torch.zeros_like(x), ramp)
     assert again is ramp and torch.equal(z, ramp)
+
+
+def test_every_image_v_reads_is_ramped_and_the_reconstruction_gets_its_real_images_ramp(folder, monkeypatch):
+    t = SSVTrainer(tiny_config(folder, augment_gain=0.5))
+    calls = []
+    original = t.illuminate
+
+    def record(images, ramp=None):
+        out, used = original(images, ramp)
+        calls.append((images.shape[0], ramp, used))
+        return out, used
+
+    monkeypatch.setattr(t, "illuminate", record)
+    t.train_step(next(t.batches(0)), 0)
+    B, n = t.config["batch_size"], t.config["g_group"]
+    assert [c[0] for c in calls] == [B, B, B, 3 * n]  # reals, fakes, L_imc's reconstruction, the S step's samples
+    assert calls[0][1] is None and calls[1][1] is None and calls[3][1] is None  # fresh ramps...
+    assert calls[2][1] is calls[0][2]  # ...but the reconstruction reuses the real images' ramp
+    assert not torch.equal(calls[0][2], calls[1][2])
 
 
 def test_supervised_baseline_learns(folder, tmp_path):
@@ -255,3 +277,14 @@ def test_cli_errors_are_one_line(tmp_path):
     result = CliRunner().invoke(cli, ["train", "ssv", "--data", str(tmp_path), "--phi", "alexnet", "--phi-weights",
                                       str(tmp_path / "absent.pth")])
     assert result.exit_code == 2 and "--phi-weights" in result.output
+
+
+def test_augment_gain_is_checked(folder):
+    from common.errors import ViewsslError
+    from ssv.cli import build_config
+
+    assert build_config("cpu", str(folder), augment_gain=0.5)["augment_gain"] == 0.5
+    with pytest.raises(ViewsslError, match="--supervised"):
+        build_config("cpu", str(folder), supervised=True, augment_gain=0.5)
+    with pytest.raises(ViewsslError, match=r"not in \[0, 1\]"):
+        build_config("cpu", str(folder), augment_gain=1.5)
