@@ -164,6 +164,11 @@ class SSVTrainer(Trainer):
     family = "ssv"
     resume_ignore_keys = Trainer.resume_ignore_keys + ("num_workers", "phi_weights")
     resume_defaults = {"augment_gain": 0.0}  # runs from before the illumination ramps
+    #: what only the GAN uses: the supervised baseline resumes whatever their defaults have become since
+    GAN_ONLY_KEYS = ("n_mlp", "volume_size", "rotate_size", "g_channels_3d", "g_channels_3d_post", "g_projection",
+                     "g_channels_2d", "g_group", "lr_d", "lr_g", "lr_mapping_mult", "adam_betas", "ema_decay",
+                     "gp_weight", "drift", "w_style", "w_view", "w_imc", "w_sym", "w_gsym", "phi", "phi_size",
+                     "phi_weights", "az_range", "el_range", "tilt_range", "augment_gain")
 
     def __init__(self, config: dict, device: torch.device = torch.device("cpu")):
         missing = [k for k in NETWORK_KEYS if k not in config]
@@ -172,6 +177,8 @@ class SSVTrainer(Trainer):
         super().__init__(config, device)
         c = self.config
         self.supervised = bool(c.get("supervised", False))
+        if self.supervised:
+            self.resume_ignore_keys = type(self).resume_ignore_keys + self.GAN_ONLY_KEYS
         self.world = dist_utils.world_size()
         for key in ("batch_size", "g_group"):
             if int(c[key]) % self.world:

@@ -135,6 +135,27 @@ def test_runs_from_before_the_illumination_ramps_still_resume(folder, tmp_path):
             progress=False, log_every=0)
 
 
+def test_supervised_runs_resume_across_gan_only_changes(folder, tmp_path):
+    """The supervised baseline never uses the GAN's settings: a change of them does not block its resume; a change of
+    what it does use still does."""
+    from common.errors import ViewsslError
+
+    fit(SSVTrainer(tiny_config(folder, supervised=True)), tmp_path / "sup", steps=1, checkpoint_every=1,
+        progress=False, log_every=0)
+    (path,) = (tmp_path / "sup" / "checkpoints").glob("*.pt")
+    out = fit(SSVTrainer(tiny_config(folder, supervised=True, lr_d=1e-2, w_imc=0.0)), tmp_path / "sup", steps=2,
+              resume=path, progress=False, log_every=0)
+    assert out["start_step"] == 1
+    with pytest.raises(ViewsslError, match="lr_supervised"):
+        fit(SSVTrainer(tiny_config(folder, supervised=True, lr_supervised=0.5)), tmp_path / "sup", steps=3,
+            resume=path, progress=False, log_every=0)
+    fit(SSVTrainer(tiny_config(folder)), tmp_path / "ssv", steps=1, checkpoint_every=1, progress=False, log_every=0)
+    (ssv_path,) = (tmp_path / "ssv" / "checkpoints").glob("*.pt")
+    with pytest.raises(ViewsslError, match="lr_d"):  # an SSV run still compares them
+        fit(SSVTrainer(tiny_config(folder, lr_d=1e-2)), tmp_path / "ssv", steps=2, resume=ssv_path, progress=False,
+            log_every=0)
+
+
 def test_illumination_ramps(folder):
     """augment_gain 0 leaves images alone; otherwise a ramp linear from one edge, at most 2 x gain in model range,
     the same in every channel, drawn per image, and reused exactly when passed back (L_imc's reconstruction)."""
