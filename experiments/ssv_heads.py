@@ -97,17 +97,12 @@ def shading_shortcut(model, test_dir: Path, limit: int = 2000, batch: int = 250,
     learned the shading shortcut has a high ``r_az_shading`` and a low ``r_az_true``.
     ``plot``: also write both scatter plots there (PNG)."""
     from common.data.labels import LabeledFolder
+    from ssv.model_io import predict_dataset
 
     data = LabeledFolder(test_dir, size=None)
-    n = min(len(data), limit)
-    pred, true, asym = [], [], []
-    for start in range(0, n, batch):
-        items = [data[i] for i in range(start, min(n, start + batch))]
-        images = torch.stack([it["image"] for it in items])
-        asym.append(brightness_asymmetry(images))
-        pred.append(model.predict_angles(images)[:, 0].cpu())
-        true.append(torch.stack([it["angles"][0] for it in items]))
-    pred, true, asym = (torch.cat(t).double().numpy() for t in (pred, true, asym))
+    items = [data[i] for i in range(min(len(data), limit))]  # read once: for the model and for the asymmetry
+    pred, true = (a[:, 0] for a in predict_dataset(model, items, batch_size=batch))
+    asym = brightness_asymmetry(torch.stack([it["image"] for it in items])).double().numpy()
     result = {"r_az_true": _pearson(pred, true), "r_az_shading": _pearson(pred, asym),
               "r_true_shading": _pearson(true, asym)}
     if plot is not None:
@@ -142,12 +137,13 @@ def cycle_errors(trainer, n: int = 512, seed: int = 0) -> dict[str, float]:
     the azimuth: ``cycle/r_az_shading``, Pearson r of the sampled azimuth with the samples' left-right brightness
     asymmetry. {} without S."""
     from common.geometry import angular_difference
+    from ssv.trainer import sample_styles, sample_viewpoints
 
     if getattr(trainer, "supervised", True):
         return {}
     gen = torch.Generator().manual_seed(seed)
-    z = torch.rand(n, 2 * trainer.config["code_dim"], generator=gen) * 2 - 1
-    v = (torch.rand(n, 3, generator=gen) * 2 - 1) * torch.tensor(trainer.ranges)
+    z = sample_styles(n, int(trainer.config["code_dim"]), generator=gen)
+    v = sample_viewpoints(n, trainer.ranges, generator=gen)
     was = trainer.V.training
     trainer.V.eval()
     try:

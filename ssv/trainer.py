@@ -31,8 +31,8 @@ Ablations: ``w_imc = 0`` (``--no-imc``), ``w_sym = w_gsym = 0`` (``--no-sym``); 
 **Supervised baseline** (``supervised = True``): the same V trained with the labels (L_v only, random horizontal flips
 with mirrored labels), so the comparison isolates the self-supervision.
 
-All randomness (z, v, flips, dropout, GP interpolation, illumination ramps) comes from the global torch RNG in the main process, so
-:func:`common.training.fit` resumes bit-exactly. Under torchrun each rank takes ``batch_size / world`` real images
+All randomness (z, v, flips, dropout, GP interpolation, illumination ramps) comes from the global torch RNG in the
+main process, so :func:`common.training.fit` resumes bit-exactly. Under torchrun each rank takes ``batch_size / world`` real images
 and ``g_group / world`` generator samples, and gradients are averaged over ranks after each backward.
 """
 from __future__ import annotations
@@ -57,7 +57,7 @@ from .viewpoint import flip_angles
 
 log = logging.getLogger("viewssl.ssv.trainer")
 
-__all__ = ["SSVTrainer", "default_config", "TRAIN_DEFAULTS", "open_images", "sample_viewpoints"]
+__all__ = ["SSVTrainer", "default_config", "TRAIN_DEFAULTS", "open_images", "sample_styles", "sample_viewpoints"]
 
 #: Training defaults per preset (network sizes are in :data:`ssv.networks.PRESETS`).
 TRAIN_DEFAULTS: dict[str, dict] = {
@@ -129,10 +129,17 @@ def open_images(path, size: int):
     return open_dataset(path, size)
 
 
-def sample_viewpoints(n: int, ranges: tuple[float, float, float], device=None) -> torch.Tensor:
-    """(n, 3) viewpoints, each angle independently U(-range, range) (radians), from the global RNG."""
+def sample_styles(n: int, code_dim: int, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(n, 2 * code_dim) style codes (3-D and 2-D parts), U(-1, 1), from ``generator`` (default: the global RNG)."""
+    return (torch.rand(n, 2 * code_dim, generator=generator) * 2.0 - 1.0).to(device)
+
+
+def sample_viewpoints(n: int, ranges: tuple[float, float, float], device=None,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """(n, 3) viewpoints, each angle independently U(-range, range) (radians), from ``generator`` (default: the
+    global RNG)."""
     r = torch.tensor(ranges, dtype=torch.float32)
-    return ((torch.rand(n, 3) * 2.0 - 1.0) * r).to(device)
+    return ((torch.rand(n, 3, generator=generator) * 2.0 - 1.0) * r).to(device)
 
 
 def _set_requires_grad(module: torch.nn.Module, flag: bool) -> None:
@@ -243,7 +250,7 @@ class SSVTrainer(Trainer):
                               num_workers=int(self.config.get("num_workers", 0)))
 
     def sample_z(self, n: int) -> torch.Tensor:
-        return (torch.rand(n, 2 * self.config["code_dim"]) * 2.0 - 1.0).to(self.device)
+        return sample_styles(n, int(self.config["code_dim"]), self.device)
 
     def sample_v(self, n: int) -> torch.Tensor:
         return sample_viewpoints(n, self.ranges, self.device)
@@ -421,7 +428,7 @@ class SSVTrainer(Trainer):
             raise ValueError("the supervised baseline has no generator")
         index = {"azimuth": 0, "elevation": 1, "tilt": 2}[sweep]
         gen = torch.Generator().manual_seed(int(self.config["seed"]) + 12345)
-        z = (torch.rand(n_styles, 2 * self.config["code_dim"], generator=gen) * 2 - 1).to(self.device)
+        z = sample_styles(n_styles, int(self.config["code_dim"]), self.device, generator=gen)
         sweep_values = torch.linspace(-self.ranges[index], self.ranges[index], n_views)
         rows = []
         for i in range(n_styles):
