@@ -261,21 +261,25 @@ def check_goals(rows: dict) -> dict:
 @click.option("--phi", type=click.Choice(("auto", "alexnet", "vgg", "critic", "random")), default="auto")
 @click.option("--augment-gain", type=float, default=None,
               help="SSV rows: random illumination ramps on V's inputs (see viewssl train ssv --help) [default: off].")
+@click.option("--highpass", type=float, default=None,
+              help="Every row, supervised too: V reads high-passed images (see viewssl train ssv --help) "
+                   "[default: off].")
 @click.option("--quick", is_flag=True, help="Smoke test: 4 steps per row (numbers meaningless).")
-def main(data, out, preset, steps, sup_steps, rows, batch_size, seed, device, threads, phi, augment_gain, quick):
+def main(data, out, preset, steps, sup_steps, rows, batch_size, seed, device, threads, phi, augment_gain, highpass,
+         quick):
     """Train SSV (full and ablations) and the supervised baseline on the synthetic heads; report MAE tables."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     try:
         run(data, out, preset, steps, sup_steps, rows, batch_size, seed, device, threads, phi, quick,
-            augment_gain=augment_gain)
+            augment_gain=augment_gain, highpass=highpass)
     except ViewsslError as e:
         click.echo(f"Error: {e}", err=True)
         sys.exit(2)
 
 
 def run(data, out, preset, steps, sup_steps, rows, batch_size, seed, device, threads, phi, quick,
-        augment_gain=None) -> dict:
+        augment_gain=None, highpass=None) -> dict:
     from common.cli import resolve_device
     from common.training import fit
     from ssv.cli import build_config
@@ -310,7 +314,8 @@ def run(data, out, preset, steps, sup_steps, rows, batch_size, seed, device, thr
         config = build_config(preset, str(train_dir), seed=seed, batch_size=batch_size, phi=phi,
                               az_range_deg=ranges and ranges["az"], el_range_deg=ranges and ranges["el"],
                               tilt_range_deg=ranges and ranges["tilt"], steps=n_steps,
-                              augment_gain=None if row == "supervised" else augment_gain, **ROWS[row])
+                              augment_gain=None if row == "supervised" else augment_gain, highpass=highpass,
+                              **ROWS[row])
         trainer = SSVTrainer(config, dev)
         log.info("row %s: %d steps in %s", row, n_steps, out / row)
         t0 = time.perf_counter()

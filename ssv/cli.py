@@ -74,6 +74,7 @@ def build_config(
     lr_d: float | None = None,
     lr_g: float | None = None,
     augment_gain: float | None = None,
+    highpass: float | None = None,
     weights: dict | None = None,
     num_workers: int = 0,
     steps: int | None = None,
@@ -107,6 +108,10 @@ def build_config(
         if supervised and augment_gain > 0:
             raise ViewsslError("--augment-gain has no effect with --supervised (the ramps are for SSV's V)")
         overrides["augment_gain"] = augment_gain
+    if highpass is not None:
+        if not 0 <= highpass <= 8:
+            raise ViewsslError(f"--highpass: sigma {highpass} is not in [0, 8] pixels")
+        overrides["d_highpass"] = highpass
     for key, value in (weights or {}).items():
         if value is not None:
             if value < 0:
@@ -180,6 +185,10 @@ def build_config(
               help="Random linear illumination ramps (gain up to this, in [0, 1] image units, from a random image "
                    "edge) on every image V reads, which makes shading a less reliable cue to S's azimuth; 0 = off, as "
                    "the release [default: 0].")
+@click.option("--highpass", type=float, default=None,
+              help="V (critic and heads) reads its input minus a Gaussian blur of this sigma in pixels, so smooth "
+                   "shading and background gradients are invisible to it; applies to --supervised too; 0 = off, as "
+                   "the release [default: 0].")
 @click.option("--w-imc", type=float, default=None, help="Weight of L_imc [default: 0.4, applied once].")
 @click.option("--w-sym", type=float, default=None, help="Weight of the symmetry loss on V [default: 0.4].")
 @click.option("--w-gsym", type=float, default=None, help="Weight of the symmetry loss on S [default: 0.5].")
@@ -192,7 +201,7 @@ def build_config(
 @click.option("--num-workers", type=click.IntRange(min=0), default=0, help="Image-loading worker processes.")
 def train_ssv(data, preset, out, steps, resume, force, device, seed, batch_size, g_group, eval_data, eval_every,
               no_imc, no_sym, phi, phi_weights, viewpoint_head, supervised, az_range, el_range, tilt_range, lr_d,
-              lr_g, augment_gain, w_imc, w_sym, w_gsym, w_style, w_view, checkpoint_every, log_every, media_every,
+              lr_g, augment_gain, highpass, w_imc, w_sym, w_gsym, w_style, w_view, checkpoint_every, log_every, media_every,
               num_workers):
     """Train SSV: synthesis network S + viewpoint network V (the critic) without pose labels.
 
@@ -216,7 +225,7 @@ def train_ssv(data, preset, out, steps, resume, force, device, seed, batch_size,
         eval_data=str(eval_data) if eval_data else None, no_imc=no_imc, no_sym=no_sym, phi=phi,
         phi_weights=str(phi_weights) if phi_weights else None, viewpoint_head=viewpoint_head, supervised=supervised,
         az_range_deg=az_range, el_range_deg=el_range, tilt_range_deg=tilt_range, lr_d=lr_d, lr_g=lr_g,
-        augment_gain=augment_gain,
+        augment_gain=augment_gain, highpass=highpass,
         weights={"w_imc": w_imc, "w_sym": w_sym, "w_gsym": w_gsym, "w_style": w_style, "w_view": w_view},
         num_workers=num_workers, steps=steps,
     )

@@ -199,12 +199,20 @@ class SynthesisNetwork(nn.Module):
         return self.to_rgb(x)
 
 
+def _odd_reflect_pad(x: torch.Tensor, r: int) -> torch.Tensor:
+    """Pad the last two dimensions by ``r`` with odd reflection, ``2 x[0] - x[k]`` (a linear image stays linear)."""
+    x = torch.cat([2 * x[..., :1] - x[..., 1 : r + 1].flip(-1), x, 2 * x[..., -1:] - x[..., -r - 1 : -1].flip(-1)], -1)
+    return torch.cat([2 * x[..., :1, :] - x[..., 1 : r + 1, :].flip(-2), x,
+                      2 * x[..., -1:, :] - x[..., -r - 1 : -1, :].flip(-2)], -2)
+
+
 class ViewpointNetwork(nn.Module):
     """Viewpoint network V = WGAN critic: one trunk, heads for the critic score, the style code and the viewpoint.
 
     Trunk: 1x1 from-RGB conv (+LReLU) at full resolution, then ConvBlocks each followed by 2x2 average pooling down
     to 4x4 (every block is live: the release's discarded first block is not reproduced), optional minibatch stddev
-    (one scalar channel), and a last block (3x3 conv, 4x4 valid conv) giving a ``feature_dim`` vector.
+    (one scalar channel), and a last block (3x3 conv, 4x4 valid conv) giving a ``feature_dim`` vector. Optionally
+    (``highpass`` > 0, not in the release) the trunk reads a high-passed image: see :meth:`prefilter`.
 
     forward: images (B, 3, S, S) in model range [-1, 1] -> {"score": (B,), "z": (B, 2 * code_dim),
     "view": head output (see :mod:`ssv.viewpoint`), "feat": (B, feature_dim)}.
@@ -221,8 +229,12 @@ class ViewpointNetwork(nn.Module):
         norm: str = "instance",
         mbstd: bool = False,
         dropout: float = 0.5,
+        highpass: float = 0.0,
     ):
         super().__init__()
+        if highpass < 0:
+            raise ValueError(f"viewpoint network: high-pass sigma {highpass} is negative")
+        self.highpass = float(highpass)
         n_blocks = int(round(math.log2(image_size / 4)))
         if 4 * 2**n_blocks != image_size or len(channels) != n_blocks + 1:
             raise ValueError(
@@ -239,10 +251,26 @@ class ViewpointNetwork(nn.Module):
         self.view_head = build_head(head, feature_dim, head_hidden, dropout=dropout)
         self.tap_names = [f"block{i}" for i in range(len(self.blocks))] + ["pooled"]
 
+    def prefilter(self, x: torch.Tensor) -> torch.Tensor:
+        """What the trunk sees: ``x`` itself, or with ``highpass`` = sigma > 0, ``x`` minus its Gaussian blur (sigma
+        in pixels). The border is padded by odd reflection (numpy's ``reflect_type="odd"``: ``2 x[0] - x[k]``), which
+        continues a linear ramp as a ramp, so a linear brightness ramp is removed exactly, border included, and with it
+        most smooth shading: neither the critic nor the heads can see the light direction or a background gradient,
+        and S cannot hide a viewpoint in a ramp either. Edges, silhouettes and facial features pass.
+        (B, 3, S, S) -> (B, 3, S, S)."""
+        if self.highpass <= 0:
+            return x
+        from kornia.filters import gaussian_blur2d
+
+        r = min(max(1, math.ceil(3.0 * self.highpass)), x.shape[-1] - 1, x.shape[-2] - 1)
+        padded = _odd_reflect_pad(x, r)
+        blur = gaussian_blur2d(padded, 2 * r + 1, (self.highpass, self.highpass))[..., r:-r, r:-r]
+        return x - blur
+
     def trunk(self, x: torch.Tensor, taps: bool = False):
         """(B, 3, S, S) model range -> (B, feature_dim) [and {"block<i>": (B, C_i, S / 2^(i+1), ...), "pooled"}]."""
         out = {}
-        h = F.leaky_relu(self.from_rgb(x), 0.2)
+        h = F.leaky_relu(self.from_rgb(self.prefilter(x)), 0.2)
         for i, block in enumerate(self.blocks):
             h = F.avg_pool2d(block(h), 2)
             if taps:
@@ -261,7 +289,7 @@ class ViewpointNetwork(nn.Module):
         if name not in self.tap_names[:-1]:
             raise ValueError(f"unknown tap {name!r} (have {', '.join(self.tap_names[:-1])})")
         last = int(name[len("block") :])
-        h = F.leaky_relu(self.from_rgb(x), 0.2)
+        h = F.leaky_relu(self.from_rgb(self.prefilter(x)), 0.2)
         for block in self.blocks[: last + 1]:
             h = F.avg_pool2d(block(h), 2)
         return h
@@ -308,6 +336,7 @@ NETWORK_KEYS = (
     "mbstd",
     "dropout",
     "viewpoint_head",
+    "d_highpass",
 )
 
 PRESETS: dict[str, dict] = {
@@ -328,6 +357,7 @@ PRESETS: dict[str, dict] = {
         "mbstd": True,
         "dropout": 0.5,
         "viewpoint_head": "spherical",
+        "d_highpass": 0.0,
     },
     # 32x32, about 12 GFLOP per training step at batch 16 (S: 28 M multiply-adds per image, V: 12 M). Styled 3-D
     # convs at 4^3 and 8^3 only; the 8^3 volume is rotated straight onto a 16^3 grid (no 3-D conv at 16^3).
@@ -351,6 +381,7 @@ PRESETS: dict[str, dict] = {
         "mbstd": False,
         "dropout": 0.0,
         "viewpoint_head": "spherical",
+        "d_highpass": 0.0,
     },
 }
 # the same design at 64x64: one more styled 2-D block in S, one more block in V
@@ -387,6 +418,7 @@ def build_viewpoint(config: dict) -> ViewpointNetwork:
         norm=config.get("d_norm", "instance"),
         mbstd=bool(config.get("mbstd", False)),
         dropout=config.get("dropout", 0.5),
+        highpass=float(config.get("d_highpass", 0.0)),
     )
 
 

@@ -26,6 +26,13 @@ U(0, augment_gain) in [0, 1] units; it is added without kornia's clamp, since S'
 reconstruction of L_imc gets the same ramp as its real image. Without it, on the synthetic heads, S learns to show
 azimuth as a left-right shading asymmetry, and V then reads the light direction of real heads as their azimuth.
 
+**High-pass** (``d_highpass`` = sigma > 0, not in the release): V's trunk, hence the critic, every head and the
+``critic`` Phi, reads ``x - GaussianBlur_sigma(x)`` (:meth:`ssv.networks.ViewpointNetwork.prefilter`) instead of
+``x``, for real and synthetic images alike; smooth shading and background gradients are invisible to V, so S cannot
+show a viewpoint with them and V cannot read one from them. S's own low frequencies are then unconstrained (its raw
+samples have arbitrary colours); ``samples/*-seen_by_v.png`` shows what V sees. Part of V, so the supervised
+baseline gets it too.
+
 Ablations: ``w_imc = 0`` (``--no-imc``), ``w_sym = w_gsym = 0`` (``--no-sym``); every weight is a config key.
 
 **Supervised baseline** (``supervised = True``): the same V trained with the labels (L_v only, random horizontal flips
@@ -170,7 +177,7 @@ class SSVTrainer(Trainer):
 
     family = "ssv"
     resume_ignore_keys = Trainer.resume_ignore_keys + ("num_workers", "phi_weights")
-    resume_defaults = {"augment_gain": 0.0}  # runs from before the illumination ramps
+    resume_defaults = {"augment_gain": 0.0, "d_highpass": 0.0}  # runs from before these options
     #: what only the GAN uses: the supervised baseline resumes whatever their defaults have become since
     GAN_ONLY_KEYS = ("n_mlp", "volume_size", "rotate_size", "g_channels_3d", "g_channels_3d_post", "g_projection",
                      "g_channels_2d", "g_group", "lr_d", "lr_g", "lr_mapping_mult", "adam_betas", "ema_decay",
@@ -418,11 +425,13 @@ class SSVTrainer(Trainer):
             self.V.train(was_training)
 
     @torch.no_grad()
-    def sample_grid(self, n_styles: int = 4, n_views: int = 7, sweep: str = "azimuth") -> torch.Tensor:
+    def sample_grid(self, n_styles: int = 4, n_views: int = 7, sweep: str = "azimuth",
+                    seen_by_v: bool = False) -> torch.Tensor:
         """EMA-generator samples: rows = fixed styles, columns = a sweep of one angle over its sampling range.
 
         Returns a (3, n_styles * S, n_views * S) image in [0, 1]. The styles come from a private generator, so the
-        global RNG (and thus exact resume) is untouched.
+        global RNG (and thus exact resume) is untouched. ``seen_by_v``: the samples as V's trunk reads them (its
+        high-pass, x2 around mid-gray), which is all the losses constrain when ``d_highpass`` > 0.
         """
         if self.supervised:
             raise ValueError("the supervised baseline has no generator")
@@ -434,7 +443,8 @@ class SSVTrainer(Trainer):
         for i in range(n_styles):
             v = torch.zeros(n_views, 3)
             v[:, index] = sweep_values
-            imgs = to_unit_range(self.G_ema(z[i : i + 1].expand(n_views, -1), v.to(self.device)))
+            imgs = self.G_ema(z[i : i + 1].expand(n_views, -1), v.to(self.device))
+            imgs = to_unit_range(2.0 * self.V.prefilter(imgs) if seen_by_v else imgs)
             rows.append(torch.cat(list(imgs), dim=2))
         return torch.cat(rows, dim=1).cpu()
 
@@ -443,11 +453,13 @@ class SSVTrainer(Trainer):
             return
         from common.io import write_image
 
+        views = [("", False)] + ([("-seen_by_v", True)] if self.V.highpass > 0 else [])
         for sweep in ("azimuth", "elevation"):
-            grid = self.sample_grid(sweep=sweep)
-            write_image(Path(run_dir) / "samples" / f"{sweep}-{step:08d}.png", grid)
-            if writer is not None:
-                writer.add_image(f"samples/{sweep}_sweep", grid, step)
+            for suffix, seen in views:
+                grid = self.sample_grid(sweep=sweep, seen_by_v=seen)
+                write_image(Path(run_dir) / "samples" / f"{sweep}-{step:08d}{suffix}.png", grid)
+                if writer is not None:
+                    writer.add_image(f"samples/{sweep}_sweep{suffix}", grid, step)
 
 
 def _flat_floats(metrics) -> dict[str, float]:

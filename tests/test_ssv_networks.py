@@ -1,4 +1,5 @@
 """S and V: shapes of both presets, every critic parameter live, gradients from the image to the angles, Phi."""
+import numpy as np
 import pytest
 import torch
 
@@ -136,3 +137,30 @@ def test_phi_alexnet_from_local_file(tmp_path, monkeypatch):
     torch.save({"x": torch.zeros(1)}, bad)
     with pytest.raises(ViewsslError, match="not an AlexNet state dict"):
         features.build_phi("alexnet", weights_path=bad)
+
+
+def test_highpass_removes_ramps_and_keeps_edges():
+    """V's optional input high-pass: identity when off; x - blur(x) with odd-reflection padding otherwise, so a
+    linear brightness ramp added to an image changes nothing, border included, while an edge survives; the critic
+    still has an input gradient."""
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert torch.equal(build_viewpoint(TINY).prefilter(x), x)
+    V = build_viewpoint(dict(TINY, d_highpass=1.0))
+    ramp = (torch.linspace(-0.8, 0.8, 16).view(1, 1, 1, 16) + torch.linspace(0.5, -0.5, 16).view(1, 1, 16, 1)) \
+        * torch.tensor([1.0, 0.5, -0.3]).view(1, 3, 1, 1)
+    assert torch.allclose(V.prefilter(x + 3.0 * ramp), V.prefilter(x), atol=1e-5)
+    step = torch.zeros(1, 3, 16, 16)
+    step[..., 8:] = 1.0
+    assert V.prefilter(step)[0, :, 8, 7:9].abs().min() > 0.1
+    # against an independent computation: numpy's odd reflection, a normalised 7-tap Gaussian (sigma 1, radius 3)
+    g = np.exp(-np.arange(-3.0, 4.0) ** 2 / 2)
+    g /= g.sum()
+    pad = np.pad(x.numpy(), ((0, 0), (0, 0), (3, 3), (3, 3)), mode="reflect", reflect_type="odd")
+    blur = sum(g[i] * g[j] * pad[..., i : i + 16, j : j + 16] for i in range(7) for j in range(7))
+    np.testing.assert_allclose(V.prefilter(x).numpy(), x.numpy() - blur, atol=1e-5)
+    xi = x.clone().requires_grad_(True)
+    V.critic(xi).sum().backward()
+    assert xi.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="negative"):
+        build_viewpoint(dict(TINY, d_highpass=-1.0))

@@ -64,7 +64,7 @@ def all_params(trainer):
 
 
 @pytest.mark.parametrize("kw", [{}, {"phi": "random", "viewpoint_head": "6d"}, {"w_imc": 0.0, "w_sym": 0.0, "w_gsym": 0.0},
-                                {"augment_gain": 0.5}])
+                                {"augment_gain": 0.5}, {"d_highpass": 1.0}])
 def test_two_steps_tiny(folder, kw):
     t = SSVTrainer(tiny_config(folder, **kw))
     before = all_params(t)
@@ -119,19 +119,23 @@ def test_resume_equals_uninterrupted(folder, tmp_path, gain):
 
 
 def test_runs_from_before_the_illumination_ramps_still_resume(folder, tmp_path):
-    """A checkpoint whose config has no augment_gain ran without ramps: it resumes as gain 0, not as any gain."""
+    """A checkpoint whose config has no augment_gain (or d_highpass) ran without ramps (or high-pass): it resumes as
+    0, not as any value."""
     from common.errors import ViewsslError
     from common.io import atomic_save
 
     fit(SSVTrainer(tiny_config(folder)), tmp_path / "old", steps=1, checkpoint_every=1, progress=False, log_every=0)
     (path,) = (tmp_path / "old" / "checkpoints").glob("*.pt")
     ckpt = load_checkpoint(path)
-    del ckpt["config"]["augment_gain"]
+    del ckpt["config"]["augment_gain"], ckpt["config"]["d_highpass"]
     atomic_save(ckpt, path)
     out = fit(SSVTrainer(tiny_config(folder)), tmp_path / "old", steps=2, resume="auto", progress=False, log_every=0)
     assert out["start_step"] == 1
     with pytest.raises(ViewsslError, match="augment_gain"):
         fit(SSVTrainer(tiny_config(folder, augment_gain=0.5)), tmp_path / "old", steps=3, resume=path,
+            progress=False, log_every=0)
+    with pytest.raises(ViewsslError, match="d_highpass"):
+        fit(SSVTrainer(tiny_config(folder, d_highpass=1.0)), tmp_path / "old", steps=3, resume=path,
             progress=False, log_every=0)
 
 
@@ -215,6 +219,20 @@ def test_supervised_baseline_learns(folder, tmp_path):
     assert ckpt["family"] == "ssv" and set(ckpt["modules"]) == {"V"}
 
 
+def test_highpass_runs_show_what_v_sees_and_reload_with_it(folder, tmp_path):
+    t = SSVTrainer(tiny_config(folder, d_highpass=1.0))
+    out = fit(t, tmp_path / "run", steps=1, checkpoint_every=1, media_every=1, progress=False, log_every=0)
+    assert {p.name for p in (tmp_path / "run" / "samples").iterdir()} == {
+        "azimuth-00000001.png", "azimuth-00000001-seen_by_v.png", "elevation-00000001.png",
+        "elevation-00000001-seen_by_v.png"}
+    assert not torch.equal(t.sample_grid(n_styles=1, n_views=2), t.sample_grid(n_styles=1, n_views=2, seen_by_v=True))
+    model = load_pose_model(load_checkpoint(out["checkpoint"]))
+    images = torch.rand(3, 3, 16, 16)
+    ramp = torch.linspace(-0.3, 0.3, 16).view(1, 1, 1, 16)  # in [0, 1] units; the high-pass removes it
+    assert torch.allclose(model.predict_angles(images), t.pose_model().predict_angles(images))
+    assert torch.allclose(model.predict_angles(images + ramp), model.predict_angles(images), atol=1e-4)
+
+
 def test_media_evaluation_and_pose_model(folder, tmp_path):
     t = SSVTrainer(tiny_config(folder, eval_data=str(folder)))
     out = fit(t, tmp_path / "run", steps=2, checkpoint_every=0, media_every=2, eval_every=2, progress=False)
@@ -265,7 +283,8 @@ def test_cli_help_documents_every_option():
     result = CliRunner().invoke(cli, ["train", "ssv", "--help"])
     assert result.exit_code == 0, result.output
     for opt in ("--data", "--preset", "--out", "--steps", "--resume", "--force", "--device", "--seed", "--batch-size",
-                "--eval-data", "--no-imc", "--no-sym", "--phi", "--viewpoint-head", "--supervised", "--augment-gain"):
+                "--eval-data", "--no-imc", "--no-sym", "--phi", "--viewpoint-head", "--supervised", "--augment-gain",
+                "--highpass"):
         assert opt in result.output
 
 
@@ -309,3 +328,14 @@ def test_augment_gain_is_checked(folder):
         build_config("cpu", str(folder), supervised=True, augment_gain=0.5)
     with pytest.raises(ViewsslError, match=r"not in \[0, 1\]"):
         build_config("cpu", str(folder), augment_gain=1.5)
+
+
+def test_highpass_is_checked_and_reaches_the_supervised_v(folder):
+    from common.errors import ViewsslError
+    from ssv.cli import build_config
+
+    assert build_config("cpu", str(folder), highpass=1.5)["d_highpass"] == 1.5
+    config = build_config("cpu", str(folder), supervised=True, highpass=1.0)
+    assert SSVTrainer(config).V.highpass == 1.0
+    with pytest.raises(ViewsslError, match="--highpass"):
+        build_config("cpu", str(folder), highpass=-1.0)
