@@ -109,8 +109,10 @@ def build_config(
             raise ViewsslError("--augment-gain has no effect with --supervised (the ramps are for SSV's V)")
         overrides["augment_gain"] = augment_gain
     if highpass is not None:
-        if not 0 <= highpass <= 8:
-            raise ViewsslError(f"--highpass: sigma {highpass} is not in [0, 8] pixels")
+        if highpass != 0 and not 0.5 <= highpass <= 8:
+            raise ViewsslError(f"--highpass: sigma {highpass} is not 0 (off) or in [0.5, 8] pixels")
+        if highpass > 0 and (augment_gain or 0) > 0:
+            raise ViewsslError("--augment-gain has no effect with --highpass (the high-pass removes its linear ramps)")
         overrides["d_highpass"] = highpass
     for key, value in (weights or {}).items():
         if value is not None:
@@ -186,9 +188,9 @@ def build_config(
                    "edge) on every image V reads, which makes shading a less reliable cue to S's azimuth; 0 = off, as "
                    "the release [default: 0].")
 @click.option("--highpass", type=float, default=None,
-              help="V (critic and heads) reads its input minus a Gaussian blur of this sigma in pixels, so smooth "
-                   "shading and background gradients are invisible to it; applies to --supervised too; 0 = off, as "
-                   "the release [default: 0].")
+              help="V (critic and heads) reads its input minus a Gaussian blur of this sigma in pixels (0 or 0.5 to "
+                   "8), so linear shading and background ramps are invisible to it and smooth ones faint; applies "
+                   "to --supervised too; excludes --augment-gain; 0 = off, as the release [default: 0].")
 @click.option("--w-imc", type=float, default=None, help="Weight of L_imc [default: 0.4, applied once].")
 @click.option("--w-sym", type=float, default=None, help="Weight of the symmetry loss on V [default: 0.4].")
 @click.option("--w-gsym", type=float, default=None, help="Weight of the symmetry loss on S [default: 0.5].")

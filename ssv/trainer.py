@@ -28,10 +28,11 @@ azimuth as a left-right shading asymmetry, and V then reads the light direction 
 
 **High-pass** (``d_highpass`` = sigma > 0, not in the release): V's trunk, hence the critic, every head and the
 ``critic`` Phi, reads ``x - GaussianBlur_sigma(x)`` (:meth:`ssv.networks.ViewpointNetwork.prefilter`) instead of
-``x``, for real and synthetic images alike; smooth shading and background gradients are invisible to V, so S cannot
-show a viewpoint with them and V cannot read one from them. S's own low frequencies are then unconstrained (its raw
-samples have arbitrary colours); ``samples/*-seen_by_v.png`` shows what V sees. Part of V, so the supervised
-baseline gets it too.
+``x``, for real and synthetic images alike; linear shading and background ramps are removed exactly and smooth ones
+strongly attenuated, so S can barely show a viewpoint with them and V can barely read one from them (the contrast of
+edges passes). S's own low frequencies are then unconstrained (its raw samples have arbitrary colours);
+``samples/*-seen_by_v.png`` shows what V sees. Part of V, so the supervised baseline gets it too. It makes the
+illumination ramps pointless, so the CLI refuses both together.
 
 Ablations: ``w_imc = 0`` (``--no-imc``), ``w_sym = w_gsym = 0`` (``--no-sym``); every weight is a config key.
 
@@ -426,12 +427,13 @@ class SSVTrainer(Trainer):
 
     @torch.no_grad()
     def sample_grid(self, n_styles: int = 4, n_views: int = 7, sweep: str = "azimuth",
-                    seen_by_v: bool = False) -> torch.Tensor:
+                    seen_by_v: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """EMA-generator samples: rows = fixed styles, columns = a sweep of one angle over its sampling range.
 
         Returns a (3, n_styles * S, n_views * S) image in [0, 1]. The styles come from a private generator, so the
-        global RNG (and thus exact resume) is untouched. ``seen_by_v``: the samples as V's trunk reads them (its
-        high-pass, x2 around mid-gray), which is all the losses constrain when ``d_highpass`` > 0.
+        global RNG (and thus exact resume) is untouched. ``seen_by_v``: return (raw grid, grid of the same samples
+        as V's trunk reads them: its high-pass, x2 around mid-gray), since that is all the losses constrain when
+        ``d_highpass`` > 0.
         """
         if self.supervised:
             raise ValueError("the supervised baseline has no generator")
@@ -439,24 +441,29 @@ class SSVTrainer(Trainer):
         gen = torch.Generator().manual_seed(int(self.config["seed"]) + 12345)
         z = sample_styles(n_styles, int(self.config["code_dim"]), self.device, generator=gen)
         sweep_values = torch.linspace(-self.ranges[index], self.ranges[index], n_views)
-        rows = []
+        raw, seen = [], []
         for i in range(n_styles):
             v = torch.zeros(n_views, 3)
             v[:, index] = sweep_values
             imgs = self.G_ema(z[i : i + 1].expand(n_views, -1), v.to(self.device))
-            imgs = to_unit_range(2.0 * self.V.prefilter(imgs) if seen_by_v else imgs)
-            rows.append(torch.cat(list(imgs), dim=2))
-        return torch.cat(rows, dim=1).cpu()
+            raw.append(torch.cat(list(to_unit_range(imgs)), dim=2))
+            if seen_by_v:
+                seen.append(torch.cat(list(to_unit_range(2.0 * self.V.prefilter(imgs))), dim=2))
+        if seen_by_v:
+            return torch.cat(raw, dim=1).cpu(), torch.cat(seen, dim=1).cpu()
+        return torch.cat(raw, dim=1).cpu()
 
     def log_media(self, step: int, writer, run_dir: Path) -> None:
         if self.supervised:
             return
         from common.io import write_image
 
-        views = [("", False)] + ([("-seen_by_v", True)] if self.V.highpass > 0 else [])
         for sweep in ("azimuth", "elevation"):
-            for suffix, seen in views:
-                grid = self.sample_grid(sweep=sweep, seen_by_v=seen)
+            if self.V.highpass > 0:
+                grids = zip(("", "-seen_by_v"), self.sample_grid(sweep=sweep, seen_by_v=True))
+            else:
+                grids = [("", self.sample_grid(sweep=sweep))]
+            for suffix, grid in grids:
                 write_image(Path(run_dir) / "samples" / f"{sweep}-{step:08d}{suffix}.png", grid)
                 if writer is not None:
                     writer.add_image(f"samples/{sweep}_sweep{suffix}", grid, step)

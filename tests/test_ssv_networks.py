@@ -162,5 +162,15 @@ def test_highpass_removes_ramps_and_keeps_edges():
     xi = x.clone().requires_grad_(True)
     V.critic(xi).sum().backward()
     assert xi.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="negative"):
-        build_viewpoint(dict(TINY, d_highpass=-1.0))
+    # the trunk and every tap read the high-pass once: the same weights without it, fed V.prefilter(x), agree
+    V0 = build_viewpoint(TINY)
+    V0.load_state_dict(V.state_dict())
+    V.eval(), V0.eval()
+    with torch.no_grad():
+        assert torch.allclose(V.trunk(x), V0.trunk(V.prefilter(x)), atol=1e-5)
+        for name in V.tap_names[:-1]:
+            assert torch.allclose(V.tap(x, name), V0.tap(V.prefilter(x), name), atol=1e-5)
+        assert not torch.allclose(V.trunk(x), V0.trunk(x), atol=1e-3)
+    for sigma in (-1.0, 0.25, 5.1):  # negative; too small to pass anything; kernel wider than the 16-px image
+        with pytest.raises(ValueError, match="high-pass sigma"):
+            build_viewpoint(dict(TINY, d_highpass=sigma))

@@ -9,7 +9,8 @@ from common.data.labels import write_labels
 from common.io import load_checkpoint, write_image
 from common.training import fit
 from ssv.model_io import angle_errors, load_pose_model
-from ssv.trainer import SSVTrainer, default_config
+from ssv.networks import to_unit_range
+from ssv.trainer import SSVTrainer, default_config, sample_styles
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -225,7 +226,15 @@ def test_highpass_runs_show_what_v_sees_and_reload_with_it(folder, tmp_path):
     assert {p.name for p in (tmp_path / "run" / "samples").iterdir()} == {
         "azimuth-00000001.png", "azimuth-00000001-seen_by_v.png", "elevation-00000001.png",
         "elevation-00000001-seen_by_v.png"}
-    assert not torch.equal(t.sample_grid(n_styles=1, n_views=2), t.sample_grid(n_styles=1, n_views=2, seen_by_v=True))
+    raw, seen = t.sample_grid(n_styles=1, n_views=2, seen_by_v=True)
+    assert torch.equal(raw, t.sample_grid(n_styles=1, n_views=2)) and raw.shape == seen.shape
+    # the seen grid is the high-pass (mean ~0, shown around mid-gray) of the very samples of the raw grid
+    z = sample_styles(1, t.config["code_dim"], generator=torch.Generator().manual_seed(t.config["seed"] + 12345))
+    v = torch.zeros(2, 3)
+    v[:, 0] = torch.linspace(-t.ranges[0], t.ranges[0], 2)
+    with torch.no_grad():
+        expected = to_unit_range(2.0 * t.V.prefilter(t.G_ema(z.expand(2, -1), v)))
+    assert torch.allclose(seen, torch.cat(list(expected), dim=2), atol=1e-6)
     model = load_pose_model(load_checkpoint(out["checkpoint"]))
     images = torch.rand(3, 3, 16, 16)
     ramp = torch.linspace(-0.3, 0.3, 16).view(1, 1, 1, 16)  # in [0, 1] units; the high-pass removes it
@@ -337,5 +346,9 @@ def test_highpass_is_checked_and_reaches_the_supervised_v(folder):
     assert build_config("cpu", str(folder), highpass=1.5)["d_highpass"] == 1.5
     config = build_config("cpu", str(folder), supervised=True, highpass=1.0)
     assert SSVTrainer(config).V.highpass == 1.0
-    with pytest.raises(ViewsslError, match="--highpass"):
-        build_config("cpu", str(folder), highpass=-1.0)
+    assert build_config("cpu", str(folder), highpass=0.0)["d_highpass"] == 0.0
+    for sigma in (-1.0, 0.25, 9.0):
+        with pytest.raises(ViewsslError, match="--highpass"):
+            build_config("cpu", str(folder), highpass=sigma)
+    with pytest.raises(ViewsslError, match="--augment-gain has no effect with --highpass"):
+        build_config("cpu", str(folder), highpass=1.0, augment_gain=0.25)
