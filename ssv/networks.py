@@ -86,6 +86,16 @@ def rotate_volume(volume: torch.Tensor, R: torch.Tensor, size: int | None = None
     return F.grid_sample(volume, grid, mode="bilinear", padding_mode="zeros", align_corners=ALIGN_CORNERS)
 
 
+def ball_window(size: int, inner: float = 0.7, outer: float = 1.0) -> torch.Tensor:
+    """(size, size, size) weights at the voxel centres of a cube [-1, 1]^3 (``align_corners=False`` centres): 1
+    within radius ``inner``, a cosine fall-off to 0 at ``outer``, 0 beyond. A ball is mapped onto itself by every
+    rotation, so a volume multiplied by it has the same support from every viewpoint."""
+    c = (torch.arange(size, dtype=torch.float32) * 2 + 1) / size - 1
+    r = torch.sqrt(c.view(-1, 1, 1) ** 2 + c.view(1, -1, 1) ** 2 + c.view(1, 1, -1) ** 2)
+    t = ((r - inner) / (outer - inner)).clamp(0, 1)
+    return 0.5 * (1 + torch.cos(math.pi * t))
+
+
 class MappingNetwork(nn.Module):
     """PixelNorm then ``n_mlp`` x (EqualLinear, LReLU 0.2); (B, code_dim) -> (B, code_dim). Shared by both codes."""
 
@@ -121,6 +131,11 @@ class SynthesisNetwork(nn.Module):
     refined by unstyled 3-D blocks, projected (depth folded into channels, 1x1 conv, PReLU) and
     styled by w2d through 2-D blocks (x2 bilinear upsampling before each), then a 1x1 conv to RGB (linear, no tanh).
 
+    ``ball_mask`` (not in the release): the rotated volume is multiplied by :func:`ball_window`. Without it the
+    corners of the cube leave the sampling grid as it turns (zero padding), so the projected outline of the cube
+    changes with the viewpoint: a cue V can read on S's images that no real image has. With it the volume's support
+    is the same ball from every viewpoint. Equivalent to masking the volume before rotating it.
+
     forward: z (B, 2 * code_dim), angles (B, 3) radians (or R (B, 3, 3)) -> images (B, 3, S, S) in model range
     (about [-1, 1]).
     """
@@ -136,6 +151,7 @@ class SynthesisNetwork(nn.Module):
         channels_2d: list[int],
         volume_size: int = 4,
         rotate_size: int | None = None,
+        ball_mask: bool = False,
     ):
         super().__init__()
         styled_res = volume_size * 2 ** (len(channels_3d) - 1)
@@ -152,6 +168,9 @@ class SynthesisNetwork(nn.Module):
         self.code_dim = code_dim
         self.vol_res = vol_res
         self.rotate_size = rotate_size
+        self.ball_mask = bool(ball_mask)
+        # not saved in the state dict: a function of the size, and checkpoints from before the option still load
+        self.register_buffer("window", ball_window(vol_res) if ball_mask else None, persistent=False)
         self.mapping = MappingNetwork(code_dim, n_mlp)
         self.const = ConstantInput(channels_3d[0], volume_size, dims=3)
         blocks = [StyledConvBlock(channels_3d[0], channels_3d[0], code_dim, dims=3, initial=True)]
@@ -189,6 +208,8 @@ class SynthesisNetwork(nn.Module):
                 x = F.interpolate(x, scale_factor=2, mode="trilinear", align_corners=False)
             x = block(x, w3d)
         x = rotate_volume(x, R, self.rotate_size)
+        if self.window is not None:
+            x = x * self.window
         for block in self.blocks_3d_post:
             x = block(x)
         B, C, D, H, W = x.shape
@@ -333,6 +354,7 @@ NETWORK_KEYS = (
     "n_mlp",
     "volume_size",
     "rotate_size",
+    "g_ball_mask",
     "g_channels_3d",
     "g_channels_3d_post",
     "g_projection",
@@ -354,6 +376,7 @@ PRESETS: dict[str, dict] = {
         "n_mlp": 8,
         "volume_size": 4,
         "rotate_size": None,  # rotate at the 3-D resolution, 16^3
+        "g_ball_mask": False,
         "g_channels_3d": [512, 256, 128],  # 4^3 -> 8^3 -> 16^3
         "g_channels_3d_post": [64, 64],
         "g_projection": 512,  # 64 * 16 = 1024 -> 512
@@ -375,6 +398,7 @@ PRESETS: dict[str, dict] = {
         "n_mlp": 4,
         "volume_size": 4,
         "rotate_size": 16,
+        "g_ball_mask": False,
         "g_channels_3d": [32, 16],  # 4^3 -> 8^3, rotated onto 16^3
         "g_channels_3d_post": [],
         "g_projection": 64,  # 16 * 16 = 256 -> 64 at 16^2
@@ -412,6 +436,7 @@ def build_synthesis(config: dict) -> SynthesisNetwork:
         channels_2d=list(config["g_channels_2d"]),
         volume_size=config.get("volume_size", 4),
         rotate_size=config.get("rotate_size"),
+        ball_mask=config.get("g_ball_mask", False),
     )
 
 

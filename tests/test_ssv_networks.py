@@ -5,7 +5,8 @@ import torch
 
 from common.errors import ViewsslError
 from ssv import features
-from ssv.networks import PRESETS, build_synthesis, build_viewpoint
+from common.geometry import angles_to_matrix
+from ssv.networks import PRESETS, ball_window, build_synthesis, build_viewpoint, rotate_volume
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -174,3 +175,31 @@ def test_highpass_removes_ramps_and_keeps_edges():
     for sigma in (-1.0, 0.25, 5.1):  # negative; too small to pass anything; kernel wider than the 16-px image
         with pytest.raises(ValueError, match="high-pass sigma"):
             build_viewpoint(dict(TINY, d_highpass=sigma))
+
+
+def test_ball_mask_gives_the_volume_one_outline_from_every_viewpoint():
+    """S's optional ball window: a ball is its own image under every rotation, so a windowed constant volume looks
+    the same from any viewpoint, where the plain rotated cube loses its corners; in S the window is applied to the
+    rotated volume and nothing else changes (same parameters, so checkpoints from before the option load)."""
+    w = ball_window(16)
+    r = np.sqrt(0.9375**2 + 2 * 0.0625**2)  # the centre of voxel (0, 8, 8) of 16, in [-1, 1] coordinates
+    assert w[8, 8, 8] == 1 and w[0, 0, 0] == 0 and 0 <= w.min()
+    assert float(w[0, 8, 8]) == pytest.approx(0.5 * (1 + np.cos(np.pi * (r - 0.7) / 0.3)), abs=1e-6)
+    ones = torch.ones(1, 1, 8, 8, 8)
+    for angles in ([0.7, 0.3, 0.4], [1.4, -1.2, 0.75], [-0.5, 1.0, -0.2]):
+        R = angles_to_matrix(*torch.tensor(angles).view(3, 1))
+        turned = rotate_volume(ones, R, 16)[0, 0]
+        assert torch.allclose(turned * w, w, atol=0.03)  # the windowed volume: the same ball from every viewpoint
+        assert (turned - 1).abs().max() > 0.9  # the plain cube: its corners leave the grid
+    torch.manual_seed(0)
+    G0, G = build_synthesis(TINY), build_synthesis(dict(TINY, g_ball_mask=True))
+    assert G0.state_dict().keys() == G.state_dict().keys() and G0.window is None
+    G.load_state_dict(G0.state_dict())
+    seen = {}
+    for name, net in (("plain", G0), ("ball", G)):
+        net.blocks_3d_post[0].register_forward_pre_hook(lambda m, args, name=name: seen.setdefault(name, args[0]))
+    z = (torch.rand(1, 2 * TINY["code_dim"]) * 2 - 1).expand(2, -1)
+    with torch.no_grad():
+        G0(z, torch.tensor([[0.0, 0.0, 0.0], [0.8, -0.6, 0.5]]))
+        G(z, torch.tensor([[0.0, 0.0, 0.0], [0.8, -0.6, 0.5]]))
+    assert torch.allclose(seen["ball"], seen["plain"] * ball_window(G.vol_res))

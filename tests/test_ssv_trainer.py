@@ -65,7 +65,7 @@ def all_params(trainer):
 
 
 @pytest.mark.parametrize("kw", [{}, {"phi": "random", "viewpoint_head": "6d"}, {"w_imc": 0.0, "w_sym": 0.0, "w_gsym": 0.0},
-                                {"augment_gain": 0.5}, {"d_highpass": 1.0}])
+                                {"augment_gain": 0.5}, {"d_highpass": 1.0}, {"g_ball_mask": True}])
 def test_two_steps_tiny(folder, kw):
     t = SSVTrainer(tiny_config(folder, **kw))
     before = all_params(t)
@@ -120,15 +120,15 @@ def test_resume_equals_uninterrupted(folder, tmp_path, gain):
 
 
 def test_runs_from_before_the_illumination_ramps_still_resume(folder, tmp_path):
-    """A checkpoint whose config has no augment_gain (or d_highpass) ran without ramps (or high-pass): it resumes as
-    0, not as any value."""
+    """A checkpoint whose config has no augment_gain (or d_highpass, g_ball_mask) ran without ramps (or high-pass,
+    ball mask): it resumes as off, not as any value."""
     from common.errors import ViewsslError
     from common.io import atomic_save
 
     fit(SSVTrainer(tiny_config(folder)), tmp_path / "old", steps=1, checkpoint_every=1, progress=False, log_every=0)
     (path,) = (tmp_path / "old" / "checkpoints").glob("*.pt")
     ckpt = load_checkpoint(path)
-    del ckpt["config"]["augment_gain"], ckpt["config"]["d_highpass"]
+    del ckpt["config"]["augment_gain"], ckpt["config"]["d_highpass"], ckpt["config"]["g_ball_mask"]
     atomic_save(ckpt, path)
     out = fit(SSVTrainer(tiny_config(folder)), tmp_path / "old", steps=2, resume="auto", progress=False, log_every=0)
     assert out["start_step"] == 1
@@ -137,6 +137,9 @@ def test_runs_from_before_the_illumination_ramps_still_resume(folder, tmp_path):
             progress=False, log_every=0)
     with pytest.raises(ViewsslError, match="d_highpass"):
         fit(SSVTrainer(tiny_config(folder, d_highpass=1.0)), tmp_path / "old", steps=3, resume=path,
+            progress=False, log_every=0)
+    with pytest.raises(ViewsslError, match="g_ball_mask"):
+        fit(SSVTrainer(tiny_config(folder, g_ball_mask=True)), tmp_path / "old", steps=3, resume=path,
             progress=False, log_every=0)
 
 
@@ -293,7 +296,7 @@ def test_cli_help_documents_every_option():
     assert result.exit_code == 0, result.output
     for opt in ("--data", "--preset", "--out", "--steps", "--resume", "--force", "--device", "--seed", "--batch-size",
                 "--eval-data", "--no-imc", "--no-sym", "--phi", "--viewpoint-head", "--supervised", "--augment-gain",
-                "--highpass"):
+                "--highpass", "--ball-mask"):
         assert opt in result.output
 
 
@@ -352,3 +355,5 @@ def test_highpass_is_checked_and_reaches_the_supervised_v(folder):
             build_config("cpu", str(folder), highpass=sigma)
     with pytest.raises(ViewsslError, match="--augment-gain has no effect with --highpass"):
         build_config("cpu", str(folder), highpass=1.0, augment_gain=0.25)
+    assert build_config("cpu", str(folder), ball_mask=True)["g_ball_mask"] is True
+    assert build_config("cpu", str(folder))["g_ball_mask"] is False
