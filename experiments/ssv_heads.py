@@ -94,7 +94,10 @@ def shading_shortcut(model, test_dir: Path, limit: int = 2000, batch: int = 250,
     """Does V read the light as the azimuth? Pearson r of V's raw azimuth on (the first ``limit``) test heads with
     their true azimuth (``r_az_true``) and with their left-right brightness asymmetry (``r_az_shading``, see
     :func:`brightness_asymmetry`; ``r_true_shading`` is how much that asymmetry says about the true azimuth). A V that
-    learned the shading shortcut has a high ``r_az_shading`` and a low ``r_az_true``.
+    learned the shading shortcut has a high ``r_az_shading`` and a low ``r_az_true``. V's azimuth zero is fixed by
+    the symmetry loss (a mirrored head has the opposite azimuth), so magnitude and sign can be told apart:
+    ``r_abs_az`` is the r of |V's azimuth| with |true azimuth| (frontal versus profile), ``az_sign_acc`` the share of
+    the heads turned at least 20 deg whose sign V gets right, up to one flip of V's whole frame (0.5 = chance).
     ``plot``: also write both scatter plots there (PNG)."""
     from common.data.labels import LabeledFolder
     from ssv.model_io import predict_dataset
@@ -103,8 +106,11 @@ def shading_shortcut(model, test_dir: Path, limit: int = 2000, batch: int = 250,
     items = [data[i] for i in range(min(len(data), limit))]  # read once: for the model and for the asymmetry
     pred, true = (a[:, 0] for a in predict_dataset(model, items, batch_size=batch))
     asym = brightness_asymmetry(torch.stack([it["image"] for it in items])).double().numpy()
+    turned = np.abs(true) >= math.radians(20)
+    agree = float(np.mean(np.sign(pred[turned]) == np.sign(true[turned]))) if turned.any() else float("nan")
     result = {"r_az_true": _pearson(pred, true), "r_az_shading": _pearson(pred, asym),
-              "r_true_shading": _pearson(true, asym)}
+              "r_true_shading": _pearson(true, asym), "r_abs_az": _pearson(np.abs(pred), np.abs(true)),
+              "az_sign_acc": max(agree, 1.0 - agree)}
     if plot is not None:
         _scatter(plot, np.degrees(pred), [(np.degrees(true), "true azimuth (deg)", result["r_az_true"]),
                                           (asym, "left-right brightness asymmetry", result["r_az_shading"])], title)
@@ -181,13 +187,15 @@ def markdown(results: dict, command: str, wall: float) -> str:
         "MAE in degrees on the labelled test heads. *raw*: V's own frame, no fit; *calibrated*: SSV's protocol "
         "(per-angle linear fit on a seeded 10% of the test frames, scored on the other 90%). "
         "*r(az)*, *r(az, shading)*: Pearson r of V's raw azimuth with the true azimuth and with the image's left-right "
-        "brightness asymmetry (moved by the light and the background, not only the pose). *cycle*: V's MAE on 512 "
+        "brightness asymmetry (moved by the light and the background, not only the pose). *r(abs az)*: r of |V's "
+        "azimuth| with |true azimuth| (does V tell frontal from profile?); *sign*: share of the heads turned 20 deg or "
+        "more whose azimuth sign V gets right, up to one global flip (0.5 = chance). *cycle*: V's MAE on 512 "
         "samples of the EMA generator at known viewpoints (does V read S's viewpoint?); *S: r(az, shading)*: Pearson r "
         "of the sampled azimuth with the samples' brightness asymmetry (does S show azimuth as shading?).",
         "",
         "| method | steps | raw az | raw el | raw tilt | raw MAE | cal az | cal el | cal tilt | cal MAE | r(az) "
-        "| r(az, shading) | cycle az | cycle MAE | S: r(az, shading) | train min | s/step |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| r(az, shading) | r(abs az) | sign | cycle az | cycle MAE | S: r(az, shading) | train min | s/step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     if results.get("quick"):
         lines[2:2] = ["**Quick smoke run (4 steps per row): the numbers below mean nothing.**", ""]
@@ -204,7 +212,8 @@ def markdown(results: dict, command: str, wall: float) -> str:
         cells = [ROW_TITLES.get(row, row), str(r.get("steps", "-"))]
         cells += [f(f"raw/{k}") for k in KEYS] + [f(f"calibrated/{k}") for k in KEYS]
 
-        cells += [corr("r_az_true"), corr("r_az_shading"), f("cycle/azimuth_mae"), f("cycle/mae"),
+        cells += [corr("r_az_true"), corr("r_az_shading"), corr("r_abs_az"), f("az_sign_acc", ".2f"),
+                  f("cycle/azimuth_mae"), f("cycle/mae"),
                   corr("cycle/r_az_shading")]
         cells.append(f"{r['train_seconds'] / 60:.1f}" if r.get("train_seconds") else "-")
         cells.append(f"{r['sec_per_step']:.2f}" if r.get("sec_per_step") else "-")

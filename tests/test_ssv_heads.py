@@ -88,6 +88,15 @@ def test_shading_shortcut_correlations(tiny_heads):
     assert truthful["r_az_shading"] == pytest.approx(shading["r_az_true"] * -1, abs=1e-5)  # r(true, asym), both ways
     assert truthful["r_true_shading"] == pytest.approx(truthful["r_az_shading"])
     assert np.isfinite(truthful["r_az_shading"])
+    assert truthful["r_abs_az"] == pytest.approx(1.0, abs=1e-6) and truthful["az_sign_acc"] == 1.0
+    # magnitude right, sign thrown away: |az| is perfect, the sign at chance up to a global flip (here all positive)
+    true_az = read_labels(test_dir).angles[:, 0]
+    labels = iter(true_az)
+    folded = shading_shortcut(_Fake(lambda x: torch.stack([next(labels).abs() for _ in range(len(x))])), test_dir, batch=5)
+    turned = np.abs(true_az.numpy()) >= np.radians(20)
+    share_positive = float(np.mean(true_az.numpy()[turned] > 0))
+    assert folded["r_abs_az"] == pytest.approx(1.0, abs=1e-6)
+    assert folded["az_sign_acc"] == pytest.approx(max(share_positive, 1 - share_positive))
 
 
 def test_rerun_keeps_the_train_time_of_finished_rows(tiny_heads, tmp_path):
