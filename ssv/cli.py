@@ -210,8 +210,8 @@ def build_config(
 @click.option("--num-workers", type=click.IntRange(min=0), default=0, help="Image-loading worker processes.")
 def train_ssv(data, preset, out, steps, resume, force, device, seed, batch_size, g_group, eval_data, eval_every,
               no_imc, no_sym, phi, phi_weights, viewpoint_head, supervised, az_range, el_range, tilt_range, lr_d,
-              lr_g, augment_gain, highpass, ball_mask, w_imc, w_sym, w_gsym, w_style, w_view, checkpoint_every, log_every,
-              media_every, num_workers):
+              lr_g, augment_gain, highpass, ball_mask, w_imc, w_sym, w_gsym, w_style, w_view, checkpoint_every,
+              log_every, media_every, num_workers):
     """Train SSV: synthesis network S + viewpoint network V (the critic) without pose labels.
 
     Writes a numbered run folder with config.json, tensorboard logs, metrics.jsonl, sample sweeps and checkpoints;

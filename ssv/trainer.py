@@ -180,8 +180,8 @@ class SSVTrainer(Trainer):
     resume_ignore_keys = Trainer.resume_ignore_keys + ("num_workers", "phi_weights")
     resume_defaults = {"augment_gain": 0.0, "d_highpass": 0.0, "g_ball_mask": False}  # runs from before these
     #: what only the GAN uses: the supervised baseline resumes whatever their defaults have become since
-    GAN_ONLY_KEYS = ("n_mlp", "volume_size", "rotate_size", "g_ball_mask", "g_channels_3d", "g_channels_3d_post", "g_projection",
-                     "g_channels_2d", "g_group", "lr_d", "lr_g", "lr_mapping_mult", "adam_betas", "ema_decay",
+    GAN_ONLY_KEYS = ("n_mlp", "volume_size", "rotate_size", "g_ball_mask", "g_channels_3d", "g_channels_3d_post",
+                     "g_projection", "g_channels_2d", "g_group", "lr_d", "lr_g", "lr_mapping_mult", "adam_betas", "ema_decay",
                      "gp_weight", "drift", "w_style", "w_view", "w_imc", "w_sym", "w_gsym", "phi", "phi_size",
                      "phi_weights", "az_range", "el_range", "tilt_range", "augment_gain")
 

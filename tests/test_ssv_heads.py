@@ -92,7 +92,8 @@ def test_shading_shortcut_correlations(tiny_heads):
     # magnitude right, sign thrown away: |az| is perfect, the sign at chance up to a global flip (here all positive)
     true_az = read_labels(test_dir).angles[:, 0]
     labels = iter(true_az)
-    folded = shading_shortcut(_Fake(lambda x: torch.stack([next(labels).abs() for _ in range(len(x))])), test_dir, batch=5)
+    folded = shading_shortcut(_Fake(lambda x: torch.stack([next(labels).abs() for _ in range(len(x))])), test_dir,
+                              batch=5)
     turned = np.abs(true_az.numpy()) >= np.radians(20)
     share_positive = float(np.mean(true_az.numpy()[turned] > 0))
     assert folded["r_abs_az"] == pytest.approx(1.0, abs=1e-6)
