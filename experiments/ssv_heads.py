@@ -84,6 +84,18 @@ def brightness_asymmetry(images: torch.Tensor) -> torch.Tensor:
     return gray[..., :half].mean(dim=(1, 2)) - gray[..., -half:].mean(dim=(1, 2))
 
 
+def sign_accuracy(pred, true, min_turn_deg: float = 20.0) -> float:
+    """Share of the items turned at least ``min_turn_deg`` (|true| in radians) whose predicted side (sign) is right,
+    up to one flip of the whole predicted frame: max(share right, share wrong). A zero (or NaN) prediction has no
+    side and counts as neither; NaN when no item is turned that far."""
+    pred, true = np.asarray(pred, dtype=np.float64), np.asarray(true, dtype=np.float64)
+    turned = np.abs(true) >= math.radians(min_turn_deg)
+    if not turned.any():
+        return float("nan")
+    agree = np.sign(pred[turned]) * np.sign(true[turned])
+    return float(max(np.mean(agree > 0), np.mean(agree < 0)))
+
+
 def _pearson(a, b) -> float:
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     return float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else float("nan")
@@ -106,11 +118,12 @@ def shading_shortcut(model, test_dir: Path, limit: int = 2000, batch: int = 250,
     items = [data[i] for i in range(min(len(data), limit))]  # read once: for the model and for the asymmetry
     pred, true = (a[:, 0] for a in predict_dataset(model, items, batch_size=batch))
     asym = brightness_asymmetry(torch.stack([it["image"] for it in items])).double().numpy()
-    turned = np.abs(true) >= math.radians(20)
-    agree = float(np.mean(np.sign(pred[turned]) == np.sign(true[turned]))) if turned.any() else float("nan")
+    # L_sym puts V's azimuth zero (facing the camera) at 0 or at 180 deg: measure from whichever is nearer its mean
+    zero = 0.0 if np.cos(pred).mean() >= 0 else math.pi
+    from_zero = (pred - zero + math.pi) % (2 * math.pi) - math.pi
     result = {"r_az_true": _pearson(pred, true), "r_az_shading": _pearson(pred, asym),
-              "r_true_shading": _pearson(true, asym), "r_abs_az": _pearson(np.abs(pred), np.abs(true)),
-              "az_sign_acc": max(agree, 1.0 - agree)}
+              "r_true_shading": _pearson(true, asym), "r_abs_az": _pearson(np.abs(from_zero), np.abs(true)),
+              "az_sign_acc": sign_accuracy(from_zero, true)}
     if plot is not None:
         _scatter(plot, np.degrees(pred), [(np.degrees(true), "true azimuth (deg)", result["r_az_true"]),
                                           (asym, "left-right brightness asymmetry", result["r_az_shading"])], title)

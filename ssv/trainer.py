@@ -178,7 +178,8 @@ class SSVTrainer(Trainer):
 
     family = "ssv"
     resume_ignore_keys = Trainer.resume_ignore_keys + ("num_workers", "phi_weights")
-    resume_defaults = {"augment_gain": 0.0, "d_highpass": 0.0, "g_ball_mask": False}  # runs from before these
+    #: runs from before these options
+    resume_defaults = {"augment_gain": 0.0, "d_highpass": 0.0, "g_ball_mask": False}
     #: what only the GAN uses: the supervised baseline resumes whatever their defaults have become since
     GAN_ONLY_KEYS = ("n_mlp", "volume_size", "rotate_size", "g_ball_mask", "g_channels_3d", "g_channels_3d_post",
                      "g_projection", "g_channels_2d", "g_group", "lr_d", "lr_g", "lr_mapping_mult", "adam_betas", "ema_decay",

@@ -1,6 +1,7 @@
 """The SSV heads experiment: its goal checks, and a smoke run that writes the table."""
 import json
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -65,6 +66,18 @@ class _Fake:
     def predict_angles(self, images):
         az = self.azimuth_of(images)
         return torch.stack([az, torch.zeros_like(az), torch.zeros_like(az)], dim=1)
+
+
+def test_sign_accuracy():
+    from experiments.ssv_heads import sign_accuracy
+
+    true = np.radians([-60.0, -30.0, -10.0, 5.0, 25.0, 80.0])  # 4 heads turned 20 deg or more
+    assert sign_accuracy(true, true) == 1.0
+    assert sign_accuracy(-true, true) == 1.0  # one flip of the whole frame is not an error
+    assert sign_accuracy(np.abs(true), true) == 0.5  # the side thrown away: 2 of the 4 turned heads
+    assert sign_accuracy(np.radians([-1.0, 1.0, 1.0, 1.0, 1.0, 1.0]), true) == 0.75  # the 10 and 5 deg heads ignored
+    assert sign_accuracy(np.zeros(6), true) == 0.0  # no side at all is not "all flipped"
+    assert np.isnan(sign_accuracy(true[2:4], true[2:4]))  # nobody turned far enough
 
 
 def test_shading_shortcut_correlations(tiny_heads):

@@ -68,6 +68,7 @@ def all_params(trainer):
                                 {"augment_gain": 0.5}, {"d_highpass": 1.0}, {"g_ball_mask": True}])
 def test_two_steps_tiny(folder, kw):
     t = SSVTrainer(tiny_config(folder, **kw))
+    assert (t.G.window is not None) == kw.get("g_ball_mask", False) == (t.G_ema.window is not None)
     before = all_params(t)
     it = t.batches(0)
     for step in range(2):
