@@ -112,6 +112,7 @@ def shading_shortcut(model, test_dir: Path, limit: int = 2000, batch: int = 250,
     the heads turned at least 20 deg whose sign V gets right, up to one flip of V's whole frame (0.5 = chance).
     ``plot``: also write both scatter plots there (PNG)."""
     from common.data.labels import LabeledFolder
+    from common.geometry import wrap_angle
     from ssv.model_io import predict_dataset
 
     data = LabeledFolder(test_dir, size=None)
@@ -120,7 +121,7 @@ def shading_shortcut(model, test_dir: Path, limit: int = 2000, batch: int = 250,
     asym = brightness_asymmetry(torch.stack([it["image"] for it in items])).double().numpy()
     # L_sym puts V's azimuth zero (facing the camera) at 0 or at 180 deg: measure from whichever is nearer its mean
     zero = 0.0 if np.cos(pred).mean() >= 0 else math.pi
-    from_zero = (pred - zero + math.pi) % (2 * math.pi) - math.pi
+    from_zero = wrap_angle(torch.from_numpy(pred - zero)).numpy()
     result = {"r_az_true": _pearson(pred, true), "r_az_shading": _pearson(pred, asym),
               "r_true_shading": _pearson(true, asym), "r_abs_az": _pearson(np.abs(from_zero), np.abs(true)),
               "az_sign_acc": sign_accuracy(from_zero, true)}

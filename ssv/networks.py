@@ -170,7 +170,6 @@ class SynthesisNetwork(nn.Module):
         self.code_dim = code_dim
         self.vol_res = vol_res
         self.rotate_size = rotate_size
-        self.ball_mask = bool(ball_mask)
         # not saved in the state dict: a function of the size, and checkpoints from before the option still load
         self.register_buffer("window", ball_window(vol_res) if ball_mask else None, persistent=False)
         self.mapping = MappingNetwork(code_dim, n_mlp)

@@ -81,8 +81,6 @@ def test_sign_accuracy():
 
 
 def test_shading_shortcut_correlations(tiny_heads):
-    import numpy as np
-
     from common.data.labels import read_labels
     from experiments.ssv_heads import shading_shortcut
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from common.errors import ViewsslError
-from ssv import features
 from common.geometry import angles_to_matrix
+from ssv import features
 from ssv.networks import PRESETS, ball_window, build_synthesis, build_viewpoint, rotate_volume
 
 
