@@ -197,6 +197,8 @@ def markdown(results: dict, command: str, wall: float) -> str:
         f"Wall time: {wall / 60:.1f} min on {results.get('threads', torch.get_num_threads())} thread(s)"
         + (" (rows trained by an earlier run of the command keep that run's train time)."
            if any(r.get("trained_earlier") for r in results["rows"].values()) else "."),
+        "*train min* is the row's total when it resumed where the last finished run of the command stopped (a larger "
+        "`--steps`), else this run's; *s/step* is this run's.",
         "",
         "MAE in degrees on the labelled test heads. *raw*: V's own frame, no fit; *calibrated*: SSV's protocol "
         "(per-angle linear fit on a seeded 10% of the test frames, scored on the other 90%). "
@@ -363,6 +365,9 @@ def run(data, out, preset, steps, sup_steps, rows, batch_size, seed, device, thr
             # already trained by an earlier run of this command: keep the time it took then
             results["rows"][row].update(train_seconds=old["train_seconds"], sec_per_step=old["sec_per_step"],
                                         trained_earlier=True)
+        elif done > 0 and res["start_step"] > 0 and old.get("steps") == res["start_step"] and old.get("train_seconds"):
+            # resumed where the last finished run of this command stopped: the row's time is the sum of both
+            results["rows"][row]["train_seconds"] = old["train_seconds"] + train_seconds
         log.info("row %s: calibrated MAE %.2f deg, raw MAE %.2f deg (%.1f min, %s s/step)", row,
                  metrics.get("calibrated/mae", float("nan")), metrics.get("raw/mae", float("nan")),
                  train_seconds / 60, f"{train_seconds / done:.2f}" if done > 0 else "-")

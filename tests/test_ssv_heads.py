@@ -163,3 +163,21 @@ def test_cycle_errors_measure_how_well_v_reads_the_generator():
     assert off["cycle/azimuth_mae"] == pytest.approx(math.degrees(0.1), abs=1e-3)
     assert off["cycle/mae"] == pytest.approx(math.degrees(0.2), abs=1e-3)
     assert cycle_errors(SimpleNamespace(supervised=True)) == {}
+
+
+def test_a_row_resumed_with_more_steps_reports_its_total_train_time(tiny_heads, tmp_path):
+    threads = torch.get_num_threads()
+    out = tmp_path / "ssv"
+    args = ["--data", str(tiny_heads), "--out", str(out), "--threads", "1", "--device", "cpu", "--phi", "critic",
+            "--rows", "no_imc_sym", "--batch-size", "4"]
+    try:
+        first = CliRunner().invoke(main, args + ["--steps", "2"], catch_exceptions=False)
+        before = json.loads((out / "ssv_heads.json").read_text())["rows"]["no_imc_sym"]
+        more = CliRunner().invoke(main, args + ["--steps", "3"], catch_exceptions=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert first.exit_code == 0 and more.exit_code == 0, more.output
+    after = json.loads((out / "ssv_heads.json").read_text())["rows"]["no_imc_sym"]
+    assert before["steps"] == 2 and after["steps"] == 3 and "trained_earlier" not in after
+    # one further step, so this run's own time is its s/step; without the sum the table said only that
+    assert after["train_seconds"] == pytest.approx(before["train_seconds"] + after["sec_per_step"])
