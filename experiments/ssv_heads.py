@@ -14,7 +14,8 @@ protocol: a per-angle linear map fitted on a seeded 10% of the test frames, scor
 
 The viewpoint sampling ranges of S are the benchmark's head pose ranges (from ``DIR/meta.json``), as SSV used
 300W-LP's. Each row trains in ``OUT/<row>`` with ``resume="auto"``: rerunning the command after a crash continues.
-Writes ``OUT/ssv_heads.md`` and ``OUT/ssv_heads.json`` and prints the wall time. Goal (issue 4): SSV-full calibrated
+Writes ``OUT/ssv_heads.md`` and ``OUT/ssv_heads.json`` (rows that an earlier command with other ``--rows`` trained in
+``OUT`` stay in both, with that command) and prints the wall time. Goal (issue 4): SSV-full calibrated
 MAE within 1.3x of the supervised one, and full < no_imc < no_imc_sym.
 """
 from __future__ import annotations
@@ -234,6 +235,11 @@ def markdown(results: dict, command: str, wall: float) -> str:
         cells.append(f"{r['train_seconds'] / 60:.1f}" if r.get("train_seconds") else "-")
         cells.append(f"{r['sec_per_step']:.2f}" if r.get("sec_per_step") else "-")
         lines.append("| " + " | ".join(cells) + " |")
+    earlier = {r["earlier_command"] for r in results["rows"].values() if r.get("earlier_command")}
+    if earlier:
+        lines += ["", "Rows kept from earlier commands in the same folder (not re-run here): "
+                  + ", ".join(ROW_TITLES.get(n, n) for n, r in results["rows"].items() if r.get("earlier_command"))
+                  + "; " + "; ".join(f"`{c}`" for c in sorted(earlier)) + "."]
     r_true = [r["metrics"]["r_true_shading"] for r in results["rows"].values() if "r_true_shading" in r["metrics"]]
     if r_true:
         lines += ["", f"On this test split the brightness asymmetry has r = {r_true[0]:+.2f} with the true azimuth."]
@@ -334,7 +340,12 @@ def run(data, out, preset, steps, sup_steps, rows, batch_size, seed, device, thr
     results: dict = {"command": " ".join(shlex.quote(a) for a in ["python", "-m", "experiments.ssv_heads", *sys.argv[1:]]),
                      "preset": preset, "data": str(Path(data).resolve()), "ranges_deg": ranges, "quick": quick,
                      "threads": torch.get_num_threads(), "rows": {}}
-    previous = _previous_rows(out)
+    previous, previous_command = _previous_rows(out)
+    # rows of OUT trained by an earlier command with other --rows stay in the table (and the JSON), with that command
+    for row, r in previous.items():
+        if row not in row_names and row in ROWS and "metrics" in r:
+            results["rows"][row] = {**r, "earlier_command": r.get("earlier_command") or r.get("command")
+                                    or previous_command or "unknown"}
 
     for row in row_names:
         n_steps = sup_steps if row == "supervised" else steps
@@ -358,7 +369,7 @@ def run(data, out, preset, steps, sup_steps, rows, batch_size, seed, device, thr
         results["rows"][row] = {
             "steps": n_steps, "metrics": metrics, "train_seconds": train_seconds,
             "sec_per_step": train_seconds / done if done > 0 else None, "run_dir": str(out / row),
-            "phi": getattr(trainer, "phi_name", None),
+            "phi": getattr(trainer, "phi_name", None), "command": results["command"],
         }
         old = previous.get(row, {})
         if done == 0 and old.get("steps") == n_steps and old.get("sec_per_step"):
@@ -380,12 +391,14 @@ def run(data, out, preset, steps, sup_steps, rows, batch_size, seed, device, thr
     return results
 
 
-def _previous_rows(out: Path) -> dict:
-    """The rows of an earlier ``OUT/ssv_heads.json`` ({} if there is none or it is unreadable)."""
+def _previous_rows(out: Path) -> tuple[dict, str | None]:
+    """The rows and the command of an earlier ``OUT/ssv_heads.json`` (({}, None) if there is none or it is
+    unreadable)."""
     try:
-        return dict(json.loads((out / "ssv_heads.json").read_text()).get("rows", {}))
+        previous = json.loads((out / "ssv_heads.json").read_text())
+        return dict(previous.get("rows", {})), previous.get("command")
     except (OSError, ValueError, AttributeError):
-        return {}
+        return {}, None
 
 
 def _write(results: dict, out: Path, t_start: float) -> float:

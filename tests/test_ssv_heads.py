@@ -181,3 +181,30 @@ def test_a_row_resumed_with_more_steps_reports_its_total_train_time(tiny_heads, 
     assert before["steps"] == 2 and after["steps"] == 3 and "trained_earlier" not in after
     # one further step, so this run's own time is its s/step; without the sum the table said only that
     assert after["train_seconds"] == pytest.approx(before["train_seconds"] + after["sec_per_step"])
+
+
+def test_rows_of_an_earlier_command_stay_in_the_table(tiny_heads, tmp_path, monkeypatch):
+    threads = torch.get_num_threads()
+    out = tmp_path / "ssv"
+    args = ["--data", str(tiny_heads), "--out", str(out), "--quick", "--threads", "1", "--device", "cpu",
+            "--phi", "critic"]
+
+    def invoke(rows):
+        monkeypatch.setattr("sys.argv", ["ssv_heads.py", *args, "--rows", rows])  # the command the table quotes
+        return CliRunner().invoke(main, args + ["--rows", rows], catch_exceptions=False)
+
+    try:
+        first = invoke("no_imc_sym")
+        kept = json.loads((out / "ssv_heads.json").read_text())["rows"]["no_imc_sym"]
+        second = invoke("supervised")
+    finally:
+        torch.set_num_threads(threads)
+    assert first.exit_code == 0 and second.exit_code == 0, second.output
+    rows = json.loads((out / "ssv_heads.json").read_text())["rows"]
+    assert set(rows) == {"no_imc_sym", "supervised", "random"}
+    assert json.dumps(rows["no_imc_sym"]["metrics"]) == json.dumps(kept["metrics"])  # NaN-safe comparison
+    assert "--rows no_imc_sym" in rows["no_imc_sym"]["earlier_command"]
+    assert "earlier_command" not in rows["supervised"]
+    table = (out / "ssv_heads.md").read_text()
+    assert "| SSV w/o L_imc and L_sym |" in table and "| supervised (same V, labels) |" in table
+    assert "Rows kept from earlier commands" in table and "--rows no_imc_sym" in table
