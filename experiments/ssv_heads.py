@@ -177,6 +177,59 @@ def cycle_errors(trainer, n: int = 512, seed: int = 0) -> dict[str, float]:
             "cycle/r_az_shading": _pearson(v[:, 0], brightness_asymmetry(images.float().cpu()))}
 
 
+def side_probes(trainer, train_dir: Path, test_dir: Path, limit: int = 4000, n_fake: int = 4000, seed: int = 0,
+                min_turn_deg: float = 20.0) -> dict[str, float]:
+    """Where is the side of the azimuth lost: in V's features or in its head? Two linear probes
+    (:func:`common.eval.probes.linear_probe`) for the side (sign of the true azimuth) of the test heads turned at least
+    ``min_turn_deg``, on the feature vector every head of V reads:
+
+    - ``side_probe_real``: trained on (the first ``limit``) *training heads with their labels*, a diagnostic that uses
+      labels (SSV never does): how well V's features carry the side of real heads;
+    - ``side_probe_fake``: trained on ``n_fake`` EMA-generator samples with the side of their sampled azimuth (a
+      private RNG), like V's head is: how well the side as S shows it transfers to real heads, up to one flip of the
+      frame (as ``az_sign_acc``).
+
+    A high real and a low fake probe say the features have the side and the head, taught on S's samples, reads it
+    from a cue real heads do not share. {} without S."""
+    from common.data.labels import LabeledFolder
+    from common.eval.probes import linear_probe
+    from ssv.model_io import SSVPoseModel
+    from ssv.trainer import sample_styles, sample_viewpoints
+
+    if getattr(trainer, "supervised", True):
+        return {}
+    model = SSVPoseModel(trainer.V, trainer.config, trainer.device)
+    turn = math.radians(min_turn_deg)
+
+    def features(images):
+        return torch.cat([model.features(images[i : i + 250], ["pooled"])["pooled"].cpu()
+                          for i in range(0, len(images), 250)])
+
+    def real(folder, n):
+        data = LabeledFolder(folder, size=None)
+        items = [data[i] for i in range(min(len(data), n))]
+        azimuth = torch.stack([it["angles"][0] for it in items]).float()
+        turned = azimuth.abs() >= turn
+        return features(torch.stack([it["image"] for it in items])[turned]), (azimuth[turned] > 0).long()
+
+    f_test, side_test = real(test_dir, limit)
+    if len(side_test) == 0:
+        return {}
+    f_train, side_train = real(train_dir, limit)
+    gen = torch.Generator().manual_seed(seed)
+    z = sample_styles(n_fake, int(trainer.config["code_dim"]), generator=gen)
+    v = sample_viewpoints(n_fake, trainer.ranges, generator=gen)
+    with torch.no_grad():
+        fakes = torch.cat([trainer.G_ema(z[i : i + 250].to(trainer.device), v[i : i + 250].to(trainer.device))
+                           for i in range(0, n_fake, 250)])
+    f_fake = features((fakes + 1.0) * 0.5)  # to [0, 1] without clamping: V reads S's unbounded output as it is
+    fake_turned = v[:, 0].abs() >= turn
+    out = {"side_probe_real": linear_probe(f_train, side_train, f_test, side_test)["top1"]}
+    fake_probe = linear_probe(f_fake[fake_turned], (v[fake_turned, 0] > 0).long(), f_test, side_test)["top1"]
+    out["side_probe_fake"] = max(fake_probe, 1.0 - fake_probe)
+    return out
+
+
 def random_floor(test_dir: Path, seed: int) -> dict[str, float]:
     from common.data.labels import read_labels
     from common.eval import evaluate_viewpoints
@@ -206,13 +259,17 @@ def markdown(results: dict, command: str, wall: float) -> str:
         "*r(az)*, *r(az, shading)*: Pearson r of V's raw azimuth with the true azimuth and with the image's left-right "
         "brightness asymmetry (moved by the light and the background, not only the pose). *r(abs az)*: r of |V's "
         "azimuth| with |true azimuth| (does V tell frontal from profile?); *sign*: share of the heads turned 20 deg or "
-        "more whose azimuth sign V gets right, up to one global flip (0.5 = chance). *cycle*: V's MAE on 512 "
+        "more whose azimuth sign V gets right, up to one global flip (0.5 = chance). *probe real*, *probe fake*: the "
+        "same share for a linear probe on V's features trained on the labelled training heads (a diagnostic that uses "
+        "labels) and on EMA-generator samples with their sampled azimuth (up to one flip): does V's feature vector "
+        "carry the side of real heads, and does the side as S shows it transfer to them? *cycle*: V's MAE on 512 "
         "samples of the EMA generator at known viewpoints (does V read S's viewpoint?); *S: r(az, shading)*: Pearson r "
         "of the sampled azimuth with the samples' brightness asymmetry (does S show azimuth as shading?).",
         "",
         "| method | steps | raw az | raw el | raw tilt | raw MAE | cal az | cal el | cal tilt | cal MAE | r(az) "
-        "| r(az, shading) | r(abs az) | sign | cycle az | cycle MAE | S: r(az, shading) | train min | s/step |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| r(az, shading) | r(abs az) | sign | probe real | probe fake | cycle az | cycle MAE | S: r(az, shading) "
+        "| train min | s/step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     if results.get("quick"):
         lines[2:2] = ["**Quick smoke run (4 steps per row): the numbers below mean nothing.**", ""]
@@ -230,6 +287,7 @@ def markdown(results: dict, command: str, wall: float) -> str:
         cells += [f(f"raw/{k}") for k in KEYS] + [f(f"calibrated/{k}") for k in KEYS]
 
         cells += [corr("r_az_true"), corr("r_az_shading"), corr("r_abs_az"), f("az_sign_acc", ".2f"),
+                  f("side_probe_real", ".2f"), f("side_probe_fake", ".2f"),
                   f("cycle/azimuth_mae"), f("cycle/mae"),
                   corr("cycle/r_az_shading")]
         cells.append(f"{r['train_seconds'] / 60:.1f}" if r.get("train_seconds") else "-")
@@ -366,6 +424,7 @@ def run(data, out, preset, steps, sup_steps, rows, batch_size, seed, device, thr
         metrics.update(shading_shortcut(trainer.pose_model(), test_dir, plot=out / f"{row}_azimuth_scatter.png",
                                         title=f"{ROW_TITLES.get(row, row)}, {n_steps} steps: V on the test heads"))
         metrics.update(cycle_errors(trainer, seed=seed))
+        metrics.update(side_probes(trainer, train_dir, test_dir, seed=seed))
         results["rows"][row] = {
             "steps": n_steps, "metrics": metrics, "train_seconds": train_seconds,
             "sec_per_step": train_seconds / done if done > 0 else None, "run_dir": str(out / row),

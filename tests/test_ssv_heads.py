@@ -208,3 +208,61 @@ def test_rows_of_an_earlier_command_stay_in_the_table(tiny_heads, tmp_path, monk
     table = (out / "ssv_heads.md").read_text()
     assert "| SSV w/o L_imc and L_sym |" in table and "| supervised (same V, labels) |" in table
     assert "Rows kept from earlier commands" in table and "--rows no_imc_sym" in table
+
+
+def _side_folder(root, n, seed):
+    """n 32x32 heads whose pixel (0, 0) is white when turned to positive azimuth, black otherwise."""
+    from PIL import Image
+
+    from common.data.labels import write_labels
+
+    gen = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        az = float(gen.uniform(-1.4, 1.4))
+        image = np.full((32, 32, 3), 128, np.uint8)
+        image[0, 0] = 255 if az > 0 else 0
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(root / "images" / f"{i:03d}.png")
+        rows.append({"path": f"images/{i:03d}.png", "azimuth": az, "elevation": 0.0, "tilt": 0.0})
+    write_labels(root / "labels.csv", rows)
+    return root
+
+
+class _PixelV(torch.nn.Module):
+    """A V whose feature vector is the red value of pixels (0, 0) and (0, 1)."""
+
+    tap_names = ["pooled"]
+
+    def trunk(self, x, taps=False):
+        feat = x[:, 0, 0, :2]
+        return (feat, {"pooled": feat}) if taps else feat
+
+
+def test_side_probes_tell_features_without_the_side_from_a_head_taught_the_wrong_cue(tmp_path):
+    from types import SimpleNamespace
+
+    from common.data.labels import read_labels
+    from experiments.ssv_heads import side_probes
+
+    train, test = _side_folder(tmp_path / "train", 60, 0), _side_folder(tmp_path / "test", 50, 1)
+
+    def trainer(cue_pixel, sign):
+        def g_ema(z, v):  # S shows the side on pixel (0, cue_pixel), with either convention
+            images = torch.zeros(len(z), 3, 32, 32)
+            images[:, 0, 0, cue_pixel] = sign * torch.where(v[:, 0] > 0, 1.0, -1.0)
+            return images
+
+        return SimpleNamespace(supervised=False, V=_PixelV(), G_ema=g_ema, device=torch.device("cpu"),
+                               config={"image_size": 32, "code_dim": 4}, ranges=(1.4, 0.5, 0.5))
+
+    shared = side_probes(trainer(0, 1.0), train, test, n_fake=200)
+    assert shared == {"side_probe_real": 1.0, "side_probe_fake": 1.0}
+    assert side_probes(trainer(0, -1.0), train, test, n_fake=200)["side_probe_fake"] == 1.0  # one frame flip allowed
+    # S shows the side where real heads have nothing: the fake probe predicts one side for every real head
+    az = read_labels(test).angles[:, 0].numpy()
+    positive = float(np.mean(az[np.abs(az) >= np.radians(20)] > 0))
+    other = side_probes(trainer(1, 1.0), train, test, n_fake=200)
+    assert other["side_probe_real"] == 1.0
+    assert other["side_probe_fake"] == pytest.approx(max(positive, 1 - positive))
+    assert side_probes(SimpleNamespace(supervised=True), train, test) == {}
