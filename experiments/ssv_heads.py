@@ -424,7 +424,7 @@ def run(data, out, preset, steps, sup_steps, rows, batch_size, seed, device, thr
         metrics.update(shading_shortcut(trainer.pose_model(), test_dir, plot=out / f"{row}_azimuth_scatter.png",
                                         title=f"{ROW_TITLES.get(row, row)}, {n_steps} steps: V on the test heads"))
         metrics.update(cycle_errors(trainer, seed=seed))
-        metrics.update(side_probes(trainer, train_dir, test_dir, seed=seed))
+        metrics.update(side_probes(trainer, train_dir, test_dir, seed=seed, n_fake=256 if quick else 4000))
         results["rows"][row] = {
             "steps": n_steps, "metrics": metrics, "train_seconds": train_seconds,
             "sec_per_step": train_seconds / done if done > 0 else None, "run_dir": str(out / row),
