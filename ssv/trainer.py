@@ -182,9 +182,9 @@ class SSVTrainer(Trainer):
     resume_defaults = {"augment_gain": 0.0, "d_highpass": 0.0, "g_ball_mask": False}
     #: what only the GAN uses: the supervised baseline resumes whatever their defaults have become since
     GAN_ONLY_KEYS = ("n_mlp", "volume_size", "rotate_size", "g_ball_mask", "g_channels_3d", "g_channels_3d_post",
-                     "g_projection", "g_channels_2d", "g_group", "lr_d", "lr_g", "lr_mapping_mult", "adam_betas", "ema_decay",
-                     "gp_weight", "drift", "w_style", "w_view", "w_imc", "w_sym", "w_gsym", "phi", "phi_size",
-                     "phi_weights", "az_range", "el_range", "tilt_range", "augment_gain")
+                     "g_projection", "g_channels_2d", "g_group", "lr_d", "lr_g", "lr_mapping_mult", "adam_betas",
+                     "ema_decay", "gp_weight", "drift", "w_style", "w_view", "w_imc", "w_sym", "w_gsym", "phi",
+                     "phi_size", "phi_weights", "az_range", "el_range", "tilt_range", "augment_gain")
 
     def __init__(self, config: dict, device: torch.device = torch.device("cpu")):
         missing = [k for k in NETWORK_KEYS if k not in config]
