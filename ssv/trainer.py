@@ -232,7 +232,6 @@ class SSVTrainer(Trainer):
 
             self.illumination = RandomLinearIllumination(gain=(0.0, float(c["augment_gain"])), p=1.0)
         self._dataset = None
-        self._eval_dataset = None
         seed_everything(int(c["seed"]))  # training randomness: seed + rank
 
     # ------------------------------------------------------------------------------------------------ plumbing
@@ -405,24 +404,16 @@ class SSVTrainer(Trainer):
         return SSVPoseModel(self.V, self.config, self.device)
 
     def evaluate(self, step: int) -> dict[str, float]:
-        """Pose metrics of V on the labelled ``eval_data`` folder (through ``common.eval.run_metrics`` when present)."""
+        """Pose metrics of V on the labelled ``eval_data`` folder, through ``common.eval.run_metrics``."""
+        from common.eval import run_metrics
+
         path = self.config.get("eval_data")
         if not path or not dist_utils.is_main():
             return {}
         model = self.pose_model()
         was_training = self.V.training
         try:
-            try:
-                from common.eval import run_metrics  # the shared evaluation module (eval helper)
-            except ImportError:
-                run_metrics = None
-            if run_metrics is not None:
-                return _flat_floats(dict(run_metrics(model, path, metrics=["viewpoint"], device=self.device)))
-            from .model_io import angle_errors
-
-            if self._eval_dataset is None:
-                self._eval_dataset = open_images(path, self.config["image_size"])
-            return angle_errors(model, self._eval_dataset)
+            return _flat_floats(dict(run_metrics(model, path, metrics=["viewpoint"], device=self.device)))
         finally:
             self.V.train(was_training)
 
