@@ -14,8 +14,10 @@ protocol: a per-angle linear map fitted on a seeded 10% of the test frames, scor
 
 The viewpoint sampling ranges of S are the benchmark's head pose ranges (from ``DIR/meta.json``), as SSV used
 300W-LP's. Each row trains in ``OUT/<row>`` with ``resume="auto"``: rerunning the command after a crash continues.
-Writes ``OUT/ssv_heads.md`` and ``OUT/ssv_heads.json`` (rows that an earlier command with other ``--rows`` trained in
-``OUT`` stay in both, with that command) and prints the wall time. Goal (issue 4): SSV-full calibrated
+Every ``--eval-every`` steps V is evaluated on the test heads during training (``OUT/<row>/metrics.jsonl`` and
+tensorboard); ``OUT/learning_curves.png`` plots each row's calibrated MAE against the step. Writes ``OUT/ssv_heads.md``
+and ``OUT/ssv_heads.json`` (rows that an earlier command with other ``--rows`` trained in ``OUT`` stay in both, with
+that command) and prints the wall time. Goal (issue 4): SSV-full calibrated
 MAE within 1.3x of the supervised one, and full < no_imc < no_imc_sym.
 """
 from __future__ import annotations
@@ -149,6 +151,56 @@ def _scatter(path: Path, y, panels, title: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def eval_history(run_dir: Path, key: str = "viewpoint/calibrated/mae") -> tuple[list[int], list[float]]:
+    """(steps, values) of ``key`` in the periodic evaluations of ``run_dir/metrics.jsonl``, sorted by step; a step
+    logged twice (a run resumed from a checkpoint older than its last evaluation) keeps its last value."""
+    by_step: dict[int, float] = {}
+    try:
+        lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return [], []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a killed run
+        if isinstance(rec, dict) and rec.get("kind") == "eval" and isinstance(rec.get(key), (int, float)):
+            by_step[int(rec["step"])] = float(rec[key])
+    steps = sorted(by_step)
+    return steps, [by_step[s] for s in steps]
+
+
+def learning_curves(rows: dict, path: Path, title: str = "") -> bool:
+    """Plot every row's calibrated MAE on the test heads against the training step (from its periodic evaluations),
+    with the random floor as a dashed line; False (nothing written) when no row has two evaluations."""
+    curves = {name: eval_history(r["run_dir"]) for name, r in rows.items() if r.get("run_dir")}
+    curves = {name: c for name, c in curves.items() if len(c[0]) >= 2}
+    if not curves:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for name, (steps, values) in curves.items():
+        ax.plot(steps, values, marker="o", markersize=3, label=ROW_TITLES.get(name, name))
+    floor = rows.get("random", {}).get("metrics", {}).get("calibrated/mae")
+    if floor is not None:
+        ax.axhline(floor, color="gray", linestyle="--", label=ROW_TITLES["random"])
+    ax.set_xlabel("training step")
+    ax.set_ylabel("calibrated MAE on the test heads (deg)")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 @torch.no_grad()
@@ -306,6 +358,8 @@ def markdown(results: dict, command: str, wall: float) -> str:
         lines += ["", "Goals (issue 4, calibrated MAE):", ""]
         for name, g in goals.items():
             lines.append(f"- {name}: {'met' if g['met'] else 'NOT met'} ({g['detail']})")
+    if results.get("learning_curves"):
+        lines += ["", "Calibrated MAE against the training step (periodic evaluations): `learning_curves.png`."]
     return "\n".join(lines) + "\n"
 
 
@@ -355,22 +409,24 @@ def check_goals(rows: dict) -> dict:
                    "[default: off].")
 @click.option("--ball-mask", is_flag=True, default=None,
               help="SSV rows: S's rotated volume is windowed by a ball (see viewssl train ssv --help) [default: off].")
+@click.option("--eval-every", type=click.IntRange(min=0), default=500,
+              help="Evaluate V on the test heads every N training steps, for the learning curves (0 = off).")
 @click.option("--quick", is_flag=True, help="Smoke test: 4 steps per row (numbers meaningless).")
 def main(data, out, preset, steps, sup_steps, rows, batch_size, seed, device, threads, phi, augment_gain, highpass,
-         ball_mask, quick):
+         ball_mask, eval_every, quick):
     """Train SSV (full and ablations) and the supervised baseline on the synthetic heads; report MAE tables."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     try:
         run(data, out, preset, steps, sup_steps, rows, batch_size, seed, device, threads, phi, quick,
-            augment_gain=augment_gain, highpass=highpass, ball_mask=ball_mask)
+            augment_gain=augment_gain, highpass=highpass, ball_mask=ball_mask, eval_every=eval_every)
     except ViewsslError as e:
         click.echo(f"Error: {e}", err=True)
         sys.exit(2)
 
 
 def run(data, out, preset, steps, sup_steps, rows, batch_size, seed, device, threads, phi, quick,
-        augment_gain=None, highpass=None, ball_mask=None) -> dict:
+        augment_gain=None, highpass=None, ball_mask=None, eval_every=0) -> dict:
     from common.cli import resolve_device
     from common.training import fit
     from ssv.cli import build_config
@@ -412,11 +468,11 @@ def run(data, out, preset, steps, sup_steps, rows, batch_size, seed, device, thr
                               tilt_range_deg=ranges and ranges["tilt"], steps=n_steps,
                               augment_gain=None if row == "supervised" else augment_gain, highpass=highpass,
                               ball_mask=None if row == "supervised" else ball_mask,
-                              **ROWS[row])
+                              eval_data=str(test_dir) if eval_every else None, **ROWS[row])
         trainer = SSVTrainer(config, dev)
         log.info("row %s: %d steps in %s", row, n_steps, out / row)
         t0 = time.perf_counter()
-        res = fit(trainer, out / row, n_steps, checkpoint_every=500, log_every=20,
+        res = fit(trainer, out / row, n_steps, checkpoint_every=500, log_every=20, eval_every=eval_every,
                   media_every=0 if row == "supervised" or quick else 500, resume="auto", progress=True)
         train_seconds = time.perf_counter() - t0
         done = n_steps - res["start_step"]
@@ -444,6 +500,8 @@ def run(data, out, preset, steps, sup_steps, rows, batch_size, seed, device, thr
         _write(results, out, t_start)
     results["rows"]["random"] = {"metrics": random_floor(test_dir, seed), "steps": "-"}
     results["goals"] = check_goals(results["rows"])
+    if learning_curves(results["rows"], out / "learning_curves.png", title=f"SSV on the synthetic heads ({preset})"):
+        results["learning_curves"] = str(out / "learning_curves.png")
     wall = _write(results, out, t_start)
     click.echo(markdown(results, results["command"], wall))
     click.echo(f"wall time: {wall / 60:.1f} min; tables in {out / 'ssv_heads.md'} and {out / 'ssv_heads.json'}")

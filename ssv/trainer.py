@@ -467,7 +467,7 @@ def _flat_floats(metrics) -> dict[str, float]:
     def visit(prefix, value):
         if isinstance(value, dict):
             for k, v in value.items():
-                visit(f"{prefix}{k}/" if not prefix else f"{prefix}{k}/", v)
+                visit(f"{prefix}{k}/", v)
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             out[prefix.rstrip("/")] = float(value)
         elif isinstance(value, torch.Tensor) and value.numel() == 1:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from experiments.ssv_heads import check_goals, main
+from experiments.ssv_heads import check_goals, eval_history, main
 
 TINY = dict(head_train=16, head_test=12, head_train_identities=4, head_test_identities=3)
 
@@ -45,7 +45,8 @@ def test_quick_run_writes_the_table_with_every_row(tiny_heads, tmp_path):
     try:
         out = tmp_path / "ssv"
         result = CliRunner().invoke(main, ["--data", str(tiny_heads), "--out", str(out), "--quick", "--threads", "1",
-                                           "--device", "cpu", "--phi", "critic"], catch_exceptions=False)
+                                           "--device", "cpu", "--phi", "critic", "--eval-every", "2"],
+                                    catch_exceptions=False)
     finally:
         torch.set_num_threads(threads)
     assert result.exit_code == 0, result.output
@@ -55,6 +56,24 @@ def test_quick_run_writes_the_table_with_every_row(tiny_heads, tmp_path):
         assert 0 <= row["metrics"]["calibrated/mae"] <= 180, name
     table = (out / "ssv_heads.md").read_text()
     assert table.count("| SSV") == 3 and "random prediction (floor)" in table and "learned" in table
+    # V was evaluated on the test heads at steps 2 and 4 of every row, and the curves were drawn
+    for name in ("full", "no_imc", "no_imc_sym", "supervised"):
+        steps, values = eval_history(out / name)
+        assert steps == [2, 4] and values[-1] == pytest.approx(data["rows"][name]["metrics"]["calibrated/mae"]), name
+    assert (out / "learning_curves.png").stat().st_size > 0 and "learning_curves.png" in table
+
+
+def test_eval_history_keeps_the_last_value_of_a_step_and_skips_other_records(tmp_path):
+    lines = [{"step": 20, "kind": "train", "d_critic": 1.0},
+             {"step": 500, "kind": "eval", "viewpoint/calibrated/mae": 30.0},
+             {"step": 1000, "kind": "eval", "viewpoint/calibrated/mae": 25.0},
+             {"step": 1000, "kind": "eval", "viewpoint/calibrated/mae": 24.0},  # resumed from step 500: logged again
+             {"step": 700, "kind": "eval", "viewpoint/raw/mae": 50.0}]
+    text = "\n".join(json.dumps(r) for r in lines) + '\n{"step": 1500, "kind": "ev'  # cut short by a kill
+    (tmp_path / "metrics.jsonl").write_text(text)
+    assert eval_history(tmp_path) == ([500, 1000], [30.0, 24.0])
+    assert eval_history(tmp_path, "viewpoint/raw/mae") == ([700], [50.0])
+    assert eval_history(tmp_path / "missing") == ([], [])
 
 
 class _Fake:
