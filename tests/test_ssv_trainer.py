@@ -269,6 +269,16 @@ def test_media_evaluation_and_pose_model(folder, tmp_path):
     assert shared.family == "ssv" and torch.allclose(shared.predict_angles(images), model.predict_angles(images))
 
 
+def test_periodic_evaluation_leaves_the_training_rng_alone(folder):
+    """--eval-every must not change what a run trains: evaluate() draws nothing from the global RNG."""
+    t = SSVTrainer(tiny_config(folder, eval_data=str(folder)))
+    torch.manual_seed(3)
+    state = torch.get_rng_state()
+    metrics = t.evaluate(0)
+    assert "viewpoint/calibrated/mae" in metrics and t.V.training
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_bad_data_is_a_clear_error(tmp_path):
     from common.errors import ViewsslError
 
