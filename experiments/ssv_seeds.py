@@ -1,0 +1,183 @@
+"""SSV's ablation over seeds: several ``experiments.ssv_heads`` output folders in one table and one plot.
+
+    python -m experiments.ssv_seeds OUT1 OUT2 ... [--out runs/ssv_seeds] [--step N]
+
+Each folder's ``ssv_heads.json`` names its rows; a row's seed is its run's ``config.json`` seed. A (row, seed) has a
+calibrated MAE at every step V was evaluated during training (``--eval-every``, from ``metrics.jsonl``) and at its
+table step. For every step, the table gives each row's mean and standard deviation over the seeds evaluated there
+(the values seed by seed beside them), and checks the paper's ordering full < no_imc < no_imc_sym on the means and
+seed by seed (seeds with all three rows). Folders whose runs differ in anything but the seed and the loss switches
+of the rows (preset, image size, high-pass, ...) are refused. Writes ``OUT/ssv_seeds.md``, ``OUT/ssv_seeds.json`` and
+``OUT/ssv_seeds.png`` (thin lines: seeds; thick: the mean where every seed of the row was evaluated).
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import click
+
+from common.errors import ViewsslError
+
+from .ssv_heads import ROW_TITLES, ROWS, eval_history
+
+ORDER = ("full", "no_imc", "no_imc_sym")
+#: config keys in which the rows of one ablation may differ (the seed, and the switches of ``ssv_heads.ROWS``)
+ROW_KEYS = {"seed", "steps", "eval_data", "supervised", "w_imc", "w_sym", "w_gsym"}
+#: L_imc's feature network: unused without L_imc, so only the seeds of one row must agree on it
+PHI_KEYS = {"phi", "phi_size", "phi_weights"}
+
+
+def collect(folders: list[Path]) -> tuple[dict[str, dict[int, dict[int, float]]], dict]:
+    """{row: {seed: {step: calibrated MAE}}} of the SSV rows in ``folders``, and the settings they share."""
+    curves: dict[str, dict[int, dict[int, float]]] = {}
+    shared: dict | None = None
+    shared_from = None
+    phi: dict[str, tuple[dict, Path]] = {}
+    for folder in map(Path, folders):
+        table = folder / "ssv_heads.json"
+        try:
+            rows = json.loads(table.read_text())["rows"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ViewsslError(f"not an ssv_heads result ({type(e).__name__}: {e})", table) from None
+        for row, r in rows.items():
+            if row not in ROWS:
+                continue
+            config_path = folder / row / "config.json"
+            try:
+                config = json.loads(config_path.read_text())
+                seed = int(config["seed"])
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise ViewsslError(f"cannot read the run's seed ({type(e).__name__}: {e})", config_path) from None
+            settings = {k: v for k, v in config.items() if k not in ROW_KEYS | PHI_KEYS}
+            if shared is None:
+                shared, shared_from = settings, config_path
+            _same(settings, shared, shared_from, config_path, "rows of one ablation")
+            row_phi = {k: config.get(k) for k in PHI_KEYS}
+            _same(row_phi, *phi.setdefault(row, (row_phi, config_path)), config_path, f"the seeds of row {row}")
+            steps, values = eval_history(folder / row)
+            curve = curves.setdefault(row, {}).setdefault(seed, {})
+            curve.update(zip(steps, values))
+            final = (r.get("metrics") or {}).get("calibrated/mae")
+            if final is not None:
+                curve[int(r["steps"])] = float(final)
+    if not curves:
+        raise ViewsslError(f"no SSV rows in {', '.join(map(str, folders))}")
+    return curves, shared or {}
+
+
+def _same(settings: dict, reference: dict, reference_path: Path, path: Path, who: str) -> None:
+    if settings != reference:
+        diff = sorted(k for k in set(settings) | set(reference) if settings.get(k) != reference.get(k))
+        raise ViewsslError(f"its settings differ from {reference_path} in {', '.join(diff)}: {who} must share them",
+                           path)
+
+
+def _ordered(values: list[float]) -> bool:
+    return all(a < b for a, b in zip(values, values[1:]))
+
+
+def summarize(curves: dict[str, dict[int, dict[int, float]]]) -> list[dict]:
+    """One record per evaluated step: each row's values by seed, mean and std, and the ordering checks."""
+    steps = sorted({s for by_seed in curves.values() for c in by_seed.values() for s in c})
+    records = []
+    for step in steps:
+        rec: dict = {"step": step, "rows": {}}
+        for row, by_seed in curves.items():
+            vals = {seed: c[step] for seed, c in sorted(by_seed.items()) if step in c}
+            if vals:
+                v = list(vals.values())
+                rec["rows"][row] = {"by_seed": vals, "mean": statistics.fmean(v),
+                                    "std": statistics.stdev(v) if len(v) > 1 else 0.0}
+        if all(r in rec["rows"] for r in ORDER):
+            rec["ordering_on_means"] = _ordered([rec["rows"][r]["mean"] for r in ORDER])
+            seeds = set.intersection(*(set(rec["rows"][r]["by_seed"]) for r in ORDER))
+            rec["ordering_by_seed"] = {s: _ordered([rec["rows"][r]["by_seed"][s] for r in ORDER]) for s in sorted(seeds)}
+        records.append(rec)
+    return records
+
+
+def markdown(records: list[dict], rows: list[str]) -> str:
+    head = "| step | " + " | ".join(ROW_TITLES.get(r, r) for r in rows) + " | ordering on means | seeds in order |"
+    lines = [head, "|" + "---|" * (len(rows) + 3)]
+    for rec in records:
+        cells = []
+        for row in rows:
+            r = rec["rows"].get(row)
+            if r is None:
+                cells.append("-")
+                continue
+            seeds = ", ".join(f"{v:.1f} (s{s})" for s, v in r["by_seed"].items())
+            cells.append(f"**{r['mean']:.1f}** ± {r['std']:.1f}: {seeds}" if len(r["by_seed"]) > 1 else seeds)
+        order = rec.get("ordering_on_means")
+        by_seed = rec.get("ordering_by_seed") or {}
+        cells.append("-" if order is None else ("yes" if order else "no"))
+        cells.append(f"{sum(by_seed.values())} of {len(by_seed)}" if by_seed else "-")
+        lines.append(f"| {rec['step']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(curves: dict[str, dict[int, dict[int, float]]], path: Path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for i, (row, by_seed) in enumerate(curves.items()):
+        color = f"C{i}"
+        for c in by_seed.values():
+            s = sorted(c)
+            ax.plot(s, [c[k] for k in s], color=color, alpha=0.35, linewidth=0.8)
+        common = sorted(set.intersection(*(set(c) for c in by_seed.values())))
+        if common:
+            ax.plot(common, [statistics.fmean(c[k] for c in by_seed.values()) for k in common], color=color,
+                    linewidth=2, marker="o", markersize=3,
+                    label=f"{ROW_TITLES.get(row, row)} (mean of {len(by_seed)})")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("calibrated MAE on the test heads (deg)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+@click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
+@click.argument("folders", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/ssv_seeds"), help="Output folder.")
+@click.option("--step", "only_step", type=click.IntRange(min=1), default=None,
+              help="Print only this step's line (the files keep every step).")
+def main(folders, out, only_step):
+    """Mean over seeds of ssv_heads rows, the ablation ordering, and the learning curves with their spread."""
+    try:
+        _main(folders, out, only_step)
+    except ViewsslError as e:
+        click.echo(f"Error: {e}", err=True)
+        sys.exit(2)
+
+
+def _main(folders, out, only_step):
+    from common.io import atomic_write_bytes, atomic_write_json
+
+    curves, shared = collect(list(folders))
+    records = summarize(curves)
+    rows = [r for r in (*ORDER, "supervised") if r in curves]
+    atomic_write_json({"folders": [str(f) for f in folders], "settings": shared, "records": records},
+                      out / "ssv_seeds.json")
+    atomic_write_bytes(out / "ssv_seeds.md", markdown(records, rows).encode())
+    plot(curves, out / "ssv_seeds.png",
+         title=f"SSV ablation over seeds ({shared.get('preset', '?')}, {shared.get('image_size', '?')} px)")
+    shown = [r for r in records if only_step is None or r["step"] == only_step]
+    if only_step is not None and not shown:
+        raise click.UsageError(f"no row was evaluated at step {only_step}")
+    click.echo(markdown(shown, rows), nl=False)
+    click.echo(f"tables in {out / 'ssv_seeds.md'} and {out / 'ssv_seeds.json'}; plot {out / 'ssv_seeds.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""The SSV ablation over seeds: values gathered from ssv_heads folders, means against an independent computation,
+the ordering checks, and refusal of folders that are not one ablation."""
+import json
+import statistics
+
+import pytest
+from click.testing import CliRunner
+
+from common.errors import ViewsslError
+from experiments.ssv_seeds import collect, main, summarize
+
+CONFIG = {"preset": "cpu64", "image_size": 64, "d_highpass": 2.0, "phi": "auto", "w_imc": 1.0, "w_sym": 1.0}
+SWITCHES = {"full": {"phi": "critic"}, "no_imc": {"w_imc": 0.0}, "no_imc_sym": {"w_imc": 0.0, "w_sym": 0.0}}
+
+
+def _folder(root, seed, rows, **config):
+    """An ssv_heads output folder: rows = {row: (table steps, table value, {step: in-training evaluation})}."""
+    root.mkdir(parents=True)
+    table = {"rows": {"random": {"metrics": {"calibrated/mae": 31.0}, "steps": "-"}}}
+    for row, (steps, final, history) in rows.items():
+        (root / row).mkdir()
+        (root / row / "config.json").write_text(json.dumps({**CONFIG, **SWITCHES[row], **config, "seed": seed}))
+        lines = [{"step": s, "kind": "eval", "viewpoint/calibrated/mae": v} for s, v in history.items()]
+        lines.append({"step": 10, "kind": "train", "d_critic": 0.5})
+        (root / row / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+        table["rows"][row] = {"steps": steps, "metrics": {"calibrated/mae": final}}
+    (root / "ssv_heads.json").write_text(json.dumps(table))
+    return root
+
+
+@pytest.fixture
+def two_seeds(tmp_path):
+    a = _folder(tmp_path / "s0", 0, {"full": (1000, 18.0, {500: 25.0}), "no_imc": (1000, 21.0, {500: 24.0}),
+                                     "no_imc_sym": (1000, 22.0, {500: 26.0})})
+    b = _folder(tmp_path / "s1", 1, {"full": (1000, 20.0, {500: 27.0, 1000: 20.0}),
+                                     "no_imc": (1000, 19.0, {500: 28.0})})
+    c = _folder(tmp_path / "s1b", 1, {"no_imc_sym": (1500, 23.0, {500: 29.0, 1000: 25.0})})
+    return [a, b, c]
+
+
+def test_values_by_row_seed_and_step_come_from_the_evaluations_and_the_table(two_seeds):
+    curves, shared = collect(two_seeds)
+    assert curves["full"] == {0: {500: 25.0, 1000: 18.0}, 1: {500: 27.0, 1000: 20.0}}
+    assert curves["no_imc_sym"] == {0: {500: 26.0, 1000: 22.0}, 1: {500: 29.0, 1000: 25.0, 1500: 23.0}}
+    assert "random" not in curves and shared["preset"] == "cpu64" and "seed" not in shared
+
+
+def test_means_and_the_ordering_on_means_and_by_seed(two_seeds):
+    records = {r["step"]: r for r in summarize(collect(two_seeds)[0])}
+    at = records[1000]
+    assert at["rows"]["full"]["mean"] == pytest.approx(19.0)
+    assert at["rows"]["full"]["std"] == pytest.approx(statistics.stdev([18.0, 20.0]))
+    assert at["rows"]["no_imc"]["by_seed"] == {0: 21.0, 1: 19.0}
+    # means 19.0 < 20.0 < 23.5; seed 0 in order (18 < 21 < 22), seed 1 not (20 > 19)
+    assert at["ordering_on_means"] is True and at["ordering_by_seed"] == {0: True, 1: False}
+    # 500: means 26.0, 26.0, 27.5: not strictly ordered
+    assert records[500]["ordering_on_means"] is False
+    # 1500: only one row evaluated, so no ordering; one seed has std 0
+    assert "ordering_on_means" not in records[1500] and records[1500]["rows"]["no_imc_sym"]["std"] == 0.0
+
+
+def test_folders_of_different_settings_are_refused(tmp_path):
+    a = _folder(tmp_path / "a", 0, {"full": (1000, 18.0, {})})
+    b = _folder(tmp_path / "b", 1, {"no_imc": (1000, 19.0, {})}, image_size=32)
+    with pytest.raises(ViewsslError, match=r"b/no_imc/config.json.*differ.*image_size"):
+        collect([a, b])
+    # L_imc's feature network may differ between rows (it is unused without L_imc), not between the seeds of a row
+    c = _folder(tmp_path / "c", 1, {"full": (1000, 19.0, {})}, phi="vgg")
+    with pytest.raises(ViewsslError, match=r"c/full/config.json.*phi: the seeds of row full"):
+        collect([a, c])
+    (tmp_path / "d").mkdir()
+    with pytest.raises(ViewsslError, match=r"d/ssv_heads.json.*not an ssv_heads result"):
+        collect([a, tmp_path / "d"])
+
+
+def test_cli_writes_table_json_and_plot(two_seeds, tmp_path):
+    out = tmp_path / "summary"
+    result = CliRunner().invoke(main, [*map(str, two_seeds), "--out", str(out), "--step", "1000"])
+    assert result.exit_code == 0, result.output
+    assert "| 1000 | **19.0** ± 1.4: 18.0 (s0), 20.0 (s1) |" in result.output and "| 500 |" not in result.output
+    assert "| 500 |" in (out / "ssv_seeds.md").read_text()
+    data = json.loads((out / "ssv_seeds.json").read_text())
+    assert [r["step"] for r in data["records"]] == [500, 1000, 1500]
+    assert (out / "ssv_seeds.png").stat().st_size > 0
+    bad = CliRunner().invoke(main, [str(tmp_path / "nowhere"), "--out", str(out)])
+    assert bad.exit_code == 2 and "nowhere/ssv_heads.json" in bad.output and "Traceback" not in bad.output
