@@ -409,24 +409,27 @@ def check_goals(rows: dict) -> dict:
                    "[default: off].")
 @click.option("--ball-mask", is_flag=True, default=None,
               help="SSV rows: S's rotated volume is windowed by a ball (see viewssl train ssv --help) [default: off].")
+@click.option("--viewpoint-head", type=click.Choice(("spherical", "6d")), default="spherical",
+              help="Every row: V's viewpoint head (see viewssl train ssv --help).")
 @click.option("--eval-every", type=click.IntRange(min=0), default=500,
               help="Evaluate V on the test heads every N training steps, for the learning curves (0 = off).")
 @click.option("--quick", is_flag=True, help="Smoke test: 4 steps per row (numbers meaningless).")
 def main(data, out, preset, steps, sup_steps, rows, batch_size, seed, device, threads, phi, augment_gain, highpass,
-         ball_mask, eval_every, quick):
+         ball_mask, viewpoint_head, eval_every, quick):
     """Train SSV (full and ablations) and the supervised baseline on the synthetic heads; report MAE tables."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     try:
         run(data, out, preset, steps, sup_steps, rows, batch_size, seed, device, threads, phi, quick,
-            augment_gain=augment_gain, highpass=highpass, ball_mask=ball_mask, eval_every=eval_every)
+            augment_gain=augment_gain, highpass=highpass, ball_mask=ball_mask, eval_every=eval_every,
+            viewpoint_head=viewpoint_head)
     except ViewsslError as e:
         click.echo(f"Error: {e}", err=True)
         sys.exit(2)
 
 
 def run(data, out, preset, steps, sup_steps, rows, batch_size, seed, device, threads, phi, quick,
-        augment_gain=None, highpass=None, ball_mask=None, eval_every=0) -> dict:
+        augment_gain=None, highpass=None, ball_mask=None, eval_every=0, viewpoint_head="spherical") -> dict:
     from common.cli import resolve_device
     from common.training import fit
     from ssv.cli import build_config
@@ -467,7 +470,7 @@ def run(data, out, preset, steps, sup_steps, rows, batch_size, seed, device, thr
                               az_range_deg=ranges and ranges["az"], el_range_deg=ranges and ranges["el"],
                               tilt_range_deg=ranges and ranges["tilt"], steps=n_steps,
                               augment_gain=None if row == "supervised" else augment_gain, highpass=highpass,
-                              ball_mask=None if row == "supervised" else ball_mask,
+                              ball_mask=None if row == "supervised" else ball_mask, viewpoint_head=viewpoint_head,
                               eval_data=str(test_dir) if eval_every else None, **ROWS[row])
         trainer = SSVTrainer(config, dev)
         log.info("row %s: %d steps in %s", row, n_steps, out / row)

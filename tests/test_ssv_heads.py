@@ -63,6 +63,23 @@ def test_quick_run_writes_the_table_with_every_row(tiny_heads, tmp_path):
     assert (out / "learning_curves.png").stat().st_size > 0 and "learning_curves.png" in table
 
 
+def test_viewpoint_head_option_reaches_every_row(tiny_heads, tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        out = tmp_path / "ssv6d"
+        result = CliRunner().invoke(main, ["--data", str(tiny_heads), "--out", str(out), "--quick", "--threads", "1",
+                                           "--device", "cpu", "--phi", "critic", "--eval-every", "0",
+                                           "--rows", "full,supervised", "--viewpoint-head", "6d"],
+                                    catch_exceptions=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert result.exit_code == 0, result.output
+    for row in ("full", "supervised"):
+        assert json.loads((out / row / "config.json").read_text())["viewpoint_head"] == "6d"
+    data = json.loads((out / "ssv_heads.json").read_text())
+    assert 0 <= data["rows"]["full"]["metrics"]["calibrated/mae"] <= 180
+
+
 def test_eval_history_keeps_the_last_value_of_a_step_and_skips_other_records(tmp_path):
     lines = [{"step": 20, "kind": "train", "d_critic": 1.0},
              {"step": 500, "kind": "eval", "viewpoint/calibrated/mae": 30.0},
