@@ -5,8 +5,8 @@
 Each folder's ``ssv_heads.json`` names its rows; a row's seed is its run's ``config.json`` seed. A (row, seed) has a
 calibrated MAE at every step V was evaluated during training (``--eval-every``, from ``metrics.jsonl``) and at its
 table step. For every step, the table gives each row's mean and standard deviation over the seeds evaluated there
-(the values seed by seed beside them), and checks the paper's ordering full < no_imc < no_imc_sym on the means and
-seed by seed (seeds with all three rows). Folders whose runs differ in anything but the seed and the loss switches
+(the values seed by seed beside them), and checks the paper's ordering full < no_imc < no_imc_sym on the seeds that
+have all three rows at that step: on their means, and seed by seed. Folders whose runs differ in anything but the seed and the loss switches
 of the rows (preset, image size, high-pass, ...) are refused. Writes ``OUT/ssv_seeds.md``, ``OUT/ssv_seeds.json`` and
 ``OUT/ssv_seeds.png`` (thin lines: seeds; thick: the mean where every seed of the row was evaluated).
 """
@@ -91,16 +91,19 @@ def summarize(curves: dict[str, dict[int, dict[int, float]]]) -> list[dict]:
                 v = list(vals.values())
                 rec["rows"][row] = {"by_seed": vals, "mean": statistics.fmean(v),
                                     "std": statistics.stdev(v) if len(v) > 1 else 0.0}
-        if all(r in rec["rows"] for r in ORDER):
-            rec["ordering_on_means"] = _ordered([rec["rows"][r]["mean"] for r in ORDER])
-            seeds = set.intersection(*(set(rec["rows"][r]["by_seed"]) for r in ORDER))
-            rec["ordering_by_seed"] = {s: _ordered([rec["rows"][r]["by_seed"][s] for r in ORDER]) for s in sorted(seeds)}
+        seeds = sorted(set.intersection(*(set(rec["rows"].get(r, {}).get("by_seed", {})) for r in ORDER)))
+        if seeds:  # compared on the seeds that have all three rows at this step
+            by_seed = {s: [rec["rows"][r]["by_seed"][s] for r in ORDER] for s in seeds}
+            rec["ordering_on_means"] = _ordered([statistics.fmean(v[i] for v in by_seed.values())
+                                                 for i in range(len(ORDER))])
+            rec["ordering_by_seed"] = {s: _ordered(v) for s, v in by_seed.items()}
         records.append(rec)
     return records
 
 
 def markdown(records: list[dict], rows: list[str]) -> str:
-    head = "| step | " + " | ".join(ROW_TITLES.get(r, r) for r in rows) + " | ordering on means | seeds in order |"
+    head = ("| step | " + " | ".join(ROW_TITLES.get(r, r) for r in rows)
+            + " | ordering on means (seeds) | seeds in order |")
     lines = [head, "|" + "---|" * (len(rows) + 3)]
     for rec in records:
         cells = []
@@ -113,7 +116,7 @@ def markdown(records: list[dict], rows: list[str]) -> str:
             cells.append(f"**{r['mean']:.1f}** ± {r['std']:.1f}: {seeds}" if len(r["by_seed"]) > 1 else seeds)
         order = rec.get("ordering_on_means")
         by_seed = rec.get("ordering_by_seed") or {}
-        cells.append("-" if order is None else ("yes" if order else "no"))
+        cells.append("-" if order is None else ("yes" if order else "no") + f" ({len(by_seed)})")
         cells.append(f"{sum(by_seed.values())} of {len(by_seed)}" if by_seed else "-")
         lines.append(f"| {rec['step']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -35,12 +35,13 @@ def two_seeds(tmp_path):
     b = _folder(tmp_path / "s1", 1, {"full": (1000, 20.0, {500: 27.0, 1000: 20.0}),
                                      "no_imc": (1000, 19.0, {500: 28.0})})
     c = _folder(tmp_path / "s1b", 1, {"no_imc_sym": (1500, 23.0, {500: 29.0, 1000: 25.0})})
-    return [a, b, c]
+    d = _folder(tmp_path / "s2", 2, {"full": (1000, 30.0, {})})  # a seed without the other rows
+    return [a, b, c, d]
 
 
 def test_values_by_row_seed_and_step_come_from_the_evaluations_and_the_table(two_seeds):
     curves, shared = collect(two_seeds)
-    assert curves["full"] == {0: {500: 25.0, 1000: 18.0}, 1: {500: 27.0, 1000: 20.0}}
+    assert curves["full"] == {0: {500: 25.0, 1000: 18.0}, 1: {500: 27.0, 1000: 20.0}, 2: {1000: 30.0}}
     assert curves["no_imc_sym"] == {0: {500: 26.0, 1000: 22.0}, 1: {500: 29.0, 1000: 25.0, 1500: 23.0}}
     assert "random" not in curves and shared["preset"] == "cpu64" and "seed" not in shared
 
@@ -48,10 +49,11 @@ def test_values_by_row_seed_and_step_come_from_the_evaluations_and_the_table(two
 def test_means_and_the_ordering_on_means_and_by_seed(two_seeds):
     records = {r["step"]: r for r in summarize(collect(two_seeds)[0])}
     at = records[1000]
-    assert at["rows"]["full"]["mean"] == pytest.approx(19.0)
-    assert at["rows"]["full"]["std"] == pytest.approx(statistics.stdev([18.0, 20.0]))
+    assert at["rows"]["full"]["mean"] == pytest.approx(68.0 / 3)
+    assert at["rows"]["full"]["std"] == pytest.approx(statistics.stdev([18.0, 20.0, 30.0]))
     assert at["rows"]["no_imc"]["by_seed"] == {0: 21.0, 1: 19.0}
-    # means 19.0 < 20.0 < 23.5; seed 0 in order (18 < 21 < 22), seed 1 not (20 > 19)
+    # on seeds 0 and 1 (seed 2 has no ablation rows): means 19.0 < 20.0 < 23.5; seed 0 in order (18 < 21 < 22),
+    # seed 1 not (20 > 19)
     assert at["ordering_on_means"] is True and at["ordering_by_seed"] == {0: True, 1: False}
     # 500: means 26.0, 26.0, 27.5: not strictly ordered
     assert records[500]["ordering_on_means"] is False
@@ -77,7 +79,8 @@ def test_cli_writes_table_json_and_plot(two_seeds, tmp_path):
     out = tmp_path / "summary"
     result = CliRunner().invoke(main, [*map(str, two_seeds), "--out", str(out), "--step", "1000"])
     assert result.exit_code == 0, result.output
-    assert "| 1000 | **19.0** ± 1.4: 18.0 (s0), 20.0 (s1) |" in result.output and "| 500 |" not in result.output
+    assert "| 1000 | **22.7** ± 6.4: 18.0 (s0), 20.0 (s1), 30.0 (s2) |" in result.output
+    assert "| yes (2) | 1 of 2 |" in result.output and "| 500 |" not in result.output
     assert "| 500 |" in (out / "ssv_seeds.md").read_text()
     data = json.loads((out / "ssv_seeds.json").read_text())
     assert [r["step"] for r in data["records"]] == [500, 1000, 1500]
