@@ -190,9 +190,17 @@ def learning_curves(rows: dict, path: Path, title: str = "") -> bool:
     floor = rows.get("random", {}).get("metrics", {}).get("calibrated/mae")
     if floor is not None:
         ax.axhline(floor, color="gray", linestyle="--", label=ROW_TITLES["random"])
+    ax.set_ylim(bottom=0)
+    save_mae_plot(fig, ax, path, title)
+    return True
+
+
+def save_mae_plot(fig, ax, path: Path, title: str = "") -> None:
+    """Label the axes of a calibrated-MAE-against-step plot, write it to ``path`` and close it."""
+    import matplotlib.pyplot as plt
+
     ax.set_xlabel("training step")
     ax.set_ylabel("calibrated MAE on the test heads (deg)")
-    ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title)
@@ -200,7 +208,6 @@ def learning_curves(rows: dict, path: Path, title: str = "") -> bool:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return True
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ import click
 
 from common.errors import ViewsslError
 
-from .ssv_heads import ROW_TITLES, ROWS, eval_history
+from .ssv_heads import ROW_TITLES, ROWS, eval_history, save_mae_plot
 
 ORDER = ("full", "no_imc", "no_imc_sym")
 #: config keys in which the rows of one ablation may differ (the seed, and the switches of ``ssv_heads.ROWS``)
@@ -139,15 +139,7 @@ def plot(curves: dict[str, dict[int, dict[int, float]]], path: Path, title: str 
             ax.plot(common, [statistics.fmean(c[k] for c in by_seed.values()) for k in common], color=color,
                     linewidth=2, marker="o", markersize=3,
                     label=f"{ROW_TITLES.get(row, row)} (mean of {len(by_seed)})")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("calibrated MAE on the test heads (deg)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_mae_plot(fig, ax, path, title)
 
 
 @click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
