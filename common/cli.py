@@ -18,8 +18,9 @@ from .errors import ViewsslError
 log = logging.getLogger("viewssl")
 
 
-class ViewsslGroup(click.Group):
-    """A click group whose commands turn :class:`ViewsslError` into one line on stderr and exit code 2."""
+class _OneLineErrors:
+    """Turns a :class:`ViewsslError` raised by the command into one line on stderr and exit code 2 (the traceback
+    with the root command's ``--debug``)."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -29,6 +30,14 @@ class ViewsslGroup(click.Group):
                 raise
             click.echo(f"Error: {e}", err=True)
             ctx.exit(e.exit_code)
+
+
+class ViewsslGroup(_OneLineErrors, click.Group):
+    """A click group whose commands turn :class:`ViewsslError` into one line on stderr and exit code 2."""
+
+
+class ViewsslCommand(_OneLineErrors, click.Command):
+    """A stand-alone click command (``python -m experiments.<script>``) with the same one-line errors."""
 
 
 @click.group(cls=ViewsslGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})

@@ -34,6 +34,7 @@ import click
 import numpy as np
 import torch
 
+from common.cli import ViewsslCommand
 from common.errors import ViewsslError
 
 log = logging.getLogger("viewssl.experiments.ssv_heads")
@@ -395,7 +396,7 @@ def check_goals(rows: dict) -> dict:
     return goals
 
 
-@click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
+@click.command(cls=ViewsslCommand, context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
 @click.option("--data", required=True, type=click.Path(path_type=Path),
               help="Synthetic benchmark root with heads/train and heads/test (viewssl data render).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/ssv_heads"), help="Output folder.")
@@ -426,13 +427,9 @@ def main(data, out, preset, steps, sup_steps, rows, batch_size, seed, device, th
     """Train SSV (full and ablations) and the supervised baseline on the synthetic heads; report MAE tables."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    try:
-        run(data, out, preset, steps, sup_steps, rows, batch_size, seed, device, threads, phi, quick,
-            augment_gain=augment_gain, highpass=highpass, ball_mask=ball_mask, eval_every=eval_every,
-            viewpoint_head=viewpoint_head)
-    except ViewsslError as e:
-        click.echo(f"Error: {e}", err=True)
-        sys.exit(2)
+    run(data, out, preset, steps, sup_steps, rows, batch_size, seed, device, threads, phi, quick,
+        augment_gain=augment_gain, highpass=highpass, ball_mask=ball_mask, eval_every=eval_every,
+        viewpoint_head=viewpoint_head)
 
 
 def run(data, out, preset, steps, sup_steps, rows, batch_size, seed, device, threads, phi, quick,

@@ -6,19 +6,19 @@ Each folder's ``ssv_heads.json`` names its rows; a row's seed is its run's ``con
 calibrated MAE at every step V was evaluated during training (``--eval-every``, from ``metrics.jsonl``) and at its
 table step. For every step, the table gives each row's mean and standard deviation over the seeds evaluated there
 (the values seed by seed beside them), and checks the paper's ordering full < no_imc < no_imc_sym on the seeds that
-have all three rows at that step: on their means, and seed by seed. Folders whose runs differ in anything but the seed and the loss switches
-of the rows (preset, image size, high-pass, ...) are refused. Writes ``OUT/ssv_seeds.md``, ``OUT/ssv_seeds.json`` and
+have all three rows at that step: on their means, and seed by seed. Folders whose runs differ in anything but the
+seed and the loss switches of the rows (preset, image size, high-pass, ...) are refused. Writes ``OUT/ssv_seeds.md``, ``OUT/ssv_seeds.json`` and
 ``OUT/ssv_seeds.png`` (thin lines: seeds; thick: the mean where every seed of the row was evaluated).
 """
 from __future__ import annotations
 
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import click
 
+from common.cli import ViewsslCommand
 from common.errors import ViewsslError
 
 from .ssv_heads import ROW_TITLES, ROWS, eval_history, save_mae_plot
@@ -142,21 +142,13 @@ def plot(curves: dict[str, dict[int, dict[int, float]]], path: Path, title: str 
     save_mae_plot(fig, ax, path, title)
 
 
-@click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
+@click.command(cls=ViewsslCommand, context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
 @click.argument("folders", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/ssv_seeds"), help="Output folder.")
 @click.option("--step", "only_step", type=click.IntRange(min=1), default=None,
               help="Print only this step's line (the files keep every step).")
 def main(folders, out, only_step):
     """Mean over seeds of ssv_heads rows, the ablation ordering, and the learning curves with their spread."""
-    try:
-        _main(folders, out, only_step)
-    except ViewsslError as e:
-        click.echo(f"Error: {e}", err=True)
-        sys.exit(2)
-
-
-def _main(folders, out, only_step):
     from common.io import atomic_write_bytes, atomic_write_json
 
     curves, shared = collect(list(folders))

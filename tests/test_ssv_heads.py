@@ -80,6 +80,12 @@ def test_viewpoint_head_option_reaches_every_row(tiny_heads, tmp_path):
     assert 0 <= data["rows"]["full"]["metrics"]["calibrated/mae"] <= 180
 
 
+def test_a_folder_without_heads_is_a_one_line_error(tmp_path):
+    result = CliRunner().invoke(main, ["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "nowhere/heads/train: no labels.csv" in result.output
+
+
 def test_eval_history_keeps_the_last_value_of_a_step_and_skips_other_records(tmp_path):
     lines = [{"step": 20, "kind": "train", "d_critic": 1.0},
              {"step": 500, "kind": "eval", "viewpoint/calibrated/mae": 30.0},
