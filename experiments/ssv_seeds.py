@@ -7,8 +7,10 @@ calibrated MAE at every step V was evaluated during training (``--eval-every``, 
 table step. For every step, the table gives each row's mean and standard deviation over the seeds evaluated there
 (the values seed by seed beside them), and checks the paper's ordering full < no_imc < no_imc_sym on the seeds that
 have all three rows at that step: on their means, and seed by seed. Folders whose runs differ in anything but the
-seed and the loss switches of the rows (preset, image size, high-pass, ...) are refused. Writes ``OUT/ssv_seeds.md``, ``OUT/ssv_seeds.json`` and
-``OUT/ssv_seeds.png`` (thin lines: seeds; thick: the mean where every seed of the row was evaluated).
+seed and the loss switches of the rows (preset, image size, high-pass, ...) are refused; the supervised row may also
+leave off S's augmentations (``ssv_heads`` trains it without them). Writes ``OUT/ssv_seeds.md``,
+``OUT/ssv_seeds.json`` and ``OUT/ssv_seeds.png`` (thin lines: seeds; thick: the mean where every seed of the row was
+evaluated).
 """
 from __future__ import annotations
 
@@ -28,13 +30,15 @@ ORDER = ("full", "no_imc", "no_imc_sym")
 ROW_KEYS = {"seed", "steps", "eval_data", "supervised", "w_imc", "w_sym", "w_gsym"}
 #: L_imc's feature network: unused without L_imc, so only the seeds of one row must agree on it
 PHI_KEYS = {"phi", "phi_size", "phi_weights"}
+#: S's augmentations, which ``ssv_heads`` leaves off for the supervised row (it trains V alone)
+SUPERVISED_FREE_KEYS = {"augment_gain", "g_ball_mask"}
 
 
 def collect(folders: list[Path]) -> tuple[dict[str, dict[int, dict[int, float]]], dict]:
     """{row: {seed: {step: calibrated MAE}}} of the SSV rows in ``folders``, and the settings they share."""
     curves: dict[str, dict[int, dict[int, float]]] = {}
     shared: dict | None = None
-    shared_from = None
+    shared_from = shared_row = None
     phi: dict[str, tuple[dict, Path]] = {}
     for folder in map(Path, folders):
         table = folder / "ssv_heads.json"
@@ -52,9 +56,11 @@ def collect(folders: list[Path]) -> tuple[dict[str, dict[int, dict[int, float]]]
             except (OSError, ValueError, KeyError, TypeError) as e:
                 raise ViewsslError(f"cannot read the run's seed ({type(e).__name__}: {e})", config_path) from None
             settings = {k: v for k, v in config.items() if k not in ROW_KEYS | PHI_KEYS}
-            if shared is None:
-                shared, shared_from = settings, config_path
-            _same(settings, shared, shared_from, config_path, "rows of one ablation")
+            if shared is not None:
+                ignore = SUPERVISED_FREE_KEYS if "supervised" in (row, shared_row) else set()
+                _same(settings, shared, shared_from, config_path, "rows of one ablation", ignore)
+            if shared is None or (shared_row == "supervised" and row != "supervised"):
+                shared, shared_from, shared_row = settings, config_path, row  # an SSV row is the reference
             row_phi = {k: config.get(k) for k in PHI_KEYS}
             _same(row_phi, *phi.setdefault(row, (row_phi, config_path)), config_path, f"the seeds of row {row}")
             steps, values = eval_history(folder / row)
@@ -68,9 +74,11 @@ def collect(folders: list[Path]) -> tuple[dict[str, dict[int, dict[int, float]]]
     return curves, shared or {}
 
 
-def _same(settings: dict, reference: dict, reference_path: Path, path: Path, who: str) -> None:
-    if settings != reference:
-        diff = sorted(k for k in set(settings) | set(reference) if settings.get(k) != reference.get(k))
+def _same(settings: dict, reference: dict, reference_path: Path, path: Path, who: str,
+          ignore: set = frozenset()) -> None:
+    keys = (set(settings) | set(reference)) - ignore
+    diff = sorted(k for k in keys if settings.get(k) != reference.get(k))
+    if diff:
         raise ViewsslError(f"its settings differ from {reference_path} in {', '.join(diff)}: {who} must share them",
                            path)
 

@@ -10,7 +10,8 @@ from common.errors import ViewsslError
 from experiments.ssv_seeds import collect, main, summarize
 
 CONFIG = {"preset": "cpu64", "image_size": 64, "d_highpass": 2.0, "phi": "auto", "w_imc": 1.0, "w_sym": 1.0}
-SWITCHES = {"full": {"phi": "critic"}, "no_imc": {"w_imc": 0.0}, "no_imc_sym": {"w_imc": 0.0, "w_sym": 0.0}}
+SWITCHES = {"full": {"phi": "critic"}, "no_imc": {"w_imc": 0.0}, "no_imc_sym": {"w_imc": 0.0, "w_sym": 0.0},
+            "supervised": {"supervised": True}}
 
 
 def _folder(root, seed, rows, **config):
@@ -73,6 +74,23 @@ def test_folders_of_different_settings_are_refused(tmp_path):
     (tmp_path / "d").mkdir()
     with pytest.raises(ViewsslError, match=r"d/ssv_heads.json.*not an ssv_heads result"):
         collect([a, tmp_path / "d"])
+
+
+def test_a_supervised_row_may_leave_off_the_augmentations_of_s_and_nothing_else(tmp_path):
+    sup = _folder(tmp_path / "sup", 0, {"supervised": (1000, 6.0, {})}, augment_gain=0.0, g_ball_mask=False)
+    a = _folder(tmp_path / "a", 0, {"full": (1000, 18.0, {})}, augment_gain=0.5, g_ball_mask=True)
+    b = _folder(tmp_path / "b", 1, {"full": (1000, 19.0, {})}, augment_gain=0.5, g_ball_mask=True)
+    for folders in ([sup, a, b], [a, sup, b]):  # whichever comes first, the SSV rows must agree with each other
+        curves, shared = collect(folders)
+        assert curves["supervised"] == {0: {1000: 6.0}} and shared["augment_gain"] == 0.5
+    c = _folder(tmp_path / "c", 1, {"no_imc": (1000, 19.0, {})}, augment_gain=0.0, g_ball_mask=True)
+    with pytest.raises(ViewsslError, match=r"c/no_imc/config.json.*differ.*augment_gain"):
+        collect([sup, a, c])
+    d = _folder(tmp_path / "d", 0, {"supervised": (1000, 6.0, {})}, augment_gain=0.0, image_size=32)
+    with pytest.raises(ViewsslError, match=r"d/supervised/config.json.*differ.*image_size"):
+        collect([a, d])
+    with pytest.raises(ViewsslError, match=r"a/full/config.json.*differ.*image_size"):
+        collect([d, a])
 
 
 def test_cli_writes_table_json_and_plot(two_seeds, tmp_path):
