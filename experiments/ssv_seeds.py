@@ -2,7 +2,8 @@
 
     python -m experiments.ssv_seeds OUT1 OUT2 ... [--out runs/ssv_seeds] [--step N]
 
-Each folder's ``ssv_heads.json`` names its rows; a row's seed is its run's ``config.json`` seed. A (row, seed) has a
+Each folder's ``ssv_heads.json`` names its rows (a table kept beside it, e.g. ``OUT1/ssv_heads_6000.json``, may be
+given instead or as well: its rows at that step); a row's seed is its run's ``config.json`` seed. A (row, seed) has a
 calibrated MAE at every step V was evaluated during training (``--eval-every``, from ``metrics.jsonl``) and at its
 table step. For every step, the table gives each row's mean and standard deviation over the seeds evaluated there
 (the values seed by seed beside them), and checks the paper's ordering full < no_imc < no_imc_sym on the seeds that
@@ -40,8 +41,9 @@ def collect(folders: list[Path]) -> tuple[dict[str, dict[int, dict[int, float]]]
     shared: dict | None = None
     shared_from = shared_row = None
     phi: dict[str, tuple[dict, Path]] = {}
-    for folder in map(Path, folders):
-        table = folder / "ssv_heads.json"
+    for path in map(Path, folders):
+        # a folder's ssv_heads.json, or a table kept beside it (ssv_heads_3000.json: the row at an earlier step)
+        folder, table = (path.parent, path) if path.suffix == ".json" else (path, path / "ssv_heads.json")
         try:
             rows = json.loads(table.read_text())["rows"]
         except (OSError, ValueError, KeyError, TypeError) as e:
@@ -151,12 +153,14 @@ def plot(curves: dict[str, dict[int, dict[int, float]]], path: Path, title: str 
 
 
 @click.command(cls=ViewsslCommand, context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
-@click.argument("folders", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("folders", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="OUT|TABLE.json...")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/ssv_seeds"), help="Output folder.")
 @click.option("--step", "only_step", type=click.IntRange(min=1), default=None,
               help="Print only this step's line (the files keep every step).")
 def main(folders, out, only_step):
-    """Mean over seeds of ssv_heads rows, the ablation ordering, and the learning curves with their spread."""
+    """Mean over seeds of ssv_heads rows, the ablation ordering, and the learning curves with their spread.
+
+    Each argument is an ssv_heads output folder (its ssv_heads.json) or a table kept in one (ssv_heads_3000.json)."""
     from common.io import atomic_write_bytes, atomic_write_json
 
     curves, shared = collect(list(folders))

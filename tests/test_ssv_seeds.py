@@ -93,6 +93,17 @@ def test_a_supervised_row_may_leave_off_the_augmentations_of_s_and_nothing_else(
         collect([d, a])
 
 
+def test_a_table_kept_beside_the_folders_own_adds_its_step(tmp_path):
+    a = _folder(tmp_path / "a", 0, {"full": (2000, 11.0, {500: 25.0})})
+    (a / "ssv_heads_1000.json").write_text(json.dumps({"rows": {"full": {"steps": 1000,
+                                                                          "metrics": {"calibrated/mae": 18.0}}}}))
+    curves, _ = collect([a, a / "ssv_heads_1000.json"])
+    assert curves["full"] == {0: {500: 25.0, 1000: 18.0, 2000: 11.0}}
+    assert collect([a / "ssv_heads_1000.json"])[0]["full"] == {0: {500: 25.0, 1000: 18.0}}
+    with pytest.raises(ViewsslError, match=r"a/ssv_heads_9.json.*not an ssv_heads result"):
+        collect([a / "ssv_heads_9.json"])
+
+
 def test_cli_writes_table_json_and_plot(two_seeds, tmp_path):
     out = tmp_path / "summary"
     result = CliRunner().invoke(main, [*map(str, two_seeds), "--out", str(out), "--step", "1000"])
