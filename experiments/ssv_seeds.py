@@ -7,11 +7,12 @@ given instead or as well: its rows at that step); a row's seed is its run's ``co
 calibrated MAE at every step V was evaluated during training (``--eval-every``, from ``metrics.jsonl``) and at its
 table step. For every step, the table gives each row's mean and standard deviation over the seeds evaluated there
 (the values seed by seed beside them), and checks the paper's ordering full < no_imc < no_imc_sym on the seeds that
-have all three rows at that step: on their means, and seed by seed. Folders whose runs differ in anything but the
-seed and the loss switches of the rows (preset, image size, high-pass, ...) are refused; the supervised row may also
-leave off S's augmentations (``ssv_heads`` trains it without them). Writes ``OUT/ssv_seeds.md``,
-``OUT/ssv_seeds.json`` and ``OUT/ssv_seeds.png`` (thin lines: seeds; thick: the mean where every seed of the row was
-evaluated).
+have all three rows at that step: on their means, and seed by seed, with each step of it seed by seed
+(``no_imc-full``, ``no_imc_sym-no_imc``: how much worse the row without the loss is; > 0 is in order). Folders
+whose runs differ in anything but the seed and the loss switches of the rows (preset, image size, high-pass, ...)
+are refused; the supervised row may also leave off S's augmentations (``ssv_heads`` trains it without them). Writes
+``OUT/ssv_seeds.md``, ``OUT/ssv_seeds.json`` and ``OUT/ssv_seeds.png`` (thin lines: seeds; thick: the mean where
+every seed of the row was evaluated).
 """
 from __future__ import annotations
 
@@ -107,14 +108,18 @@ def summarize(curves: dict[str, dict[int, dict[int, float]]]) -> list[dict]:
             rec["ordering_on_means"] = _ordered([statistics.fmean(v[i] for v in by_seed.values())
                                                  for i in range(len(ORDER))])
             rec["ordering_by_seed"] = {s: _ordered(v) for s, v in by_seed.items()}
+            # each step of the ordering, seed by seed: how much worse the row without the loss is (> 0: in order)
+            rec["gaps"] = {f"{b}-{a}": {s: v[i + 1] - v[i] for s, v in by_seed.items()}
+                           for i, (a, b) in enumerate(zip(ORDER, ORDER[1:]))}
         records.append(rec)
     return records
 
 
 def markdown(records: list[dict], rows: list[str]) -> str:
+    gap_names = [f"{b}-{a}" for a, b in zip(ORDER, ORDER[1:])]
     head = ("| step | " + " | ".join(ROW_TITLES.get(r, r) for r in rows)
-            + " | ordering on means (seeds) | seeds in order |")
-    lines = [head, "|" + "---|" * (len(rows) + 3)]
+            + " | ordering on means (seeds) | seeds in order | " + " | ".join(gap_names) + " |")
+    lines = [head, "|" + "---|" * (len(rows) + 3 + len(gap_names))]
     for rec in records:
         cells = []
         for row in rows:
@@ -128,6 +133,9 @@ def markdown(records: list[dict], rows: list[str]) -> str:
         by_seed = rec.get("ordering_by_seed") or {}
         cells.append("-" if order is None else ("yes" if order else "no") + f" ({len(by_seed)})")
         cells.append(f"{sum(by_seed.values())} of {len(by_seed)}" if by_seed else "-")
+        for name in gap_names:
+            gap = (rec.get("gaps") or {}).get(name)
+            cells.append(", ".join(f"{v:+.1f} (s{s})" for s, v in gap.items()) if gap else "-")
         lines.append(f"| {rec['step']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

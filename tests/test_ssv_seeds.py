@@ -56,6 +56,9 @@ def test_means_and_the_ordering_on_means_and_by_seed(two_seeds):
     # on seeds 0 and 1 (seed 2 has no ablation rows): means 19.0 < 20.0 < 23.5; seed 0 in order (18 < 21 < 22),
     # seed 1 not (20 > 19)
     assert at["ordering_on_means"] is True and at["ordering_by_seed"] == {0: True, 1: False}
+    # each step seed by seed: no_imc - full and no_imc_sym - no_imc (seed 1's no_imc_sym at 1000 is 25.0)
+    assert at["gaps"]["no_imc-full"] == pytest.approx({0: 3.0, 1: -1.0})
+    assert at["gaps"]["no_imc_sym-no_imc"] == pytest.approx({0: 1.0, 1: 6.0})
     # 500: means 26.0, 26.0, 27.5: not strictly ordered
     assert records[500]["ordering_on_means"] is False
     # 1500: only one row evaluated, so no ordering; one seed has std 0
@@ -109,7 +112,8 @@ def test_cli_writes_table_json_and_plot(two_seeds, tmp_path):
     result = CliRunner().invoke(main, [*map(str, two_seeds), "--out", str(out), "--step", "1000"])
     assert result.exit_code == 0, result.output
     assert "| 1000 | **22.7** ± 6.4: 18.0 (s0), 20.0 (s1), 30.0 (s2) |" in result.output
-    assert "| yes (2) | 1 of 2 |" in result.output and "| 500 |" not in result.output
+    assert "| yes (2) | 1 of 2 | +3.0 (s0), -1.0 (s1) | +1.0 (s0), +6.0 (s1) |" in result.output
+    assert "| 500 |" not in result.output
     assert "| 500 |" in (out / "ssv_seeds.md").read_text()
     data = json.loads((out / "ssv_seeds.json").read_text())
     assert [r["step"] for r in data["records"]] == [500, 1000, 1500]
