@@ -3,9 +3,11 @@
 - :func:`atomic_save` writes to a temporary file in the same folder, fsyncs it and renames it over the target, so a
   crash leaves either the old file or the new one, never half of one.
 - :func:`load_checkpoint` always uses ``torch.load(..., weights_only=True)``: no pickle of anything a user passes in.
+- :func:`folder_lock` keeps a second process from writing into a folder another one is writing.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -17,8 +19,8 @@ import torch
 
 from .errors import ViewsslError
 
-__all__ = ["atomic_write_bytes", "atomic_save", "atomic_write_json", "load_checkpoint", "load_rgb", "read_image",
-           "to_rgb_uint8", "to_tensor", "write_image"]
+__all__ = ["atomic_write_bytes", "atomic_save", "atomic_write_json", "folder_lock", "load_checkpoint", "load_rgb",
+           "read_image", "to_rgb_uint8", "to_tensor", "write_image"]
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -55,6 +57,28 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
 
 def atomic_write_json(obj: Any, path: str | os.PathLike) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n").encode())
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, who: str):
+    """Hold an exclusive lock on ``folder`` (an ``flock`` on its ``.lock`` file, made with the folder if need be) while
+    the block runs. A second holder, in this process or another, gets a :class:`ViewsslError` naming the folder
+    instead of writing over the first one's files. The lock goes with the process, even a killed one. Where there is
+    no ``fcntl`` (Windows) the folder is not guarded."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    with open(folder / ".lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ViewsslError(f"another {who} is writing to this folder; wait for it to end or choose another "
+                               "output folder", folder) from None
+        yield
 
 
 def _json_default(x):

@@ -427,9 +427,13 @@ def main(data, out, preset, steps, sup_steps, rows, batch_size, seed, device, th
     """Train SSV (full and ablations) and the supervised baseline on the synthetic heads; report MAE tables."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    run(data, out, preset, steps, sup_steps, rows, batch_size, seed, device, threads, phi, quick,
-        augment_gain=augment_gain, highpass=highpass, ball_mask=ball_mask, eval_every=eval_every,
-        viewpoint_head=viewpoint_head)
+    from common.io import folder_lock
+
+    # two runs on one --out would train the same rows twice, and each would rewrite ssv_heads.json without the other's
+    with folder_lock(out, "experiments.ssv_heads run"):
+        run(data, out, preset, steps, sup_steps, rows, batch_size, seed, device, threads, phi, quick,
+            augment_gain=augment_gain, highpass=highpass, ball_mask=ball_mask, eval_every=eval_every,
+            viewpoint_head=viewpoint_head)
 
 
 def run(data, out, preset, steps, sup_steps, rows, batch_size, seed, device, threads, phi, quick,

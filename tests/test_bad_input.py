@@ -404,3 +404,30 @@ def test_detect_format_unknown_kind_message(tmp_path):
     with pytest.raises(ViewsslError) as e:
         open_dataset(tmp_path, kind="imagenet")
     assert "unknown dataset kind 'imagenet'" in one_line(e) and "biwi" in str(e.value)
+
+
+def test_folder_lock_refuses_a_second_writer_in_this_or_another_process_and_goes_with_the_first(tmp_path):
+    import subprocess
+    import sys
+
+    from common.errors import ViewsslError
+    from common.io import folder_lock
+
+    out = tmp_path / "runs" / "out"
+    probe = ("import sys; from common.io import folder_lock\n"
+             "try:\n"
+             f"    with folder_lock({str(out)!r}, 'probe'): sys.exit(0)\n"
+             "except Exception as e:\n"
+             "    print(e); sys.exit(3)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with folder_lock(out, "test run"):
+        assert out.is_dir()
+        with pytest.raises(ViewsslError, match=r"runs/out: another test run is writing to this folder"):
+            with folder_lock(out, "test run"):
+                pass
+        other = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True)
+        assert other.returncode == 3 and "another probe is writing" in other.stdout
+    # released with the block: the same process and another one may take it now
+    with folder_lock(out, "test run"):
+        pass
+    assert subprocess.run([sys.executable, "-c", probe], cwd=root).returncode == 0

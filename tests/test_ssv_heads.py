@@ -86,6 +86,16 @@ def test_a_folder_without_heads_is_a_one_line_error(tmp_path):
     assert "nowhere/heads/train: no labels.csv" in result.output
 
 
+def test_a_second_run_on_the_same_out_is_refused_in_one_line(tmp_path):
+    from common.io import folder_lock
+
+    out = tmp_path / "out"
+    with folder_lock(out, "experiments.ssv_heads run"):  # as a first run on this folder holds it
+        result = CliRunner().invoke(main, ["--data", str(tmp_path / "nowhere"), "--out", str(out)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "out: another experiments.ssv_heads run is writing to this folder" in result.output
+
+
 def test_eval_history_keeps_the_last_value_of_a_step_and_skips_other_records(tmp_path):
     lines = [{"step": 20, "kind": "train", "d_critic": 1.0},
              {"step": 500, "kind": "eval", "viewpoint/calibrated/mae": 30.0},
