@@ -10,6 +10,7 @@ runs its own loss phases) and hands it to :func:`fit`, which owns everything tha
   derives it from (seed, step);
 - ``resume="auto"``: the newest *readable* checkpoint (a truncated one is reported and the previous one used);
   a different config is refused with the keys that differ, unless ``force``;
+- the run folder is locked for the run (:func:`common.io.folder_lock`): a second process resuming it is refused;
 - SIGINT / SIGTERM: the current step finishes, a checkpoint is written, then :class:`TrainingInterrupted` is raised;
 - a non-finite loss term stops the run with the step and the terms named; the last good checkpoint is kept.
 
@@ -17,6 +18,7 @@ On CPU with a fixed seed, N steps == N/2 steps + resume + N/2 steps, bit for bit
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -34,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import distributed as dist_utils
 from .errors import ViewsslError
-from .io import atomic_save, atomic_write_json, load_checkpoint
+from .io import atomic_save, atomic_write_json, folder_lock, load_checkpoint
 
 log = logging.getLogger("viewssl.training")
 
@@ -296,7 +298,15 @@ def fit(trainer: Trainer, run_dir: str | Path, steps: int, checkpoint_every: int
         log_every: int = 10, media_every: int = 0, resume: str | Path | None = None, force: bool = False,
         progress: bool = True, keep_checkpoints: int = 3) -> dict:
     """Train ``trainer`` up to ``steps`` (total, counting resumed steps). See the module docstring."""
-    run_dir = Path(run_dir)
+    # the main process holds the run folder: a second run resuming it at the same time is refused
+    lock = folder_lock(run_dir, "training run") if dist_utils.is_main() else contextlib.nullcontext()
+    with lock:
+        return _fit(trainer, Path(run_dir), steps, checkpoint_every, eval_every, log_every, media_every, resume, force,
+                    progress, keep_checkpoints)
+
+
+def _fit(trainer: Trainer, run_dir: Path, steps: int, checkpoint_every: int, eval_every: int, log_every: int,
+         media_every: int, resume: str | Path | None, force: bool, progress: bool, keep_checkpoints: int) -> dict:
     ckpt_dir = run_dir / "checkpoints"
     main = dist_utils.is_main()
     start_step, resumed_from = 0, None

@@ -104,6 +104,20 @@ def test_resume_with_different_config_is_refused(tmp_path):
     assert out["start_step"] == 2
 
 
+def test_a_run_folder_in_use_is_refused_and_free_again_after_the_run_or_its_error(tmp_path):
+    from common.io import folder_lock
+
+    with folder_lock(tmp_path, "training run"):  # as another process resuming this folder would hold it
+        with pytest.raises(ViewsslError, match="another training run is writing to this folder"):
+            fit(ToyTrainer({"seed": 0, "lr": 0.01}), tmp_path, steps=2, progress=False)
+    assert not (tmp_path / "checkpoints").exists()
+    fit(ToyTrainer({"seed": 0, "lr": 0.01}), tmp_path, steps=2, progress=False)
+    with pytest.raises(ViewsslError, match="lr: 0.01 -> 0.02"):
+        fit(ToyTrainer({"seed": 0, "lr": 0.02}), tmp_path, steps=4, resume="auto", progress=False)
+    with folder_lock(tmp_path, "training run"):  # released by both the finished run and the refused one
+        pass
+
+
 def test_other_family_checkpoint_is_refused(tmp_path):
     fit(ToyTrainer({"seed": 0, "lr": 0.01}), tmp_path, steps=2, progress=False)
 
