@@ -28,6 +28,8 @@ from common.errors import ViewsslError
 from .ssv_heads import ROW_TITLES, ROWS, eval_history, save_mae_plot
 
 ORDER = ("full", "no_imc", "no_imc_sym")
+#: the steps of the ordering, each named "worse-better" (no_imc-full: how much worse the row without L_imc is)
+GAP_NAMES = tuple(f"{worse}-{better}" for better, worse in zip(ORDER, ORDER[1:]))
 #: config keys in which the rows of one ablation may differ (the seed, and the switches of ``ssv_heads.ROWS``)
 ROW_KEYS = {"seed", "steps", "eval_data", "supervised", "w_imc", "w_sym", "w_gsym"}
 #: L_imc's feature network: unused without L_imc, so only the seeds of one row must agree on it
@@ -109,17 +111,15 @@ def summarize(curves: dict[str, dict[int, dict[int, float]]]) -> list[dict]:
                                                  for i in range(len(ORDER))])
             rec["ordering_by_seed"] = {s: _ordered(v) for s, v in by_seed.items()}
             # each step of the ordering, seed by seed: how much worse the row without the loss is (> 0: in order)
-            rec["gaps"] = {f"{b}-{a}": {s: v[i + 1] - v[i] for s, v in by_seed.items()}
-                           for i, (a, b) in enumerate(zip(ORDER, ORDER[1:]))}
+            rec["gaps"] = {name: {s: v[i + 1] - v[i] for s, v in by_seed.items()} for i, name in enumerate(GAP_NAMES)}
         records.append(rec)
     return records
 
 
 def markdown(records: list[dict], rows: list[str]) -> str:
-    gap_names = [f"{b}-{a}" for a, b in zip(ORDER, ORDER[1:])]
     head = ("| step | " + " | ".join(ROW_TITLES.get(r, r) for r in rows)
-            + " | ordering on means (seeds) | seeds in order | " + " | ".join(gap_names) + " |")
-    lines = [head, "|" + "---|" * (len(rows) + 3 + len(gap_names))]
+            + " | ordering on means (seeds) | seeds in order | " + " | ".join(GAP_NAMES) + " |")
+    lines = [head, "|" + "---|" * (len(rows) + 3 + len(GAP_NAMES))]
     for rec in records:
         cells = []
         for row in rows:
@@ -133,7 +133,7 @@ def markdown(records: list[dict], rows: list[str]) -> str:
         by_seed = rec.get("ordering_by_seed") or {}
         cells.append("-" if order is None else ("yes" if order else "no") + f" ({len(by_seed)})")
         cells.append(f"{sum(by_seed.values())} of {len(by_seed)}" if by_seed else "-")
-        for name in gap_names:
+        for name in GAP_NAMES:
             gap = (rec.get("gaps") or {}).get(name)
             cells.append(", ".join(f"{v:+.1f} (s{s})" for s, v in gap.items()) if gap else "-")
         lines.append(f"| {rec['step']} | " + " | ".join(cells) + " |")
