@@ -301,11 +301,12 @@ def fit(trainer: Trainer, run_dir: str | Path, steps: int, checkpoint_every: int
     # the main process holds the run folder: a second run resuming it at the same time is refused
     lock = folder_lock(run_dir, "training run") if dist_utils.is_main() else contextlib.nullcontext()
     with lock:
-        return _fit(trainer, Path(run_dir), steps, checkpoint_every, eval_every, log_every, media_every, resume, force,
-                    progress, keep_checkpoints)
+        return _fit(trainer, Path(run_dir), steps, checkpoint_every=checkpoint_every, eval_every=eval_every,
+                    log_every=log_every, media_every=media_every, resume=resume, force=force, progress=progress,
+                    keep_checkpoints=keep_checkpoints)
 
 
-def _fit(trainer: Trainer, run_dir: Path, steps: int, checkpoint_every: int, eval_every: int, log_every: int,
+def _fit(trainer: Trainer, run_dir: Path, steps: int, *, checkpoint_every: int, eval_every: int, log_every: int,
          media_every: int, resume: str | Path | None, force: bool, progress: bool, keep_checkpoints: int) -> dict:
     ckpt_dir = run_dir / "checkpoints"
     main = dist_utils.is_main()

@@ -429,11 +429,24 @@ def main(data, out, preset, steps, sup_steps, rows, batch_size, seed, device, th
                         datefmt="%H:%M:%S")
     from common.io import folder_lock
 
+    check_inputs(data, rows)  # before --out is made (the lock creates it)
     # two runs on one --out would train the same rows twice, and each would rewrite ssv_heads.json without the other's
     with folder_lock(out, "experiments.ssv_heads run"):
         run(data, out, preset, steps, sup_steps, rows, batch_size, seed, device, threads, phi, quick,
             augment_gain=augment_gain, highpass=highpass, ball_mask=ball_mask, eval_every=eval_every,
             viewpoint_head=viewpoint_head)
+
+
+def check_inputs(data, rows: str) -> list[str]:
+    """The row names of ``--rows``, after checking them and that ``data`` has heads/train and heads/test."""
+    for d in (Path(data) / "heads" / "train", Path(data) / "heads" / "test"):
+        if not (d / "labels.csv").is_file():
+            raise ViewsslError("no labels.csv: expected a benchmark root with heads/train and heads/test", d)
+    row_names = [r.strip() for r in rows.split(",") if r.strip()]
+    unknown = [r for r in row_names if r not in ROWS]
+    if unknown:
+        raise ViewsslError(f"--rows: unknown row(s) {', '.join(unknown)} (choose from {', '.join(ROWS)})")
+    return row_names
 
 
 def run(data, out, preset, steps, sup_steps, rows, batch_size, seed, device, threads, phi, quick,
@@ -446,14 +459,8 @@ def run(data, out, preset, steps, sup_steps, rows, batch_size, seed, device, thr
     t_start = time.perf_counter()
     if threads:
         torch.set_num_threads(threads)
+    row_names = check_inputs(data, rows)
     train_dir, test_dir = Path(data) / "heads" / "train", Path(data) / "heads" / "test"
-    for d in (train_dir, test_dir):
-        if not (d / "labels.csv").is_file():
-            raise ViewsslError("no labels.csv: expected a benchmark root with heads/train and heads/test", d)
-    row_names = [r.strip() for r in rows.split(",") if r.strip()]
-    unknown = [r for r in row_names if r not in ROWS]
-    if unknown:
-        raise ViewsslError(f"--rows: unknown row(s) {', '.join(unknown)} (choose from {', '.join(ROWS)})")
     if quick:
         steps, sup_steps = 4, 4
     ranges = head_ranges(Path(data))

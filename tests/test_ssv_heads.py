@@ -84,14 +84,21 @@ def test_a_folder_without_heads_is_a_one_line_error(tmp_path):
     result = CliRunner().invoke(main, ["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "nowhere/heads/train: no labels.csv" in result.output
+    assert not (tmp_path / "out").exists()  # refused before anything is written
 
 
-def test_a_second_run_on_the_same_out_is_refused_in_one_line(tmp_path):
+def test_an_unknown_row_is_refused_before_out_is_made(tiny_heads, tmp_path):
+    result = CliRunner().invoke(main, ["--data", str(tiny_heads), "--out", str(tmp_path / "out"), "--rows", "full,nope"])
+    assert result.exit_code == 2 and "--rows: unknown row(s) nope" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_second_run_on_the_same_out_is_refused_in_one_line(tiny_heads, tmp_path):
     from common.io import folder_lock
 
     out = tmp_path / "out"
     with folder_lock(out, "experiments.ssv_heads run"):  # as a first run on this folder holds it
-        result = CliRunner().invoke(main, ["--data", str(tmp_path / "nowhere"), "--out", str(out)])
+        result = CliRunner().invoke(main, ["--data", str(tiny_heads), "--out", str(out)])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "out: another experiments.ssv_heads run is writing to this folder" in result.output
 
