@@ -429,10 +429,10 @@ def main(data, out, preset, steps, sup_steps, rows, batch_size, seed, device, th
                         datefmt="%H:%M:%S")
     from common.io import folder_lock
 
-    check_inputs(data, rows)  # before --out is made (the lock creates it)
+    row_names = check_inputs(data, rows)  # before --out is made (the lock creates it)
     # two runs on one --out would train the same rows twice, and each would rewrite ssv_heads.json without the other's
     with folder_lock(out, "experiments.ssv_heads run"):
-        run(data, out, preset, steps, sup_steps, rows, batch_size, seed, device, threads, phi, quick,
+        run(data, out, preset, steps, sup_steps, row_names, batch_size, seed, device, threads, phi, quick,
             augment_gain=augment_gain, highpass=highpass, ball_mask=ball_mask, eval_every=eval_every,
             viewpoint_head=viewpoint_head)
 
@@ -449,7 +449,7 @@ def check_inputs(data, rows: str) -> list[str]:
     return row_names
 
 
-def run(data, out, preset, steps, sup_steps, rows, batch_size, seed, device, threads, phi, quick,
+def run(data, out, preset, steps, sup_steps, row_names: list[str], batch_size, seed, device, threads, phi, quick,
         augment_gain=None, highpass=None, ball_mask=None, eval_every=0, viewpoint_head="spherical") -> dict:
     from common.cli import resolve_device
     from common.training import fit
@@ -459,7 +459,6 @@ def run(data, out, preset, steps, sup_steps, rows, batch_size, seed, device, thr
     t_start = time.perf_counter()
     if threads:
         torch.set_num_threads(threads)
-    row_names = check_inputs(data, rows)
     train_dir, test_dir = Path(data) / "heads" / "train", Path(data) / "heads" / "test"
     if quick:
         steps, sup_steps = 4, 4
