@@ -3,7 +3,9 @@
     python -m experiments.ssv_seeds OUT1 OUT2 ... [--out runs/ssv_seeds] [--step N]
 
 Each folder's ``ssv_heads.json`` names its rows (a table kept beside it, e.g. ``OUT1/ssv_heads_6000.json``, may be
-given instead or as well: its rows at that step); a row's seed is its run's ``config.json`` seed. A (row, seed) has a
+given instead or as well: its rows at that step; a folder whose command is still training, without
+``ssv_heads.json``, gives the row folders it has, at the steps evaluated so far); a row's seed is its run's
+``config.json`` seed. A (row, seed) has a
 calibrated MAE at every step V was evaluated during training (``--eval-every``, from ``metrics.jsonl``) and at its
 table step. For every step, the table gives each row's mean and standard deviation over the seeds evaluated there
 (the values seed by seed beside them), and checks the paper's ordering full < no_imc < no_imc_sym on the seeds that
@@ -47,10 +49,17 @@ def collect(folders: list[Path]) -> tuple[dict[str, dict[int, dict[int, float]]]
     for path in map(Path, folders):
         # a folder's ssv_heads.json, or a table kept beside it (ssv_heads_3000.json: the row at an earlier step)
         folder, table = (path.parent, path) if path.suffix == ".json" else (path, path / "ssv_heads.json")
-        try:
-            rows = json.loads(table.read_text())["rows"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ViewsslError(f"not an ssv_heads result ({type(e).__name__}: {e})", table) from None
+        if path.suffix != ".json" and not table.exists():
+            # an ssv_heads command still training: its row folders, with the evaluations they have so far
+            rows = {row: {} for row in ROWS if (folder / row / "config.json").is_file()}
+            if not rows:
+                raise ViewsslError(f"not an ssv_heads result (no ssv_heads.json, and no row folder "
+                                   f"{'/, '.join(ROWS)}/ with a config.json)", table)
+        else:
+            try:
+                rows = json.loads(table.read_text())["rows"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise ViewsslError(f"not an ssv_heads result ({type(e).__name__}: {e})", table) from None
         for row, r in rows.items():
             if row not in ROWS:
                 continue
@@ -168,7 +177,8 @@ def plot(curves: dict[str, dict[int, dict[int, float]]], path: Path, title: str 
 def main(folders, out, only_step):
     """Mean over seeds of ssv_heads rows, the ablation ordering, and the learning curves with their spread.
 
-    Each argument is an ssv_heads output folder (its ssv_heads.json) or a table kept in one (ssv_heads_3000.json)."""
+    Each argument is an ssv_heads output folder (its ssv_heads.json; without one, its rows' evaluations so far) or a
+    table kept in one (ssv_heads_3000.json)."""
     from common.io import atomic_write_bytes, atomic_write_json
 
     curves, shared = collect(list(folders))

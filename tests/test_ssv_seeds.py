@@ -107,6 +107,22 @@ def test_a_table_kept_beside_the_folders_own_adds_its_step(tmp_path):
         collect([a / "ssv_heads_9.json"])
 
 
+def test_a_folder_still_training_gives_its_rows_evaluations_so_far(tmp_path):
+    a = _folder(tmp_path / "a", 0, {"full": (1000, 18.0, {500: 25.0})})
+    b = _folder(tmp_path / "b", 1, {"full": (1000, 20.0, {500: 27.0, 1000: 20.5}), "no_imc": (1000, 19.0, {500: 28.0})})
+    (b / "ssv_heads.json").unlink()  # its command has not finished: no table yet
+    (b / "notes").mkdir()  # not a row
+    curves, _ = collect([a, b])
+    assert curves["full"] == {0: {500: 25.0, 1000: 18.0}, 1: {500: 27.0, 1000: 20.5}}
+    assert curves["no_imc"] == {1: {500: 28.0}}
+    (b / "no_imc" / "config.json").write_text(json.dumps({**CONFIG, "image_size": 32, "seed": 1}))
+    with pytest.raises(ViewsslError, match=r"b/no_imc/config.json.*differ.*image_size"):
+        collect([a, b])
+    (tmp_path / "c" / "full").mkdir(parents=True)  # a row folder without its config.json
+    with pytest.raises(ViewsslError, match=r"c/ssv_heads.json.*not an ssv_heads result.*no row folder full/"):
+        collect([a, tmp_path / "c"])
+
+
 def test_cli_writes_table_json_and_plot(two_seeds, tmp_path):
     out = tmp_path / "summary"
     result = CliRunner().invoke(main, [*map(str, two_seeds), "--out", str(out), "--step", "1000"])
