@@ -306,7 +306,12 @@ class ViewpointNetwork(nn.Module):
             if taps:
                 out[f"block{i}"] = h
         if self.mbstd:
-            std = torch.sqrt(h.var(dim=0, unbiased=False) + 1e-8).mean()
+            # training: the std over the batch; eval: its value for a batch of one, sqrt(0 + 1e-8) (what the release's
+            # test_vpnet.py computed with batch 1), so a frame's prediction does not depend on the frames beside it
+            if self.training:
+                std = torch.sqrt(h.var(dim=0, unbiased=False) + 1e-8).mean()
+            else:
+                std = h.new_tensor(1e-4)
             h = torch.cat([h, std.expand(h.shape[0], 1, *h.shape[2:])], dim=1)
         feat = self.final(h).flatten(1)
         if taps:

@@ -94,6 +94,17 @@ def test_minibatch_stddev_option():
     V = build_viewpoint(dict(TINY, mbstd=True))
     assert V.final.conv1.weight.shape[1] == 8 + 1
     assert V(torch.rand(2, 3, 16, 16))["score"].shape == (2,)
+    # in eval mode a frame's outputs do not depend on the frames beside it (the batch-of-one value, as the release's
+    # test); in training the channel is the batch's std, so they do
+    torch.manual_seed(0)
+    x, others = torch.rand(1, 3, 16, 16), torch.rand(7, 3, 16, 16)
+    V.eval()
+    with torch.no_grad():
+        alone, in_batch = V(x), V(torch.cat([x, others]))
+        torch.testing.assert_close(in_batch["feat"][:1], alone["feat"])
+        torch.testing.assert_close(in_batch["score"][:1], alone["score"])
+    V.train()
+    assert not torch.allclose(V.trunk(torch.cat([x, others]))[:1], V.trunk(torch.cat([x, x])), atol=1e-6)
 
 
 def test_phi_choices(tmp_path, monkeypatch):
