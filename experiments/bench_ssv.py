@@ -17,6 +17,8 @@ import time
 import click
 import torch
 
+from common.cli import ViewsslCommand
+
 
 def _rss_mb() -> float:
     # ru_maxrss is in kilobytes on Linux (bytes on macOS)
@@ -24,7 +26,7 @@ def _rss_mb() -> float:
     return r / 1024.0 if sys.platform != "darwin" else r / 2**20
 
 
-@click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
+@click.command(cls=ViewsslCommand, context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
 @click.option("--preset", type=click.Choice(("paper", "cpu", "cpu64")), default="paper")
 @click.option("--batch-size", type=click.IntRange(min=1), default=2, help="Real images per step.")
 @click.option("--g-group", type=click.IntRange(min=1), default=None, help="S-step group size (default: batch size).")

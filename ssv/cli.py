@@ -243,6 +243,8 @@ def train_ssv(data, preset, out, steps, resume, force, device, seed, batch_size,
     run_dir, resume_from = resolve_run_dir(out, run_tag(data, supervised), resume)
     if eval_every is None:
         eval_every = 500 if eval_data else 0
+    elif eval_every == 0 and eval_data:
+        eval_every = steps  # 0 = only at the end
     trainer = SSVTrainer(config, dev)
     log.info("training SSV (%s preset%s) in %s", preset, ", supervised" if supervised else "", run_dir)
     result = fit(trainer, run_dir, steps, checkpoint_every=checkpoint_every, eval_every=eval_every,

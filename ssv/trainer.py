@@ -177,7 +177,7 @@ class SSVTrainer(Trainer):
     """The SSV family's trainer (family ``"ssv"``); see the module docstring. ``config`` = :func:`default_config`."""
 
     family = "ssv"
-    resume_ignore_keys = Trainer.resume_ignore_keys + ("num_workers", "phi_weights")
+    resume_ignore_keys = Trainer.resume_ignore_keys + ("num_workers",)
     #: runs from before these options
     resume_defaults = {"augment_gain": 0.0, "d_highpass": 0.0, "g_ball_mask": False}
     #: what only the GAN uses: the supervised baseline resumes whatever their defaults have become since

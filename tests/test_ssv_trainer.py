@@ -319,6 +319,53 @@ def test_cli_trains_and_resumes(folder, tmp_path):
     assert result.exit_code == 2 and "Error:" in result.output and "w_sym" in result.output
 
 
+def test_cli_eval_every_zero_evaluates_only_at_the_end(folder, tmp_path):
+    from experiments.cli import cli
+
+    args = ["train", "ssv", "--data", str(folder), "--eval-data", str(folder), "--eval-every", "0", "--out",
+            str(tmp_path), "--steps", "2", "--batch-size", "4", "--g-group", "2", "--device", "cpu", "--no-imc",
+            "--media-every", "0"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "viewpoint/calibrated/mae:" in result.output
+    (run,) = tmp_path.iterdir()
+    evals = [line for line in (run / "metrics.jsonl").read_text().splitlines() if '"kind": "eval"' in line]
+    assert len(evals) == 1 and '"step": 2,' in evals[0]
+
+
+def test_phi_weights_are_compared_on_resume(folder, tmp_path):
+    """Phi is rebuilt from --phi-weights on resume (it is not in the checkpoint), so another file is another run."""
+    from common.errors import ViewsslError
+
+    fit(SSVTrainer(tiny_config(folder, phi="critic")), tmp_path, steps=1, progress=False, log_every=0)
+    with pytest.raises(ViewsslError, match="phi_weights"):
+        fit(SSVTrainer(tiny_config(folder, phi="critic", phi_weights="other.pth")), tmp_path, steps=2,
+            resume="auto", progress=False, log_every=0)
+
+
+def test_checkpoint_errors_name_the_file(folder, tmp_path):
+    from common.errors import ViewsslError
+    from common.eval import load_model
+    from common.io import atomic_save
+
+    fit(SSVTrainer(tiny_config(folder)), tmp_path / "run", steps=1, progress=False, log_every=0)
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "ckpt-00000001.pt")
+    ckpt["config"]["d_feature"] = 16  # V's weights no longer fit its config
+    atomic_save(ckpt, tmp_path / "bad.pt")
+    with pytest.raises(ViewsslError, match=r"bad.pt: SSV checkpoint's V does not match its config"):
+        load_model(tmp_path / "bad.pt")
+
+
+def test_bench_ssv_errors_are_one_line():
+    from experiments.bench_ssv import main
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    result = CliRunner().invoke(main, ["--device", "cuda", "--preset", "cpu"])
+    assert result.exit_code == 2 and "Error:" in result.output and "cuda" in result.output
+    assert "Traceback" not in result.output
+
+
 def test_cli_errors_are_one_line(tmp_path):
     from experiments.cli import cli
 

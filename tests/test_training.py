@@ -104,6 +104,15 @@ def test_resume_with_different_config_is_refused(tmp_path):
     assert out["start_step"] == 2
 
 
+def test_resume_past_the_requested_steps_is_refused(tmp_path):
+    """A checkpoint beyond --steps would otherwise be returned as if it were the run at --steps."""
+    fit(ToyTrainer({"seed": 0, "lr": 0.01}), tmp_path, steps=4, progress=False)
+    with pytest.raises(ViewsslError, match=r"ckpt-00000004.pt: the run is already at step 4, past --steps 2"):
+        fit(ToyTrainer({"seed": 0, "lr": 0.01}), tmp_path, steps=2, resume="auto", progress=False)
+    out = fit(ToyTrainer({"seed": 0, "lr": 0.01}), tmp_path, steps=4, resume="auto", progress=False)
+    assert out["start_step"] == 4 and out["step"] == 4  # the finished run itself is still fine
+
+
 def test_a_run_folder_in_use_is_refused_and_free_again_after_the_run_or_its_error(tmp_path):
     from common.io import folder_lock
 

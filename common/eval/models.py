@@ -75,7 +75,12 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> P
     if family not in FAMILIES:
         known = ", ".join(sorted(FAMILIES)) or "none registered"
         raise ViewsslError(f"checkpoint of unknown model family {family!r} (known: {known})", ckpt_path)
-    model = FAMILIES[family](ckpt, device)
+    try:
+        model = FAMILIES[family](ckpt, device)
+    except ViewsslError as e:  # the family's loader may not know the file: name it
+        if str(e).startswith(str(ckpt_path)):
+            raise
+        raise ViewsslError(str(e), ckpt_path) from None
     missing = [a for a in ("input_size", "taps", "predict_angles", "features") if not hasattr(model, a)]
     if missing:
         raise TypeError(f"family {family!r} loader returned an object without {', '.join(missing)}")
