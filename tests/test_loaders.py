@@ -314,6 +314,28 @@ def test_biwi_items_angles_and_center_fallback(tmp_path, caplog):
     assert batch["image"].shape == (6, 3, 24, 24) and list(batch["sequence"]) == [0, 0, 0, 1, 1, 1]
 
 
+def test_biwi_rgb_calibration_moves_the_head_rotation_as_it_moves_the_head_centre(tmp_path):
+    """rgb.cal's extrinsic maps the head centre as x_rgb = R_cal^T (x_depth - t_cal), so the head's rotation in the RGB
+    camera is R_cal^T R_pose: a head facing the depth camera (R_pose = I), seen from an RGB camera turned 20 deg about
+    its y axis, is left of the image centre and turned 20 deg the other way (azimuth +20); SSV's labels
+    (angles="dataset") keep SSV's R_pose @ R_cal."""
+    write_biwi(tmp_path, yaws_deg=(0.0,), sessions=("01",))
+    R_cal = axis_rotation("y", torch.tensor(math.radians(20.0), dtype=torch.float64)).numpy()
+    cal = tmp_path / "01" / "rgb.cal"
+    identity = "1 0 0\n0 1 0\n0 0 1\n"
+    assert cal.read_text().count(identity) == 1
+    rows = "".join(" ".join(f"{v:.12f}" for v in row) + "\n" for row in R_cal)
+    cal.write_text(cal.read_text().replace(identity, rows))
+    ds = BIWI(tmp_path, size=None, detector="center")
+    u, _, z = ds.head_pixel(0)
+    f, cx = 517.679, 100.0
+    a = math.radians(20.0)
+    assert u == pytest.approx(cx - f * math.tan(a)) and z == pytest.approx(1000 * math.cos(a))
+    assert np.degrees(ds.angles[0].numpy()) == pytest.approx([20.0, 0.0, 0.0], abs=1e-4)
+    ssv = BIWI(tmp_path, size=None, detector="center", angles="dataset")
+    assert np.degrees(ssv.angles[0].numpy()) == pytest.approx([20.0, 0.0, 0.0], abs=1e-4)  # rotvec of R_y(20) @ I
+
+
 def test_biwi_single_session_folder_and_sessions_filter(tmp_path):
     write_biwi(tmp_path, sessions=("01", "02", "03"))
     assert len(BIWI(tmp_path / "02", size=8, detector="center")) == 3

@@ -26,14 +26,17 @@ rotation of the dataset is converted with :func:`common.geometry.matrix_to_angle
   Ry(-yaw) Rz(-roll), and for small angles (azimuth, elevation, tilt) ~ (-yaw, -pitch, -roll): 300W-LP's positive
   yaw turns the face to the image left, positive pitch raises the chin, positive roll turns the head clockwise.
 - BIWI stores, per frame, R_pose (head -> depth camera) and the head centre; ``rgb.cal`` holds the RGB camera's
-  intrinsics, distortion and extrinsic (R_cal, t_cal). As SSV does, R_rgb = R_pose @ R_cal. BIWI's camera is
-  OpenCV's (x right, y down, z forward, away from the viewer) and its head frame at identity faces the camera with
-  y down; both differ from ours by D = diag(1, -1, -1), so R_viewssl = D R_rgb D. (Checked on SSV's demo frame
-  00442: R_pose ~ R_y(+58 deg) with the face turned to the image left, giving azimuth ~ -58 deg.)
+  intrinsics, distortion and extrinsic (R_cal, t_cal), with x_rgb = R_cal^T (x_depth - t_cal) (the map SSV's
+  preprocessing applies to the head centre), so R_rgb = R_cal^T R_pose (SSV composed R_pose @ R_cal, inconsistent with
+  its own centre; ``angles="dataset"`` keeps that to reproduce its labels). BIWI's camera is OpenCV's (x right, y
+  down, z forward, away from the viewer) and its head frame at identity faces the camera with y down; both differ from
+  ours by D = diag(1, -1, -1), so R_viewssl = D R_rgb D. (Checked on SSV's demo frame 00442: R_pose ~ R_y(+58 deg)
+  with the face turned to the image left, giving azimuth ~ -58 deg.)
 
 ``angles="dataset"`` returns the dataset's own numbers instead, as (azimuth, elevation, tilt) = (yaw, pitch, roll):
 300W-LP / AFLW2000 the Pose_Para values (what Hopenet-style tables report), BIWI the components (y, x, z) of the
-rotation vector ``cv2.Rodrigues(R_rgb)``, which is what SSV evaluated against (ssv.md 3.2: not Euler angles).
+rotation vector ``cv2.Rodrigues(R_pose @ R_cal)``, which is what SSV evaluated against (ssv.md 3.2: not Euler
+angles).
 
 BIWI face boxes: ``detector="auto" | "face-alignment" | "haar" | "center"``
 ---------------------------------------------------------------------------
@@ -588,12 +591,12 @@ def biwi_sessions(root: Path) -> list[Path]:
 class BIWI(ImageItems):
     """BIWI Kinect Head Pose: ``<root>/[hpdb/]NN/frame_XXXXX_rgb.png`` + ``frame_XXXXX_pose.txt`` + ``NN/rgb.cal``.
 
-    Angles: see the module doc (R_rgb = R_pose @ R_cal, converted to viewssl's convention, or SSV's rotation-vector
-    labels with ``angles="dataset"``). Ids: ``sequence`` = session (01..24 -> 0..23), ``frame`` = the frame number,
-    others -1. ``sessions`` restricts to some session numbers. ``head_center`` is the (N, 3) head centre in the RGB
-    camera (mm), ``R_cal^T (c - t_cal)`` as SSV's preprocessing computes it. Face box: ``detector``, see module doc.
-    Pose files and calibrations are read when the dataset is built (a bad one names its file; ``skip_bad`` drops the
-    frame and counts it); images and detections are lazy.
+    Angles: see the module doc (R_rgb = R_cal^T R_pose, converted to viewssl's convention, or SSV's rotation-vector
+    labels of R_pose @ R_cal with ``angles="dataset"``). Ids: ``sequence`` = session (01..24 -> 0..23), ``frame`` =
+    the frame number, others -1. ``sessions`` restricts to some session numbers. ``head_center`` is the (N, 3) head
+    centre in the RGB camera (mm), ``R_cal^T (c - t_cal)`` as SSV's preprocessing computes it. Face box: ``detector``,
+    see module doc. Pose files and calibrations are read when the dataset is built (a bad one names its file;
+    ``skip_bad`` drops the frame and counts it); images and detections are lazy.
     """
 
     kind = "biwi"
@@ -636,7 +639,9 @@ class BIWI(ImageItems):
                         raise
                     bad.append(str(e))
                     continue
-                R_rgb = R_pose @ cal["R"]
+                # head -> RGB camera by the map the head centre takes below (x_rgb = R_cal^T (x_depth - t_cal));
+                # "dataset" keeps SSV's labels, which it computed as R_pose @ R_cal
+                R_rgb = R_pose @ cal["R"] if angles == "dataset" else cal["R"].T @ R_pose
                 angle_rows.append(biwi_rotation_to_angles(R_rgb, angles))
                 centres.append(cal["R"].T @ (c - cal["t"]))
                 paths.append(p)
