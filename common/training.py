@@ -326,10 +326,10 @@ def _fit(trainer: Trainer, run_dir: Path, steps: int, *, checkpoint_every: int, 
                 raise ViewsslError(f"config differs from the checkpoint's ({'; '.join(diff)}); pass --force to resume anyway", resumed_from)
             if diff:
                 log.warning("resuming with a different config (--force): %s", "; ".join(diff))
-            if int(ckpt["step"]) > steps:
-                raise ViewsslError(f"the run is already at step {int(ckpt['step'])}, past --steps {steps}; give --steps "
-                                   f"{int(ckpt['step'])} or more to continue it, or another output folder",
-                                   resumed_from)
+            start_step = int(ckpt["step"])
+            if start_step > steps:
+                raise ViewsslError(f"the run is already at step {start_step}, past --steps {steps}; give --steps "
+                                   f"{start_step} or more to continue it, or another output folder", resumed_from)
             trainer.load_state_dict(ckpt, resumed_from)
             rng = ckpt.get("rng") or []
             if len(rng) == dist_utils.world_size():
@@ -337,7 +337,6 @@ def _fit(trainer: Trainer, run_dir: Path, steps: int, *, checkpoint_every: int, 
             else:
                 log.warning("checkpoint has RNG states for %d processes, this run has %d: RNG not restored",
                             len(rng), dist_utils.world_size())
-            start_step = int(ckpt["step"])
             log.info("resumed from %s at step %d", resumed_from, start_step)
 
     writer = None
