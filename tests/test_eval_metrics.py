@@ -7,7 +7,6 @@ labels: angles (optionally through a per-axis affine "miscalibration") and featu
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np

@@ -24,7 +24,7 @@ def make_folder(root, n=4, extra=True):
 
 
 def test_round_trip_degrees_at_the_edge(tmp_path):
-    rows = make_folder(tmp_path)
+    make_folder(tmp_path)
     text = (tmp_path / "labels.csv").read_text().splitlines()
     assert text[0] == "path,azimuth,elevation,tilt,category,instance,sequence,frame"
     assert text[2].split(",")[1] == "10.000000"  # degrees in the file

@@ -374,7 +374,7 @@ def test_biwi_detector_no_face_falls_back_and_logs_once(tmp_path, caplog, monkey
     ds = BIWI(tmp_path, size=None, detector="haar")
     center = BIWI(tmp_path, size=None, detector="center")
     with caplog.at_level(logging.WARNING, logger="viewssl.data.faces"):
-        a, b = ds[0], ds[1]
+        a, _ = ds[0], ds[1]
     assert ds.fallbacks == 2
     assert caplog.text.count("found no face") == 1 and "projected head centre" in caplog.text
     assert "frame_00003_rgb.png" in caplog.text

@@ -38,7 +38,7 @@ from common.training import Trainer, batch_iterator, seed_everything
 
 from .augment import SemanticViews
 from .data import PAIR_MODES, ImageFolder, SequenceFrames, TripletFolder, find_split
-from .encoders import TAPS, build_encoder, tap_vector
+from .encoders import build_encoder, tap_vector
 from .methods import METHODS, build_method, method_defaults
 from .optim import OPTIMIZERS, build_optimizer, set_lr, warmup_cosine
 from .trajectory_loss import trajectory_loss

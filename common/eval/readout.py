@@ -8,7 +8,6 @@ of the training split from a fixed grid, then the probe is refitted on all of it
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from .context import EvalContext, SkipMetric
