@@ -9,6 +9,7 @@ Every user error (:class:`common.errors.ViewsslError`, or a click usage error) p
 from __future__ import annotations
 
 import logging
+import shlex
 import sys
 
 import click
@@ -20,7 +21,12 @@ log = logging.getLogger("viewssl")
 
 class _OneLineErrors:
     """Turns a :class:`ViewsslError` raised by the command into one line on stderr and exit code 2 (the traceback
-    with the root command's ``--debug``)."""
+    with the root command's ``--debug``). The root command also keeps the arguments it was called with, so that
+    results can name the command that made them (:func:`invocation`)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta.setdefault(_ARGV, list(args))  # meta is shared by the whole context chain: the root's arguments
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context):
         try:
@@ -30,6 +36,40 @@ class _OneLineErrors:
                 raise
             click.echo(f"Error: {e}", err=True)
             ctx.exit(e.exit_code)
+
+
+_ARGV = "viewssl.argv"
+
+
+def invocation(program: str) -> str:
+    """``PROGRAM ARGS...`` of the running command (``program``: ``"viewssl"`` or ``"python -m experiments.X"``), quoted
+    for a shell. Its arguments are the root command's own (the same under ``CliRunner``); ``sys.argv``'s outside
+    a command."""
+    ctx = click.get_current_context(silent=True)
+    args = ctx.meta.get(_ARGV, []) if ctx is not None else sys.argv[1:]
+    return shlex.join([*program.split(), *args])
+
+
+def comma_list(value: str, option: str, known) -> list[str]:
+    """The comma-separated items of an option's ``value``: not empty, each one of ``known`` (else a one-line error
+    naming ``option``)."""
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in items if v not in known]
+    if bad or not items:
+        raise ViewsslError(f"{option}: {'unknown ' + ', '.join(bad) if bad else 'empty list'} "
+                           f"(choose from {', '.join(known)})")
+    return items
+
+
+def int_list(value: str, option: str) -> list[int]:
+    """The comma-separated integers of an option's ``value`` (``"0,1,2"``), not empty."""
+    try:
+        items = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise ViewsslError(f"{option}: not comma-separated integers: {value!r}") from None
+    if not items:
+        raise ViewsslError(f"{option}: empty list")
+    return items
 
 
 class ViewsslGroup(_OneLineErrors, click.Group):

@@ -20,14 +20,16 @@ images is written to a temporary directory.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import click
 import torch
+
+from common.cli import ViewsslCommand, resolve_device
 
 
 def _fake_triplets(root: Path, n: int, size: int) -> Path:
@@ -47,21 +49,22 @@ def _fake_triplets(root: Path, n: int, size: int) -> Path:
     return root
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--method", default="vicreg", choices=["simclr", "vicreg", "simsiam"])
-    p.add_argument("--traj-weight", type=float, default=0.2)
-    p.add_argument("--traj-layer", default="pooled")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--data", type=Path, default=None, help="benchmark folder (default: random images)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    args = p.parse_args(argv)
+@click.command(cls=ViewsslCommand, context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
+@click.option("--method", type=click.Choice(("simclr", "vicreg", "simsiam")), default="vicreg")
+@click.option("--traj-weight", type=click.FloatRange(min=0), default=0.2)
+@click.option("--traj-layer", default="pooled", help="The encoder tap the trajectory loss reads.")
+@click.option("--batch-size", type=click.IntRange(min=2), default=32)
+@click.option("--image-size", type=click.IntRange(min=8), default=32)
+@click.option("--repeats", type=click.IntRange(min=1), default=5, help="Timed batches.")
+@click.option("--warmup", type=click.IntRange(min=0), default=2, help="Untimed batches first.")
+@click.option("--data", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
+              help="Benchmark folder  [default: random images]")
+@click.option("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps.")
+@click.option("--threads", type=click.IntRange(min=0), default=0, help="torch threads (0 = torch's default).")
+def main(**options) -> dict:
+    """Training throughput of the Siamese encoder, and the cost of everything around the backbone."""
+    args = SimpleNamespace(**options)
 
-    from common.cli import resolve_device
     from trajssl.trainer import EncoderTrainer
 
     if args.threads:
@@ -149,5 +152,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
-    sys.exit(0)
+    main()

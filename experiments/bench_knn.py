@@ -14,17 +14,19 @@ right. Features are clustered (one Gaussian centre per class plus isotropic nois
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import platform
 import resource
-import sys
 import time
 import tracemalloc
+from types import SimpleNamespace
 
+import click
 import numpy as np
 import torch
+
+from common.cli import ViewsslCommand
 
 
 def _rss_kib(field: str) -> int | None:
@@ -84,19 +86,21 @@ def numpy_vote(sims: np.ndarray, neighbor_labels: np.ndarray, classes: int, temp
     return scores.argmax(axis=1)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=20000, help="gallery size = query count")
-    ap.add_argument("--dim", type=int, default=512)
-    ap.add_argument("--k", type=int, default=20)
-    ap.add_argument("--temperature", type=float, default=0.07)
-    ap.add_argument("--classes", type=int, default=100)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--repeat", type=int, default=3, help="interleaved repeats; the best time of each side is used")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="threads for both sides (torch intra-op and the BLAS/OpenMP pools scikit-learn uses); "
-                         "default: the libraries' defaults")
-    args = ap.parse_args(argv)
+@click.command(cls=ViewsslCommand, context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
+@click.option("--n", type=click.IntRange(min=2), default=20000, help="Gallery size = query count.")
+@click.option("--dim", type=click.IntRange(min=1), default=512, help="Feature dimension.")
+@click.option("--k", type=click.IntRange(min=1), default=20, help="Neighbours.")
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=0.07, help="Vote temperature.")
+@click.option("--classes", type=click.IntRange(min=2), default=100, help="Classes (one Gaussian centre each).")
+@click.option("--seed", type=int, default=0)
+@click.option("--repeat", type=click.IntRange(min=1), default=3,
+              help="Interleaved repeats; the best time of each side is used.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Threads for both sides (torch intra-op and the BLAS/OpenMP pools scikit-learn uses)  [default: "
+                   "the libraries' defaults]")
+def main(**options) -> None:
+    """kNN evaluation, common.eval.knn_classify against scikit-learn brute force."""
+    args = SimpleNamespace(**options)
     limits = contextlib.nullcontext()
     if args.threads:
         from threadpoolctl import threadpool_limits
@@ -104,10 +108,10 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
         limits = threadpool_limits(limits=args.threads)
     with limits:
-        return _run(args)
+        _run(args)
 
 
-def _run(args) -> int:
+def _run(args) -> None:
 
     from sklearn import __version__ as sk_version
     from sklearn.neighbors import NearestNeighbors
@@ -182,8 +186,7 @@ def _run(args) -> int:
     print(f"kNN top-1 accuracy on the clustered data: {acc:.4f}")
     if hasattr(os, "getloadavg"):
         print(f"load average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())} (other processes slow both sides)")
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -8,7 +8,6 @@ including Python and the weights), ``torch.cuda.max_memory_allocated`` on CUDA.
 """
 from __future__ import annotations
 
-import json
 import resource
 import statistics
 import sys
@@ -17,7 +16,7 @@ import time
 import click
 import torch
 
-from common.cli import ViewsslCommand
+from common.cli import ViewsslCommand, resolve_device
 
 
 def _rss_mb() -> float:
@@ -37,7 +36,6 @@ def _rss_mb() -> float:
 @click.option("--json-out", type=click.Path(), default=None, help="Also write the figures as JSON here.")
 def main(preset, batch_size, g_group, iters, threads, device, phi, json_out):
     """Seconds per SSV training iteration and peak memory."""
-    from common.cli import resolve_device
     from ssv.cli import build_config
     from ssv.trainer import SSVTrainer
 

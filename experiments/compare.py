@@ -19,8 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shlex
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.cli import invocation, resolve_device
 from common.errors import ViewsslError
 from common.io import atomic_write_bytes, atomic_write_json
 
@@ -107,7 +106,6 @@ def run_compare(bench: str | Path, out: str | Path, quick: bool = False, seeds: 
                 seed: int = 0, methods: list[str] | None = None, steps_scale: float = 1.0) -> dict:
     """Train every method on ``bench`` (a rendered benchmark with heads, head_triplets and head_sequences), evaluate
     it, write ``results.md``, ``results.json`` and plots into ``out``. Runs resume: rerunning continues."""
-    from common.cli import resolve_device
     from common.training import fit
 
     bench, out = Path(bench), Path(out)
@@ -142,12 +140,12 @@ def run_compare(bench: str | Path, out: str | Path, quick: bool = False, seeds: 
                 keep[name] = {"model": model, "ctx": ctx, "protocol": protocol, "trainer": trainer}
     table = format_table(rows, quick)
     result = {"benchmark": str(bench), "quick": quick, "seeds": seeds, "device": str(dev),
-              "command": " ".join(shlex.quote(a) for a in sys.argv), "methods": {k: METHODS[k].__dict__ for k in rows},
+              "command": invocation("viewssl"), "methods": {k: METHODS[k].__dict__ for k in rows},
               "runs": rows, "summary": summarize_rows(rows),
               "protocol": {k: v["protocol"] for k, v in keep.items()}, "seconds": time.perf_counter() - t_start}
     atomic_write_json(result, out / "results.json")
     plots = make_plots(keep, rows, bench, out, dev)
-    md = [f"# Generative vs contrastive viewpoint learning on the synthetic heads", "",
+    md = ["# Generative vs contrastive viewpoint learning on the synthetic heads", "",
           f"Command: `{result['command']}`  ", f"Benchmark: `{bench}`; device {dev}; "
           f"{'quick' if quick else 'full'} schedule; {seeds} seed(s); wall time {result['seconds']:.0f} s.", "",
           table, "", PROTOCOL_NOTE, ""] + [f"![{p.stem}]({p.name})" for p in plots]

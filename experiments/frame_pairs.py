@@ -33,21 +33,19 @@ sequences in ``--data`` they are rendered there first (``--quick``: a tiny set).
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import math
-import shlex
-import sys
 import time
 from pathlib import Path
 
+import click
 import numpy as np
 import torch
 
-from common.errors import ViewsslError
+from common.cli import ViewsslCommand, comma_list, int_list, invocation, resolve_device
 from common.io import atomic_write_bytes, atomic_write_json
 
-from .traj_objects import _fmt, _stats, add_encoder_arguments, paired_deltas, train_and_evaluate
+from .traj_objects import _fmt, _stats, encoder_options, paired_deltas, train_and_evaluate
 
 log = logging.getLogger("viewssl.experiments.frame_pairs")
 
@@ -294,73 +292,67 @@ def format_markdown(runs: list[dict], agg: dict, args: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", type=Path, default=None, help="benchmark root (sequences rendered there if missing)")
-    p.add_argument("--out", type=Path, default=None, help="output folder [runs/frame_pairs or runs/frame_pairs-quick]")
-    p.add_argument("--methods", default="simsiam", help="comma-separated: simsiam, vicreg, simclr [simsiam]")
-    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated pair modes [{','.join(MODES)}]")
-    p.add_argument("--dual-traj-weight", type=float, default=0.2,
-                   help="extra dual row with the trajectory loss on consecutive frames at this weight (0 = none)")
-    p.add_argument("--seeds", default=None, help="comma-separated seeds [0,1,2; quick: 0,1]")
-    p.add_argument("--steps", type=int, default=None, help="training steps per run [1500; quick: 2]")
-    p.add_argument("--batch-size", type=int, default=None, help="[32; quick: 8]")
-    add_encoder_arguments(p, image_size=64, stem="imagenet")
-    p.add_argument("--render-size", type=int, default=64, help="pixel size when rendering the sequences")
-    p.add_argument("--box-queries", type=int, default=1000, help="test frames scored by the box fit (SiamPose: 1000)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--quick", action="store_true", help="smoke test: tiny sequences, 2 steps, 2 seeds")
-    args = p.parse_args(argv)
+@click.command(cls=ViewsslCommand, context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
+@click.option("--data", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Benchmark root (sequences rendered there if missing)  [default: OUT/benchmark]")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output folder  [default: runs/frame_pairs, or runs/frame_pairs-quick]")
+@click.option("--methods", default="simsiam", help="Comma-separated: simsiam, vicreg, simclr.")
+@click.option("--modes", default=",".join(MODES), help="Comma-separated pair modes.")
+@click.option("--dual-traj-weight", type=click.FloatRange(min=0), default=0.2,
+              help="An extra dual row with the trajectory loss on consecutive frames at this weight (0 = none).")
+@click.option("--seeds", default=None, help="Comma-separated seeds  [default: 0,1,2; quick: 0,1]")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="Training steps per run  [default: 1500; quick: 2]")
+@click.option("--batch-size", type=click.IntRange(min=2), default=None, help="[default: 32; quick: 8]")
+@encoder_options(image_size=64, stem="imagenet")
+@click.option("--render-size", type=click.IntRange(min=8), default=64, help="Pixel size when rendering the sequences.")
+@click.option("--box-queries", type=click.IntRange(min=1), default=1000,
+              help="Test frames scored by the box fit (SiamPose: 1000).")
+@click.option("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps.")
+@click.option("--quick", is_flag=True, help="Smoke test: tiny sequences, 2 steps, 2 seeds.")
+def main(data, out, methods, modes, dual_traj_weight, seeds, steps, batch_size, image_size, stem, optimizer,
+         render_size, box_queries, device, quick) -> dict:
+    """Train Siamese encoders on frame pairs of one video (same / nearby / distant frames, and both on two heads)
+    and compare their pose, box, re-identification and classification figures over seeds."""
+    command = invocation("python -m experiments.frame_pairs")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
-    from common.cli import resolve_device
     from trajssl.methods import METHODS as KNOWN
 
-    q = args.quick
-    seeds = [int(s) for s in (args.seeds or ("0,1" if q else "0,1,2")).split(",") if s.strip()]
-    steps = args.steps or (2 if q else 1500)
-    batch = args.batch_size or (8 if q else 32)
-    out = args.out or Path("runs/frame_pairs-quick" if q else "runs/frame_pairs")
-    data = args.data or (out / "benchmark")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    bad = [m for m in methods if m not in KNOWN] + [m for m in modes if m not in MODES]
-    if bad or not methods or not modes:
-        raise SystemExit(f"Error: --methods / --modes: unknown {', '.join(bad) or 'empty list'} (methods: "
-                         f"{', '.join(KNOWN)}; modes: {', '.join(MODES)})")
-    device = resolve_device(args.device)
-    try:
-        bench = ensure_benchmark(data, q, args.render_size)
-    except ViewsslError as e:
-        raise SystemExit(f"Error: {e}")
-    command = "python -m experiments.frame_pairs " + " ".join(shlex.quote(a) for a in argv)
-    eval_options = {"box_queries": args.box_queries}
+    q = quick
+    seeds = int_list(seeds or ("0,1" if q else "0,1,2"), "--seeds")
+    steps = steps or (2 if q else 1500)
+    batch = batch_size or (8 if q else 32)
+    out = out or Path("runs/frame_pairs-quick" if q else "runs/frame_pairs")
+    data = data or (out / "benchmark")
+    methods = comma_list(methods, "--methods", KNOWN)
+    modes = comma_list(modes, "--modes", MODES)
+    device = resolve_device(device)
+    bench = ensure_benchmark(data, q, render_size)
+    eval_options = {"box_queries": box_queries}
     t0 = time.perf_counter()
     plan = []
     for m in methods:
         for mode in modes:
-            weights = [0.0] + ([args.dual_traj_weight] if mode == "dual" and args.dual_traj_weight > 0 else [])
+            weights = [0.0] + ([dual_traj_weight] if mode == "dual" and dual_traj_weight > 0 else [])
             plan += [(m, mode, w, s) for w in weights for s in seeds]
     runs = []
     for i, (m, mode, w, s) in enumerate(plan):
         config = {"method": m, "pairs": mode, "traj_weight": w, "data": str(bench), "seed": s, "steps": steps,
-                  "batch_size": batch, "image_size": args.image_size, "small_stem": args.stem == "small",
-                  "optimizer": args.optimizer}
+                  "batch_size": batch, "image_size": image_size, "small_stem": stem == "small",
+                  "optimizer": optimizer}
         run_dir = out / "runs" / run_name(m, mode, w, s)
         log.info("[%d/%d] %s", i + 1, len(plan), run_dir)
-        try:
-            runs.append(train_and_evaluate(bench, run_dir, config, device, eval_options, progress=not q,
-                                           evaluate=evaluate_run, eval_during_training=False))
-        except ViewsslError as e:
-            raise SystemExit(f"Error: {e}")
+        runs.append(train_and_evaluate(bench, run_dir, config, device, eval_options, progress=not q,
+                                       evaluate=evaluate_run, eval_during_training=False))
     agg = aggregate(runs)
     wall = time.perf_counter() - t0
-    summary = {"quick": q, "steps": steps, "batch_size": batch, "image_size": args.image_size, "stem": args.stem,
-               "optimizer": args.optimizer, "command": command, "wall_seconds": wall}
+    summary = {"quick": q, "steps": steps, "batch_size": batch, "image_size": image_size, "stem": stem,
+               "optimizer": optimizer, "command": command, "wall_seconds": wall}
     md = format_markdown(runs, agg, summary)
     result = {"settings": {**summary, "seeds": seeds, "methods": methods, "modes": modes,
-                           "dual_traj_weight": args.dual_traj_weight, "data": str(bench), "eval": eval_options,
+                           "dual_traj_weight": dual_traj_weight, "data": str(bench), "eval": eval_options,
                            "device": str(device)},
               "columns": [{"title": t, "key": k, "scale": sc, "higher_is_better": h, "kind": kind}
                           for t, k, sc, h, kind in COLUMNS],
@@ -369,9 +361,9 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(result, out / "results.json")
     atomic_write_bytes(out / "results.md", md.encode())
-    print(md)
-    print(f"results: {out / 'results.md'}, {out / 'results.json'}")
-    print(f"wall time {wall:.0f} s; command: {command}")
+    click.echo(md)
+    click.echo(f"results: {out / 'results.md'}, {out / 'results.json'}")
+    click.echo(f"wall time {wall:.0f} s; command: {command}")
     return result
 
 

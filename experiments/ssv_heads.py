@@ -25,8 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -34,7 +32,7 @@ import click
 import numpy as np
 import torch
 
-from common.cli import ViewsslCommand
+from common.cli import ViewsslCommand, comma_list, invocation, resolve_device
 from common.errors import ViewsslError
 
 log = logging.getLogger("viewssl.experiments.ssv_heads")
@@ -442,16 +440,11 @@ def check_inputs(data, rows: str) -> list[str]:
     for d in (Path(data) / "heads" / "train", Path(data) / "heads" / "test"):
         if not (d / "labels.csv").is_file():
             raise ViewsslError("no labels.csv: expected a benchmark root with heads/train and heads/test", d)
-    row_names = [r.strip() for r in rows.split(",") if r.strip()]
-    unknown = [r for r in row_names if r not in ROWS]
-    if unknown:
-        raise ViewsslError(f"--rows: unknown row(s) {', '.join(unknown)} (choose from {', '.join(ROWS)})")
-    return row_names
+    return comma_list(rows, "--rows", ROWS)
 
 
 def run(data, out, preset, steps, sup_steps, row_names: list[str], batch_size, seed, device, threads, phi, quick,
         augment_gain=None, highpass=None, ball_mask=None, eval_every=0, viewpoint_head="spherical") -> dict:
-    from common.cli import resolve_device
     from common.training import fit
     from ssv.cli import build_config
     from ssv.trainer import SSVTrainer
@@ -468,7 +461,7 @@ def run(data, out, preset, steps, sup_steps, row_names: list[str], batch_size, s
     dev = resolve_device(device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    results: dict = {"command": " ".join(shlex.quote(a) for a in ["python", "-m", "experiments.ssv_heads", *sys.argv[1:]]),
+    results: dict = {"command": invocation("python -m experiments.ssv_heads"),
                      "preset": preset, "data": str(Path(data).resolve()), "ranges_deg": ranges, "quick": quick,
                      "threads": torch.get_num_threads(), "rows": {}}
     previous, previous_command = _previous_rows(out)

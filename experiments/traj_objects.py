@@ -26,19 +26,17 @@ and triplets of the benchmark are rendered there first (``--quick``: a tiny one)
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
-import shlex
-import sys
 import time
 from pathlib import Path
 
+import click
 import numpy as np
 import torch
 
-from common.errors import ViewsslError
+from common.cli import ViewsslCommand, comma_list, int_list, invocation, resolve_device
 from common.io import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger("viewssl.experiments.traj_objects")
@@ -219,68 +217,79 @@ def format_markdown(runs: list[dict], agg: dict, args: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def add_encoder_arguments(p: argparse.ArgumentParser, image_size: int, stem: str) -> None:
+def encoder_options(image_size: int, stem: str):
     """The encoder options shared by this script and ``experiments.frame_pairs``: --image-size, --stem, --optimizer."""
-    p.add_argument("--image-size", type=int, default=image_size)
-    p.add_argument("--stem", choices=["small", "imagenet"], default=stem,
-                   help="ResNet-18 stem: small (3x3 stride 1, no max-pool; the paper's, on 32 px) or imagenet "
-                        "(7x7 stride 2 + max-pool: at 64 px about a quarter of the cost of small at 32 px)")
-    p.add_argument("--optimizer", choices=["lars", "sgd", "adamw"], default="lars",
-                   help="lars: the paper's (lr 0.3 x batch / 256, warm-up, cosine); adamw (lr 1e-3) learns faster "
-                        "in short runs at small batches")
+    options = [
+        click.option("--image-size", type=click.IntRange(min=8), default=image_size, help="Training image size."),
+        click.option("--stem", type=click.Choice(("small", "imagenet")), default=stem,
+                     help="ResNet-18 stem: small (3x3 stride 1, no max-pool; the paper's, on 32 px) or imagenet (7x7 "
+                          "stride 2 + max-pool: at 64 px about a quarter of the cost of small at 32 px)."),
+        click.option("--optimizer", type=click.Choice(("lars", "sgd", "adamw")), default="lars",
+                     help="lars: the paper's (lr 0.3 x batch / 256, warm-up, cosine); adamw (lr 1e-3) learns faster "
+                          "in short runs at small batches."),
+    ]
+
+    def decorate(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", type=Path, default=None, help="benchmark root (rendered there if missing)")
-    p.add_argument("--out", type=Path, default=None, help="output folder [runs/traj_objects or runs/traj_objects-quick]")
-    p.add_argument("--methods", default="vicreg,simclr,simsiam")
-    p.add_argument("--traj-weight", type=float, default=0.2)
-    p.add_argument("--seeds", default=None, help="comma-separated seeds [0,1,2; quick: 0,1]")
-    p.add_argument("--steps", type=int, default=None, help="training steps per run [1500; quick: 2]")
-    p.add_argument("--batch-size", type=int, default=None, help="[64; quick: 8]")
-    add_encoder_arguments(p, image_size=32, stem="small")
-    p.add_argument("--render-size", type=int, default=64, help="pixel size when rendering the benchmark")
-    p.add_argument("--probe-steps", type=int, default=None, help="relative-pose / linear probe steps [300; quick: 20]")
-    p.add_argument("--eval-limit", type=int, default=None, help="at most this many images per eval split")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--quick", action="store_true", help="smoke test: tiny benchmark, 2 steps, 2 seeds")
-    args = p.parse_args(argv)
-    command = "python -m experiments.traj_objects " + shlex.join(sys.argv[1:] if argv is None else argv)
+@click.command(cls=ViewsslCommand, context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
+@click.option("--data", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Benchmark root (rendered there if missing)  [default: OUT/benchmark]")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output folder  [default: runs/traj_objects, or runs/traj_objects-quick]")
+@click.option("--methods", default="vicreg,simclr,simsiam", help="Comma-separated Siamese methods.")
+@click.option("--traj-weight", type=click.FloatRange(min=0), default=0.2,
+              help="Weight of the trajectory loss in the runs with it (each method also runs without).")
+@click.option("--seeds", default=None, help="Comma-separated seeds  [default: 0,1,2; quick: 0,1]")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="Training steps per run  [default: 1500; quick: 2]")
+@click.option("--batch-size", type=click.IntRange(min=2), default=None, help="[default: 64; quick: 8]")
+@encoder_options(image_size=32, stem="small")
+@click.option("--render-size", type=click.IntRange(min=8), default=64,
+              help="Pixel size when rendering the benchmark.")
+@click.option("--probe-steps", type=click.IntRange(min=1), default=None,
+              help="Relative-pose / linear probe steps  [default: 300; quick: 20]")
+@click.option("--eval-limit", type=click.IntRange(min=1), default=None,
+              help="At most this many images per evaluation split.")
+@click.option("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps.")
+@click.option("--quick", is_flag=True, help="Smoke test: tiny benchmark, 2 steps, 2 seeds.")
+def main(data, out, methods, traj_weight, seeds, steps, batch_size, image_size, stem, optimizer, render_size,
+         probe_steps, eval_limit, device, quick) -> dict:
+    """Train SimCLR / VICReg / SimSiam with and without the trajectory loss on the synthetic objects and compare
+    their classification, absolute and relative pose figures over seeds."""
+    command = invocation("python -m experiments.traj_objects")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
-    from common.cli import resolve_device
     from trajssl.methods import METHODS as KNOWN
 
-    q = args.quick
-    seeds = [int(s) for s in (args.seeds or ("0,1" if q else "0,1,2")).split(",") if s.strip()]
-    steps = args.steps or (2 if q else 1500)
-    batch = args.batch_size or (8 if q else 64)
-    probe_steps = args.probe_steps or (20 if q else 300)
-    out = args.out or Path("runs/traj_objects-quick" if q else "runs/traj_objects")
-    data = args.data or (out / "benchmark")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in KNOWN]
-    if bad:
-        raise SystemExit(f"--methods: unknown {', '.join(bad)} (known: {', '.join(KNOWN)})")
-    device = resolve_device(args.device)
-    try:
-        bench = ensure_benchmark(data, q, args.render_size)
-    except ViewsslError as e:
-        raise SystemExit(f"Error: {e}")
-    eval_options = {"probe_steps": probe_steps, "limit": args.eval_limit}
+    q = quick
+    seeds = int_list(seeds or ("0,1" if q else "0,1,2"), "--seeds")
+    steps = steps or (2 if q else 1500)
+    batch = batch_size or (8 if q else 64)
+    probe_steps = probe_steps or (20 if q else 300)
+    out = out or Path("runs/traj_objects-quick" if q else "runs/traj_objects")
+    data = data or (out / "benchmark")
+    methods = comma_list(methods, "--methods", KNOWN)
+    device = resolve_device(device)
+    bench = ensure_benchmark(data, q, render_size)
+    eval_options = {"probe_steps": probe_steps, "limit": eval_limit}
     t0 = time.perf_counter()
     runs = []
-    plan = [(m, w, s) for m in methods for w in sorted({0.0, args.traj_weight}) for s in seeds]
+    plan = [(m, w, s) for m in methods for w in sorted({0.0, traj_weight}) for s in seeds]
     for i, (m, w, s) in enumerate(plan):
         config = {"method": m, "traj_weight": w, "data": str(bench), "seed": s, "steps": steps, "batch_size": batch,
-                  "image_size": args.image_size, "small_stem": args.stem == "small", "optimizer": args.optimizer}
+                  "image_size": image_size, "small_stem": stem == "small", "optimizer": optimizer}
         run_dir = out / "runs" / run_name(m, w, s)
         log.info("[%d/%d] %s", i + 1, len(plan), run_dir)
         runs.append(train_and_evaluate(bench, run_dir, config, device, eval_options, progress=not q))
     agg = aggregate(runs)
-    summary = {"quick": q, "steps": steps, "batch_size": batch, "image_size": args.image_size, "stem": args.stem,
-               "optimizer": args.optimizer, "command": command, "wall_seconds": time.perf_counter() - t0}
+    summary = {"quick": q, "steps": steps, "batch_size": batch, "image_size": image_size, "stem": stem,
+               "optimizer": optimizer, "command": command, "wall_seconds": time.perf_counter() - t0}
     md = format_markdown(runs, agg, summary)
     deltas = {}
     for m in methods:
@@ -289,17 +298,17 @@ def main(argv: list[str] | None = None) -> dict:
                 k = key.format(tap=tap)
                 deltas[f"{m}/traj_minus_none/{k}"] = paired_deltas(
                     runs, k, k, lambda c, m=m: c["method"] == m and c["traj_weight"] == 0,
-                    lambda c, m=m: c["method"] == m and c["traj_weight"] == args.traj_weight)
-    result = {"settings": {**summary, "seeds": seeds, "methods": methods, "traj_weight": args.traj_weight,
+                    lambda c, m=m: c["method"] == m and c["traj_weight"] == traj_weight)
+    result = {"settings": {**summary, "seeds": seeds, "methods": methods, "traj_weight": traj_weight,
                            "data": str(bench), "eval": eval_options, "device": str(device)},
               "aggregate": agg, "traj_deltas": deltas, "runs": runs}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(result, out / "results.json")
     atomic_write_bytes(out / "results.md", md.encode())
-    print(md)
-    print(f"results: {out / 'results.md'}, {out / 'results.json'}  ({time.perf_counter() - t0:.0f} s)")
+    click.echo(md)
+    click.echo(f"results: {out / 'results.md'}, {out / 'results.json'}  ({time.perf_counter() - t0:.0f} s)")
     return result
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 
 from common.errors import ViewsslError
 from common.io import load_checkpoint
@@ -111,7 +112,7 @@ def test_quick_mode_writes_well_formed_tables(tiny_sequences, tmp_path, capsys):
     out = tmp_path / "fp"
     args = ["--quick", "--data", str(tiny_sequences), "--out", str(out), "--device", "cpu", "--seeds", "0",
             "--batch-size", "4", "--image-size", "32"]
-    result = main(args)
+    result = main.main(args, standalone_mode=False)
     printed = capsys.readouterr().out
     assert "wall time" in printed and "python -m experiments.frame_pairs --quick" in printed
 
@@ -152,12 +153,16 @@ def test_quick_mode_writes_well_formed_tables(tiny_sequences, tmp_path, capsys):
     assert "Command: `python -m experiments.frame_pairs --quick" in md
 
     # Rerunning reuses every finished run (no training, no new checkpoints).
-    again = main(args)
+    again = main.main(args, standalone_mode=False)
     assert [r["eval_seconds"] for r in again["runs"]] == [r["eval_seconds"] for r in result["runs"]]
 
 
 def test_unknown_mode_is_one_line_error(tmp_path):
     from experiments.frame_pairs import main
 
-    with pytest.raises(SystemExit, match="unknown tripled"):
-        main(["--quick", "--modes", "nearby,tripled", "--out", str(tmp_path / "o"), "--data", str(tmp_path / "d")])
+    result = CliRunner().invoke(main, ["--quick", "--modes", "nearby,tripled", "--out", str(tmp_path / "o"),
+                                       "--data", str(tmp_path / "d")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.strip().splitlines() == ["Error: --modes: unknown tripled (choose from same, nearby, "
+                                                  "distant, dual)"]
+    assert not (tmp_path / "o").exists() and not (tmp_path / "d").exists()  # nothing rendered or trained

@@ -50,8 +50,9 @@ def test_quick_run_trains_both_weights_and_writes_the_tables(tmp_path):
     torch.set_num_threads(1)
     try:
         out = tmp_path / "traj"
-        result = main(["--quick", "--out", str(out), "--methods", "vicreg", "--seeds", "0", "--device", "cpu",
-                       "--stem", "imagenet", "--image-size", "32", "--optimizer", "adamw"])
+        result = main.main(["--quick", "--out", str(out), "--methods", "vicreg", "--seeds", "0", "--device", "cpu",
+                            "--stem", "imagenet", "--image-size", "32", "--optimizer", "adamw"],
+                           standalone_mode=False)
     finally:
         torch.set_num_threads(threads)
     assert [r["config"]["traj_weight"] for r in result["runs"]] == [0.0, 0.2]

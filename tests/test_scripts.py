@@ -1,0 +1,83 @@
+"""The experiment scripts' command lines: the command a result quotes, list options, and a tiny run of each
+benchmark script (their figures are measured by hand, not asserted)."""
+from __future__ import annotations
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from common.cli import ViewsslCommand, ViewsslGroup, comma_list, int_list, invocation
+from common.errors import ViewsslError
+
+
+def test_invocation_quotes_the_commands_own_arguments():
+    @click.command(cls=ViewsslCommand)
+    @click.option("--name")
+    def script(name):
+        click.echo(invocation("python -m experiments.script"))
+
+    result = CliRunner().invoke(script, ["--name", "a b"])
+    assert result.exit_code == 0 and result.output == "python -m experiments.script --name 'a b'\n"
+
+    @click.group(cls=ViewsslGroup)
+    @click.option("--debug", is_flag=True)
+    def group(debug):
+        pass
+
+    @group.command("sub")
+    @click.argument("x")
+    def sub(x):
+        click.echo(invocation("viewssl"))
+
+    result = CliRunner().invoke(group, ["--debug", "sub", "it's"])
+    assert result.exit_code == 0 and result.output == "viewssl --debug sub 'it'\"'\"'s'\n"  # the root's arguments
+
+
+def test_list_options():
+    assert comma_list(" full, no_imc ,", "--rows", ("full", "no_imc")) == ["full", "no_imc"]
+    with pytest.raises(ViewsslError, match=r"^--rows: unknown nope, x \(choose from full, no_imc\)$"):
+        comma_list("full,nope,x", "--rows", ("full", "no_imc"))
+    with pytest.raises(ViewsslError, match="^--rows: empty list"):
+        comma_list(" , ", "--rows", ("full",))
+    assert int_list("0, 1,2,", "--seeds") == [0, 1, 2]
+    with pytest.raises(ViewsslError, match="^--seeds: not comma-separated integers: '0,one'$"):
+        int_list("0,one", "--seeds")
+    with pytest.raises(ViewsslError, match="^--seeds: empty list$"):
+        int_list(",", "--seeds")
+
+
+def test_bench_render_tiny_run_and_one_line_error():
+    from experiments.bench_render import main
+
+    result = CliRunner().invoke(main, ["--size", "16", "--n", "2", "--repeats", "1"])
+    assert result.exit_code == 0, result.output
+    assert "# command: python -m experiments.bench_render --size 16 --n 2 --repeats 1" in result.output
+    rows = [line.split("|")[1].strip() for line in result.output.splitlines() if line.startswith("| ")]
+    assert rows == ["kind", "objects", "heads", "sequences"]
+    result = CliRunner().invoke(main, ["--scales", "small,huge"])
+    assert result.exit_code == 2 and result.output.strip() == "Error: --scales: unknown huge (choose from small, full)"
+
+
+def test_bench_knn_tiny_run_agrees_with_scikit_learn():
+    pytest.importorskip("sklearn")
+    from experiments.bench_knn import main
+
+    result = CliRunner().invoke(main, ["--n", "200", "--dim", "16", "--k", "5", "--classes", "4", "--repeat", "1",
+                                       "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert "predictions identical: True (0 of 200 differ)" in result.output
+
+
+def test_bench_encoder_tiny_run_returns_its_figures():
+    import torch
+
+    from experiments.bench_encoder import main
+
+    threads = torch.get_num_threads()
+    try:
+        figures = main.main(["--batch-size", "2", "--image-size", "16", "--repeats", "1", "--warmup", "0",
+                             "--device", "cpu", "--threads", "1"], standalone_mode=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert figures["batch_size"] == 2 and figures["full_step_s"] > 0 and figures["bare_backbone_s"] > 0
+    assert figures["ratio"] == pytest.approx(figures["full_step_s"] / figures["bare_backbone_s"])
