@@ -1,7 +1,7 @@
 """Optimisers (LARS from timm, SGD, AdamW) and the warm-up + cosine learning-rate schedule.
 
-Biases and normalisation parameters (1-D tensors) get no weight decay and, with LARS, no trust-ratio adaptation
-(timm's ``Lars`` adapts only groups with weight decay), as in VICReg / solo-learn. Each parameter group keeps its
+Biases and normalisation parameters (1-D tensors) get no weight decay and, with LARS, no trust-ratio adaptation,
+as in VICReg / solo-learn; the other weights always adapt, also at weight decay 0. Each parameter group keeps its
 ``base_lr``; :func:`set_lr` sets ``lr = base_lr * schedule(step)`` from the step index alone, so resuming needs no
 scheduler state. Groups flagged ``fixed_lr`` (SimSiam's predictor) keep their base lr.
 """
@@ -47,6 +47,10 @@ def build_optimizer(modules: dict[str, nn.Module], name: str, lr: float, weight_
     if name == "lars":
         from timm.optim import Lars
 
+        # timm adapts a group only if its weight decay is not 0 (or always_adapt): say which groups adapt, so that
+        # --weight-decay 0 keeps the trust ratio on the weights (without it LARS silently became plain SGD)
+        for g in groups:
+            g["always_adapt"] = g["params"][0].ndim > 1  # the weights' group (see _groups), not biases / norms
         return Lars(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coeff=trust_coeff,
                     trust_clip=trust_clip)
     if name == "sgd":
