@@ -88,6 +88,25 @@ def test_trajectory_degenerate_inputs_have_finite_value_and_gradient(case):
         assert t.grad.abs().max() < 1e3
 
 
+@pytest.mark.parametrize("step", [5e-4, 2e-3, 1e-2, 1e-1])
+def test_trajectory_nearly_identical_views_bounded_gradient(step):
+    # the left view a short step from the centre (consecutive video frames), at 60 deg from the path to the right:
+    # cos = 0.5 and the gradient grows as 1 / step, down to eps = 1e-3, below which the triplet counts as degenerate
+    g = torch.Generator().manual_seed(5)
+    zc = F.normalize(torch.randn(1, 512, generator=g), dim=1)
+    d, e = torch.randn(2, 512, generator=g)
+    d = F.normalize(d - (d * zc).sum() * zc, dim=1)  # two orthonormal tangent directions at z_c
+    e = F.normalize(e - (e * zc).sum() * zc - (e * d).sum() * d, dim=1)
+    zl = (zc - step * (0.5 * d + math.sqrt(0.75) * e)).requires_grad_(True)
+    loss = trajectory_loss(zl, zc, zc + 0.3 * d)
+    loss.backward()
+    if step < 1e-3:
+        assert loss.item() == 0.0 and zl.grad.abs().max() == 0.0
+    else:
+        assert loss.item() == pytest.approx(-0.5, abs=1e-3)
+        assert 0.5 / step < zl.grad.norm() < 1.0 / step  # sin(60 deg) / step
+
+
 def test_trajectory_mixed_batch_ignores_only_degenerate_rows():
     z = _arc([-0.2, 0.0, 0.2]).float()
     zl = torch.stack([z[0], z[1]])  # second row: z_l == z_c (degenerate)

@@ -11,7 +11,8 @@ sphere's tangent plane at the centre).
     loss = - mean_b cos(u1, u2)                                      -1 straight path ... +1 folded back (z_l = z_r)
 
 Degenerate triplets (a tangent step shorter than ``eps``, e.g. z_l == z_c, or collapsed features) count as
-cos = 0 with zero gradient: the value stays finite and no NaN reaches the weights.
+cos = 0 with zero gradient: the value stays finite and no NaN reaches the weights. The cosine's gradient grows as
+1 / step length, so ``eps`` (1e-3 on the unit sphere, about 0.06 deg) also bounds it for nearly identical views.
 
 The released code (``solo/losses/dcl.py::PoseLoss``) returns ``+mean(u1 . u2)``: opposite sign and no
 normalisation, so it rewards folding and scales with the squared step length. This file follows the paper instead.
@@ -28,7 +29,7 @@ def _wide(z: torch.Tensor) -> torch.Tensor:
     return z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
 
 
-def trajectory_cosine(z_l: torch.Tensor, z_c: torch.Tensor, z_r: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def trajectory_cosine(z_l: torch.Tensor, z_c: torch.Tensor, z_r: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
     """Per-triplet cosine between the two tangent steps. Inputs (B, ...) (flattened to (B, D)); output (B,)."""
     z_l, z_c, z_r = (F.normalize(_wide(z.flatten(1)), dim=1) for z in (z_l, z_c, z_r))
     v1, v2 = z_c - z_l, z_r - z_c
@@ -42,6 +43,6 @@ def trajectory_cosine(z_l: torch.Tensor, z_c: torch.Tensor, z_r: torch.Tensor, e
     return torch.where(ok, cos, torch.zeros_like(cos))
 
 
-def trajectory_loss(z_l: torch.Tensor, z_c: torch.Tensor, z_r: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def trajectory_loss(z_l: torch.Tensor, z_c: torch.Tensor, z_r: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
     """Trajectory loss ``-mean cos(u1, u2)``: z_l, z_c, z_r (B, D) or feature maps (B, C, H, W) -> scalar in [-1, 1]."""
     return -trajectory_cosine(z_l, z_c, z_r, eps).mean()
