@@ -163,12 +163,14 @@ class _ResumableBatchSampler:
     """Infinite stream of index batches: epoch e is ``randperm(n)`` seeded by (seed, e), cut into full global
     batches; the stream starts exactly at ``start_step``. Under DDP each rank takes its slice ``rank::world``."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, start_step: int, shuffle: bool = True):
+    def __init__(self, n: int, batch_size: int, seed: int, start_step: int, shuffle: bool = True,
+                 where: Path | None = None):
         world, me = dist_utils.world_size(), dist_utils.rank()
         if batch_size % world:
             raise ViewsslError(f"--batch-size {batch_size} is not divisible by the {world} processes")
         if n < batch_size:
-            raise ViewsslError(f"the dataset has {n} items, fewer than one batch of {batch_size}")
+            raise ViewsslError(f"{n} training items, fewer than one batch (--batch-size {batch_size})",
+                               where if where is not None else "the dataset")
         self.n, self.batch_size, self.seed, self.start_step = n, batch_size, seed, start_step
         self.shuffle, self.world, self.rank = shuffle, world, me
 
@@ -194,7 +196,10 @@ def batch_iterator(dataset: Dataset, batch_size: int, seed: int, start_step: int
     ``batch_size`` is the global batch; under DDP each rank gets ``batch_size / world`` of it. Item loading may use
     worker processes (items are deterministic); augmentation must happen in the main process.
     """
-    sampler = _ResumableBatchSampler(len(dataset), batch_size, seed, start_step, shuffle)
+    # the folder to name in errors: a labels.csv table's folder or the dataset's root, where it has one
+    table = getattr(dataset, "table", None)
+    where = getattr(table, "root", None) or getattr(dataset, "root", None)
+    sampler = _ResumableBatchSampler(len(dataset), batch_size, seed, start_step, shuffle, where)
     # A private generator: creating the loader's iterator must not draw from the global RNG (exact resume).
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_fn,
                         persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed))

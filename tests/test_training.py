@@ -1,6 +1,7 @@
 """The shared training loop: exact resume, corrupt checkpoints, config mismatch, non-finite loss, signals."""
 import os
 import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -159,7 +160,10 @@ def test_batch_iterator_is_resumable():
     later = batch_iterator(data, 3, seed=1, start_step=4)
     assert [next(later)[0].tolist() for _ in range(3)] == seq[4:]
     assert sorted(sum(seq[:3], [])) == sorted(set(sum(seq[:3], [])))  # no repeats within an epoch
-    with pytest.raises(ViewsslError, match="fewer than one batch"):
+    with pytest.raises(ViewsslError, match=r"^the dataset: 10 training items, fewer than one batch \(--batch-size 16"):
+        batch_iterator(data, 16, seed=0, start_step=0)
+    data.root = Path("some/folder")  # a dataset that knows its folder is named
+    with pytest.raises(ViewsslError, match=r"^some/folder: 10 training items"):
         batch_iterator(data, 16, seed=0, start_step=0)
 
 

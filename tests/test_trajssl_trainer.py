@@ -81,7 +81,6 @@ def test_every_method_trains_two_steps(bench, method, traj_weight, traj_layer):
         terms = tr.train_step(next(batches), step)
         assert all(torch.isfinite(v) for v in terms.values())
     assert ("trajectory" in terms) == (traj_weight > 0)
-    assert 0.0 <= float(terms["std_z"]) <= 2.0
     changed = [k for k, v in _params(tr.encoder).items() if not torch.equal(v, before[k])]
     assert any("layer4" in k for k in changed) and any("layer1" in k for k in changed)
 
@@ -168,14 +167,10 @@ def test_model_io_features(bench, tmp_path):
 
 
 def test_model_io_registered_with_eval():
-    eval_mod = pytest.importorskip("common.eval")
-    if not hasattr(eval_mod, "register_family"):
-        pytest.skip("common.eval.register_family not written yet")
-    import trajssl.model_io  # noqa: F401
+    import common.eval as eval_mod
+    import trajssl.model_io
 
-    registry = getattr(eval_mod, "FAMILIES", None) or getattr(eval_mod, "_FAMILIES", None)
-    if registry is not None:
-        assert "encoder" in registry
+    assert eval_mod.FAMILIES["encoder"] is trajssl.model_io.load_encoder_model
 
 
 def _cli():
