@@ -315,6 +315,22 @@ def test_single_folder(tmp_path):
     assert res2["viewpoint/raw/mae"] == res["viewpoint/raw/mae"]
 
 
+def test_leave_one_out_rows_without_instance_exclude_themselves():
+    from types import SimpleNamespace
+
+    from common.eval.knn import knn_search
+    from common.eval.metrics import _groups
+
+    instances = ["a", "a", "b", "b", "", ""]
+    rows = SimpleNamespace(strings=lambda key: instances if key == "instance" else None, indices=range(6))
+    ctx = SimpleNamespace(exclude_same_instance=True, device=torch.device("cpu"))
+    train_groups, query_groups = _groups(ctx, rows, rows, same_set=True)
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    nearest = knn_search(x, x, 1, train_groups=train_groups, query_groups=query_groups).indices[:, 0].tolist()
+    assert nearest[0] in (2, 3, 4, 5) and nearest[2] in (0, 1, 4, 5)  # not the same instance
+    assert nearest[4] != 4 and nearest[5] != 5  # no instance: only itself excluded (it used to be kept)
+
+
 def test_leave_one_out_without_other_instances_is_skipped(tmp_path):
     folder = tmp_path / "one"
     write_split(folder, _object_rows(["a", "b"], 1, 5), 1, ("view",))

@@ -1,6 +1,8 @@
 """R@k and SiamPose re-identification against brute force and scikit-learn."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -30,11 +32,17 @@ def test_recall_at_k_against_brute_force():
 
 def test_recall_leave_one_out_excludes_self():
     x = torch.eye(4, dtype=torch.float64)
-    y = np.array([0, 0, 1, 1])
+    y = np.array([0, 1, 2, 3])  # every label once: a query can only find itself
     ids = torch.arange(4)
-    # Without exclusion every query finds itself; with it, orthogonal vectors (all similarities 0) tie.
-    assert recall_at_k(x, y, x, y, ks=(1,))["r@1"] == 1.0
-    assert recall_at_k(x, y, x, y, ks=(3,), train_groups=ids, query_groups=ids)["r@3"] == 1.0
+    assert recall_at_k(x, y, x, y, ks=(1, 3))["r@3"] == 1.0
+    assert recall_at_k(x, y, x, y, ks=(1, 3), train_groups=ids, query_groups=ids) == {"r@1": 0.0, "r@3": 0.0}
+
+
+def test_recall_over_labelled_queries_only():
+    x = torch.eye(4, dtype=torch.float64)
+    y_train, y_query = np.array([0, 1, 2, 3]), np.array([0, 1, -1, -1])  # two queries without a label
+    assert recall_at_k(x, y_train, x, y_query, ks=(1,)) == {"r@1": 1.0}
+    assert math.isnan(recall_at_k(x, y_train, x[:1], np.array([-1]), ks=(1,))["r@1"])
 
 
 def _siampose_reference(x, seq, frames):
@@ -78,6 +86,23 @@ def test_reid_against_sklearn():
     small = reid_metrics(torch.from_numpy(x), seq, frames, memory_budget=3000)
     for k in out:
         assert small[k] == pytest.approx(out[k], rel=1e-12)
+
+
+def test_reid_ties_and_blank_sequences_as_sklearn():
+    # a collapsed encoder (every frame the same feature): chance, whatever the storage order, as sklearn's AP
+    seq = np.repeat(np.arange(4), 5)
+    frames = np.tile(np.arange(5), 4)
+    x = np.ones((20, 6))
+    out = reid_metrics(torch.from_numpy(x), seq, frames)
+    _, ap, _, _ = _siampose_reference(x, seq, frames)
+    assert out["map"] == pytest.approx(ap, rel=1e-12) and ap == pytest.approx(4 / 19)
+    # partial ties (two feature values) against sklearn too
+    x2 = np.stack([np.ones(20), (np.arange(20) % 3 == 0).astype(float)], 1)
+    out2 = reid_metrics(torch.from_numpy(x2), seq, frames)
+    assert out2["map"] == pytest.approx(_siampose_reference(x2, seq, frames)[1], rel=1e-12)
+    # frames without a sequence (-1) are not members of sequence 0: its single frame has no positive
+    out3 = reid_metrics(torch.randn(5, 3, dtype=torch.float64), [0, 1, 1, -1, -1])
+    assert out3["n_queries"] == 2
 
 
 def test_average_precision_rows_known():

@@ -212,7 +212,9 @@ def _groups(ctx: EvalContext, train_o, query_o, same_set: bool):
         if ctx.exclude_same_instance and _instance_keys(query_o) is not None:
             (g,) = _ids(_instance_keys(query_o))
             n = len(g)
-            g = np.where(g >= 0, g, -np.arange(2, n + 2))  # rows without an instance: exclude only themselves
+            # rows without an instance: a group of their own, so that they exclude only themselves (a negative
+            # group never matches, so it would exclude nothing, not even the row itself)
+            g = np.where(g >= 0, g, g.max(initial=-1) + 1 + np.arange(n))
             # Self-exclusion for rows with an instance is implied by the shared group.
             return torch.from_numpy(g).to(ctx.device), torch.from_numpy(g.copy()).to(ctx.device)
         ids = torch.arange(len(query_o.indices), device=ctx.device)

@@ -29,6 +29,11 @@ from .knn import knn_search
 __all__ = ["recall_at_k", "reid_metrics", "average_precision_rows"]
 
 
+def _wide(device: torch.device) -> torch.dtype:
+    """float64 for exact figures, float32 on MPS (which has no float64)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def recall_at_k(
     train_features: torch.Tensor,
     train_labels,
@@ -39,7 +44,8 @@ def recall_at_k(
     train_groups=None,
     query_groups=None,
 ) -> dict[str, float]:
-    """``{"r@1": ..., "r@5": ...}``: share of queries with a same-label item among their k nearest neighbours."""
+    """``{"r@1": ..., "r@5": ...}``: share of queries with a same-label item among their k nearest neighbours
+    (over the labelled queries: label -1 = none, as in the kNN classification)."""
     device = query_features.device
     kmax = max(ks)
     res = knn_search(train_features, query_features, kmax, train_groups=train_groups, query_groups=query_groups)
@@ -47,22 +53,34 @@ def recall_at_k(
     ql = torch.as_tensor(query_labels, device=device).long()
     nl = torch.where(res.indices >= 0, tl[res.indices.clamp_min(0)], torch.full_like(res.indices, -1))
     hit = (nl == ql[:, None]) & (ql[:, None] >= 0)
-    first = torch.where(hit.any(1), hit.double().argmax(1), torch.full_like(ql, kmax))
-    return {f"r@{k}": float((first < k).double().mean()) for k in ks}
+    first = torch.where(hit.any(1), hit.long().argmax(1), torch.full_like(ql, kmax))[ql >= 0]
+    return {f"r@{k}": float((first < k).float().mean()) if first.numel() else math.nan for k in ks}
 
 
-def average_precision_rows(relevant_sorted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def average_precision_rows(relevant_sorted: torch.Tensor, scores_sorted: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """For rows of 0/1 relevance in ranked order (R, N): (average precision (R,), SiamPose trapezoidal PR-AUC (R,)).
 
-    AP = sum_k P@k rel_k / n_pos. AUC = trapezoid over the points (recall@k, precision@k), k = 1..N, as
-    ``sklearn.metrics.auc(r_at_k, p_at_k)``.
+    AP = sum_k P@k rel_k / n_pos, as ``sklearn.metrics.average_precision_score``: with the rows' scores in that
+    order (``scores_sorted``, descending), a block of tied scores is one threshold, so each of its items takes the
+    precision at the block's end (a collapsed encoder scores chance, whatever the storage order). AUC = trapezoid
+    over the points (recall@k, precision@k), k = 1..N, as ``sklearn.metrics.auc(r_at_k, p_at_k)``.
     """
-    rel = relevant_sorted.double()
+    rel = relevant_sorted.to(_wide(relevant_sorted.device))
     n_pos = rel.sum(1)
     hits = torch.cumsum(rel, 1)
-    ranks = torch.arange(1, rel.shape[1] + 1, dtype=torch.float64, device=rel.device)
+    ranks = torch.arange(1, rel.shape[1] + 1, dtype=rel.dtype, device=rel.device)
     precision = hits / ranks
-    ap = (precision * rel).sum(1) / n_pos.clamp_min(1)
+    at = precision
+    if scores_sorted is not None and rel.shape[1] > 1:
+        # block id of each position, then the last position of each block (positions increase within a block)
+        new_block = torch.ones_like(scores_sorted, dtype=torch.long)
+        new_block[:, 1:] = (scores_sorted[:, 1:] != scores_sorted[:, :-1]).long()
+        block = torch.cumsum(new_block, 1) - 1
+        pos = torch.arange(rel.shape[1], device=rel.device).expand_as(block)
+        end = torch.zeros_like(block).scatter_reduce(1, block, pos, reduce="amax")
+        at = precision.gather(1, end.gather(1, block))
+    ap = (at * rel).sum(1) / n_pos.clamp_min(1)
     recall = hits / n_pos.clamp_min(1)[:, None]
     auc = ((recall[:, 1:] - recall[:, :-1]) * (precision[:, 1:] + precision[:, :-1]) / 2).sum(1)
     return ap, auc
@@ -80,8 +98,8 @@ def reid_metrics(
     n = features.shape[0]
     seq = torch.as_tensor(sequences, device=device).long()
     frm = torch.as_tensor(frames, device=device).long() if frames is not None else None
-    unit = F.normalize(features.double(), dim=1)
-    counts = torch.bincount(seq.clamp_min(0), minlength=int(seq.max()) + 1 if n else 1)
+    unit = F.normalize(features.to(_wide(device)), dim=1)
+    counts = torch.bincount(seq[seq >= 0], minlength=int(seq.max()) + 1 if n and seq.max() >= 0 else 1)
     chunk = int(max(1, min(n, memory_budget // max(1, n * 8 * 4))))
     top1, aps, aucs, jitters = [], [], [], []
     for s in range(0, n, chunk):
@@ -89,19 +107,20 @@ def reid_metrics(
         sims = unit[s:e] @ unit.T
         rows = torch.arange(s, e, device=device)
         sims[torch.arange(e - s, device=device), rows] = -math.inf
-        order = torch.argsort(sims, dim=1, descending=True, stable=True)[:, : n - 1]  # drop self (last)
+        sorted_sims, order = torch.sort(sims, dim=1, descending=True, stable=True)
+        sorted_sims, order = sorted_sims[:, : n - 1], order[:, : n - 1]  # drop self (last)
         rel = seq[order] == seq[s:e, None]
         valid = (seq[s:e] >= 0) & (counts[seq[s:e].clamp_min(0)] >= 2)
-        ap, auc = average_precision_rows(rel)
+        ap, auc = average_precision_rows(rel, sorted_sims)
         top1.append(rel[:, 0][valid])
         aps.append(ap[valid])
         aucs.append(auc[valid])
         if frm is not None:
             same = valid & rel[:, 0]
-            jitters.append((frm[order[:, 0]] - frm[s:e]).abs()[same].double())
+            jitters.append((frm[order[:, 0]] - frm[s:e]).abs()[same].float())
     top1_t = torch.cat(top1) if top1 else torch.zeros(0)
     out = {
-        "top1": float(top1_t.double().mean()) if top1_t.numel() else math.nan,
+        "top1": float(top1_t.float().mean()) if top1_t.numel() else math.nan,
         "map": float(torch.cat(aps).mean()) if top1_t.numel() else math.nan,
         "auc": float(torch.cat(aucs).mean()) if top1_t.numel() else math.nan,
         "n_queries": float(top1_t.numel()),
