@@ -79,6 +79,10 @@ def test_batched_and_torch_inputs():
     batched = box_iou_3d(c[:3], s[:3], rots[:3], c[3:], s[3:], rots[3:])
     single = [box_iou_3d(c[i], s[i], rots[i], c[i + 3], s[i + 3], rots[i + 3]) for i in range(3)]
     np.testing.assert_allclose(batched, single)
+    for n in (1, 2, 3):  # a shared rotation (3, 3) beside batched centres and sizes
+        shared = box_iou_3d(c[:n], s[:n], rots[0], c[3:3 + n], s[3:3 + n], rots[3])
+        np.testing.assert_allclose(shared, [box_iou_3d(c[i], s[i], rots[0], c[i + 3], s[i + 3], rots[3])
+                                            for i in range(n)])
     t = box_iou_3d(torch.tensor(c[0]), torch.tensor(s[0]), torch.tensor(rots[0]), torch.tensor(c[3]),
                    torch.tensor(s[3]), torch.tensor(rots[3]))
     assert t == pytest.approx(single[0])

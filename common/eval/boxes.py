@@ -158,7 +158,9 @@ def box_iou_3d(center_a, size_a, rotation_a, center_b, size_b, rotation_b):
     cb, sb, rb = _np(center_b), _np(size_b), _np(rotation_b)
     if ca.ndim == 1:
         return _iou_pair(ca, sa, ra, cb, sb, rb)
-    n = max(x.shape[0] for x in (ca, sa, ra, cb, sb, rb) if x.ndim > 1 or x is ca)
+    # the batch size: of the batched arguments ((N, 3) centres and sizes, (N, 3, 3) rotations); a shared (3, 3)
+    # rotation is not a batch of 3
+    n = max(x.shape[0] for x, unbatched in ((ca, 1), (sa, 1), (ra, 2), (cb, 1), (sb, 1), (rb, 2)) if x.ndim > unbatched)
 
     def row(x, i, ndim):  # unbatched arguments are shared by every pair
         return x if x.ndim == ndim else x[i]
