@@ -331,6 +331,19 @@ def test_leave_one_out_rows_without_instance_exclude_themselves():
     assert nearest[4] != 4 and nearest[5] != 5  # no instance: only itself excluded (it used to be kept)
 
 
+def test_mps_model_metrics_on_the_cpu(tmp_path):
+    # MPS has no float64: the model runs there, its features come to the CPU for the metrics (no MPS needed here:
+    # only the devices are checked)
+    from common.eval.context import DataSource, EvalContext
+
+    source = DataSource.detect(make_folder(tmp_path / "mine", n=12))
+    ctx = EvalContext(source=source, device=torch.device("mps"))
+    assert ctx.device == torch.device("cpu") and ctx.model_device == torch.device("mps")
+    assert ctx.describe()["device"] == "cpu" and ctx.describe()["model_device"] == "mps"
+    ctx = EvalContext(source=source, device="cpu")
+    assert ctx.model_device == ctx.device == torch.device("cpu") and "model_device" not in ctx.describe()
+
+
 def test_leave_one_out_without_other_instances_is_skipped(tmp_path):
     folder = tmp_path / "one"
     write_split(folder, _object_rows(["a", "b"], 1, 5), 1, ("view",))

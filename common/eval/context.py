@@ -108,7 +108,7 @@ class EvalContext:
 
     source: DataSource
     split: str = "test"
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where the metrics run (see below)
     batch_size: int = 64
     seed: int = 0
     taps: list[str] | None = None  # None: the model's default tap ("pooled" if offered, else its first)
@@ -132,6 +132,16 @@ class EvalContext:
     _outputs: dict = field(default_factory=dict, repr=False)
     _compressors: dict = field(default_factory=dict, repr=False)
     _tables: dict = field(default_factory=dict, repr=False)
+    model_device: torch.device | None = None  # where the model runs: the images go there (default: device)
+
+    def __post_init__(self):
+        self.device = torch.device(self.device)
+        self.model_device = torch.device(self.model_device) if self.model_device is not None else self.device
+        if self.device.type == "mps":
+            # the exact figures (kNN tie checks, ridge, AP, geodesic errors) are float64, which MPS does not have:
+            # the model stays on MPS, its features come to the CPU for the metrics
+            log.info("evaluation: the model runs on mps, the metrics on the cpu (mps has no float64)")
+            self.device = torch.device("cpu")
 
     # ---------------------------------------------------------------- data
     def kind(self, preferred: str) -> str:
@@ -206,7 +216,7 @@ class EvalContext:
             it = tqdm(loader, desc=f"eval {self.name(kind, split)}", unit="batch", leave=False)
         with torch.no_grad():
             for batch in it:
-                images = batch["image"].to(self.device)
+                images = batch["image"].to(self.model_device)
                 if want_angles:
                     a = model.predict_angles(images)
                     if a is None:
@@ -262,6 +272,7 @@ class EvalContext:
             "layout": self.source.layout,
             "split": self.eval_split,
             "device": str(self.device),
+            **({"model_device": str(self.model_device)} if self.model_device != self.device else {}),
             "seed": self.seed,
             "limit": self.limit,
             "compress": None if self.compress is None else f"{self.compress[0]}:{self.compress[1]}",

@@ -56,8 +56,9 @@ def _predict(params, x: torch.Tensor) -> torch.Tensor:
 def readout_angles(train_features: torch.Tensor, train_angles: torch.Tensor, query_features: torch.Tensor,
                    seed: int = 0) -> tuple[torch.Tensor, float]:
     """Fit the readout on (train_features (N, D), train_angles (N, 3) rad) and predict (M, 3) radians for
-    ``query_features`` (M, D). Returns (predicted angles, chosen alpha)."""
-    y = angles_to_targets(train_angles.double())
+    ``query_features`` (M, D). Returns (predicted angles on the features' device, chosen alpha)."""
+    train_angles = train_angles.to(train_features.device, torch.float64)  # labels come from the CPU
+    y = angles_to_targets(train_angles)
     n = train_features.shape[0]
     if n < 10:
         raise ValueError(f"the readout needs at least 10 training samples, got {n}")
@@ -69,7 +70,7 @@ def readout_angles(train_features: torch.Tensor, train_angles: torch.Tensor, que
     for alpha in RIDGE_GRID:
         params = fit_ridge(train_features[fit], y[fit], alpha)
         pred = targets_to_angles(_predict(params, train_features[val]))
-        err = viewpoint_errors(pred, train_angles[val].double())["mae"]
+        err = viewpoint_errors(pred, train_angles[val])["mae"]
         if best is None or err < best[0]:
             best = (err, alpha)
     params = fit_ridge(train_features, y, best[1])
@@ -91,7 +92,7 @@ def viewpoint_readout_metric(model, ctx: EvalContext) -> dict[str, float]:
         query = ctx.outputs(model, kind, ctx.split)
         pred, alpha = readout_angles(ctx.features(model, kind, "train"), train.true_angles,
                                      ctx.features(model, kind, ctx.split), seed=ctx.seed)
-        errs = viewpoint_errors(pred, query.true_angles)
+        errs = viewpoint_errors(pred, query.true_angles.to(pred.device))
         for key, value in errs.items():
             out["/".join(p for p in (kind, "readout", key) if p)] = float(value)
         ctx.record("viewpoint_readout", **{kind or "data": {
