@@ -125,3 +125,23 @@ def test_compressor_random_projection_seeded():
     b = Compressor("random", 8, seed=3).fit(torch.randn(5, 40)).transform(x)  # data-independent
     c = Compressor("random", 8, seed=4).fit(x).transform(x)
     assert a.shape == (50, 8) and torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_readout_ridge_against_sklearn_and_exact_on_linear_features():
+    sklearn_linear = pytest.importorskip("sklearn.linear_model")
+    from common.eval.readout import angles_to_targets, fit_ridge, readout_angles
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(50, 8, generator=g, dtype=torch.float64), torch.randn(50, 6, generator=g, dtype=torch.float64)
+    for alpha, width in ((0.1, 8), (1.0, 80)):  # primal and dual (features wider than the samples) forms
+        xw = torch.cat([x] * (width // 8), 1) + 0.01 * torch.randn(50, width, generator=g, dtype=torch.float64)
+        mean, std, w, b = fit_ridge(xw, y, alpha)
+        z = ((xw - mean) / std).numpy()
+        ref = sklearn_linear.Ridge(alpha=alpha * 50).fit(z, y.numpy())
+        np.testing.assert_allclose(w.numpy(), ref.coef_.T, rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(b.numpy(), ref.intercept_, rtol=1e-6, atol=1e-9)
+    # features that hold (cos, sin) of the angles linearly: the readout recovers the angles
+    angles = (torch.rand(200, 3, generator=g, dtype=torch.float64) - 0.5) * 2.0
+    feats = angles_to_targets(angles) @ torch.randn(6, 16, generator=g, dtype=torch.float64)
+    pred, alpha = readout_angles(feats[:150].float(), angles[:150], feats[150:].float())
+    assert alpha == 1e-3 and (pred.double() - angles[150:]).abs().max() < 0.01
