@@ -347,6 +347,10 @@ def _fit(trainer: Trainer, run_dir: Path, steps: int, *, checkpoint_every: int, 
     writer = None
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        # a checkpoint half-written when a run was killed (SIGKILL, power): its temp file is garbage (we hold the lock)
+        for stale in ckpt_dir.glob(".ckpt-*.pt.*.tmp") if ckpt_dir.is_dir() else ():
+            log.info("removing %s, a checkpoint left half-written by a killed run", stale)
+            stale.unlink(missing_ok=True)
         atomic_write_json({"family": trainer.family, **trainer.config}, run_dir / "config.json")
         from torch.utils.tensorboard import SummaryWriter
 
@@ -397,10 +401,10 @@ def _fit(trainer: Trainer, run_dir: Path, steps: int, *, checkpoint_every: int, 
                 terms = trainer.train_step(batch, step)
                 terms_f = {k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for k, v in terms.items()}
                 bad = {k: v for k, v in terms_f.items() if not math.isfinite(v)}
-                if bad:
+                if dist_utils.any_true(bool(bad)):  # every process stops, not only the one that saw it
                     where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
-                    raise NonFiniteLoss(f"non-finite loss at step {step}: "
-                                        + ", ".join(f"{k}={v}" for k, v in terms_f.items()) + f"; {where}")
+                    what = ", ".join(f"{k}={v}" for k, v in terms_f.items()) if bad else "on another process"
+                    raise NonFiniteLoss(f"non-finite loss at step {step}: {what}; {where}")
                 step += 1
                 if bar is not None:
                     bar.update(1)

@@ -1,5 +1,6 @@
 """The shared training loop: exact resume, corrupt checkpoints, config mismatch, non-finite loss, signals."""
 import os
+import random
 import signal
 from pathlib import Path
 
@@ -55,7 +56,7 @@ class ToyTrainer(Trainer):
         self.sched.step()
         if self.on_step:
             self.on_step(step)
-        return {"loss": loss.detach(), "np": torch.tensor(float(np.random.rand()))}
+        return {"loss": loss.detach(), "np": torch.tensor(float(np.random.rand())), "py": random.random()}
 
 
 def params(trainer):
@@ -64,7 +65,7 @@ def params(trainer):
 
 def test_resume_equals_uninterrupted(tmp_path):
     full = ToyTrainer({"seed": 3, "lr": 0.05})
-    fit(full, tmp_path / "full", steps=12, checkpoint_every=0, progress=False)
+    full_out = fit(full, tmp_path / "full", steps=12, checkpoint_every=0, progress=False)
 
     first = ToyTrainer({"seed": 3, "lr": 0.05})
     fit(first, tmp_path / "half", steps=6, checkpoint_every=3, progress=False)
@@ -74,6 +75,19 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert out["start_step"] == 6 and out["step"] == 12
     assert torch.equal(params(full), params(second))
     assert full.opt.param_groups[0]["lr"] == second.opt.param_groups[0]["lr"]
+    # the last step's terms: its loss (torch RNG: dropout, noise), a NumPy and a Python draw (RNGs restored)
+    assert out["terms"] == full_out["terms"]
+
+
+def test_resume_removes_a_half_written_checkpoint(tmp_path):
+    fit(ToyTrainer({"seed": 3, "lr": 0.05}), tmp_path / "run", steps=3, checkpoint_every=3, progress=False)
+    ckpts = tmp_path / "run" / "checkpoints"
+    stale = ckpts / ".ckpt-00000006.pt.k2j4x.tmp"  # what atomic_save leaves when the process is killed mid-write
+    stale.write_bytes(b"\0" * 64)
+    out = fit(ToyTrainer({"seed": 3, "lr": 0.05}), tmp_path / "run", steps=6, checkpoint_every=3, resume="auto",
+              progress=False)
+    assert out["start_step"] == 3 and not stale.exists()
+    assert sorted(p.name for p in ckpts.iterdir()) == ["ckpt-00000003.pt", "ckpt-00000006.pt"]
 
 
 def test_checkpoint_contents_and_pruning(tmp_path):
