@@ -431,3 +431,20 @@ def test_folder_lock_refuses_a_second_writer_in_this_or_another_process_and_goes
     with folder_lock(out, "test run"):
         pass
     assert subprocess.run([sys.executable, "-c", probe], cwd=root).returncode == 0
+
+
+class _Payload:
+    """A pickle that would run code on load (torch.load without weights_only would call os.system)."""
+
+    def __reduce__(self):
+        return os.system, ("echo pwned > pwned.txt",)
+
+
+def test_checkpoint_with_code_in_its_pickle_is_refused_unrun(tmp_path, monkeypatch):
+    from common.io import load_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    torch.save({"family": "ssv", "step": 1, "config": {}, "evil": _Payload()}, tmp_path / "ckpt-00000001.pt")
+    with pytest.raises(ViewsslError, match=r"ckpt-00000001\.pt: not a readable viewssl checkpoint"):
+        load_checkpoint(tmp_path / "ckpt-00000001.pt")
+    assert not (tmp_path / "pwned.txt").exists()
