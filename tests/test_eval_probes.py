@@ -145,3 +145,22 @@ def test_readout_ridge_against_sklearn_and_exact_on_linear_features():
     feats = angles_to_targets(angles) @ torch.randn(6, 16, generator=g, dtype=torch.float64)
     pred, alpha = readout_angles(feats[:150].float(), angles[:150], feats[150:].float())
     assert alpha == 1e-3 and (pred.double() - angles[150:]).abs().max() < 0.01
+
+
+def test_linear_probe_against_sklearn_logistic_regression():
+    sklearn_linear = pytest.importorskip("sklearn.linear_model")
+    from common.eval.probes import standardize
+
+    g = torch.Generator().manual_seed(1)
+    centres = torch.randn(4, 10, generator=g)
+    yt, yq = torch.randint(0, 4, (300,), generator=g), torch.randint(0, 4, (200,), generator=g)
+    xt = centres[yt] + 1.5 * torch.randn(300, 10, generator=g)  # overlapping classes: not separable
+    xq = centres[yq] + 1.5 * torch.randn(200, 10, generator=g)
+    wd = 1e-2
+    ours = linear_probe(xt, yt, xq, yq, weight_decay=wd, max_iter=500)
+    zt, zq = (z.double().numpy() for z in standardize(xt.double(), xq.double()))
+    # mean cross-entropy + wd |W|^2  ==  (sum cross-entropy + |W|^2 / (2C)) / n  with  C = 1 / (2 n wd)
+    ref = sklearn_linear.LogisticRegression(C=1 / (2 * 300 * wd), max_iter=5000, tol=1e-10).fit(zt, yt.numpy())
+    assert ours["top1"] == pytest.approx(ref.score(zq, yq.numpy()), abs=1 / 200)  # at most one test item apart
+    assert ours["train_top1"] == pytest.approx(ref.score(zt, yt.numpy()), abs=1 / 300)
+    assert 0.4 < ours["top1"] < 0.95
