@@ -276,6 +276,29 @@ def test_labels_non_numeric_angle(tmp_path):
     one_line(e, tmp_path / "labels.csv")
 
 
+@pytest.mark.parametrize("content,message", [
+    # a decimal comma: one cell too many (it used to read azimuth 10, elevation 5, tilt 20)
+    ("path,azimuth,elevation,tilt\nimg0.png,10,5,20,5,0\n", "line 2: 6 cells, the header has 4 columns"),
+    ("path,azimuth,elevation,tilt,azimuth\nimg0.png,1,2,3,99\n", "column(s) azimuth appear twice in the header"),
+    ("path,azimuth,elevation,tilt\n\nimg0.png,1,2,3\n\nimg1.png,ten,2,3\n", "line 5: azimuth is not a number"),
+    ("path,azimuth,elevation,tilt\nimg0.png,0,200,0\n", "line 2: elevation 200 is outside [-90, 90] degrees"),
+    ("path,azimuth,elevation,tilt,sequence,frame\nimg0.png,0,0,0,s,1.7\n", "line 2: frame is not a whole number"),
+    ("path,azimuth,elevation,tilt,sequence,frame\nimg0.png,0,0,0,s,inf\n", "line 2: frame is not a whole number"),
+])
+def test_labels_malformed_rows(tmp_path, content, message):
+    small_folder(tmp_path, n=2)
+    (tmp_path / "labels.csv").write_text(content)
+    with pytest.raises(ViewsslError) as e:
+        read_labels(tmp_path)
+    assert message in one_line(e, tmp_path / "labels.csv")
+
+
+def test_labels_with_a_byte_order_mark(tmp_path):
+    small_folder(tmp_path, n=1)
+    (tmp_path / "labels.csv").write_bytes("path,azimuth,elevation,tilt\nimg0.png,1,2,3\n".encode("utf-8-sig"))
+    assert read_labels(tmp_path).columns == ["path", "azimuth", "elevation", "tilt"]
+
+
 def test_labels_bad_image_lazy_and_skip(tmp_path, caplog):
     paths = small_folder(tmp_path, n=3)
     (tmp_path / "labels.csv").write_text("path,azimuth,elevation,tilt\n" +

@@ -59,7 +59,7 @@ class TripletFolder(Dataset):
         slot = np.searchsorted(ids, triplet)
         for r, (s, p) in enumerate(zip(slot, position)):
             if rows[s, p] != -1:
-                raise ViewsslError(f"line {r + 2}: triplet {ids[s]} has two images at position {p}", csv)
+                raise ViewsslError(f"line {self.table.line(r)}: triplet {ids[s]} has two images at position {p}", csv)
             rows[s, p] = r
         incomplete = np.nonzero((rows < 0).any(1))[0]
         if len(incomplete):
@@ -106,7 +106,7 @@ class SequenceFrames(LabeledFolder):
             raise ViewsslError("not a sequence folder: needs 'sequence' and 'frame' columns", t.csv_path)
         if (t.sequence_index < 0).any() or (t.frame < 0).any():
             bad = int(np.nonzero((t.sequence_index < 0) | (t.frame < 0))[0][0])
-            raise ViewsslError(f"line {bad + 2}: empty sequence or frame", t.csv_path)
+            raise ViewsslError(f"line {t.line(bad)}: empty sequence or frame", t.csv_path)
         self._pairs = {mode: FramePairs(self, fp_mode, max_offset=2) for mode, fp_mode in self.MODES.items()}
 
     def partners(self, indices: torch.Tensor | list[int], mode: str) -> list[int]:

@@ -75,6 +75,7 @@ class LabelTable:
     sequences: list[str] = field(default_factory=list)
     sequence_index: np.ndarray | None = None
     frame: np.ndarray | None = None
+    lines: list[int] = field(default_factory=list)  # the file's line number of each row (for error messages)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -92,8 +93,13 @@ class LabelTable:
             try:
                 out[i] = float(v)
             except ValueError:
-                raise ViewsslError(f"line {i + 2}: column {column!r} is not a number: {v!r}", self.csv_path) from None
+                raise ViewsslError(f"line {self.line(i)}: column {column!r} is not a number: {v!r}",
+                                   self.csv_path) from None
         return out
+
+    def line(self, i: int) -> int:
+        """The file's line number of row ``i``."""
+        return self.lines[i] if i < len(self.lines) else i + 2
 
 
 def read_labels(folder_or_csv: str | os.PathLike, check_files: bool = True) -> LabelTable:
@@ -106,9 +112,13 @@ def read_labels(folder_or_csv: str | os.PathLike, check_files: bool = True) -> L
         raise ViewsslError(f"no {LABELS_FILE} in this folder", p)
     root = csv_path.parent
     try:
-        with open(csv_path, newline="", encoding="utf-8") as f:
+        # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") is not part of the first column's name
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             header = [h.strip() for h in (reader.fieldnames or [])]
+            twice = sorted({h for h in header if header.count(h) > 1})
+            if twice:
+                raise ViewsslError(f"column(s) {', '.join(twice)} appear twice in the header", csv_path)
             missing = [c for c in REQUIRED_COLUMNS if c not in header]
             if missing:
                 raise ViewsslError(
@@ -116,7 +126,13 @@ def read_labels(folder_or_csv: str | os.PathLike, check_files: bool = True) -> L
                     csv_path,
                 )
             reader.fieldnames = header
-            rows = list(reader)
+            rows, lines = [], []
+            for row in reader:
+                if None in row:  # more cells than the header has columns (a decimal comma, a stray separator)
+                    raise ViewsslError(f"line {reader.line_num}: {len(header) + len(row[None])} cells, the header "
+                                       f"has {len(header)} columns", csv_path)
+                rows.append(row)
+                lines.append(reader.line_num)  # blank lines and quoted line breaks make it differ from i + 2
     except UnicodeDecodeError:
         raise ViewsslError("not a UTF-8 text CSV", csv_path) from None
     except csv.Error as e:
@@ -128,7 +144,7 @@ def read_labels(folder_or_csv: str | os.PathLike, check_files: bool = True) -> L
     paths: list[Path] = []
     angles = np.empty((len(rows), 3), dtype=np.float64)
     for i, row in enumerate(rows):
-        line = i + 2
+        line = lines[i]
         for h in header:
             v = row.get(h)
             raw[h].append("" if v is None else v.strip())
@@ -143,9 +159,11 @@ def read_labels(folder_or_csv: str | os.PathLike, check_files: bool = True) -> L
                 raise ViewsslError(f"line {line}: {name} is not a number: {raw[name][i]!r}", csv_path) from None
             if not math.isfinite(value):
                 raise ViewsslError(f"line {line}: {name} is not finite: {raw[name][i]!r}", csv_path)
+            if name == "elevation" and abs(value) > 90:
+                raise ViewsslError(f"line {line}: elevation {raw[name][i]} is outside [-90, 90] degrees", csv_path)
             angles[i, j] = math.radians(value)
 
-    table = LabelTable(root=root, csv_path=csv_path, paths=paths, angles=torch.from_numpy(angles), raw=raw)
+    table = LabelTable(root=root, csv_path=csv_path, paths=paths, angles=torch.from_numpy(angles), raw=raw, lines=lines)
     if "category" in raw:
         table.categories, table.category_index = _index(raw["category"])
     if "instance" in raw:
@@ -158,9 +176,12 @@ def read_labels(folder_or_csv: str | os.PathLike, check_files: bool = True) -> L
             if v == "":
                 continue
             try:
-                frames[i] = int(float(v))
+                value = float(v)
             except ValueError:
-                raise ViewsslError(f"line {i + 2}: frame is not a number: {v!r}", csv_path) from None
+                raise ViewsslError(f"line {lines[i]}: frame is not a number: {v!r}", csv_path) from None
+            if not value.is_integer():
+                raise ViewsslError(f"line {lines[i]}: frame is not a whole number: {v!r}", csv_path)
+            frames[i] = int(value)
         table.frame = frames
     return table
 
