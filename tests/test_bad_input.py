@@ -1,5 +1,6 @@
 """Issue 7, data part: every bad input is one ViewsslError line naming the file and what is wrong; nothing is skipped
 silently (``skip_bad=True`` is opt-in, counted and logged); corrupt images fail lazily and in ``verify()``."""
+import json
 import logging
 import os
 
@@ -243,6 +244,28 @@ def test_rotations_npy_wrong_shape_and_pickle(tmp_path):
     with pytest.raises(ViewsslError) as e:
         ShapeNetRenders(tmp_path)
     one_line(e, tmp_path / "rotations.npy")
+
+
+@pytest.mark.parametrize("bad,message", [
+    (np.diag([1.0, 1.0, -1.0]), "rotation 2 is a reflection (determinant -1), not a rotation"),
+    (2 * np.eye(3), "rotation 2 is not orthonormal"),
+    (np.full((3, 3), np.nan), "rotation 2 has non-finite entries"),
+])
+def test_rotations_npy_must_hold_rotations(tmp_path, bad, message):
+    write_shapenet(tmp_path, rotations=False)
+    mats = np.stack([np.eye(3)] * 4)
+    mats[2] = bad  # an axis flip (OpenCV vs OpenGL) read as azimuth 180, a scaled matrix as 0, NaN as "unknown"
+    np.save(tmp_path / "rotations.npy", mats)
+    with pytest.raises(ViewsslError) as e:
+        ShapeNetRenders(tmp_path)
+    assert message in one_line(e, tmp_path / "rotations.npy")
+    if not np.isfinite(bad).all():
+        return  # JSON has no NaN
+    (tmp_path / "rotations.npy").unlink()
+    (tmp_path / "rotations.json").write_text(json.dumps({"02691156/m1/0_1_0.png": bad.tolist()}))
+    with pytest.raises(ViewsslError) as e:
+        ShapeNetRenders(tmp_path)
+    assert "key '02691156/m1/0_1_0.png': the matrix " + message.split(" ", 2)[2] in one_line(e, tmp_path / "rotations.json")
 
 
 def test_unknown_split(tmp_path):

@@ -144,9 +144,12 @@ def write_shapenet(root, rotations=True) -> None:
                 write_rgb(root / "02691156" / model / f"{anchor}_{ax}_{k}.png", img)
     write_rgb(root / "02958343" / "c1" / "0_2_1.png", img)  # an incomplete triplet
     if rotations:
-        mats = angles_to_matrix(torch.tensor([0.0, 0.1, 0.2, 0.3], dtype=torch.float64),
-                                torch.tensor([0.0, 0.2, 0.0, -0.3], dtype=torch.float64),
-                                torch.zeros(4, dtype=torch.float64)).numpy()
+        # azimuth about y, then elevation about x, then tilt about z (the project's convention), built by scipy so that
+        # a convention error shared by angles_to_matrix and matrix_to_angles shows
+        from scipy.spatial.transform import Rotation
+
+        mats = Rotation.from_euler("YXZ", [[0.0, 0.0, 0.0], [0.1, 0.2, 0.0], [0.2, 0.0, 0.0], [0.3, -0.3, 0.0]]
+                                   ).as_matrix()
         np.save(root / "rotations.npy", mats)
 
 

@@ -419,6 +419,10 @@ class ShapeNetRenders(ImageItems):
                 i = int(np.nonzero(too_big)[0][0])
                 raise ViewsslError(f"has {len(mats)} rotations but {self.paths[i].relative_to(self.root)} needs view "
                                    f"{self.view[i]}", npy)
+            for v, mat in enumerate(mats):
+                problem = _not_a_rotation(mat)
+                if problem:
+                    raise ViewsslError(f"rotation {v} {problem}", npy)
             sel = np.nonzero(use)[0]
             az, el, ti = matrix_to_angles(torch.from_numpy(mats[self.view[sel]]).double())
             self._angles[torch.from_numpy(sel)] = torch.stack([az, el, ti], -1).float()
@@ -444,6 +448,9 @@ class ShapeNetRenders(ImageItems):
                     raise ViewsslError(f"key {key!r} is not a render in this folder", js)
                 arr = np.asarray(value, dtype=np.float64) if _is_numeric(value) else None
                 if arr is not None and arr.shape == (3, 3):
+                    problem = _not_a_rotation(arr)
+                    if problem:
+                        raise ViewsslError(f"key {key!r}: the matrix {problem}", js)
                     a = matrix_to_angles(torch.from_numpy(arr))
                     self._angles[i] = torch.stack(a).float()
                 elif arr is not None and arr.shape == (3,):
@@ -454,6 +461,19 @@ class ShapeNetRenders(ImageItems):
                     raise ViewsslError(f"key {key!r}: expected a 3x3 matrix or [azimuth, elevation, tilt] in degrees",
                                        js)
             log.info("%s: angles from %s for %d images", self.root, js.name, len(table))
+
+
+def _not_a_rotation(m: np.ndarray, tol: float = 1e-4) -> str | None:
+    """Why the (3, 3) ``m`` is not a rotation matrix, or None (a reflection, e.g. an OpenCV / OpenGL axis mix-up, or a
+    scaled matrix would otherwise turn into plausible angles)."""
+    m = np.asarray(m, dtype=np.float64)
+    if not np.isfinite(m).all():
+        return "has non-finite entries"
+    if np.abs(m.T @ m - np.eye(3)).max() > tol:
+        return f"is not orthonormal (max |R^T R - I| = {np.abs(m.T @ m - np.eye(3)).max():.3g})"
+    if np.linalg.det(m) < 0:
+        return "is a reflection (determinant -1), not a rotation"
+    return None
 
 
 def _log_ignored(root: Path, ignored: list[Path], pattern: str) -> None:
