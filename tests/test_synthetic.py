@@ -319,6 +319,11 @@ def test_bad_input_is_a_viewssl_error(tiny, tmp_path):
         BenchmarkConfig.preset("small", categories=("car", "spaceship"))
     with pytest.raises(ViewsslError, match="scale"):
         BenchmarkConfig.preset("huge")
+    # splits that would share meshes: one category in and out of domain; training sequences on object test meshes
+    with pytest.raises(ViewsslError, match="categories and ood_categories share car"):
+        BenchmarkConfig.preset("small", categories=("car", "chair"), ood_categories=("car",))
+    with pytest.raises(ViewsslError, match=r"sequence_train_instances \(3\) must not exceed train_instances \(2\)"):
+        BenchmarkConfig.preset("small", sequence_train_instances=3)
     with pytest.raises(ViewsslError, match="no split"):
         SyntheticDataset("heads", "val")
     f = tmp_path / "file"

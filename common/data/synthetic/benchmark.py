@@ -192,6 +192,18 @@ class BenchmarkConfig:
             raise ViewsslError(f"triplet_step must be in (0, 90) degrees, got {self.triplet_step}")
         if self.view_stride < 1 or self.views < 1 or self.unseen_views < 1 or self.frames < 1:
             raise ViewsslError("views, unseen_views, view_stride and frames must be >= 1")
+        # splits must not share meshes: an instance is a (category, number) pair (see _instances)
+        both = sorted(set(self.categories) & set(self.ood_categories))
+        if both:
+            raise ViewsslError(f"categories and ood_categories share {', '.join(both)}: the unseen-category splits "
+                               "would hold training meshes")
+        if set(self.sequence_categories) & set(self.categories) and self.sequence_train_instances > self.train_instances:
+            raise ViewsslError(f"sequence_train_instances ({self.sequence_train_instances}) must not exceed "
+                               f"train_instances ({self.train_instances}): training sequences would use the object "
+                               "val / test meshes")
+        if self.train_instances + self.val_instances + self.test_instances > SEQUENCE_TEST_OFFSET:
+            raise ViewsslError(f"at most {SEQUENCE_TEST_OFFSET} object instances per category (the test sequences' "
+                               "instances are numbered from there)")
 
     def to_json(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
