@@ -135,7 +135,8 @@ def look_at_rotation(direction: torch.Tensor, up: torch.Tensor | None = None) ->
     looking at the origin, with the object's ``up`` (default +y) kept upright in the image. (..., 3) -> (..., 3, 3).
 
     The camera's z axis points from the object towards the camera, so ``R @ direction = (0, 0, 1)``.
-    When ``direction`` is parallel to ``up`` the object's z axis is used as the up vector instead.
+    When ``direction`` is parallel to ``up`` the object's -z axis is used as the up vector instead (the limit of the
+    camera's up vector over the top of the sphere: R_x(90 deg) at the north pole).
     """
     d = torch.nn.functional.normalize(_as_tensor(direction), dim=-1)
     if up is None:

@@ -338,6 +338,19 @@ def test_labels_bad_image_lazy_and_skip(tmp_path, caplog):
     assert ds[0]["angles"][0].item() == pytest.approx(np.radians(1.0))
 
 
+def test_export_with_skip_bad_drops_bad_items_once(tmp_path):
+    from common.data.formats import export_labels
+
+    paths = small_folder(tmp_path / "in", n=3)
+    (tmp_path / "in" / "labels.csv").write_text("path,azimuth,elevation,tilt\n" +
+                                                "".join(f"img{i}.png,{i},0,0\n" for i in range(3)))
+    paths[1].write_bytes(b"broken")
+    out = export_labels(open_dataset(tmp_path / "in", size=8, skip_bad=True), tmp_path / "out", progress=False)
+    back = read_labels(out)
+    assert len(back) == 2 and len(set(back.paths)) == 2  # a replaced item was written under the bad one's name too
+    assert np.degrees(back.angles[:, 0].numpy()) == pytest.approx([0, 2])
+
+
 # -- .mat annotations --------------------------------------------------------------------------------------------------
 
 def test_mat_without_pose_para(tmp_path):

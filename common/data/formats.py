@@ -241,6 +241,9 @@ def export_labels(dataset, out: str | os.PathLike, progress: bool = True) -> Pat
     out = Path(out)
     if (out / LABELS_FILE).exists():
         raise ViewsslError(f"already holds a {LABELS_FILE}; choose an empty folder", out)
+    if getattr(dataset, "skip_bad", False):
+        # drop the bad items first: read lazily, a bad item is replaced by another one, which would be written twice
+        dataset.verify(progress=progress)
     rows = []
     width = max(6, len(str(len(dataset))))
     for i in tqdm(range(len(dataset)), desc=f"export {out.name}", unit="img", disable=not progress):
