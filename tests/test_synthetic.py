@@ -351,3 +351,22 @@ def test_model_code_imported_after_rendering_does_not_crash(tmp_path):
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
+
+
+def test_meta_from_another_version_is_a_logged_warning(tiny, tmp_path, caplog):
+    import json
+    import logging
+    import shutil
+
+    from common.data.synthetic.benchmark import load_config
+
+    shutil.copy(tiny / "meta.json", tmp_path / "meta.json")
+    with caplog.at_level(logging.WARNING, logger="viewssl.data.synthetic"):
+        assert load_config(tmp_path) == load_config(tiny)
+    assert caplog.text == ""
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    del meta["config"]["frames"]
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    with caplog.at_level(logging.WARNING, logger="viewssl.data.synthetic"):
+        load_config(tmp_path)
+    assert "another version of viewssl" in caplog.text and "no frames" in caplog.text

@@ -231,6 +231,12 @@ def load_config(root: str | os.PathLike) -> BenchmarkConfig:
     if meta is None:
         raise ViewsslError(f"no {META_FILE}: not a rendered synthetic benchmark", root)
     known = {f.name for f in fields(BenchmarkConfig)}
+    absent = sorted(known - set(meta["config"]))
+    if absent or meta.get("version") != META_VERSION:
+        # streamed images (SyntheticDataset.from_root) may then differ from the ones on disk
+        log.warning("%s/%s: written by another version of viewssl (version %s, this one %s%s): the settings it "
+                    "lacks take today's defaults", root, META_FILE, meta.get("version"), META_VERSION,
+                    f"; no {', '.join(absent)}" if absent else "")
     return BenchmarkConfig(**{k: _as_field(k, v) for k, v in meta["config"].items() if k in known})
 
 
