@@ -110,6 +110,11 @@ def test_constant_prediction_calibration():
 def test_chordal_mean():
     r = angles_to_matrix(torch.tensor(0.3), torch.tensor(0.2), torch.tensor(-0.4)).double()
     torch.testing.assert_close(chordal_mean(r.expand(5, 3, 3)), r)
+    # a spread-out set: scipy's mean rotation (the chordal L2 mean)
+    from scipy.spatial.transform import Rotation
+
+    rots = Rotation.random(9, random_state=2)
+    torch.testing.assert_close(chordal_mean(torch.from_numpy(rots.as_matrix())), torch.from_numpy(rots.mean().as_matrix()))
 
 
 def test_knn_pose_perfect_and_geodesic():

@@ -114,6 +114,13 @@ def test_fibonacci_sphere():
     d = torch.cdist(p, p) + torch.eye(50, dtype=p.dtype) * 10
     assert d.min() > 0.3
     assert not torch.equal(fibonacci_sphere(100)[:50], p)  # Fib(100) is a different set
+    # the lattice itself (the Fib(50) / Fib(100) viewpoints): point i at height y = 1 - (2i + 1) / n on the y axis
+    # (up), at longitude i x the golden angle, measured from +x towards +z
+    i = np.arange(50)
+    np.testing.assert_allclose(p[:, 1].numpy(), 1 - (2 * i + 1) / 50, atol=1e-14)
+    longitude = np.arctan2(p[:, 2].numpy(), p[:, 0].numpy())
+    golden = np.pi * (3 - np.sqrt(5))
+    np.testing.assert_allclose(np.angle(np.exp(1j * (longitude - i * golden))), 0, atol=1e-12)
     with pytest.raises(ValueError):
         fibonacci_sphere(0)
 

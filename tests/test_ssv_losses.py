@@ -24,11 +24,13 @@ def _gen(seed=0):
 
 
 def test_wgan_critic_loss_formula():
-    real = torch.tensor([1.0, 2.0, -3.0])
-    fake = torch.tensor([0.5, -0.5])
-    expected = -(1 + 2 - 3) / 3 + 0.0 + 1e-3 * (1 + 4 + 9) / 3
+    real = torch.tensor([1.0, 2.0, 3.0])
+    fake = torch.tensor([0.5, 1.5])
+    # -E[D(real)] + E[D(fake)] + drift E[D(real)^2]: non-zero means, so a swapped sign shows
+    expected = -(1 + 2 + 3) / 3 + (0.5 + 1.5) / 2 + 1e-3 * (1 + 4 + 9) / 3
     assert losses.wgan_critic_loss(real, fake, drift=1e-3).item() == pytest.approx(expected)
-    assert losses.generator_adversarial_loss(fake).item() == pytest.approx(0.0)
+    assert losses.wgan_critic_loss(torch.tensor([1.0, -1.0]), torch.tensor([0.5, -0.5]), drift=0.0).item() == 0.0
+    assert losses.generator_adversarial_loss(fake).item() == pytest.approx(-1.0)
     assert losses.generator_adversarial_loss(torch.tensor([2.0, 4.0])).item() == pytest.approx(-3.0)
 
 
@@ -121,6 +123,8 @@ def test_rotation_matrix_loss_formula():
     R2 = angles_to_matrix(torch.tensor([math.pi]), torch.tensor([0.0]), torch.tensor([0.0]))
     # ||I - R_y(pi)||_F^2 = 4 + 4 = 8
     assert losses.rotation_matrix_loss(R1, R2).item() == pytest.approx(8.0, abs=1e-5)
+    # the mean over the batch, not the sum: (8 + 0) / 2
+    assert losses.rotation_matrix_loss(torch.cat([R1, R1]), torch.cat([R2, R1])).item() == pytest.approx(4.0, abs=1e-5)
 
 
 def test_style_and_cycle_loss():

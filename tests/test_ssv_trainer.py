@@ -116,8 +116,10 @@ def test_resume_equals_uninterrupted(folder, tmp_path, gain):
         assert torch.equal(a[k], b[k]), k
     for name in ("V", "G"):
         sa, sb = full.optimizers()[name].state_dict(), second.optimizers()[name].state_dict()
-        for pid in sa["state"]:
-            assert torch.equal(sa["state"][pid]["exp_avg"], sb["state"][pid]["exp_avg"])
+        assert sa["state"].keys() == sb["state"].keys()
+        for pid in sa["state"]:  # exp_avg, exp_avg_sq and the step count
+            for key, value in sa["state"][pid].items():
+                assert torch.equal(value, sb["state"][pid][key]), (name, pid, key)
 
 
 def test_runs_from_before_the_illumination_ramps_still_resume(folder, tmp_path):
@@ -403,3 +405,100 @@ def test_highpass_is_checked_and_reaches_the_supervised_v(folder):
         build_config("cpu", str(folder), highpass=1.0, augment_gain=0.25)
     assert build_config("cpu", str(folder), ball_mask=True)["g_ball_mask"] is True
     assert build_config("cpu", str(folder))["g_ball_mask"] is False
+
+
+# --- the wiring of one step: weights, symmetry targets, EMA, learning rates, the supervised flip -----------------
+WEIGHTS = dict(w_style=0.7, w_view=0.3, w_imc=0.25, w_sym=0.6, w_gsym=0.45, gp_weight=7.0, phi="random")
+
+
+def test_step_totals_are_the_weighted_sums_of_the_terms(folder):
+    t = SSVTrainer(tiny_config(folder, **WEIGHTS))
+    terms = {k: float(v) for k, v in t.train_step(next(t.batches(0)), 0).items()}
+    w = WEIGHTS
+    d_total = (terms["d_critic"] + w["w_style"] * terms["d_style"] + w["w_view"] * terms["d_view"]
+               + w["w_sym"] * terms["d_sym"] + w["w_imc"] * terms["d_imc"] + w["gp_weight"] * terms["d_gp"])
+    g_total = (terms["g_adv"] + w["w_style"] * terms["g_style"] + w["w_view"] * terms["g_view"]
+               + w["w_gsym"] * terms["g_sym"])
+    assert terms["d_total"] == pytest.approx(d_total, rel=1e-5, abs=1e-6)  # L_imc weighted once (the release: twice)
+    assert terms["g_total"] == pytest.approx(g_total, rel=1e-5, abs=1e-6)
+
+
+def test_symmetry_targets_come_from_the_real_image_flipped(folder, monkeypatch):
+    import ssv.losses as ssv_losses
+
+    t = SSVTrainer(tiny_config(folder, **WEIGHTS))
+    seen = {}
+    forward = t._v_forward
+
+    def v_forward(*images):
+        seen["images"], seen["outs"] = images, forward(*images)
+        return seen["outs"]
+
+    pseudo_target = t.head.pseudo_target
+
+    def spy_target(view, flip):
+        seen["target_in"], seen["flip"] = view, flip
+        seen["target"] = pseudo_target(view, flip=flip)
+        return seen["target"]
+
+    symmetry = ssv_losses.view_symmetry_loss
+
+    def spy_symmetry(loss_fn, pred, target, z_flipped, z_real):
+        seen["sym"] = (pred, target, z_flipped, z_real)
+        return symmetry(loss_fn, pred, target, z_flipped, z_real)
+
+    monkeypatch.setattr(t, "_v_forward", v_forward)
+    monkeypatch.setattr(t.head, "pseudo_target", spy_target)
+    monkeypatch.setattr(ssv_losses, "view_symmetry_loss", spy_symmetry)
+    t.train_step(next(t.batches(0)), 0)
+    real, mirrored = seen["images"][0], seen["images"][1]
+    assert torch.equal(mirrored, torch.flip(real, dims=[-1]))
+    out_real, out_mirrored = seen["outs"][0], seen["outs"][1]
+    assert seen["target_in"] is out_real["view"] and seen["flip"] is True
+    pred, target, z_flipped, z_real = seen["sym"]
+    assert pred is out_mirrored["view"] and target is seen["target"]
+    assert z_flipped is out_mirrored["z"] and z_real is out_real["z"]
+
+
+def test_ema_generator_and_the_mapping_networks_learning_rate(folder):
+    t = SSVTrainer(tiny_config(folder))
+    g0 = {k: v.detach().clone() for k, v in t.G.named_parameters()}
+    t.train_step(next(t.batches(0)), 0)
+    g1 = dict(t.G.named_parameters())
+    decay = min(t.config["ema_decay"], 1 / 10)  # the ramp at step 0
+    for k, p in t.G_ema.named_parameters():
+        torch.testing.assert_close(p.detach(), decay * g0[k] + (1 - decay) * g1[k].detach(), msg=k)
+    # Adam with beta1 = 0 moves a parameter by lr g / (|g| + eps) ~ lr on its first step (the S step's gradients are
+    # still on the parameters; entries with |g| ~ eps move less)
+    lr = t.config["lr_g"]
+    checked = set()
+    for k, p in g1.items():
+        strong = p.grad.abs() > 1e-5
+        if not strong.any():
+            continue
+        step = (p.detach() - g0[k]).abs()[strong]
+        expected = lr * t.config["lr_mapping_mult"] if k.startswith("mapping.") else lr
+        torch.testing.assert_close(step, torch.full_like(step, expected), rtol=2e-2, atol=0, msg=k)  # float32 diffs
+        checked.add(k.split(".")[0])
+    assert {"mapping", "to_rgb"} <= checked
+
+
+def test_supervised_flip_mirrors_the_labels_with_the_images(folder, monkeypatch):
+    from ssv.viewpoint import flip_angles
+
+    t = SSVTrainer(tiny_config(folder, supervised=True))
+    batch = next(t.batches(0))
+    seen = {}
+    forward, encode = t.V.forward, t.head.encode
+    monkeypatch.setattr(t.V, "forward", lambda x: (seen.__setitem__("x", x), forward(x))[1])
+    monkeypatch.setattr(t.head, "encode", lambda a: (seen.__setitem__("angles", a), encode(a))[1])
+    torch.manual_seed(0)  # torch.rand(4) < 0.5: flips items 0, 2, 3, not 1
+    t.train_step(batch, 0)
+    x0 = to_unit_range(seen["x"])  # back to [0, 1]
+    labels = batch["angles"].float()
+    mirrored = [not torch.allclose(x0[i], batch["image"][i], atol=1e-5) for i in range(len(labels))]
+    assert any(mirrored) and not all(mirrored)
+    for i, m in enumerate(mirrored):
+        if m:
+            torch.testing.assert_close(x0[i], torch.flip(batch["image"][i], dims=[-1]), atol=1e-5, rtol=0)
+        torch.testing.assert_close(seen["angles"][i], flip_angles(labels[i:i + 1])[0] if m else labels[i])
