@@ -1,4 +1,5 @@
-"""SSV under 2 processes (gloo, CPU, loopback): the replicas start equal and stay equal (gradients averaged).
+"""SSV under 2 processes (gloo, CPU, loopback): the replicas start equal (rank 0's weights broadcast) and stay equal
+(gradients averaged).
 
 Each rank draws its own style codes, viewpoints and dropout masks (seed + rank), so a 2-process run is not the
 1-process run draw for draw; what must hold is that every rank applies the same averaged update.
@@ -23,8 +24,21 @@ def _worker(rank: int, world: int, port: int, data: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
+        import ssv.trainer as ssv_trainer
         from ssv.trainer import SSVTrainer, default_config
 
+        def perturbed(build):  # rank 1 builds other initial weights: the broadcast from rank 0 must replace them
+            def wrapped(config):
+                net = build(config)
+                if rank == 1:
+                    with torch.no_grad():
+                        for p in net.parameters():
+                            p.add_(0.5)
+                return net
+            return wrapped
+
+        ssv_trainer.build_viewpoint = perturbed(ssv_trainer.build_viewpoint)
+        ssv_trainer.build_synthesis = perturbed(ssv_trainer.build_synthesis)
         t = SSVTrainer(default_config("cpu", data=data, seed=3, **TINY))
         init = {k: v.detach().clone() for k, v in t.V.state_dict().items()}
         batches = t.batches(0)
