@@ -43,6 +43,13 @@ def test_compare_smoke_writes_tables_and_plots(tiny_bench, tmp_path):
     table = [line for line in md.splitlines() if line.startswith("| ")]
     assert len(table) == 1 + 6 and all(line.count("|") == table[0].count("|") for line in table)
     assert "| SSV (cpu preset) |" in md and "heads/test" in md
+    # the table shows the JSON's figures (one seed: the value itself)
+    ssv_row = next(line for line in table if line.startswith("| SSV (cpu preset) |")).split("|")[2:-1]
+    run = data["runs"]["ssv"][0]
+    keys = [f"viewpoint_readout/readout/{k}" for k in ("azimuth_mae", "elevation_mae", "tilt_mae", "mae")]
+    keys += ["viewpoint/raw/mae"] + [f"viewpoint/calibrated/{k}" for k in ("azimuth_mae", "elevation_mae",
+                                                                           "tilt_mae", "mae")]
+    assert [cell.strip() for cell in ssv_row[:9]] == [f"{run[k]:.1f}" for k in keys]
     for png in ("per_angle_errors", "error_vs_azimuth", "sequence_pca", "ssv_azimuth_sweep"):
         assert (out / f"{png}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({png}.png)" in md
