@@ -63,8 +63,10 @@ def atomic_write_json(obj: Any, path: str | os.PathLike) -> None:
 def folder_lock(folder: str | os.PathLike, who: str):
     """Hold an exclusive lock on ``folder`` (an ``flock`` on its ``.lock`` file, made with the folder if need be) while
     the block runs. A second holder, in this process or another, gets a :class:`ViewsslError` naming the folder
-    instead of writing over the first one's files. The lock goes with the process, even a killed one. Where there is
-    no ``fcntl`` (Windows) the folder is not guarded."""
+    instead of writing over the first one's files. The lock goes with the process, even a killed one. The empty
+    ``.lock`` file stays afterwards on purpose: deleting it on release would let a process that opened it just before
+    lock a file no longer in the folder while a third locks a new one. Where there is no ``fcntl`` (Windows) the
+    folder is not guarded."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     try:
