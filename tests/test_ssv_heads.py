@@ -56,6 +56,14 @@ def test_quick_run_writes_the_table_with_every_row(tiny_heads, tmp_path):
         assert 0 <= row["metrics"]["calibrated/mae"] <= 180, name
     table = (out / "ssv_heads.md").read_text()
     assert table.count("| SSV") == 3 and "random prediction (floor)" in table and "learned" in table
+    # the table shows the JSON's figures: raw and calibrated azimuth / elevation / tilt / MAE of each row
+    from experiments.ssv_heads import KEYS
+
+    for title, name in (("SSV full", "full"), ("supervised (same V, labels)", "supervised")):
+        cells = [c.strip() for c in next(line for line in table.splitlines()
+                                         if line.startswith(f"| {title} |")).split("|")[3:11]]
+        m = data["rows"][name]["metrics"]
+        assert cells == [f"{m[f'{kind}/{k}']:.1f}" for kind in ("raw", "calibrated") for k in KEYS], name
     # V was evaluated on the test heads at steps 2 and 4 of every row, and the curves were drawn
     for name in ("full", "no_imc", "no_imc_sym", "supervised"):
         steps, values = eval_history(out / name)
