@@ -502,3 +502,21 @@ def test_supervised_flip_mirrors_the_labels_with_the_images(folder, monkeypatch)
         if m:
             torch.testing.assert_close(x0[i], torch.flip(batch["image"][i], dims=[-1]), atol=1e-5, rtol=0)
         torch.testing.assert_close(seen["angles"][i], flip_angles(labels[i:i + 1])[0] if m else labels[i])
+
+
+def test_gradients_are_averaged_over_ranks_not_summed(monkeypatch):
+    """Two ranks with the same gradient g: all_reduce sums to 2g and the average must give back g (a missing
+    division doubles the step under SGD and changes Adam's epsilon balance)."""
+    import ssv.trainer as ssv_trainer
+
+    net = torch.nn.Linear(3, 2)
+    net(torch.ones(4, 3)).pow(2).sum().backward()
+    grads = [p.grad.clone() for p in net.parameters()]
+    calls = []
+    monkeypatch.setattr(ssv_trainer.dist_utils, "is_distributed", lambda: True)
+    monkeypatch.setattr(ssv_trainer.dist_utils, "world_size", lambda: 2)
+    monkeypatch.setattr(ssv_trainer.dist, "all_reduce", lambda t: calls.append(t) or t.mul_(2))
+    ssv_trainer._average_gradients(net)
+    assert len(calls) == len(grads)
+    for p, g in zip(net.parameters(), grads):
+        assert torch.allclose(p.grad, g)
