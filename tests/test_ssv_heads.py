@@ -52,8 +52,11 @@ def test_quick_run_writes_the_table_with_every_row(tiny_heads, tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads((out / "ssv_heads.json").read_text())
     assert set(data["rows"]) == {"full", "no_imc", "no_imc_sym", "supervised", "random"}
-    for name, row in data["rows"].items():
-        assert 0 <= row["metrics"]["calibrated/mae"] <= 180, name
+    for name, row in data["rows"].items():  # every row has both protocols, each MAE the mean of its three angles
+        for proto in ("raw", "calibrated"):
+            per_angle = [row["metrics"][f"{proto}/{a}_mae"] for a in ("azimuth", "elevation", "tilt")]
+            assert all(0 <= v <= 180 for v in per_angle), (name, proto, per_angle)
+            assert row["metrics"][f"{proto}/mae"] == pytest.approx(sum(per_angle) / 3), (name, proto)
     table = (out / "ssv_heads.md").read_text()
     assert table.count("| SSV") == 3 and "random prediction (floor)" in table and "learned" in table
     # the table shows the JSON's figures: raw and calibrated azimuth / elevation / tilt / MAE of each row
