@@ -10,7 +10,8 @@ calibrated MAE at every step V was evaluated during training (``--eval-every``, 
 table step. For every step, the table gives each row's mean and standard deviation over the seeds evaluated there
 (the values seed by seed beside them), and checks the paper's ordering full < no_imc < no_imc_sym on the seeds that
 have all three rows at that step: on their means, and seed by seed, with each step of it seed by seed
-(``no_imc-full``, ``no_imc_sym-no_imc``: how much worse the row without the loss is; > 0 is in order). Folders
+(``no_imc-full``, ``no_imc_sym-no_imc``: how much worse the row without the loss is; > 0 is in order), with their
+mean and the one-sided p of a paired t-test over the seeds (small p: the loss helps beyond the seed noise). Folders
 whose runs differ in anything but the seed and the loss switches of the rows (preset, image size, high-pass, ...)
 are refused; the supervised row may also leave off S's augmentations (``ssv_heads`` trains it without them). Writes
 ``OUT/ssv_seeds.md``, ``OUT/ssv_seeds.json`` and ``OUT/ssv_seeds.png`` (thin lines: seeds; thick: the mean where
@@ -101,6 +102,21 @@ def _ordered(values: list[float]) -> bool:
     return all(a < b for a, b in zip(values, values[1:]))
 
 
+def gap_test(gaps: list[float]) -> dict[str, float]:
+    """Paired one-sided t-test of the paper's claim that the row without the loss is worse: (n,) per-seed gaps
+    (worse - better) -> their mean, t = mean / (std / sqrt(n)) and p = P(T_{n-1} >= t) under "no effect". NaN t and p
+    with fewer than two seeds or gaps without spread."""
+    import math
+
+    from scipy import stats
+
+    mean = statistics.fmean(gaps) if gaps else float("nan")
+    if len(gaps) < 2 or statistics.stdev(gaps) == 0:
+        return {"mean": mean, "t": float("nan"), "p": float("nan"), "n": len(gaps)}
+    t = mean / (statistics.stdev(gaps) / math.sqrt(len(gaps)))
+    return {"mean": mean, "t": t, "p": float(stats.t.sf(t, df=len(gaps) - 1)), "n": len(gaps)}
+
+
 def summarize(curves: dict[str, dict[int, dict[int, float]]]) -> list[dict]:
     """One record per evaluated step: each row's values by seed, mean and std, and the ordering checks."""
     steps = sorted({s for by_seed in curves.values() for c in by_seed.values() for s in c})
@@ -121,6 +137,7 @@ def summarize(curves: dict[str, dict[int, dict[int, float]]]) -> list[dict]:
             rec["ordering_by_seed"] = {s: _ordered(v) for s, v in by_seed.items()}
             # each step of the ordering, seed by seed: how much worse the row without the loss is (> 0: in order)
             rec["gaps"] = {name: {s: v[i + 1] - v[i] for s, v in by_seed.items()} for i, name in enumerate(GAP_NAMES)}
+            rec["gap_tests"] = {name: gap_test(list(g.values())) for name, g in rec["gaps"].items()}
         records.append(rec)
     return records
 
@@ -144,7 +161,10 @@ def markdown(records: list[dict], rows: list[str]) -> str:
         cells.append(f"{sum(by_seed.values())} of {len(by_seed)}" if by_seed else "-")
         for name in GAP_NAMES:
             gap = (rec.get("gaps") or {}).get(name)
-            cells.append(", ".join(f"{v:+.1f} (s{s})" for s, v in gap.items()) if gap else "-")
+            test = (rec.get("gap_tests") or {}).get(name)
+            cells.append(", ".join(f"{v:+.1f} (s{s})" for s, v in gap.items())
+                         + (f"; mean {test['mean']:+.1f}, p {test['p']:.2f}" if test and test["p"] == test["p"] else "")
+                         if gap else "-")
         lines.append(f"| {rec['step']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

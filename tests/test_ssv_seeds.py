@@ -1,13 +1,14 @@
 """The SSV ablation over seeds: values gathered from ssv_heads folders, means against an independent computation,
 the ordering checks, and refusal of folders that are not one ablation."""
 import json
+import math
 import statistics
 
 import pytest
 from click.testing import CliRunner
 
 from common.errors import ViewsslError
-from experiments.ssv_seeds import collect, main, summarize
+from experiments.ssv_seeds import collect, gap_test, main, summarize
 
 CONFIG = {"preset": "cpu64", "image_size": 64, "d_highpass": 2.0, "phi": "auto", "w_imc": 1.0, "w_sym": 1.0}
 SWITCHES = {"full": {"phi": "critic"}, "no_imc": {"w_imc": 0.0}, "no_imc_sym": {"w_imc": 0.0, "w_sym": 0.0},
@@ -59,10 +60,26 @@ def test_means_and_the_ordering_on_means_and_by_seed(two_seeds):
     # each step seed by seed: no_imc - full and no_imc_sym - no_imc (seed 1's no_imc_sym at 1000 is 25.0)
     assert at["gaps"]["no_imc-full"] == pytest.approx({0: 3.0, 1: -1.0})
     assert at["gaps"]["no_imc_sym-no_imc"] == pytest.approx({0: 1.0, 1: 6.0})
+    # the paired t-test on two seeds (1 degree of freedom: Student's t is Cauchy): gaps 3, -1 -> t = 1 / (2.83 / 1.41)
+    test = at["gap_tests"]["no_imc-full"]
+    assert test["mean"] == pytest.approx(1.0) and test["t"] == pytest.approx(0.5)
+    assert test["p"] == pytest.approx(0.5 - math.atan(0.5) / math.pi)
     # 500: means 26.0, 26.0, 27.5: not strictly ordered
     assert records[500]["ordering_on_means"] is False
     # 1500: only one row evaluated, so no ordering; one seed has std 0
     assert "ordering_on_means" not in records[1500] and records[1500]["rows"]["no_imc_sym"]["std"] == 0.0
+
+
+def test_gap_test_against_students_t_with_two_degrees_of_freedom():
+    # df = 2: P(T >= t) = 1/2 - t / (2 sqrt(2 + t^2)); gaps 1, 2, 6: mean 3, std sqrt(7), t = 3 sqrt(3) / sqrt(7)
+    test = gap_test([1.0, 2.0, 6.0])
+    t = 3 * math.sqrt(3) / math.sqrt(7)
+    assert test["mean"] == pytest.approx(3.0) and test["t"] == pytest.approx(t) and test["n"] == 3
+    assert test["p"] == pytest.approx(0.5 - t / (2 * math.sqrt(2 + t * t)))
+    assert gap_test([-1.0, -2.0, -6.0])["p"] == pytest.approx(1 - test["p"])  # the loss hurting: p near 1
+    for gaps in ([2.0], [2.0, 2.0]):  # one seed, or gaps without spread: no test
+        test = gap_test(gaps)
+        assert test["mean"] == pytest.approx(2.0) and math.isnan(test["t"]) and math.isnan(test["p"])
 
 
 def test_folders_of_different_settings_are_refused(tmp_path):
@@ -128,7 +145,8 @@ def test_cli_writes_table_json_and_plot(two_seeds, tmp_path):
     result = CliRunner().invoke(main, [*map(str, two_seeds), "--out", str(out), "--step", "1000"])
     assert result.exit_code == 0, result.output
     assert "| 1000 | **22.7** ± 6.4: 18.0 (s0), 20.0 (s1), 30.0 (s2) |" in result.output
-    assert "| yes (2) | 1 of 2 | +3.0 (s0), -1.0 (s1) | +1.0 (s0), +6.0 (s1) |" in result.output
+    assert ("| yes (2) | 1 of 2 | +3.0 (s0), -1.0 (s1); mean +1.0, p 0.35 | +1.0 (s0), +6.0 (s1); mean +3.5, p 0.20 |"
+            in result.output)
     assert "| 500 |" not in result.output
     assert "| 500 |" in (out / "ssv_seeds.md").read_text()
     data = json.loads((out / "ssv_seeds.json").read_text())
