@@ -21,6 +21,7 @@ __all__ = [
     "angles_to_matrix",
     "matrix_to_angles",
     "angular_difference",
+    "flip_angles",
     "wrap_angle",
     "geodesic_distance",
     "fibonacci_sphere",
@@ -84,6 +85,13 @@ def matrix_to_angles(R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     azimuth = torch.where(locked, az_locked, azimuth)
     tilt = torch.where(locked, torch.zeros_like(tilt), tilt)
     return azimuth, elevation, tilt
+
+
+def flip_angles(angles: torch.Tensor) -> torch.Tensor:
+    """Viewpoint of the horizontally mirrored image: (..., 3) (a, e, t) -> (..., 3) (-a, e, -t). Exact for a frame whose
+    azimuth 0 / tilt 0 view is the mirror-symmetric one (a head facing the camera; SSV's L_sym trains V's frame so)."""
+    sign = torch.tensor([-1.0, 1.0, -1.0], dtype=angles.dtype, device=angles.device)
+    return angles * sign
 
 
 def wrap_angle(angle: torch.Tensor) -> torch.Tensor:

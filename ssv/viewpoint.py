@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from common.geometry import angles_to_matrix, matrix_to_angles, rotation_6d_to_matrix
+from common.geometry import angles_to_matrix, flip_angles, matrix_to_angles, rotation_6d_to_matrix
 
 from . import losses
 from .layers import EqualLinear
@@ -49,12 +49,6 @@ SIGNS = torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]])
 #: Which of (azimuth, elevation, tilt) change sign under a horizontal mirror.
 FLIP_MASK = torch.tensor([True, False, True])
 _MIRROR = torch.diag(torch.tensor([-1.0, 1.0, 1.0]))
-
-
-def flip_angles(angles: torch.Tensor) -> torch.Tensor:
-    """Viewpoint of the mirrored image: (..., 3) (a, e, t) -> (..., 3) (-a, e, -t)."""
-    sign = torch.tensor([-1.0, 1.0, -1.0], dtype=angles.dtype, device=angles.device)
-    return angles * sign
 
 
 def flip_matrix(R: torch.Tensor) -> torch.Tensor:

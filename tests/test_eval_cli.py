@@ -98,3 +98,29 @@ def test_list_metrics():
     res = CliRunner().invoke(cli, ["eval", "--list-metrics"])
     assert res.exit_code == 0
     assert res.output.split()[0] == "viewpoint" and "box_fit" in res.output
+
+
+def test_eval_flip_average(tmp_path, oracle_family):
+    """The oracle sees the same code in a mirrored image, so with --flip-average every prediction becomes the
+    geodesic midpoint of the true view and its mirror: the raw errors are those of that midpoint (scipy's mean)."""
+    import numpy as np
+    from scipy.spatial.transform import Rotation
+
+    from common.data.labels import read_labels
+
+    folder = make_folder(tmp_path / "mine")
+    run = tmp_path / "run"
+    _checkpoint(run, folder)
+    res = CliRunner().invoke(cli, ["eval", "--checkpoint", str(run), "--data", str(folder), "--metrics", "viewpoint",
+                                   "--device", "cpu", "--flip-average"])
+    assert res.exit_code == 0, res.output
+    payload = json.loads((run / "eval-mine-all-flip.json").read_text())
+    assert payload["flip_average"] is True
+    true = read_labels(folder).angles.double().numpy()
+    mirrored = true * np.array([-1.0, 1.0, -1.0])
+    mid = np.stack([Rotation.from_euler("YXZ", [t, m]).mean().as_euler("YXZ") for t, m in zip(true, mirrored)])
+    err = np.degrees(np.abs((mid - true + np.pi) % (2 * np.pi) - np.pi)).mean(axis=0)
+    m = payload["metrics"]
+    assert err[0] > 1.0  # the fixture's views are turned: the flip moves them
+    for name, e in zip(("azimuth", "elevation", "tilt"), err):
+        assert m[f"viewpoint/raw/{name}_mae"] == pytest.approx(e, abs=1e-4), name

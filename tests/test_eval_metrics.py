@@ -38,7 +38,7 @@ SEQ_COLUMNS = ["fx", "fy", "cx", "cy", "box_cx", "box_cy", "box_cz", "box_sx", "
 # ============================================================================ fake data
 def _code_image(dataset_id: int, row: int) -> np.ndarray:
     img = np.full((SIZE, SIZE, 3), 128, dtype=np.uint8)
-    img[0, 0] = (dataset_id, row // 256, row % 256)
+    img[0, 0] = img[0, -1] = (dataset_id, row // 256, row % 256)  # both top corners: a mirrored image reads the same
     return img
 
 
@@ -365,3 +365,45 @@ def test_registry_names():
     assert list(METRICS)[:8] == ["viewpoint", "knn_pose", "relative_pose", "linear_probe", "knn_class",
                                  "retrieval", "reid", "box_fit"]
     assert all(callable(f) and f.__doc__ for f in METRICS.values())
+
+
+# ============================================================================ test-time flip
+class _SidedModel:
+    """Predicts ``left`` for images brighter on the left, ``right`` otherwise (one row per image)."""
+
+    family, input_size, taps = "sided", 8, ["pooled"]
+
+    def __init__(self, left, right):
+        self.left, self.right = torch.tensor(left, dtype=torch.float64), torch.tensor(right, dtype=torch.float64)
+
+    def predict_angles(self, images):
+        brighter_left = images[..., :4].mean(dim=(1, 2, 3)) > images[..., 4:].mean(dim=(1, 2, 3))
+        return torch.where(brighter_left[:, None], self.left, self.right)
+
+    def features(self, images, taps):
+        return {"pooled": images.flatten(1)}
+
+
+def test_flip_averaged_is_the_geodesic_midpoint_against_scipy():
+    from scipy.spatial.transform import Rotation
+
+    from common.eval import FlipAveraged
+    from common.geometry import flip_angles
+
+    images = torch.zeros(2, 3, 8, 8)
+    images[..., :4] = 1.0  # brighter on the left: the model says `left`; mirrored, it says `right`
+    left, right = [[0.3, 0.2, 0.1], [1.2, -0.4, 0.3]], [[-0.5, 0.25, 0.05], [-0.9, -0.3, -0.2]]
+    model = FlipAveraged(_SidedModel(left, right))
+    got = model.predict_angles(images)
+    for i in range(2):
+        mirrored = flip_angles(torch.tensor(right[i])).tolist()
+        want = Rotation.from_euler("YXZ", [left[i], mirrored]).mean()
+        assert Rotation.from_euler("YXZ", got[i].tolist()).approx_equal(want, atol=1e-6), i
+    # a model that already predicts the mirrored view exactly is unchanged
+    exact = FlipAveraged(_SidedModel(left, flip_angles(torch.tensor(left)).tolist()))
+    torch.testing.assert_close(exact.predict_angles(images), torch.tensor(left, dtype=torch.float64))
+    # features and attributes are the wrapped model's; no angles stay no angles
+    assert model.taps == ["pooled"] and model.input_size == 8 and model.family == "sided"
+    assert torch.equal(model.features(images, ["pooled"])["pooled"], images.flatten(1))
+    model.model.predict_angles = lambda images: None
+    assert model.predict_angles(images) is None

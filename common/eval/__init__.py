@@ -29,7 +29,7 @@ from .metrics import (
     register_metric,
     run_metrics,
 )
-from .models import FAMILIES, PoseModel, load_model, register_family
+from .models import FAMILIES, FlipAveraged, PoseModel, load_model, register_family
 from .pose import calibrated_viewpoint_errors, evaluate_viewpoints, knn_pose, viewpoint_errors
 from .probes import linear_probe, relative_pose_probe
 from .retrieval import recall_at_k, reid_metrics
@@ -45,5 +45,5 @@ __all__ = [
     "Compressor", "LayerTaps", "extract_taps", "pool_feature_map",
     "METRICS", "register_metric", "run_metrics", "EvalResults", "EvalContext", "DataSource", "SkipMetric",
     "MeanAccumulator", "AccuracyAccumulator", "GeodesicAccumulator", "IoUAccumulator", "ViewpointAccumulator",
-    "PoseModel", "FAMILIES", "register_family", "load_model",
+    "PoseModel", "FlipAveraged", "FAMILIES", "register_family", "load_model",
 ]

@@ -37,12 +37,12 @@ def format_table(results) -> str:
     return "\n".join(lines)
 
 
-def _default_output(model, data: Path, split: str) -> Path:
+def _default_output(model, data: Path, split: str, suffix: str = "") -> Path:
     ckpt = getattr(model, "checkpoint_path", None)
     run_dir = Path(ckpt).parent if ckpt else Path.cwd()
     if run_dir.name == "checkpoints":
         run_dir = run_dir.parent
-    return run_dir / f"eval-{data.resolve().name}-{split or 'all'}.json"
+    return run_dir / f"eval-{data.resolve().name}-{split or 'all'}{suffix}.json"
 
 
 def _list_metrics(ctx: click.Context, _param, value: bool) -> None:
@@ -92,12 +92,15 @@ def _finite(obj):
 @click.option("--probe-steps", default=300, show_default=True, type=click.IntRange(min=1))
 @click.option("--box-queries", default=1000, show_default=True, type=click.IntRange(min=1),
               help="Seeded number of query frames for box fitting.")
+@click.option("--flip-average", is_flag=True,
+              help="Test-time flip: average each predicted viewpoint with the mirror (-azimuth, elevation, -tilt) of "
+                   "the prediction on the mirrored image (left-right symmetric classes; the JSON gets an -flip name).")
 @click.option("--list-metrics", is_flag=True, is_eager=True, expose_value=False, callback=_list_metrics,
               help="List the metric names and exit.")
 def eval_command(checkpoint, data, split, metrics, output, device, batch_size, seed, taps, compress, calibration,
-                 calibration_count, limit, knn_k, knn_temperature, probe_steps, box_queries):
+                 calibration_count, limit, knn_k, knn_temperature, probe_steps, box_queries, flip_average):
     """Evaluate a checkpoint: viewpoint, kNN pose, relative pose, classification, retrieval, re-ID, 3D boxes."""
-    from . import load_model, run_metrics
+    from . import FlipAveraged, load_model, run_metrics
     from .context import DataSource
     from .metrics import _check_names
 
@@ -105,6 +108,8 @@ def eval_command(checkpoint, data, split, metrics, output, device, batch_size, s
     source = DataSource.detect(data)
     dev = resolve_device(device)
     model = load_model(checkpoint, dev)
+    if flip_average:
+        model = FlipAveraged(model)
     results = run_metrics(
         model, source.root, names, split=split, device=dev, batch_size=batch_size, seed=seed,
         taps=list(taps) or None, compress=compress, calibration=calibration, calibration_count=calibration_count,
@@ -112,10 +117,12 @@ def eval_command(checkpoint, data, split, metrics, output, device, batch_size, s
         progress=True,
     )
     click.echo(format_table(results))
-    out_path = output or _default_output(model, source.root, results.context.get("split", split))
+    out_path = output or _default_output(model, source.root, results.context.get("split", split),
+                                         "-flip" if flip_average else "")
     payload = {
         "checkpoint": str(getattr(model, "checkpoint_path", checkpoint)),
         "step": getattr(model, "checkpoint_step", None),
+        "flip_average": flip_average,
         **results.to_json(),
     }
     try:

@@ -23,7 +23,7 @@ import torch
 
 from ..errors import ViewsslError
 
-__all__ = ["PoseModel", "FAMILIES", "FAMILY_MODULES", "register_family", "load_model"]
+__all__ = ["PoseModel", "FlipAveraged", "FAMILIES", "FAMILY_MODULES", "register_family", "load_model"]
 
 log = logging.getLogger("viewssl.eval.models")
 
@@ -41,6 +41,37 @@ class PoseModel(Protocol):
 
     def features(self, images: torch.Tensor, taps: Sequence[str]) -> dict[str, torch.Tensor]:
         """(B, 3, H, W) float in [0, 1] -> {tap: (B, D) float} on the model's device."""
+
+
+class FlipAveraged:
+    """Test-time flip: a :class:`PoseModel` whose viewpoint is the geodesic midpoint of the model's prediction on the
+    image and the mirror (:func:`common.geometry.flip_angles`) of its prediction on the horizontally mirrored image.
+
+    Meant for left-right symmetric classes (heads, most objects) in a frame whose azimuth 0 / tilt 0 view is the
+    symmetric one, the frame SSV's L_sym trains; a model that already predicts mirrored views exactly is unchanged.
+    Features are the wrapped model's (not averaged); every other attribute is the wrapped model's too.
+    """
+
+    def __init__(self, model: PoseModel):
+        self.model = model
+
+    def __getattr__(self, name: str):
+        if name == "model":  # not set yet (copy / unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.model, name)
+
+    def predict_angles(self, images: torch.Tensor) -> torch.Tensor | None:
+        from ..geometry import angles_to_matrix, flip_angles, matrix_to_angles, slerp
+
+        straight = self.model.predict_angles(images)
+        if straight is None:
+            return None
+        mirrored = flip_angles(self.model.predict_angles(images.flip(-1)).to(torch.float64))
+        R = slerp(angles_to_matrix(*straight.to(torch.float64).unbind(-1)), angles_to_matrix(*mirrored.unbind(-1)), 0.5)
+        return torch.stack(matrix_to_angles(R), dim=-1).to(straight.dtype)
+
+    def features(self, images: torch.Tensor, taps: Sequence[str]) -> dict[str, torch.Tensor]:
+        return self.model.features(images, taps)
 
 
 Loader = Callable[[dict, torch.device], PoseModel]
