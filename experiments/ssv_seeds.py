@@ -104,15 +104,15 @@ def _ordered(values: list[float]) -> bool:
 
 def gap_test(gaps: list[float]) -> dict[str, float]:
     """Paired one-sided t-test of the paper's claim that the row without the loss is worse: (n,) per-seed gaps
-    (worse - better) -> their mean, t = mean / (std / sqrt(n)) and p = P(T_{n-1} >= t) under "no effect". NaN t and p
-    with fewer than two seeds or gaps without spread."""
+    (worse - better) -> their mean, t = mean / (std / sqrt(n)) and p = P(T_{n-1} >= t) under "no effect". t and p are
+    None with fewer than two seeds or gaps without spread."""
     import math
 
     from scipy import stats
 
     mean = statistics.fmean(gaps) if gaps else float("nan")
     if len(gaps) < 2 or statistics.stdev(gaps) == 0:
-        return {"mean": mean, "t": float("nan"), "p": float("nan"), "n": len(gaps)}
+        return {"mean": mean, "t": None, "p": None, "n": len(gaps)}
     t = mean / (statistics.stdev(gaps) / math.sqrt(len(gaps)))
     return {"mean": mean, "t": t, "p": float(stats.t.sf(t, df=len(gaps) - 1)), "n": len(gaps)}
 
@@ -163,7 +163,7 @@ def markdown(records: list[dict], rows: list[str]) -> str:
             gap = (rec.get("gaps") or {}).get(name)
             test = (rec.get("gap_tests") or {}).get(name)
             cells.append(", ".join(f"{v:+.1f} (s{s})" for s, v in gap.items())
-                         + (f"; mean {test['mean']:+.1f}, p {test['p']:.2f}" if test and test["p"] == test["p"] else "")
+                         + (f"; mean {test['mean']:+.1f}, p {test['p']:.2g}" if test and test["p"] is not None else "")
                          if gap else "-")
         lines.append(f"| {rec['step']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

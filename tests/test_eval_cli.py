@@ -124,3 +124,13 @@ def test_eval_flip_average(tmp_path, oracle_family):
     assert err[0] > 1.0  # the fixture's views are turned: the flip moves them
     for name, e in zip(("azimuth", "elevation", "tilt"), err):
         assert m[f"viewpoint/raw/{name}_mae"] == pytest.approx(e, abs=1e-4), name
+
+
+def test_eval_flip_average_without_viewpoint_figures_warns(tmp_path, oracle_family, caplog):
+    bench = make_benchmark(tmp_path / "bench")
+    run = tmp_path / "run"
+    _checkpoint(run, bench)
+    res = CliRunner().invoke(cli, ["eval", "--checkpoint", str(run), "--data", str(bench), "--metrics", "knn_class",
+                                   "--device", "cpu", "--flip-average"])
+    assert res.exit_code == 0, res.output
+    assert "--flip-average changed nothing" in caplog.text

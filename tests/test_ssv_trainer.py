@@ -505,18 +505,19 @@ def test_supervised_flip_mirrors_the_labels_with_the_images(folder, monkeypatch)
 
 
 def test_gradients_are_averaged_over_ranks_not_summed(monkeypatch):
-    """Two ranks with the same gradient g: all_reduce sums to 2g and the average must give back g (a missing
-    division doubles the step under SGD and changes Adam's epsilon balance)."""
+    """Rank 0 holds gradient g, the other rank h: all_reduce (in place) sums them and each rank must end with
+    (g + h) / 2 (a missing division doubles the step under SGD and changes Adam's epsilon balance)."""
     import ssv.trainer as ssv_trainer
 
     net = torch.nn.Linear(3, 2)
     net(torch.ones(4, 3)).pow(2).sum().backward()
     grads = [p.grad.clone() for p in net.parameters()]
-    calls = []
+    others = [torch.randn_like(g) for g in grads]  # the other rank's gradients
+    pending = {p.grad.data_ptr(): h for p, h in zip(net.parameters(), others)}
     monkeypatch.setattr(ssv_trainer.dist_utils, "is_distributed", lambda: True)
     monkeypatch.setattr(ssv_trainer.dist_utils, "world_size", lambda: 2)
-    monkeypatch.setattr(ssv_trainer.dist, "all_reduce", lambda t: calls.append(t) or t.mul_(2))
+    monkeypatch.setattr(ssv_trainer.dist, "all_reduce", lambda t: t.add_(pending.pop(t.data_ptr())))
     ssv_trainer._average_gradients(net)
-    assert len(calls) == len(grads)
-    for p, g in zip(net.parameters(), grads):
-        assert torch.allclose(p.grad, g)
+    assert not pending  # every gradient was reduced in place
+    for p, g, h in zip(net.parameters(), grads, others):
+        assert torch.allclose(p.grad, (g + h) / 2)

@@ -117,6 +117,9 @@ def eval_command(checkpoint, data, split, metrics, output, device, batch_size, s
         progress=True,
     )
     click.echo(format_table(results))
+    if flip_average and not any(k.startswith("viewpoint/") for k in results):
+        log.warning("--flip-average changed nothing: no viewpoint figures (the model predicts no angles, or the "
+                    "viewpoint metric was not run)")
     out_path = output or _default_output(model, source.root, results.context.get("split", split),
                                          "-flip" if flip_average else "")
     payload = {

@@ -49,14 +49,16 @@ class FlipAveraged:
 
     Meant for left-right symmetric classes (heads, most objects) in a frame whose azimuth 0 / tilt 0 view is the
     symmetric one, the frame SSV's L_sym trains; a model that already predicts mirrored views exactly is unchanged.
-    Features are the wrapped model's (not averaged); every other attribute is the wrapped model's too.
+    Two predictions 180 deg apart have no unique midpoint (one of them is returned). The midpoint is computed in
+    float64 on the CPU (MPS has no float64) and returned on the model's device and dtype. Features are the wrapped
+    model's (not averaged), as are its other public attributes (``taps``, ``input_size``, ``checkpoint_path``...).
     """
 
     def __init__(self, model: PoseModel):
         self.model = model
 
     def __getattr__(self, name: str):
-        if name == "model":  # not set yet (copy / unpickling): no recursion
+        if name == "model" or name.startswith("__"):  # not set yet (copy / unpickling), or Python's protocols
             raise AttributeError(name)
         return getattr(self.model, name)
 
@@ -66,9 +68,10 @@ class FlipAveraged:
         straight = self.model.predict_angles(images)
         if straight is None:
             return None
-        mirrored = flip_angles(self.model.predict_angles(images.flip(-1)).to(torch.float64))
-        R = slerp(angles_to_matrix(*straight.to(torch.float64).unbind(-1)), angles_to_matrix(*mirrored.unbind(-1)), 0.5)
-        return torch.stack(matrix_to_angles(R), dim=-1).to(straight.dtype)
+        mirrored = flip_angles(self.model.predict_angles(images.flip(-1)).detach().to("cpu", torch.float64))
+        R0 = angles_to_matrix(*straight.detach().to("cpu", torch.float64).unbind(-1))
+        R = slerp(R0, angles_to_matrix(*mirrored.unbind(-1)), 0.5)
+        return torch.stack(matrix_to_angles(R), dim=-1).to(straight.device, straight.dtype)
 
     def features(self, images: torch.Tensor, taps: Sequence[str]) -> dict[str, torch.Tensor]:
         return self.model.features(images, taps)
