@@ -102,7 +102,7 @@ def _ordered(values: list[float]) -> bool:
     return all(a < b for a, b in zip(values, values[1:]))
 
 
-def gap_test(gaps: list[float]) -> dict[str, float]:
+def gap_test(gaps: list[float]) -> dict[str, float | None]:
     """Paired one-sided t-test of the paper's claim that the row without the loss is worse: (n,) per-seed gaps
     (worse - better) -> their mean, t = mean / (std / sqrt(n)) and p = P(T_{n-1} >= t) under "no effect". t and p are
     None with fewer than two seeds or gaps without spread."""
