@@ -106,15 +106,13 @@ def gap_test(gaps: list[float]) -> dict[str, float | None]:
     """Paired one-sided t-test of the paper's claim that the row without the loss is worse: (n,) per-seed gaps
     (worse - better) -> their mean, t = mean / (std / sqrt(n)) and p = P(T_{n-1} >= t) under "no effect". t and p are
     None with fewer than two seeds or gaps without spread."""
-    import math
-
     from scipy import stats
 
     mean = statistics.fmean(gaps) if gaps else float("nan")
     if len(gaps) < 2 or statistics.stdev(gaps) == 0:
         return {"mean": mean, "t": None, "p": None, "n": len(gaps)}
-    t = mean / (statistics.stdev(gaps) / math.sqrt(len(gaps)))
-    return {"mean": mean, "t": t, "p": float(stats.t.sf(t, df=len(gaps) - 1)), "n": len(gaps)}
+    res = stats.ttest_1samp(gaps, 0.0, alternative="greater")
+    return {"mean": mean, "t": float(res.statistic), "p": float(res.pvalue), "n": len(gaps)}
 
 
 def summarize(curves: dict[str, dict[int, dict[int, float]]]) -> list[dict]:
