@@ -74,13 +74,15 @@ def test_quick_run_writes_the_table_with_every_row(tiny_heads, tmp_path):
     assert (out / "learning_curves.png").stat().st_size > 0 and "learning_curves.png" in table
 
 
-def test_viewpoint_head_option_reaches_every_row(tiny_heads, tmp_path):
+def test_viewpoint_head_option_reaches_every_row_and_the_floor_ignores_the_seed(tiny_heads, tmp_path):
+    from experiments.ssv_heads import random_floor
+
     threads = torch.get_num_threads()
     try:
         out = tmp_path / "ssv6d"
         result = CliRunner().invoke(main, ["--data", str(tiny_heads), "--out", str(out), "--quick", "--threads", "1",
                                            "--device", "cpu", "--phi", "critic", "--eval-every", "0",
-                                           "--rows", "full,supervised", "--viewpoint-head", "6d"],
+                                           "--rows", "full,supervised", "--viewpoint-head", "6d", "--seed", "3"],
                                     catch_exceptions=False)
     finally:
         torch.set_num_threads(threads)
@@ -89,6 +91,10 @@ def test_viewpoint_head_option_reaches_every_row(tiny_heads, tmp_path):
         assert json.loads((out / row / "config.json").read_text())["viewpoint_head"] == "6d"
     data = json.loads((out / "ssv_heads.json").read_text())
     assert 0 <= data["rows"]["full"]["metrics"]["calibrated/mae"] <= 180
+    # the floor is drawn with seed 0 whatever --seed says (drawn with seed 3 it would differ)
+    test_dir = tiny_heads / "heads" / "test"
+    assert data["rows"]["random"]["metrics"] == random_floor(test_dir)
+    assert random_floor(test_dir, seed=3)["raw/mae"] != random_floor(test_dir)["raw/mae"]
 
 
 def test_a_folder_without_heads_is_a_one_line_error(tmp_path):

@@ -305,6 +305,20 @@ def test_streaming_equals_disk(tiny):
             assert all(a[k] == b[k] for k in ("index", "category", "instance", "sequence", "frame")), (kind, i)
 
 
+def test_the_streamed_default_is_the_rendered_default():
+    """SyntheticDataset(kind, split), render_benchmark(out) and `viewssl data render` default to one benchmark."""
+    import inspect
+
+    from common.data.cli import render
+
+    defaults = {k: p.default for k, p in inspect.signature(render_benchmark).parameters.items()}
+    cli = {p.name: p.default for p in render.params}
+    assert (cli["scale"], cli["size"], cli["seed"]) == (defaults["scale"], defaults["size"], defaults["seed"])
+    rendered = BenchmarkConfig.preset(defaults["scale"], size=defaults["size"], seed=defaults["seed"])
+    assert SyntheticDataset("heads", "test").config == rendered
+    assert BenchmarkConfig.preset("full", size=defaults["size"]) != rendered  # the scales differ: a real check
+
+
 def test_dataloader_workers_render_after_fork(tiny):
     ds = SyntheticDataset.from_root(tiny, "objects", "val")
     expected = torch.stack([ds[i]["image"] for i in range(len(ds))])  # the parent has a context now

@@ -140,7 +140,7 @@ class BenchmarkConfig:
     frames: int = 24
 
     @classmethod
-    def preset(cls, scale: str = "full", **overrides) -> "BenchmarkConfig":
+    def preset(cls, scale: str = "small", **overrides) -> "BenchmarkConfig":
         if scale not in PRESETS:
             raise ViewsslError(f"--scale must be one of {', '.join(PRESETS)}, not {scale!r}")
         config = replace(cls(), **PRESETS[scale])
@@ -537,14 +537,15 @@ class SyntheticDataset(Dataset):
 
     Items are the dicts of :class:`common.data.labels.LabeledFolder` -- ``{"image": (3, S, S) float32 in [0, 1],
     "angles": (3,) float32 radians, "index", "category", "instance", "sequence", "frame"}`` -- and equal, bit for
-    bit, what ``LabeledFolder`` reads back from the folder :func:`render_benchmark` writes with the same config.
+    bit, what ``LabeledFolder`` reads back from the folder :func:`render_benchmark` writes with the same config
+    (the defaults agree: ``scale="small"``, 64 px, seed 0, as ``viewssl data render``).
     ``rows`` holds the labels (radians) and ``specs`` the full render recipes (intrinsics, boxes, ...).
 
     The OpenGL context is created in the process that renders first, so DataLoader workers each get their own.
     """
 
     def __init__(self, kind: str, split: str, config: BenchmarkConfig | None = None, transform=None,
-                 scale: str = "full", **overrides):
+                 scale: str = "small", **overrides):
         if kind not in SPLITS:
             raise ViewsslError(f"unknown kind {kind!r} (one of {', '.join(KINDS)})")
         if split not in SPLITS[kind]:
