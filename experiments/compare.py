@@ -196,6 +196,23 @@ def format_table(rows: dict[str, list[dict]], quick: bool) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+def per_angle_bars(ax, rows: dict[str, list[dict]]) -> None:
+    """Bars of each method's readout MAE per angle on ``ax``: the mean over seeds, with +- one standard deviation
+    as error bars only for methods that ran more than one seed (one seed has no spread to draw)."""
+    names = list(rows)
+    width = 0.8 / max(len(names), 1)
+    for i, name in enumerate(names):
+        means, stds = zip(*(_stat([r.get(f"viewpoint_readout/readout/{a}_mae") for r in rows[name]]) for a in ANGLES))
+        spread = dict(yerr=stds, capsize=3) if len(rows[name]) > 1 else {}
+        ax.bar(np.arange(3) + i * width, means, width, label=METHODS[name].title, **spread)
+    ax.set_xticks(np.arange(3) + width * (len(names) - 1) / 2, ANGLES)
+    ax.set_ylabel("readout MAE (deg)")
+    seeds = sorted({len(v) for v in rows.values()})
+    spread = "" if not seeds or seeds[-1] < 2 else f", mean +- std over {seeds[0] if len(seeds) == 1 else 'the'} seeds"
+    ax.set_title(f"Per-angle viewpoint error on heads/test (frozen-feature readout{spread})")
+    ax.legend(fontsize=7, ncol=2)
+
+
 def make_plots(keep: dict, rows: dict, bench: Path, out: Path, device) -> list[Path]:
     import matplotlib
 
@@ -209,14 +226,7 @@ def make_plots(keep: dict, rows: dict, bench: Path, out: Path, device) -> list[P
     names = list(rows)
     # 1. per-angle readout error bars per method
     fig, ax = plt.subplots(figsize=(8, 3.6))
-    width = 0.8 / max(len(names), 1)
-    for i, name in enumerate(names):
-        means, stds = zip(*(_stat([r.get(f"viewpoint_readout/readout/{a}_mae") for r in rows[name]]) for a in ANGLES))
-        ax.bar(np.arange(3) + i * width, means, width, yerr=stds, capsize=3, label=METHODS[name].title)
-    ax.set_xticks(np.arange(3) + width * (len(names) - 1) / 2, ANGLES)
-    ax.set_ylabel("readout MAE (deg)")
-    ax.set_title("Per-angle viewpoint error on heads/test (frozen-feature readout)")
-    ax.legend(fontsize=7, ncol=2)
+    per_angle_bars(ax, rows)
     fig.tight_layout()
     paths.append(_save(fig, out / "per_angle_errors.png"))
 

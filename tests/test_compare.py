@@ -67,3 +67,27 @@ def test_compare_unknown_method(tiny_bench, tmp_path):
     result = CliRunner().invoke(cli, ["compare", "--data", str(tiny_bench), "--out", str(tmp_path / "o"),
                                       "--methods", "ssv,byol"])
     assert result.exit_code == 2 and "unknown method(s) byol" in result.output
+
+
+def test_per_angle_bars_draw_a_spread_only_where_seeds_give_one():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.container
+    import matplotlib.pyplot as plt
+
+    from experiments.compare import per_angle_bars
+
+    def runs(*values):
+        return [{f"viewpoint_readout/readout/{a}_mae": v + k for k, a in enumerate(("azimuth", "elevation", "tilt"))}
+                for v in values]
+
+    fig, ax = plt.subplots()
+    per_angle_bars(ax, {"vicreg": runs(10.0), "simsiam_nearby": runs(10.0, 14.0)})
+    one, two = [c for c in ax.containers if isinstance(c, matplotlib.container.BarContainer)]
+    assert one.errorbar is None  # one seed: no spread is drawn (not a bar of zero height)
+    assert [b.get_height() for b in two] == pytest.approx([12.0, 13.0, 14.0])
+    segments = two.errorbar.lines[2][0].get_segments()  # std (ddof 1) of (10, 14) is 2.83 around each mean
+    assert [s[1][1] - s[0][1] for s in segments] == pytest.approx([2 * 2 ** 1.5] * 3)
+    assert ax.get_title().endswith("mean +- std over the seeds)")
+    plt.close(fig)
