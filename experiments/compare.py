@@ -208,8 +208,9 @@ def per_angle_bars(ax, rows: dict[str, list[dict]]) -> None:
     ax.set_xticks(np.arange(3) + width * (len(names) - 1) / 2, ANGLES)
     ax.set_ylabel("readout MAE (deg)")
     seeds = sorted({len(v) for v in rows.values()})
-    spread = "" if not seeds or seeds[-1] < 2 else f", mean +- std over {seeds[0] if len(seeds) == 1 else 'the'} seeds"
-    ax.set_title(f"Per-angle viewpoint error on heads/test (frozen-feature readout{spread})")
+    n_seeds = seeds[0] if len(seeds) == 1 else "the"
+    over_seeds = "" if not seeds or seeds[-1] < 2 else f", mean +- std over {n_seeds} seeds"
+    ax.set_title(f"Per-angle viewpoint error on heads/test (frozen-feature readout{over_seeds})")
     ax.legend(fontsize=7, ncol=2)
 
 
