@@ -76,6 +76,7 @@ def build_config(
     augment_gain: float | None = None,
     highpass: float | None = None,
     ball_mask: bool | None = None,
+    v_ema_decay: float | None = None,
     weights: dict | None = None,
     num_workers: int = 0,
     steps: int | None = None,
@@ -117,6 +118,10 @@ def build_config(
         overrides["d_highpass"] = highpass
     if ball_mask is not None:
         overrides["g_ball_mask"] = bool(ball_mask)
+    if v_ema_decay is not None:
+        if not 0 <= v_ema_decay < 1:
+            raise ViewsslError(f"--v-ema-decay: {v_ema_decay} is not 0 (off) or in (0, 1)")
+        overrides["v_ema_decay"] = v_ema_decay
     for key, value in (weights or {}).items():
         if value is not None:
             if value < 0:
@@ -198,6 +203,9 @@ def build_config(
               help="S multiplies its rotated 3-D volume by a ball, so the volume has the same outline from every "
                    "viewpoint (without it the turning cube's corners draw a viewpoint cue no real image has); not in "
                    "the release [default: off].")
+@click.option("--v-ema-decay", type=float, default=None,
+              help="Keep a moving average of V's weights with this decay, evaluated beside V (viewssl eval --ema); "
+                   "it never changes the training; 0 = none, as the release [default: 0.998].")
 @click.option("--w-imc", type=float, default=None, help="Weight of L_imc [default: 0.4, applied once].")
 @click.option("--w-sym", type=float, default=None, help="Weight of the symmetry loss on V [default: 0.4].")
 @click.option("--w-gsym", type=float, default=None, help="Weight of the symmetry loss on S [default: 0.5].")
@@ -210,8 +218,8 @@ def build_config(
 @click.option("--num-workers", type=click.IntRange(min=0), default=0, help="Image-loading worker processes.")
 def train_ssv(data, preset, out, steps, resume, force, device, seed, batch_size, g_group, eval_data, eval_every,
               no_imc, no_sym, phi, phi_weights, viewpoint_head, supervised, az_range, el_range, tilt_range, lr_d,
-              lr_g, augment_gain, highpass, ball_mask, w_imc, w_sym, w_gsym, w_style, w_view, checkpoint_every,
-              log_every, media_every, num_workers):
+              lr_g, augment_gain, highpass, ball_mask, v_ema_decay, w_imc, w_sym, w_gsym, w_style, w_view,
+              checkpoint_every, log_every, media_every, num_workers):
     """Train SSV: synthesis network S + viewpoint network V (the critic) without pose labels.
 
     Writes a numbered run folder with config.json, tensorboard logs, metrics.jsonl, sample sweeps and checkpoints;
@@ -234,7 +242,7 @@ def train_ssv(data, preset, out, steps, resume, force, device, seed, batch_size,
         eval_data=str(eval_data) if eval_data else None, no_imc=no_imc, no_sym=no_sym, phi=phi,
         phi_weights=str(phi_weights) if phi_weights else None, viewpoint_head=viewpoint_head, supervised=supervised,
         az_range_deg=az_range, el_range_deg=el_range, tilt_range_deg=tilt_range, lr_d=lr_d, lr_g=lr_g,
-        augment_gain=augment_gain, highpass=highpass, ball_mask=ball_mask,
+        augment_gain=augment_gain, highpass=highpass, ball_mask=ball_mask, v_ema_decay=v_ema_decay,
         weights={"w_imc": w_imc, "w_sym": w_sym, "w_gsym": w_gsym, "w_style": w_style, "w_view": w_view},
         num_workers=num_workers, steps=steps,
     )

@@ -70,8 +70,10 @@ class SSVPoseModel:
         return {t: maps[t] if maps[t].dim() == 2 else maps[t].mean(dim=(2, 3)) for t in taps}
 
 
-def load_pose_model(ckpt: dict, device: torch.device | str = "cpu") -> SSVPoseModel:
-    """Family loader: a checkpoint dict (``common.training`` layout) -> :class:`SSVPoseModel` in eval mode."""
+def load_pose_model(ckpt: dict, device: torch.device | str = "cpu", ema: bool = False) -> SSVPoseModel:
+    """Family loader: a checkpoint dict (``common.training`` layout) -> :class:`SSVPoseModel` in eval mode.
+
+    ``ema``: V_ema, the moving average of V's weights (``v_ema_decay``), instead of V."""
     config = ckpt.get("config") or {}
     if ckpt.get("family", "ssv") != "ssv":
         raise ViewsslError(f"is a {ckpt.get('family')!r} checkpoint, not 'ssv'")
@@ -79,13 +81,18 @@ def load_pose_model(ckpt: dict, device: torch.device | str = "cpu") -> SSVPoseMo
         V = build_viewpoint(config)
     except KeyError as e:
         raise ViewsslError(f"SSV checkpoint config lacks {e.args[0]!r}") from None
-    state = (ckpt.get("modules") or {}).get("V")
+    name = "V_ema" if ema else "V"
+    state = (ckpt.get("modules") or {}).get(name)
     if state is None:
+        if ema:
+            raise ViewsslError("SSV checkpoint has no V_ema (the run kept no EMA of V: v_ema_decay 0, or written "
+                               "before it existed)")
         raise ViewsslError("SSV checkpoint has no viewpoint network 'V'")
     try:
         V.load_state_dict(state)
     except RuntimeError as e:
-        raise ViewsslError(f"SSV checkpoint's V does not match its config ({str(e).splitlines()[0][:160]})") from None
+        first = str(e).splitlines()[0][:160]
+        raise ViewsslError(f"SSV checkpoint's {name} does not match its config ({first})") from None
     V.to(device).eval()
     return SSVPoseModel(V, config, device)
 

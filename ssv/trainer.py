@@ -16,6 +16,13 @@ One :meth:`SSVTrainer.train_step` = one V (critic) step then one S (generator) s
 ``w_gsym SmoothL1(S(z2, flip v2), sg hflip S(z2, v2))``. Then the EMA generator is updated (decay ``ema_decay``,
 ramped up as min(ema_decay, (1 + step) / (10 + step)); it only draws the sample grids).
 
+**EMA of V** (``v_ema_decay`` > 0, not in the release): after every V step ``V_ema`` <- the same ramped average of V's
+weights. It never feeds back into training (the trajectory of V and S is the same with or without it) and is
+evaluated beside V (``ema/...`` metrics, :meth:`SSVTrainer.pose_model` ``(ema=True)``): V's viewpoint read-out
+jitters from step to step at the cpu presets' learning rate, and averaging the weights over the last few hundred steps
+removes part of that jitter (averaging V's last checkpoints 500 steps apart took 0.5 to 0.6 deg off). The supervised
+baseline keeps one too, so both can be compared with the same treatment.
+
 Adam with betas (0, 0.99); the mapping MLP's learning rate is ``lr_mapping_mult`` x the generator's. Style codes are
 U(-1, 1); viewpoints are drawn independently and uniformly in [-range, range] (radians in the config; the defaults are
 the release's 300W-LP ranges: azimuth +-1.4 (80 deg), elevation +-1.2 (69 deg), tilt +-0.75 (43 deg)).
@@ -89,6 +96,8 @@ _COMMON_DEFAULTS = {
     "lr_mapping_mult": 0.01,
     "adam_betas": [0.0, 0.99],
     "ema_decay": 0.999,
+    # EMA of V's weights, evaluated beside V (not in the release; does not change training; 0 = none)
+    "v_ema_decay": 0.998,
     "lr_supervised": 1e-3,
     "supervised_flip": True,
     # loss weights (release README command)
@@ -177,7 +186,8 @@ class SSVTrainer(Trainer):
     """The SSV family's trainer (family ``"ssv"``); see the module docstring. ``config`` = :func:`default_config`."""
 
     family = "ssv"
-    resume_ignore_keys = Trainer.resume_ignore_keys + ("num_workers",)
+    #: v_ema_decay only changes the evaluated average, never the training (a run from before it resumes with one)
+    resume_ignore_keys = Trainer.resume_ignore_keys + ("num_workers", "v_ema_decay")
     #: runs from before these options
     resume_defaults = {"augment_gain": 0.0, "d_highpass": 0.0, "g_ball_mask": False}
     #: what only the GAN uses: the supervised baseline resumes whatever their defaults have become since
@@ -203,6 +213,8 @@ class SSVTrainer(Trainer):
         self.V = build_viewpoint(c).to(device)
         self.head = self.V.view_head
         _broadcast_parameters(self.V)
+        self.v_ema_decay = float(c.get("v_ema_decay", 0.0))
+        self.V_ema = ema_copy(self.V).eval() if self.v_ema_decay > 0 else None
         if self.supervised:
             self.opt_V = torch.optim.Adam(self.V.parameters(), lr=c["lr_supervised"])
         else:
@@ -236,9 +248,23 @@ class SSVTrainer(Trainer):
 
     # ------------------------------------------------------------------------------------------------ plumbing
     def modules(self) -> dict[str, torch.nn.Module]:
-        if self.supervised:
-            return {"V": self.V}
-        return {"V": self.V, "G": self.G, "G_ema": self.G_ema}
+        mods = {"V": self.V} if self.supervised else {"V": self.V, "G": self.G, "G_ema": self.G_ema}
+        if self.V_ema is not None:
+            mods["V_ema"] = self.V_ema
+        return mods
+
+    def load_state_dict(self, state: dict, source: Path | None = None) -> None:
+        """As :meth:`common.training.Trainer.load_state_dict`; a checkpoint from before ``V_ema`` starts it at V."""
+        saved = state.get("modules", {})
+        if self.V_ema is not None and "V_ema" not in saved and "V" in saved:
+            log.info("the checkpoint has no V_ema (written before it existed): V_ema starts as its V")
+            state = {**state, "modules": {**saved, "V_ema": saved["V"]}}
+        super().load_state_dict(state, source)
+
+    def update_v_ema(self, step: int) -> None:
+        """V_ema <- EMA of V, with the generator's ramp-up min(decay, (1 + step) / (10 + step))."""
+        if self.V_ema is not None:
+            ema_update(self.V_ema, self.V, min(self.v_ema_decay, (1.0 + step) / (10.0 + step)))
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         if self.supervised:
@@ -293,7 +319,9 @@ class SSVTrainer(Trainer):
     # ------------------------------------------------------------------------------------------------ one step
     def train_step(self, batch, step: int) -> dict[str, torch.Tensor]:
         if self.supervised:
-            return self._supervised_step(batch)
+            terms = self._supervised_step(batch)
+            self.update_v_ema(step)
+            return terms
         c = self.config
         x = to_model_range(batch["image"].to(self.device, non_blocking=True))
         B = x.shape[0]
@@ -338,6 +366,7 @@ class SSVTrainer(Trainer):
         total.backward()
         _average_gradients(self.V)
         self.opt_V.step()
+        self.update_v_ema(step)
         terms["d_total"] = total.detach()
 
         # ---- S (generator) step: V frozen, still in train mode (dropout on, as in the release)
@@ -397,23 +426,31 @@ class SSVTrainer(Trainer):
                 "sup_mae_tilt_deg": torch.rad2deg(err[2])}
 
     # ------------------------------------------------------------------------------------------------ outputs
-    def pose_model(self):
-        """The current V as a :class:`ssv.model_io.SSVPoseModel` (shares the module; eval mode while in use)."""
+    def pose_model(self, ema: bool = False):
+        """The current V (``ema``: V_ema) as a :class:`ssv.model_io.SSVPoseModel` (shares the module; eval mode
+        while in use)."""
         from .model_io import SSVPoseModel
 
-        return SSVPoseModel(self.V, self.config, self.device)
+        if ema and self.V_ema is None:
+            raise ValueError("this run keeps no EMA of V (v_ema_decay = 0)")
+        return SSVPoseModel(self.V_ema if ema else self.V, self.config, self.device)
 
     def evaluate(self, step: int) -> dict[str, float]:
-        """Pose metrics of V on the labelled ``eval_data`` folder, through ``common.eval.run_metrics``."""
+        """Pose metrics of V (and, as ``ema/...``, of V_ema) on the labelled ``eval_data`` folder, through
+        ``common.eval.run_metrics``."""
         from common.eval import run_metrics
 
         path = self.config.get("eval_data")
         if not path or not dist_utils.is_main():
             return {}
-        model = self.pose_model()
         was_training = self.V.training
         try:
-            return _flat_floats(dict(run_metrics(model, path, metrics=["viewpoint"], device=self.device)))
+            metrics = _flat_floats(dict(run_metrics(self.pose_model(), path, metrics=["viewpoint"],
+                                                    device=self.device)))
+            if self.V_ema is not None:
+                ema = run_metrics(self.pose_model(ema=True), path, metrics=["viewpoint"], device=self.device)
+                metrics.update({f"ema/{k}": v for k, v in _flat_floats(dict(ema)).items()})
+            return metrics
         finally:
             self.V.train(was_training)
 

@@ -134,3 +134,35 @@ def test_eval_flip_average_without_viewpoint_figures_warns(tmp_path, oracle_fami
                                    "--device", "cpu", "--flip-average"])
     assert res.exit_code == 0, res.output
     assert "--flip-average changed nothing" in caplog.text
+
+
+def test_eval_ema_asks_the_familys_loader_for_its_average(tmp_path, oracle_family):
+    """--ema passes ema=True to a loader that takes it (here the average is an oracle with another slope) and names
+    the output -ema; a family whose loader takes no ema keyword is a one-line error naming the checkpoint."""
+    folder = make_folder(tmp_path / "mine")
+
+    def loader(ckpt, device, ema=False):
+        cfg = ckpt["config"]
+        return OracleModel(cfg["data"], slope=(2.0, 1.0, 1.0) if ema else (1.0, 1.0, 1.0))
+
+    register_family("oracle_ema_test", loader)
+    try:
+        run = tmp_path / "run"
+        _checkpoint(run, folder, family="oracle_ema_test")
+        args = ["eval", "--checkpoint", str(run), "--data", str(folder), "--metrics", "viewpoint", "--device", "cpu"]
+        for extra in ([], ["--ema"]):
+            res = CliRunner().invoke(cli, args + extra)
+            assert res.exit_code == 0, res.output
+        plain = json.loads((run / "eval-mine-all.json").read_text())
+        ema = json.loads((run / "eval-mine-all-ema.json").read_text())
+        assert ema["ema"] is True and plain["ema"] is False
+        assert plain["metrics"]["viewpoint/raw/azimuth_mae"] == pytest.approx(0.0, abs=1e-3)
+        assert ema["metrics"]["viewpoint/raw/azimuth_mae"] > 1.0
+    finally:
+        FAMILIES.pop("oracle_ema_test", None)
+    other = tmp_path / "other"
+    path = _checkpoint(other, folder)  # oracle_test's loader takes no ema
+    res = CliRunner().invoke(cli, ["eval", "--checkpoint", str(other), "--data", str(folder), "--device", "cpu",
+                                   "--ema"])
+    assert res.exit_code != 0 and "keep no EMA weights" in res.output and str(path) in res.output
+    assert len(res.output.strip().splitlines()) == 1

@@ -23,6 +23,19 @@ def test_goals_at_the_floor_are_not_met_even_within_1_3x_of_a_weak_supervised_ro
     assert goals["ablation ordering full < no_imc < no_imc_sym"]["met"] is True
 
 
+def test_the_ema_goal_compares_v_ema_of_both_rows():
+    rows = _rows(full=12.0, supervised=8.0, random=31.1)  # 1.5x with V
+    rows["full"]["metrics"]["ema/calibrated/mae"] = 10.0
+    rows["supervised"]["metrics"]["ema/calibrated/mae"] = 8.0
+    goals = check_goals(rows)
+    assert goals["SSV full within 1.3x of supervised"]["met"] is False
+    ema = goals["SSV full within 1.3x of supervised, V EMA on both"]
+    assert ema["met"] is True and ema["detail"] == "10.00 vs 1.3 x 8.00 = 10.40"
+    rows["supervised"]["metrics"]["ema/calibrated/mae"] = 7.0  # the supervised V gains more from its average
+    assert check_goals(rows)["SSV full within 1.3x of supervised, V EMA on both"]["met"] is False
+    assert "SSV full within 1.3x of supervised, V EMA on both" not in check_goals(_rows(full=12.0, supervised=8.0))
+
+
 def test_goals_met_when_ssv_learned_and_is_close_to_supervised():
     goals = check_goals(_rows(full=12.0, no_imc=14.0, no_imc_sym=13.0, supervised=10.0, random=31.1))
     assert goals["SSV full learned (at least 10% below the random floor)"]["met"] is True
@@ -67,10 +80,15 @@ def test_quick_run_writes_the_table_with_every_row(tiny_heads, tmp_path):
                                          if line.startswith(f"| {title} |")).split("|")[3:11]]
         m = data["rows"][name]["metrics"]
         assert cells == [f"{m[f'{kind}/{k}']:.1f}" for kind in ("raw", "calibrated") for k in KEYS], name
+        ema_cell = next(line for line in table.splitlines() if line.startswith(f"| {title} |")).split("|")[11].strip()
+        assert ema_cell == f"{m['ema/calibrated/mae']:.1f}", name  # V_ema, scored like V
     # V was evaluated on the test heads at steps 2 and 4 of every row, and the curves were drawn
     for name in ("full", "no_imc", "no_imc_sym", "supervised"):
         steps, values = eval_history(out / name)
         assert steps == [2, 4] and values[-1] == pytest.approx(data["rows"][name]["metrics"]["calibrated/mae"]), name
+        ema_steps, ema_values = eval_history(out / name, "ema/viewpoint/calibrated/mae")
+        assert ema_steps == [2, 4] and ema_values[-1] == pytest.approx(
+            data["rows"][name]["metrics"]["ema/calibrated/mae"]), name
     assert (out / "learning_curves.png").stat().st_size > 0 and "learning_curves.png" in table
 
 

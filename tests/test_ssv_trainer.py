@@ -215,7 +215,7 @@ def test_every_image_v_reads_is_ramped_and_the_reconstruction_gets_its_real_imag
 
 def test_supervised_baseline_learns(folder, tmp_path):
     t = SSVTrainer(tiny_config(folder, supervised=True, lr_supervised=3e-3))
-    assert set(t.modules()) == {"V"}
+    assert set(t.modules()) == {"V", "V_ema"}
     it = t.batches(0)
     first = [float(t.train_step(next(it), s)["sup_view"]) for s in range(3)]
     for s in range(3, 40):
@@ -223,7 +223,7 @@ def test_supervised_baseline_learns(folder, tmp_path):
     assert last < sum(first) / 3
     out = fit(SSVTrainer(tiny_config(folder, supervised=True)), tmp_path / "sup", steps=2, progress=False)
     ckpt = load_checkpoint(out["checkpoint"])
-    assert ckpt["family"] == "ssv" and set(ckpt["modules"]) == {"V"}
+    assert ckpt["family"] == "ssv" and set(ckpt["modules"]) == {"V", "V_ema"}
 
 
 def test_highpass_runs_show_what_v_sees_and_reload_with_it(folder, tmp_path):
@@ -289,6 +289,69 @@ def test_bad_data_is_a_clear_error(tmp_path):
         t.batches(0)
 
 
+@pytest.mark.parametrize("supervised", [False, True])
+def test_v_ema_is_the_ramped_average_of_v_and_never_changes_the_training(folder, supervised):
+    """V_ema <- lerp(V_ema, V, 1 - min(decay, (1 + step) / (10 + step))) after each V step, from a copy of the initial
+    V; a run with v_ema_decay 0 trains exactly the same V (and S)."""
+    with_ema = SSVTrainer(tiny_config(folder, supervised=supervised, v_ema_decay=0.5))
+    without = SSVTrainer(tiny_config(folder, supervised=supervised, v_ema_decay=0.0))
+    assert without.V_ema is None and "V_ema" not in without.modules()
+    expected = {k: v.detach().clone() for k, v in with_ema.V.state_dict().items()}
+    assert all(torch.equal(v, expected[k]) for k, v in with_ema.V_ema.state_dict().items())
+    for t in (with_ema, without):
+        torch.manual_seed(7)
+        it = t.batches(0)
+        for step in range(3):
+            t.train_step(next(it), step)
+            if t is with_ema:
+                decay = min(0.5, (1 + step) / (10 + step))  # 0.1, 0.18, 0.25: the ramp, then the decay
+                expected = {k: decay * e + (1 - decay) * t.V.state_dict()[k] for k, e in expected.items()}
+    for k, v in with_ema.V_ema.state_dict().items():
+        assert torch.allclose(v, expected[k], atol=1e-6), k
+    v = with_ema.V.state_dict()
+    assert any(not torch.allclose(e, v[k]) for k, e in with_ema.V_ema.state_dict().items())  # an average, not V
+    a, b = all_params(with_ema), all_params(without)
+    assert set(a) - set(b) == {k for k in a if k.startswith("V_ema.")}
+    for k in b:
+        assert torch.equal(a[k], b[k]), k
+    assert not any(p.requires_grad for p in with_ema.V_ema.parameters())
+
+
+def test_v_ema_is_evaluated_saved_and_loaded(folder, tmp_path):
+    from common.errors import ViewsslError
+    from common.eval import load_model
+
+    t = SSVTrainer(tiny_config(folder, eval_data=str(folder)))
+    out = fit(t, tmp_path / "run", steps=2, checkpoint_every=2, eval_every=2, progress=False, log_every=0)
+    metrics = out["metrics"]
+    assert "ema/viewpoint/calibrated/mae" in metrics and "viewpoint/calibrated/mae" in metrics
+    images = torch.rand(3, 3, 16, 16)
+    ema = load_model(tmp_path / "run", ema=True)
+    assert torch.allclose(ema.predict_angles(images), t.pose_model(ema=True).predict_angles(images))
+    assert not torch.allclose(ema.predict_angles(images), load_model(tmp_path / "run").predict_angles(images))
+    ckpt = load_checkpoint(out["checkpoint"])
+    del ckpt["modules"]["V_ema"]
+    with pytest.raises(ViewsslError, match="no V_ema"):
+        load_pose_model(ckpt, ema=True)
+    with pytest.raises(ValueError, match="no EMA of V"):
+        SSVTrainer(tiny_config(folder, v_ema_decay=0.0)).pose_model(ema=True)
+
+
+def test_runs_from_before_v_ema_resume_with_v_ema_starting_at_v(folder, tmp_path):
+    from common.io import atomic_save
+
+    fit(SSVTrainer(tiny_config(folder)), tmp_path / "old", steps=1, checkpoint_every=1, progress=False, log_every=0)
+    (path,) = (tmp_path / "old" / "checkpoints").glob("*.pt")
+    ckpt = load_checkpoint(path)
+    del ckpt["modules"]["V_ema"], ckpt["config"]["v_ema_decay"]
+    atomic_save(ckpt, path)
+    resumed = SSVTrainer(tiny_config(folder))
+    out = fit(resumed, tmp_path / "old", steps=1, resume="auto", progress=False, log_every=0)  # loads, trains nothing
+    assert out["start_step"] == 1
+    for k, v in resumed.V_ema.state_dict().items():
+        assert torch.equal(v, ckpt["modules"]["V"][k]), k
+
+
 # ---------------------------------------------------------------------------------------------------- CLI
 def test_cli_help_documents_every_option():
     from experiments.cli import cli
@@ -297,7 +360,7 @@ def test_cli_help_documents_every_option():
     assert result.exit_code == 0, result.output
     for opt in ("--data", "--preset", "--out", "--steps", "--resume", "--force", "--device", "--seed", "--batch-size",
                 "--eval-data", "--no-imc", "--no-sym", "--phi", "--viewpoint-head", "--supervised", "--augment-gain",
-                "--highpass", "--ball-mask"):
+                "--highpass", "--ball-mask", "--v-ema-decay"):
         assert opt in result.output
 
 

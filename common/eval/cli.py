@@ -95,10 +95,13 @@ def _finite(obj):
 @click.option("--flip-average", is_flag=True,
               help="Test-time flip: average each predicted viewpoint with the mirror (-azimuth, elevation, -tilt) of "
                    "the prediction on the mirrored image (left-right symmetric classes; the JSON gets an -flip name).")
+@click.option("--ema", is_flag=True,
+              help="Evaluate the moving average of the network's weights that the run kept (SSV: V_ema) instead of "
+                   "the network itself.")
 @click.option("--list-metrics", is_flag=True, is_eager=True, expose_value=False, callback=_list_metrics,
               help="List the metric names and exit.")
 def eval_command(checkpoint, data, split, metrics, output, device, batch_size, seed, taps, compress, calibration,
-                 calibration_count, limit, knn_k, knn_temperature, probe_steps, box_queries, flip_average):
+                 calibration_count, limit, knn_k, knn_temperature, probe_steps, box_queries, flip_average, ema):
     """Evaluate a checkpoint: viewpoint, kNN pose, relative pose, classification, retrieval, re-ID, 3D boxes."""
     from . import FlipAveraged, load_model, run_metrics
     from .context import DataSource
@@ -107,7 +110,7 @@ def eval_command(checkpoint, data, split, metrics, output, device, batch_size, s
     names = _check_names(metrics)  # unknown names fail before anything is loaded
     source = DataSource.detect(data)
     dev = resolve_device(device)
-    model = load_model(checkpoint, dev)
+    model = load_model(checkpoint, dev, ema=ema)
     if flip_average:
         model = FlipAveraged(model)
     results = run_metrics(
@@ -121,11 +124,12 @@ def eval_command(checkpoint, data, split, metrics, output, device, batch_size, s
         log.warning("--flip-average changed nothing: no viewpoint figures (the model predicts no angles, or the "
                     "viewpoint metric was not run)")
     out_path = output or _default_output(model, source.root, results.context.get("split", split),
-                                         "-flip" if flip_average else "")
+                                         ("-ema" if ema else "") + ("-flip" if flip_average else ""))
     payload = {
         "checkpoint": str(getattr(model, "checkpoint_path", checkpoint)),
         "step": getattr(model, "checkpoint_step", None),
         "flip_average": flip_average,
+        "ema": ema,
         **results.to_json(),
     }
     try:

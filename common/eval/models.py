@@ -15,6 +15,7 @@ plain name table, so ``common`` still has no import-time dependency on the famil
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import os
 from typing import Callable, Protocol, Sequence, runtime_checkable
@@ -90,9 +91,11 @@ def register_family(name: str, loader: Loader) -> None:
     FAMILIES[name] = loader
 
 
-def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> PoseModel:
+def load_model(path: str | os.PathLike, device: torch.device | str = "cpu", ema: bool = False) -> PoseModel:
     """Load any viewssl checkpoint (file or run folder) as a :class:`PoseModel` on ``device``.
 
+    ``ema``: the exponential moving average of the network's weights that the run kept, for families whose loader
+    takes an ``ema`` keyword (an error where the family or the run keeps none).
     The model gets ``checkpoint_path`` and ``checkpoint_step`` attributes (where settable)."""
     from ..training import find_checkpoint  # newest readable checkpoint of a run folder, validated
 
@@ -109,8 +112,11 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> P
     if family not in FAMILIES:
         known = ", ".join(sorted(FAMILIES)) or "none registered"
         raise ViewsslError(f"checkpoint of unknown model family {family!r} (known: {known})", ckpt_path)
+    loader = FAMILIES[family]
+    if ema and "ema" not in inspect.signature(loader).parameters:
+        raise ViewsslError(f"--ema: {family!r} checkpoints keep no EMA weights", ckpt_path)
     try:
-        model = FAMILIES[family](ckpt, device)
+        model = loader(ckpt, device, ema=True) if ema else loader(ckpt, device)
     except ViewsslError as e:  # the family's loader may not know the file: name it
         if str(e).startswith(str(ckpt_path)):
             raise
