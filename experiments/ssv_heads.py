@@ -502,7 +502,7 @@ def run(data, out, preset, steps, sup_steps, row_names: list[str], batch_size, s
         train_seconds = time.perf_counter() - t0
         done = n_steps - res["start_step"]
         metrics = evaluate(trainer.pose_model(), test_dir, dev)
-        if trainer.V_ema is not None:
+        if ema_is_an_average(trainer, n_steps):
             metrics.update({f"ema/{k}": v for k, v in evaluate(trainer.pose_model(ema=True), test_dir, dev).items()})
         metrics.update(shading_shortcut(trainer.pose_model(), test_dir, plot=out / f"{row}_azimuth_scatter.png",
                                         title=f"{ROW_TITLES.get(row, row)}, {n_steps} steps: V on the test heads"))
@@ -533,6 +533,18 @@ def run(data, out, preset, steps, sup_steps, row_names: list[str], batch_size, s
     click.echo(markdown(results, results["command"], wall))
     click.echo(f"wall time: {wall / 60:.1f} min; tables in {out / 'ssv_heads.md'} and {out / 'ssv_heads.json'}")
     return results
+
+
+def ema_is_an_average(trainer, steps: int) -> bool:
+    """Whether the row's V_ema is worth scoring: kept from step 0 (its ramp-up makes it an average at any step), or,
+    in a run resumed from before V_ema existed, started at least 3 / (1 - decay) steps ago (1,500 at 0.998), so that
+    the V it started from weighs under 5 %; a row trained before V_ema and only re-evaluated would report V twice."""
+    if trainer.V_ema is None:
+        return False
+    if trainer.v_ema_since == 0 or steps - trainer.v_ema_since >= 3.0 / (1.0 - trainer.v_ema_decay):
+        return True
+    log.info("V_ema not scored: it started at step %d of %d (the run is from before it)", trainer.v_ema_since, steps)
+    return False
 
 
 def _previous_rows(out: Path) -> tuple[dict, str | None]:

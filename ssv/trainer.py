@@ -215,6 +215,7 @@ class SSVTrainer(Trainer):
         _broadcast_parameters(self.V)
         self.v_ema_decay = float(c.get("v_ema_decay", 0.0))
         self.V_ema = ema_copy(self.V).eval() if self.v_ema_decay > 0 else None
+        self.v_ema_since = 0  # the step V_ema started at (later than 0 for a run resumed from before V_ema existed)
         if self.supervised:
             self.opt_V = torch.optim.Adam(self.V.parameters(), lr=c["lr_supervised"])
         else:
@@ -253,18 +254,30 @@ class SSVTrainer(Trainer):
             mods["V_ema"] = self.V_ema
         return mods
 
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        if self.V_ema is not None:
+            state["v_ema_since"] = self.v_ema_since
+        return state
+
     def load_state_dict(self, state: dict, source: Path | None = None) -> None:
-        """As :meth:`common.training.Trainer.load_state_dict`; a checkpoint from before ``V_ema`` starts it at V."""
+        """As :meth:`common.training.Trainer.load_state_dict`; a checkpoint from before ``V_ema`` starts it at V, at
+        the checkpoint's step (its ramp-up starts there too)."""
         saved = state.get("modules", {})
+        self.v_ema_since = int(state.get("v_ema_since", 0))
         if self.V_ema is not None and "V_ema" not in saved and "V" in saved:
-            log.info("the checkpoint has no V_ema (written before it existed): V_ema starts as its V")
+            self.v_ema_since = int(state.get("step", 0))
+            log.info("the checkpoint has no V_ema (written before it existed): V_ema starts as its V at step %d",
+                     self.v_ema_since)
             state = {**state, "modules": {**saved, "V_ema": saved["V"]}}
         super().load_state_dict(state, source)
 
     def update_v_ema(self, step: int) -> None:
-        """V_ema <- EMA of V, with the generator's ramp-up min(decay, (1 + step) / (10 + step))."""
+        """V_ema <- EMA of V, with the generator's ramp-up min(decay, (1 + t) / (10 + t)), t = steps since V_ema
+        started."""
         if self.V_ema is not None:
-            ema_update(self.V_ema, self.V, min(self.v_ema_decay, (1.0 + step) / (10.0 + step)))
+            t = step - self.v_ema_since
+            ema_update(self.V_ema, self.V, min(self.v_ema_decay, (1.0 + t) / (10.0 + t)))
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         if self.supervised:

@@ -359,3 +359,17 @@ def test_side_probes_tell_features_without_the_side_from_a_head_taught_the_wrong
     assert other["side_probe_real"] == 1.0
     assert other["side_probe_fake"] == pytest.approx(max(positive, 1 - positive))
     assert side_probes(SimpleNamespace(supervised=True), train, test) == {}
+
+
+def test_v_ema_is_scored_only_where_it_averaged_something():
+    from types import SimpleNamespace
+
+    from experiments.ssv_heads import ema_is_an_average
+
+    def t(since, decay=0.998):
+        return SimpleNamespace(V_ema=object(), v_ema_since=since, v_ema_decay=decay)
+
+    assert ema_is_an_average(t(0), 4)  # kept from the start: ramped up
+    assert not ema_is_an_average(t(6000), 6000)  # a finished run from before V_ema, re-evaluated: V_ema is V
+    assert not ema_is_an_average(t(5000), 6000) and ema_is_an_average(t(4500), 6000)  # 3 / (1 - 0.998) = 1,500
+    assert not ema_is_an_average(SimpleNamespace(V_ema=None, v_ema_since=0, v_ema_decay=0.0), 100)

@@ -347,9 +347,20 @@ def test_runs_from_before_v_ema_resume_with_v_ema_starting_at_v(folder, tmp_path
     atomic_save(ckpt, path)
     resumed = SSVTrainer(tiny_config(folder))
     out = fit(resumed, tmp_path / "old", steps=1, resume="auto", progress=False, log_every=0)  # loads, trains nothing
-    assert out["start_step"] == 1
+    assert out["start_step"] == 1 and resumed.v_ema_since == 1
     for k, v in resumed.V_ema.state_dict().items():
         assert torch.equal(v, ckpt["modules"]["V"][k]), k
+    # its ramp-up starts there: the first step after it keeps 1 - 1/10 of the new V, as step 0 of a fresh run does
+    before = {k: v.clone() for k, v in resumed.V_ema.state_dict().items()}
+    resumed.train_step(next(resumed.batches(1)), 1)
+    v = resumed.V.state_dict()
+    for k, e in resumed.V_ema.state_dict().items():
+        assert torch.allclose(e, 0.1 * before[k] + 0.9 * v[k], atol=1e-6), k
+    # and the start is kept by the checkpoints written after it
+    out = fit(resumed, tmp_path / "old", steps=3, resume="auto", checkpoint_every=1, progress=False, log_every=0)
+    again = SSVTrainer(tiny_config(folder))
+    fit(again, tmp_path / "old", steps=3, resume="auto", progress=False, log_every=0)
+    assert load_checkpoint(out["checkpoint"])["v_ema_since"] == 1 and again.v_ema_since == 1
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
