@@ -20,8 +20,8 @@ ramped up as min(ema_decay, (1 + step) / (10 + step)); it only draws the sample 
 weights. It never feeds back into training (the trajectory of V and S is the same with or without it) and is
 evaluated beside V (``ema/...`` metrics, :meth:`SSVTrainer.pose_model` ``(ema=True)``): V's viewpoint read-out
 jitters from step to step at the cpu presets' learning rate, and averaging the weights over the last few hundred steps
-removes part of that jitter (averaging V's last checkpoints 500 steps apart took 0.5 to 0.6 deg off). The supervised
-baseline keeps one too, so both can be compared with the same treatment.
+removes part of that jitter. The supervised baseline keeps one too, so both can be compared with the same treatment.
+A run resumed from a checkpoint written before V_ema existed starts it there (``v_ema_since``), ramp-up included.
 
 Adam with betas (0, 0.99); the mapping MLP's learning rate is ``lr_mapping_mult`` x the generator's. Style codes are
 U(-1, 1); viewpoints are drawn independently and uniformly in [-range, range] (radians in the config; the defaults are
