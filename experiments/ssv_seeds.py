@@ -39,6 +39,8 @@ ROW_KEYS = {"seed", "steps", "eval_data", "supervised", "w_imc", "w_sym", "w_gsy
 PHI_KEYS = {"phi", "phi_size", "phi_weights"}
 #: S's augmentations, which ``ssv_heads`` leaves off for the supervised row (it trains V alone)
 SUPERVISED_FREE_KEYS = {"augment_gain", "g_ball_mask"}
+#: what only changes what is evaluated beside V, never the training (runs from before V_ema have no such key)
+EVAL_ONLY_KEYS = {"v_ema_decay"}
 
 
 def collect(folders: list[Path]) -> tuple[dict[str, dict[int, dict[int, float]]], dict]:
@@ -70,7 +72,7 @@ def collect(folders: list[Path]) -> tuple[dict[str, dict[int, dict[int, float]]]
                 seed = int(config["seed"])
             except (OSError, ValueError, KeyError, TypeError) as e:
                 raise ViewsslError(f"cannot read the run's seed ({type(e).__name__}: {e})", config_path) from None
-            settings = {k: v for k, v in config.items() if k not in ROW_KEYS | PHI_KEYS}
+            settings = {k: v for k, v in config.items() if k not in ROW_KEYS | PHI_KEYS | EVAL_ONLY_KEYS}
             if shared is not None:
                 ignore = SUPERVISED_FREE_KEYS if "supervised" in (row, shared_row) else set()
                 _same(settings, shared, shared_from, config_path, "rows of one ablation", ignore)

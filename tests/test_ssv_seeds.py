@@ -94,6 +94,10 @@ def test_folders_of_different_settings_are_refused(tmp_path):
     (tmp_path / "d").mkdir()
     with pytest.raises(ViewsslError, match=r"d/ssv_heads.json.*not an ssv_heads result"):
         collect([a, tmp_path / "d"])
+    # the decay of V_ema changes no training: a run from before it (no key) and one with it are one ablation
+    e = _folder(tmp_path / "e", 1, {"no_imc": (1000, 19.0, {})}, v_ema_decay=0.998)
+    curves, _ = collect([a, e])
+    assert curves["no_imc"][1][1000] == 19.0
 
 
 def test_a_supervised_row_may_leave_off_the_augmentations_of_s_and_nothing_else(tmp_path):
