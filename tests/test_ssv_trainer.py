@@ -464,6 +464,17 @@ def test_augment_gain_is_checked(folder):
         build_config("cpu", str(folder), augment_gain=1.5)
 
 
+def test_v_ema_decay_is_checked(folder):
+    from common.errors import ViewsslError
+    from ssv.cli import build_config
+
+    assert build_config("cpu", str(folder))["v_ema_decay"] == 0.998
+    assert build_config("cpu", str(folder), v_ema_decay=0.0)["v_ema_decay"] == 0.0
+    for bad in (1.0, -0.1):
+        with pytest.raises(ViewsslError, match="--v-ema-decay"):
+            build_config("cpu", str(folder), v_ema_decay=bad)
+
+
 def test_highpass_is_checked_and_reaches_the_supervised_v(folder):
     from common.errors import ViewsslError
     from ssv.cli import build_config
