@@ -15,7 +15,8 @@ mean and the one-sided p of a paired t-test over the seeds (small p: the loss he
 whose runs differ in anything but the seed and the loss switches of the rows (preset, image size, high-pass, ...)
 are refused; the supervised row may also leave off S's augmentations (``ssv_heads`` trains it without them). Writes
 ``OUT/ssv_seeds.md``, ``OUT/ssv_seeds.json`` and ``OUT/ssv_seeds.png`` (thin lines: seeds; thick: the mean where
-every seed of the row was evaluated).
+every seed of the row was evaluated). ``--ema`` does all this for V_ema, the moving average of V's weights that runs
+keep since it exists (rows without it are left out).
 """
 from __future__ import annotations
 
@@ -43,8 +44,11 @@ SUPERVISED_FREE_KEYS = {"augment_gain", "g_ball_mask"}
 EVAL_ONLY_KEYS = {"v_ema_decay"}
 
 
-def collect(folders: list[Path]) -> tuple[dict[str, dict[int, dict[int, float]]], dict]:
-    """{row: {seed: {step: calibrated MAE}}} of the SSV rows in ``folders``, and the settings they share."""
+def collect(folders: list[Path], ema: bool = False) -> tuple[dict[str, dict[int, dict[int, float]]], dict]:
+    """{row: {seed: {step: calibrated MAE}}} of the SSV rows in ``folders``, and the settings they share.
+
+    ``ema``: V_ema's calibrated MAE instead of V's (steps and rows without it are left out)."""
+    prefix = "ema/" if ema else ""
     curves: dict[str, dict[int, dict[int, float]]] = {}
     shared: dict | None = None
     shared_from = shared_row = None
@@ -80,10 +84,12 @@ def collect(folders: list[Path]) -> tuple[dict[str, dict[int, dict[int, float]]]
                 shared, shared_from, shared_row = settings, config_path, row  # an SSV row is the reference
             row_phi = {k: config.get(k) for k in PHI_KEYS}
             _same(row_phi, *phi.setdefault(row, (row_phi, config_path)), config_path, f"the seeds of row {row}")
-            steps, values = eval_history(folder / row)
+            steps, values = eval_history(folder / row, f"{prefix}viewpoint/calibrated/mae")
+            final = (r.get("metrics") or {}).get(f"{prefix}calibrated/mae")
+            if not steps and final is None:
+                continue  # ema: a run from before V_ema
             curve = curves.setdefault(row, {}).setdefault(seed, {})
             curve.update(zip(steps, values))
-            final = (r.get("metrics") or {}).get("calibrated/mae")
             if final is not None:
                 curve[int(r["steps"])] = float(final)
     if not curves:
@@ -194,21 +200,24 @@ def plot(curves: dict[str, dict[int, dict[int, float]]], path: Path, title: str 
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/ssv_seeds"), help="Output folder.")
 @click.option("--step", "only_step", type=click.IntRange(min=1), default=None,
               help="Print only this step's line (the files keep every step).")
-def main(folders, out, only_step):
+@click.option("--ema", is_flag=True,
+              help="Score V_ema, the moving average of V's weights, instead of V (runs from before it are left out).")
+def main(folders, out, only_step, ema):
     """Mean over seeds of ssv_heads rows, the ablation ordering, and the learning curves with their spread.
 
     Each argument is an ssv_heads output folder (its ssv_heads.json; without one, its rows' evaluations so far) or a
     table kept in one (ssv_heads_3000.json)."""
     from common.io import atomic_write_bytes, atomic_write_json
 
-    curves, shared = collect(list(folders))
+    curves, shared = collect(list(folders), ema=ema)
     records = summarize(curves)
     rows = [r for r in (*ORDER, "supervised") if r in curves]
     atomic_write_json({"folders": [str(f) for f in folders], "settings": shared, "records": records},
                       out / "ssv_seeds.json")
     atomic_write_bytes(out / "ssv_seeds.md", markdown(records, rows).encode())
     plot(curves, out / "ssv_seeds.png",
-         title=f"SSV ablation over seeds ({shared.get('preset', '?')}, {shared.get('image_size', '?')} px)")
+         title=f"SSV ablation over seeds ({shared.get('preset', '?')}, {shared.get('image_size', '?')} px"
+               + (", V EMA)" if ema else ")"))
     shown = [r for r in records if only_step is None or r["step"] == only_step]
     if only_step is not None and not shown:
         raise click.UsageError(f"no row was evaluated at step {only_step}")

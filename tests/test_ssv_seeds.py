@@ -158,3 +158,26 @@ def test_cli_writes_table_json_and_plot(two_seeds, tmp_path):
     assert (out / "ssv_seeds.png").stat().st_size > 0
     bad = CliRunner().invoke(main, [str(tmp_path / "nowhere"), "--out", str(out)])
     assert bad.exit_code == 2 and "nowhere/ssv_heads.json" in bad.output and "Traceback" not in bad.output
+
+
+def test_ema_scores_v_ema_and_leaves_out_runs_without_it(tmp_path):
+    a = _folder(tmp_path / "a", 0, {"full": (1000, 18.0, {500: 25.0}), "no_imc": (1000, 21.0, {500: 24.0})})
+    b = _folder(tmp_path / "b", 1, {"full": (1000, 20.0, {500: 27.0})})
+    for row, history, final in (("full", {500: 24.0}, 17.0), ("no_imc", {500: 23.5}, 20.5)):  # seed 0 kept V_ema
+        lines = (a / row / "metrics.jsonl").read_text().splitlines()
+        lines = [json.dumps({**json.loads(line), **({"ema/viewpoint/calibrated/mae": history[500]}
+                                                   if json.loads(line).get("step") == 500 else {})})
+                 for line in lines]
+        (a / row / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+        table = json.loads((a / "ssv_heads.json").read_text())
+        table["rows"][row]["metrics"]["ema/calibrated/mae"] = final
+        (a / "ssv_heads.json").write_text(json.dumps(table))
+    curves, _ = collect([a, b], ema=True)
+    assert curves == {"full": {0: {500: 24.0, 1000: 17.0}}, "no_imc": {0: {500: 23.5, 1000: 20.5}}}
+    assert collect([a, b])[0]["full"] == {0: {500: 25.0, 1000: 18.0}, 1: {500: 27.0, 1000: 20.0}}
+    out = tmp_path / "summary"
+    result = CliRunner().invoke(main, [str(a), str(b), "--out", str(out), "--ema", "--step", "1000"])
+    assert result.exit_code == 0, result.output
+    assert "| 1000 | 17.0 (s0) | 20.5 (s0) |" in result.output
+    with pytest.raises(ViewsslError, match="no SSV rows"):
+        collect([b], ema=True)
