@@ -469,6 +469,12 @@ def ema_copy(module: nn.Module) -> nn.Module:
     return ema
 
 
+def ramped_decay(decay: float, t: int) -> float:
+    """The EMA decay after ``t`` updates: min(decay, (1 + t) / (10 + t)), so an EMA started ``t`` steps ago is already
+    an average of what it has seen (short CPU runs get a useful average)."""
+    return min(float(decay), (1.0 + t) / (10.0 + t))
+
+
 @torch.no_grad()
 def ema_update(ema: nn.Module, module: nn.Module, decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * module, parameters and buffers."""

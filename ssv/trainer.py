@@ -66,8 +66,8 @@ from common.training import Trainer, batch_iterator, seed_everything
 
 from . import losses
 from .features import build_phi, resolve_phi
-from .networks import NETWORK_KEYS, PRESETS, build_synthesis, build_viewpoint, ema_copy, ema_update, to_model_range
-from .networks import to_unit_range
+from .networks import NETWORK_KEYS, PRESETS, build_synthesis, build_viewpoint, ema_copy, ema_update, ramped_decay
+from .networks import to_model_range, to_unit_range
 from .viewpoint import flip_angles
 
 log = logging.getLogger("viewssl.ssv.trainer")
@@ -273,11 +273,10 @@ class SSVTrainer(Trainer):
         super().load_state_dict(state, source)
 
     def update_v_ema(self, step: int) -> None:
-        """V_ema <- EMA of V, with the generator's ramp-up min(decay, (1 + t) / (10 + t)), t = steps since V_ema
-        started."""
+        """V_ema <- EMA of V, ramped up as the generator's (:func:`ssv.networks.ramped_decay`) from the step V_ema
+        started at."""
         if self.V_ema is not None:
-            t = step - self.v_ema_since
-            ema_update(self.V_ema, self.V, min(self.v_ema_decay, (1.0 + t) / (10.0 + t)))
+            ema_update(self.V_ema, self.V, ramped_decay(self.v_ema_decay, step - self.v_ema_since))
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         if self.supervised:
@@ -410,8 +409,7 @@ class SSVTrainer(Trainer):
         _average_gradients(self.G)
         self.opt_G.step()
         _set_requires_grad(self.V, True)
-        # EMA with a ramp-up (decay (1 + t) / (10 + t) early on), so short CPU runs get a useful EMA generator
-        ema_update(self.G_ema, self.G, min(float(c["ema_decay"]), (1.0 + step) / (10.0 + step)))
+        ema_update(self.G_ema, self.G, ramped_decay(c["ema_decay"], step))
         terms["g_total"] = total_g.detach()
         return terms
 
