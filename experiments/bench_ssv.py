@@ -17,6 +17,7 @@ import click
 import torch
 
 from common.cli import ViewsslCommand, resolve_device
+from ssv.cli import PRESET_CHOICES
 
 
 def _rss_mb() -> float:
@@ -26,7 +27,7 @@ def _rss_mb() -> float:
 
 
 @click.command(cls=ViewsslCommand, context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
-@click.option("--preset", type=click.Choice(("paper", "cpu", "cpu64")), default="paper")
+@click.option("--preset", type=click.Choice(PRESET_CHOICES), default="paper")
 @click.option("--batch-size", type=click.IntRange(min=1), default=2, help="Real images per step.")
 @click.option("--g-group", type=click.IntRange(min=1), default=None, help="S-step group size (default: batch size).")
 @click.option("--iters", type=click.IntRange(min=1), default=3, help="Timed iterations after the warm-up.")

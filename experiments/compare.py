@@ -97,7 +97,8 @@ def _evaluate(model, bench: Path, device, seed: int) -> tuple[dict, dict, object
     from common.eval.context import DataSource, EvalContext
 
     ctx = EvalContext(source=DataSource.detect(bench / "heads"), split="test", device=device, seed=seed)
-    metrics = ["viewpoint_readout"] + (["viewpoint"] if model.predict_angles(torch.zeros(1, 3, 8, 8, device=device)) is not None else [])
+    predicts_angles = model.predict_angles(torch.zeros(1, 3, 8, 8, device=device)) is not None
+    metrics = ["viewpoint_readout"] + (["viewpoint"] if predicts_angles else [])
     res = run_metrics(model, metrics=metrics, context=ctx)
     return dict(res), res.protocol, ctx
 

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from common.cli import ViewsslCommand, comma_list, invocation, resolve_device
+from ssv.cli import PRESET_CHOICES
 from common.errors import ViewsslError
 
 log = logging.getLogger("viewssl.experiments.ssv_heads")
@@ -413,7 +414,7 @@ def check_goals(rows: dict) -> dict:
 @click.option("--data", required=True, type=click.Path(path_type=Path),
               help="Synthetic benchmark root with heads/train and heads/test (viewssl data render).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/ssv_heads"), help="Output folder.")
-@click.option("--preset", type=click.Choice(("cpu", "cpu64", "paper")), default="cpu")
+@click.option("--preset", type=click.Choice(PRESET_CHOICES), default="cpu")
 @click.option("--steps", type=click.IntRange(min=1), default=4000, help="Training steps of each SSV row.")
 @click.option("--sup-steps", type=click.IntRange(min=1), default=2000, help="Training steps of the supervised row.")
 @click.option("--rows", default="full,no_imc,no_imc_sym,supervised", help="Rows to train (comma-separated).")

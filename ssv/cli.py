@@ -13,8 +13,8 @@ from common.errors import ViewsslError
 
 log = logging.getLogger("viewssl.ssv.cli")
 
-PRESET_CHOICES = ("cpu", "cpu64", "paper")
-DEFAULT_STEPS = {"cpu": 4000, "cpu64": 4000, "paper": 500_000}
+PRESET_CHOICES = ("cpu", "cpu64", "cpu64w", "paper")
+DEFAULT_STEPS = {"cpu": 4000, "cpu64": 4000, "cpu64w": 4000, "paper": 500_000}
 
 
 def run_tag(data: str | Path, supervised: bool = False) -> str:
@@ -151,8 +151,8 @@ def build_config(
               help="Training images: a labels.csv folder (labels ignored unless --supervised), or any folder the data "
                    "module opens (plain images, 300W-LP, the synthetic heads DIR/heads/train).")
 @click.option("--preset", type=click.Choice(PRESET_CHOICES), default="cpu",
-              help="Network sizes: cpu = 32x32 for two CPU cores, cpu64 = the same at 64x64, paper = the release's "
-                   "128x128 networks (batch 2).")
+              help="Network sizes: cpu = 32x32 for two CPU cores, cpu64 = the same at 64x64, cpu64w = cpu64 with "
+                   "twice S's channels, paper = the release's 128x128 networks (batch 2).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs"),
               help="Root of the numbered run folders (OUT/NNNNN-ssv-<data>).")
 @click.option("--steps", type=click.IntRange(min=1), default=None,

@@ -81,6 +81,7 @@ TRAIN_DEFAULTS: dict[str, dict] = {
     "cpu": {"batch_size": 16, "g_group": 8, "phi_size": 64, "lr_d": 2e-3, "lr_g": 2e-3},
 }
 TRAIN_DEFAULTS["cpu64"] = dict(TRAIN_DEFAULTS["cpu"])  # the same training at 64x64, as PRESETS["cpu64"]
+TRAIN_DEFAULTS["cpu64w"] = dict(TRAIN_DEFAULTS["cpu"])
 
 _COMMON_DEFAULTS = {
     "family": "ssv",

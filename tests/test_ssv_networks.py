@@ -46,9 +46,24 @@ def test_paper_preset_shapes_and_sizes():
     assert out["view"]["logp"].shape == (2, 3, 2) and out["view"]["sign"].shape == (2, 3, 4)
 
 
-@pytest.mark.parametrize("head", ["spherical", "6d"])
-def test_cpu_preset_forward_backward(head):
-    cfg = dict(PRESETS["cpu"], viewpoint_head=head)
+def test_every_preset_is_a_command_line_choice():
+    from ssv.cli import DEFAULT_STEPS, PRESET_CHOICES
+    from ssv.trainer import TRAIN_DEFAULTS
+
+    assert set(PRESET_CHOICES) == set(PRESETS) == set(DEFAULT_STEPS) == set(TRAIN_DEFAULTS)
+
+
+def test_cpu64w_widens_only_s():
+    wide, base = PRESETS["cpu64w"], PRESETS["cpu64"]
+    assert {k for k in base if wide[k] != base[k]} == {"g_channels_3d", "g_projection", "g_channels_2d"}
+    n = [sum(p.numel() for p in build_synthesis(c).parameters()) for c in (base, wide)]
+    assert n[1] > 3 * n[0]
+
+
+@pytest.mark.parametrize("preset,head", [("cpu", "spherical"), ("cpu", "6d"), ("cpu64", "spherical"),
+                                         ("cpu64w", "spherical")])
+def test_cpu_preset_forward_backward(preset, head):
+    cfg = dict(PRESETS[preset], viewpoint_head=head)
     G, V = build_synthesis(cfg), build_viewpoint(cfg)
     z = torch.rand(2, 2 * cfg["code_dim"]) * 2 - 1
     x = G(z, torch.tensor([[0.3, -0.2, 0.1], [-1.0, 0.5, 0.0]]))
