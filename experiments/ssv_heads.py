@@ -35,8 +35,8 @@ import numpy as np
 import torch
 
 from common.cli import ViewsslCommand, comma_list, invocation, resolve_device
-from ssv.cli import PRESET_CHOICES
 from common.errors import ViewsslError
+from ssv.cli import PRESET_CHOICES
 
 log = logging.getLogger("viewssl.experiments.ssv_heads")
 
