@@ -92,6 +92,10 @@ class Trainer:
     def evaluate(self, step: int) -> dict[str, float]:
         return {}
 
+    def resume_ignored(self, saved_config: dict, step: int) -> tuple[str, ...]:
+        """Config keys that may differ from ``saved_config`` when resuming its checkpoint of ``step``."""
+        return self.resume_ignore_keys
+
     def log_media(self, step: int, writer, run_dir: Path) -> None:
         return None
 
@@ -326,7 +330,7 @@ def _fit(trainer: Trainer, run_dir: Path, steps: int, *, checkpoint_every: int, 
             if ckpt["family"] != trainer.family:
                 raise ViewsslError(f"is a {ckpt['family']!r} checkpoint, not {trainer.family!r}", resumed_from)
             diff = config_diff({**trainer.resume_defaults, **ckpt["config"]}, trainer.config,
-                               trainer.resume_ignore_keys)
+                               trainer.resume_ignored(ckpt["config"], int(ckpt["step"])))
             if diff and not force:
                 raise ViewsslError(f"config differs from the checkpoint's ({'; '.join(diff)}); pass --force to resume anyway", resumed_from)
             if diff:

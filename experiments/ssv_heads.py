@@ -433,11 +433,16 @@ def check_goals(rows: dict) -> dict:
               help="SSV rows: S's rotated volume is windowed by a ball (see viewssl train ssv --help) [default: off].")
 @click.option("--viewpoint-head", type=click.Choice(("spherical", "6d")), default="spherical",
               help="Every row: V's viewpoint head (see viewssl train ssv --help).")
+@click.option("--lr-decay", type=int, nargs=2, default=None, metavar="START END",
+              help="Every row: cosine learning-rate decay from step START to END (see viewssl train ssv --help); "
+                   "an existing row resumed with a decay starting at its last step continues from there "
+                   "[default: none].")
+@click.option("--lr-final", type=float, default=None, help="Learning-rate factor at the end of --lr-decay [0.1].")
 @click.option("--eval-every", type=click.IntRange(min=0), default=500,
               help="Evaluate V on the test heads every N training steps, for the learning curves (0 = off).")
 @click.option("--quick", is_flag=True, help="Smoke test: 4 steps per row (numbers meaningless).")
 def main(data, out, preset, steps, sup_steps, rows, batch_size, seed, device, threads, phi, augment_gain, highpass,
-         ball_mask, viewpoint_head, eval_every, quick):
+         ball_mask, viewpoint_head, lr_decay, lr_final, eval_every, quick):
     """Train SSV (full and ablations) and the supervised baseline on the synthetic heads; report MAE tables."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -448,7 +453,7 @@ def main(data, out, preset, steps, sup_steps, rows, batch_size, seed, device, th
     with folder_lock(out, "experiments.ssv_heads run"):
         run(data, out, preset, steps, sup_steps, row_names, batch_size, seed, device, threads, phi, quick,
             augment_gain=augment_gain, highpass=highpass, ball_mask=ball_mask, eval_every=eval_every,
-            viewpoint_head=viewpoint_head)
+            viewpoint_head=viewpoint_head, lr_decay=lr_decay, lr_final=lr_final)
 
 
 def check_inputs(data, rows: str) -> list[str]:
@@ -460,7 +465,8 @@ def check_inputs(data, rows: str) -> list[str]:
 
 
 def run(data, out, preset, steps, sup_steps, row_names: list[str], batch_size, seed, device, threads, phi, quick,
-        augment_gain=None, highpass=None, ball_mask=None, eval_every=0, viewpoint_head="spherical") -> dict:
+        augment_gain=None, highpass=None, ball_mask=None, eval_every=0, viewpoint_head="spherical", lr_decay=None,
+        lr_final=None) -> dict:
     from common.training import fit
     from ssv.cli import build_config
     from ssv.trainer import SSVTrainer
@@ -494,6 +500,7 @@ def run(data, out, preset, steps, sup_steps, row_names: list[str], batch_size, s
                               tilt_range_deg=ranges and ranges["tilt"], steps=n_steps,
                               augment_gain=None if row == "supervised" else augment_gain, highpass=highpass,
                               ball_mask=None if row == "supervised" else ball_mask, viewpoint_head=viewpoint_head,
+                              lr_decay=lr_decay, lr_final=lr_final,
                               eval_data=str(test_dir) if eval_every else None, **ROWS[row])
         trainer = SSVTrainer(config, dev)
         log.info("row %s: %d steps in %s", row, n_steps, out / row)

@@ -77,6 +77,8 @@ def build_config(
     highpass: float | None = None,
     ball_mask: bool | None = None,
     v_ema_decay: float | None = None,
+    lr_decay: tuple[int, int] | None = None,
+    lr_final: float | None = None,
     weights: dict | None = None,
     num_workers: int = 0,
     steps: int | None = None,
@@ -122,6 +124,17 @@ def build_config(
         if not 0 <= v_ema_decay < 1:
             raise ViewsslError(f"--v-ema-decay: {v_ema_decay} is not 0 (off) or in (0, 1)")
         overrides["v_ema_decay"] = v_ema_decay
+    if lr_decay is not None:
+        start, end = (int(x) for x in lr_decay)
+        if not 0 <= start < end:
+            raise ViewsslError(f"--lr-decay {start} {end}: expected 0 <= START < END (steps)")
+        overrides["lr_decay_start"], overrides["lr_decay_end"] = start, end
+    if lr_final is not None:
+        if not 0 <= lr_final <= 1:
+            raise ViewsslError(f"--lr-final: {lr_final} is not in [0, 1]")
+        if lr_decay is None:
+            raise ViewsslError("--lr-final has no effect without --lr-decay START END")
+        overrides["lr_final"] = lr_final
     for key, value in (weights or {}).items():
         if value is not None:
             if value < 0:
@@ -206,6 +219,12 @@ def build_config(
 @click.option("--v-ema-decay", type=float, default=None,
               help="Keep a moving average of V's weights with this decay, evaluated beside V (viewssl eval --ema); "
                    "it never changes the training; 0 = none, as the release [default: 0.998].")
+@click.option("--lr-decay", type=int, nargs=2, default=None, metavar="START END",
+              help="Cosine decay of every learning rate from step START to step END, down to --lr-final x, constant "
+                   "after; a finished run can be resumed with a decay starting at its last step; not in the release "
+                   "[default: none].")
+@click.option("--lr-final", type=float, default=None,
+              help="Learning-rate factor reached at the end of --lr-decay [default: 0.1].")
 @click.option("--w-imc", type=float, default=None, help="Weight of L_imc [default: 0.4, applied once].")
 @click.option("--w-sym", type=float, default=None, help="Weight of the symmetry loss on V [default: 0.4].")
 @click.option("--w-gsym", type=float, default=None, help="Weight of the symmetry loss on S [default: 0.5].")
@@ -218,7 +237,7 @@ def build_config(
 @click.option("--num-workers", type=click.IntRange(min=0), default=0, help="Image-loading worker processes.")
 def train_ssv(data, preset, out, steps, resume, force, device, seed, batch_size, g_group, eval_data, eval_every,
               no_imc, no_sym, phi, phi_weights, viewpoint_head, supervised, az_range, el_range, tilt_range, lr_d,
-              lr_g, augment_gain, highpass, ball_mask, v_ema_decay, w_imc, w_sym, w_gsym, w_style, w_view,
+              lr_g, augment_gain, highpass, ball_mask, v_ema_decay, lr_decay, lr_final, w_imc, w_sym, w_gsym, w_style, w_view,
               checkpoint_every, log_every, media_every, num_workers):
     """Train SSV: synthesis network S + viewpoint network V (the critic) without pose labels.
 
@@ -243,7 +262,7 @@ def train_ssv(data, preset, out, steps, resume, force, device, seed, batch_size,
         phi_weights=str(phi_weights) if phi_weights else None, viewpoint_head=viewpoint_head, supervised=supervised,
         az_range_deg=az_range, el_range_deg=el_range, tilt_range_deg=tilt_range, lr_d=lr_d, lr_g=lr_g,
         augment_gain=augment_gain, highpass=highpass, ball_mask=ball_mask, v_ema_decay=v_ema_decay,
-        weights={"w_imc": w_imc, "w_sym": w_sym, "w_gsym": w_gsym, "w_style": w_style, "w_view": w_view},
+        lr_decay=lr_decay, lr_final=lr_final, weights={"w_imc": w_imc, "w_sym": w_sym, "w_gsym": w_gsym, "w_style": w_style, "w_view": w_view},
         num_workers=num_workers, steps=steps,
     )
     dev = resolve_device(device)

@@ -41,6 +41,12 @@ edges passes). S's own low frequencies are then unconstrained (its raw samples h
 ``samples/*-seen_by_v.png`` shows what V sees. Part of V, so the supervised baseline gets it too. It makes the
 illumination ramps pointless, so the CLI refuses both together.
 
+**Learning-rate decay** (``lr_decay_end > lr_decay_start``, not in the release): every learning rate (V, S, the
+mapping MLP, the supervised V) is multiplied by :func:`lr_multiplier`, a cosine from 1 at step ``lr_decay_start`` to
+``lr_final`` at ``lr_decay_end``, constant after. The factor is a function of the step alone, so resume stays exact,
+and a checkpoint may be resumed with a decay that starts at or after its step (:meth:`SSVTrainer.resume_ignored`):
+the steps it has run are the same under either schedule, so a finished run can be continued with a decay.
+
 Ablations: ``w_imc = 0`` (``--no-imc``), ``w_sym = w_gsym = 0`` (``--no-sym``); every weight is a config key.
 
 **Supervised baseline** (``supervised = True``): the same V trained with the labels (L_v only, random horizontal flips
@@ -96,6 +102,11 @@ _COMMON_DEFAULTS = {
     "lr_g": 5e-4,
     "lr_mapping_mult": 0.01,
     "adam_betas": [0.0, 0.99],
+    # cosine decay of every learning rate from 1x at step lr_decay_start to lr_final x at lr_decay_end, constant after
+    # (not in the release; lr_decay_end <= lr_decay_start = off); see "Learning-rate decay" in the docstring
+    "lr_decay_start": 0,
+    "lr_decay_end": 0,
+    "lr_final": 0.1,
     "ema_decay": 0.999,
     # EMA of V's weights, evaluated beside V (not in the release; does not change training; 0 = none)
     "v_ema_decay": 0.998,
@@ -160,6 +171,23 @@ def sample_viewpoints(n: int, ranges: tuple[float, float, float], device=None,
     return ((torch.rand(n, 3, generator=generator) * 2.0 - 1.0) * r).to(device)
 
 
+def lr_multiplier(step: int, start: int, end: int, final: float) -> float:
+    """The learning-rate factor at ``step``: 1 before ``start``, a cosine from 1 to ``final`` between ``start`` and
+    ``end``, ``final`` from ``end`` on; 1 everywhere when ``end <= start`` (no decay)."""
+    if end <= start or step <= start:
+        return 1.0
+    t = min(1.0, (step - start) / (end - start))
+    return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def _same_lr_before(old: dict, new: dict, step: int) -> bool:
+    """Whether two configs' learning-rate decays give the same factor at every step a checkpoint of ``step`` ran."""
+    def schedule(c: dict) -> tuple[int, int, float]:
+        return int(c["lr_decay_start"]), int(c["lr_decay_end"]), float(c["lr_final"])
+
+    return all(lr_multiplier(s, *schedule(old)) == lr_multiplier(s, *schedule(new)) for s in range(step))
+
+
 def _set_requires_grad(module: torch.nn.Module, flag: bool) -> None:
     for p in module.parameters():
         p.requires_grad_(flag)
@@ -190,7 +218,9 @@ class SSVTrainer(Trainer):
     #: v_ema_decay only changes the evaluated average, never the training (a run from before it resumes with one)
     resume_ignore_keys = Trainer.resume_ignore_keys + ("num_workers", "v_ema_decay")
     #: runs from before these options
-    resume_defaults = {"augment_gain": 0.0, "d_highpass": 0.0, "g_ball_mask": False}
+    resume_defaults = {"augment_gain": 0.0, "d_highpass": 0.0, "g_ball_mask": False, "lr_decay_start": 0,
+                       "lr_decay_end": 0, "lr_final": 0.1}
+    LR_DECAY_KEYS = ("lr_decay_start", "lr_decay_end", "lr_final")
     #: what only the GAN uses: the supervised baseline resumes whatever their defaults have become since
     GAN_ONLY_KEYS = ("n_mlp", "volume_size", "rotate_size", "g_ball_mask", "g_channels_3d", "g_channels_3d_post",
                      "g_projection", "g_channels_2d", "g_group", "lr_d", "lr_g", "lr_mapping_mult", "adam_betas",
@@ -219,6 +249,7 @@ class SSVTrainer(Trainer):
         self.v_ema_since = 0  # the step V_ema started at (later than 0 for a run resumed from before V_ema existed)
         if self.supervised:
             self.opt_V = torch.optim.Adam(self.V.parameters(), lr=c["lr_supervised"])
+            self.base_lrs = {"V": [float(c["lr_supervised"])]}
         else:
             self.G = build_synthesis(c).to(device)
             _broadcast_parameters(self.G)
@@ -233,6 +264,7 @@ class SSVTrainer(Trainer):
                 lr=c["lr_g"],
                 betas=betas,
             )
+            self.base_lrs = {"V": [float(c["lr_d"])], "G": [float(c["lr_g"]), float(c["lr_g"] * c["lr_mapping_mult"])]}
             self.phi_name, self.phi = None, None
             if c["w_imc"] > 0:
                 self.phi_name = resolve_phi(c.get("phi", "auto"), c.get("phi_weights"))
@@ -278,6 +310,24 @@ class SSVTrainer(Trainer):
         started at."""
         if self.V_ema is not None:
             ema_update(self.V_ema, self.V, ramped_decay(self.v_ema_decay, step - self.v_ema_since))
+
+    def resume_ignored(self, saved_config: dict, step: int) -> tuple[str, ...]:
+        """As :class:`common.training.Trainer`, plus the learning-rate decay keys when the checkpoint's schedule and
+        this one agree on every step the checkpoint has run (e.g. a decay that starts at or after its step)."""
+        ignored = super().resume_ignored(saved_config, step)
+        if _same_lr_before({**self.resume_defaults, **saved_config}, self.config, step):
+            ignored = ignored + self.LR_DECAY_KEYS
+        return ignored
+
+    def set_learning_rates(self, step: int) -> float:
+        """Every optimiser's learning rates <- base x :func:`lr_multiplier` at ``step`` (the config's rates, also
+        after a checkpoint restored its own); returns the factor."""
+        c = self.config
+        mult = lr_multiplier(step, int(c["lr_decay_start"]), int(c["lr_decay_end"]), float(c["lr_final"]))
+        for name, opt in self.optimizers().items():
+            for group, base in zip(opt.param_groups, self.base_lrs[name]):
+                group["lr"] = base * mult
+        return mult
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         if self.supervised:
@@ -331,10 +381,12 @@ class SSVTrainer(Trainer):
 
     # ------------------------------------------------------------------------------------------------ one step
     def train_step(self, batch, step: int) -> dict[str, torch.Tensor]:
+        mult = self.set_learning_rates(step)
+        decaying = int(self.config["lr_decay_end"]) > int(self.config["lr_decay_start"])
         if self.supervised:
             terms = self._supervised_step(batch)
             self.update_v_ema(step)
-            return terms
+            return {**terms, "lr_mult": torch.tensor(mult)} if decaying else terms
         c = self.config
         x = to_model_range(batch["image"].to(self.device, non_blocking=True))
         B = x.shape[0]
@@ -412,6 +464,8 @@ class SSVTrainer(Trainer):
         _set_requires_grad(self.V, True)
         ema_update(self.G_ema, self.G, ramped_decay(c["ema_decay"], step))
         terms["g_total"] = total_g.detach()
+        if decaying:
+            terms["lr_mult"] = torch.tensor(mult)
         return terms
 
     def _supervised_step(self, batch) -> dict[str, torch.Tensor]:

@@ -92,7 +92,7 @@ def test_quick_run_writes_the_table_with_every_row(tiny_heads, tmp_path):
     assert (out / "learning_curves.png").stat().st_size > 0 and "learning_curves.png" in table
 
 
-def test_viewpoint_head_option_reaches_every_row_and_the_floor_ignores_the_seed(tiny_heads, tmp_path):
+def test_viewpoint_head_and_lr_decay_reach_every_row_and_the_floor_ignores_the_seed(tiny_heads, tmp_path):
     from experiments.ssv_heads import random_floor
 
     threads = torch.get_num_threads()
@@ -100,13 +100,16 @@ def test_viewpoint_head_option_reaches_every_row_and_the_floor_ignores_the_seed(
         out = tmp_path / "ssv6d"
         result = CliRunner().invoke(main, ["--data", str(tiny_heads), "--out", str(out), "--quick", "--threads", "1",
                                            "--device", "cpu", "--phi", "critic", "--eval-every", "0",
-                                           "--rows", "full,supervised", "--viewpoint-head", "6d", "--seed", "3"],
+                                           "--rows", "full,supervised", "--viewpoint-head", "6d", "--seed", "3",
+                                           "--lr-decay", "1", "3", "--lr-final", "0.2"],
                                     catch_exceptions=False)
     finally:
         torch.set_num_threads(threads)
     assert result.exit_code == 0, result.output
     for row in ("full", "supervised"):
-        assert json.loads((out / row / "config.json").read_text())["viewpoint_head"] == "6d"
+        config = json.loads((out / row / "config.json").read_text())
+        assert config["viewpoint_head"] == "6d"
+        assert (config["lr_decay_start"], config["lr_decay_end"], config["lr_final"]) == (1, 3, 0.2)
     data = json.loads((out / "ssv_heads.json").read_text())
     assert 0 <= data["rows"]["full"]["metrics"]["calibrated/mae"] <= 180
     # the floor is drawn with seed 0 whatever --seed says (drawn with seed 3 it would differ)

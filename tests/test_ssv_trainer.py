@@ -568,6 +568,80 @@ def test_ema_generator_and_the_mapping_networks_learning_rate(folder):
     assert {"mapping", "to_rgb"} <= checked
 
 
+def test_lr_multiplier_is_a_cosine_from_start_to_end():
+    from ssv.trainer import lr_multiplier
+
+    assert [lr_multiplier(s, 10, 20, 0.1) for s in (0, 10, 20, 25)] == [1.0, 1.0, pytest.approx(0.1), 0.1]
+    assert lr_multiplier(15, 10, 20, 0.1) == pytest.approx(0.55)  # half-way: the mean of 1 and final
+    assert lr_multiplier(12, 10, 20, 0.0) == pytest.approx(0.5 * (1 + math.cos(0.2 * math.pi)))
+    assert lr_multiplier(50, 20, 20, 0.1) == lr_multiplier(50, 30, 20, 0.1) == 1.0  # end <= start: no decay
+
+
+@pytest.mark.parametrize("supervised", [False, True])
+def test_lr_decay_scales_every_step_of_every_optimiser(folder, supervised):
+    """The rates the optimisers hold follow the decay, and they reach the updates: with a decay from step 0 the
+    weights equal an undecayed run's after step 0 (factor 1) and differ after step 1 (factor 0.625)."""
+    from ssv.trainer import lr_multiplier
+
+    t = SSVTrainer(tiny_config(folder, lr_decay_start=0, lr_decay_end=2, lr_final=0.25, supervised=supervised))
+    plain = SSVTrainer(tiny_config(folder, supervised=supervised))
+    c = t.config
+    base = {"V": [c["lr_supervised"]]} if supervised else {"V": [c["lr_d"]],
+                                                          "G": [c["lr_g"], c["lr_g"] * c["lr_mapping_mult"]]}
+    it, it_plain = t.batches(0), plain.batches(0)
+    for step in range(4):
+        torch.manual_seed(step)
+        terms = t.train_step(next(it), step)
+        torch.manual_seed(step)
+        plain_terms = plain.train_step(next(it_plain), step)
+        m = lr_multiplier(step, 0, 2, 0.25)
+        assert float(terms["lr_mult"]) == pytest.approx(m) and "lr_mult" not in plain_terms  # logged with a decay
+        for name, opt in t.optimizers().items():
+            assert [g["lr"] for g in opt.param_groups] == pytest.approx([b * m for b in base[name]]), (name, step)
+        if step < 2:
+            a, b = all_params(t), all_params(plain)
+            assert all(torch.equal(a[k], b[k]) for k in a) == (step == 0), step
+    assert lr_multiplier(1, 0, 2, 0.25) == pytest.approx(0.625)
+
+
+def test_a_finished_run_continues_with_a_decay_from_its_last_step(folder, tmp_path):
+    """Resuming a 2-step run with a decay from step 2 == one run with that decay from the start; a decay that would
+    have changed the steps already run is refused."""
+    from common.errors import ViewsslError
+
+    decay = dict(lr_decay_start=2, lr_decay_end=4, lr_final=0.1)
+    full = SSVTrainer(tiny_config(folder, **decay))
+    fit(full, tmp_path / "full", steps=4, checkpoint_every=0, progress=False, log_every=0)
+    fit(SSVTrainer(tiny_config(folder)), tmp_path / "half", steps=2, checkpoint_every=2, progress=False, log_every=0)
+    torch.manual_seed(1234)
+    second = SSVTrainer(tiny_config(folder, **decay))
+    assert fit(second, tmp_path / "half", steps=4, resume="auto", progress=False, log_every=0)["start_step"] == 2
+    assert second.optimizers()["V"].param_groups[0]["lr"] == pytest.approx(0.55 * second.config["lr_d"])  # step 3
+    a, b = all_params(full), all_params(second)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    fit(SSVTrainer(tiny_config(folder)), tmp_path / "early", steps=2, checkpoint_every=2, progress=False, log_every=0)
+    with pytest.raises(ViewsslError, match="lr_decay_end: 0 -> 4"):  # a decay from step 0 changes step 1's rate
+        fit(SSVTrainer(tiny_config(folder, lr_decay_start=0, lr_decay_end=4)), tmp_path / "early", steps=4,
+            resume="auto", progress=False, log_every=0)
+
+
+def test_lr_decay_options_are_checked(folder):
+    from common.errors import ViewsslError
+    from ssv.cli import build_config
+
+    c = build_config("cpu", str(folder), lr_decay=(100, 300), lr_final=0.05)
+    assert (c["lr_decay_start"], c["lr_decay_end"], c["lr_final"]) == (100, 300, 0.05)
+    assert build_config("cpu", str(folder))["lr_decay_end"] == 0  # off by default
+    for bad in ((300, 100), (5, 5), (-1, 10)):
+        with pytest.raises(ViewsslError, match="--lr-decay"):
+            build_config("cpu", str(folder), lr_decay=bad)
+    with pytest.raises(ViewsslError, match="--lr-final"):
+        build_config("cpu", str(folder), lr_decay=(0, 10), lr_final=1.5)
+    with pytest.raises(ViewsslError, match="without --lr-decay"):
+        build_config("cpu", str(folder), lr_final=0.5)
+
+
 def test_supervised_flip_mirrors_the_labels_with_the_images(folder, monkeypatch):
     from ssv.viewpoint import flip_angles
 
