@@ -237,8 +237,8 @@ def build_config(
 @click.option("--num-workers", type=click.IntRange(min=0), default=0, help="Image-loading worker processes.")
 def train_ssv(data, preset, out, steps, resume, force, device, seed, batch_size, g_group, eval_data, eval_every,
               no_imc, no_sym, phi, phi_weights, viewpoint_head, supervised, az_range, el_range, tilt_range, lr_d,
-              lr_g, augment_gain, highpass, ball_mask, v_ema_decay, lr_decay, lr_final, w_imc, w_sym, w_gsym, w_style, w_view,
-              checkpoint_every, log_every, media_every, num_workers):
+              lr_g, augment_gain, highpass, ball_mask, v_ema_decay, lr_decay, lr_final, w_imc, w_sym, w_gsym, w_style,
+              w_view, checkpoint_every, log_every, media_every, num_workers):
     """Train SSV: synthesis network S + viewpoint network V (the critic) without pose labels.
 
     Writes a numbered run folder with config.json, tensorboard logs, metrics.jsonl, sample sweeps and checkpoints;
@@ -262,7 +262,8 @@ def train_ssv(data, preset, out, steps, resume, force, device, seed, batch_size,
         phi_weights=str(phi_weights) if phi_weights else None, viewpoint_head=viewpoint_head, supervised=supervised,
         az_range_deg=az_range, el_range_deg=el_range, tilt_range_deg=tilt_range, lr_d=lr_d, lr_g=lr_g,
         augment_gain=augment_gain, highpass=highpass, ball_mask=ball_mask, v_ema_decay=v_ema_decay,
-        lr_decay=lr_decay, lr_final=lr_final, weights={"w_imc": w_imc, "w_sym": w_sym, "w_gsym": w_gsym, "w_style": w_style, "w_view": w_view},
+        lr_decay=lr_decay, lr_final=lr_final,
+        weights={"w_imc": w_imc, "w_sym": w_sym, "w_gsym": w_gsym, "w_style": w_style, "w_view": w_view},
         num_workers=num_workers, steps=steps,
     )
     dev = resolve_device(device)

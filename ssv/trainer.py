@@ -264,7 +264,8 @@ class SSVTrainer(Trainer):
                 lr=c["lr_g"],
                 betas=betas,
             )
-            self.base_lrs = {"V": [float(c["lr_d"])], "G": [float(c["lr_g"]), float(c["lr_g"] * c["lr_mapping_mult"])]}
+            self.base_lrs = {"V": [float(c["lr_d"])],
+                             "G": [float(c["lr_g"]), float(c["lr_g"]) * float(c["lr_mapping_mult"])]}
             self.phi_name, self.phi = None, None
             if c["w_imc"] > 0:
                 self.phi_name = resolve_phi(c.get("phi", "auto"), c.get("phi_weights"))

@@ -393,6 +393,11 @@ def test_cli_trains_and_resumes(folder, tmp_path):
     # a different config is refused in one line
     result = CliRunner().invoke(cli, args[:7] + ["4"] + args[8:] + ["--resume", "auto", "--no-sym"])
     assert result.exit_code == 2 and "Error:" in result.output and "w_sym" in result.output
+    # --lr-decay from the last checkpoint's step continues the run into a decay
+    result = CliRunner().invoke(cli, args[:7] + ["4"] + args[8:] + ["--resume", "auto", "--lr-decay", "3", "5"])
+    assert result.exit_code == 0, result.output
+    ckpt = load_checkpoint(runs[0] / "checkpoints" / "ckpt-00000004.pt")
+    assert (ckpt["config"]["lr_decay_start"], ckpt["config"]["lr_decay_end"], ckpt["config"]["lr_final"]) == (3, 5, 0.1)
 
 
 def test_cli_eval_every_zero_evaluates_only_at_the_end(folder, tmp_path):
