@@ -180,12 +180,14 @@ def lr_multiplier(step: int, start: int, end: int, final: float) -> float:
     return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
+def lr_schedule(config: dict) -> tuple[int, int, float]:
+    """(start, end, final) of a config's learning-rate decay, the arguments of :func:`lr_multiplier` after the step."""
+    return int(config["lr_decay_start"]), int(config["lr_decay_end"]), float(config["lr_final"])
+
+
 def _same_lr_before(old: dict, new: dict, step: int) -> bool:
     """Whether two configs' learning-rate decays give the same factor at every step a checkpoint of ``step`` ran."""
-    def schedule(c: dict) -> tuple[int, int, float]:
-        return int(c["lr_decay_start"]), int(c["lr_decay_end"]), float(c["lr_final"])
-
-    return all(lr_multiplier(s, *schedule(old)) == lr_multiplier(s, *schedule(new)) for s in range(step))
+    return all(lr_multiplier(s, *lr_schedule(old)) == lr_multiplier(s, *lr_schedule(new)) for s in range(step))
 
 
 def _set_requires_grad(module: torch.nn.Module, flag: bool) -> None:
@@ -249,7 +251,6 @@ class SSVTrainer(Trainer):
         self.v_ema_since = 0  # the step V_ema started at (later than 0 for a run resumed from before V_ema existed)
         if self.supervised:
             self.opt_V = torch.optim.Adam(self.V.parameters(), lr=c["lr_supervised"])
-            self.base_lrs = {"V": [float(c["lr_supervised"])]}
         else:
             self.G = build_synthesis(c).to(device)
             _broadcast_parameters(self.G)
@@ -264,14 +265,14 @@ class SSVTrainer(Trainer):
                 lr=c["lr_g"],
                 betas=betas,
             )
-            self.base_lrs = {"V": [float(c["lr_d"])],
-                             "G": [float(c["lr_g"]), float(c["lr_g"]) * float(c["lr_mapping_mult"])]}
             self.phi_name, self.phi = None, None
             if c["w_imc"] > 0:
                 self.phi_name = resolve_phi(c.get("phi", "auto"), c.get("phi_weights"))
                 self.phi = build_phi(self.phi_name, critic=self.V, weights_path=c.get("phi_weights"),
                                      input_size=c.get("phi_size")).to(device)
                 log.info("L_imc feature network Phi: %s", self.phi_name)
+        # the rates the optimisers were built with; --lr-decay scales them (set_learning_rates)
+        self.base_lrs = {name: [g["lr"] for g in opt.param_groups] for name, opt in self.optimizers().items()}
         self.ranges = (float(c["az_range"]), float(c["el_range"]), float(c["tilt_range"]))
         self.illumination = None
         if float(c.get("augment_gain", 0.0)) > 0 and not self.supervised:
@@ -323,8 +324,7 @@ class SSVTrainer(Trainer):
     def set_learning_rates(self, step: int) -> float:
         """Every optimiser's learning rates <- base x :func:`lr_multiplier` at ``step`` (the config's rates, also
         after a checkpoint restored its own); returns the factor."""
-        c = self.config
-        mult = lr_multiplier(step, int(c["lr_decay_start"]), int(c["lr_decay_end"]), float(c["lr_final"]))
+        mult = lr_multiplier(step, *lr_schedule(self.config))
         for name, opt in self.optimizers().items():
             for group, base in zip(opt.param_groups, self.base_lrs[name]):
                 group["lr"] = base * mult
@@ -383,7 +383,8 @@ class SSVTrainer(Trainer):
     # ------------------------------------------------------------------------------------------------ one step
     def train_step(self, batch, step: int) -> dict[str, torch.Tensor]:
         mult = self.set_learning_rates(step)
-        decaying = int(self.config["lr_decay_end"]) > int(self.config["lr_decay_start"])
+        start, end, _ = lr_schedule(self.config)
+        decaying = end > start
         if self.supervised:
             terms = self._supervised_step(batch)
             self.update_v_ema(step)
