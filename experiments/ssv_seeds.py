@@ -17,6 +17,11 @@ are refused; the supervised row may also leave off S's augmentations (``ssv_head
 ``OUT/ssv_seeds.md``, ``OUT/ssv_seeds.json`` and ``OUT/ssv_seeds.png`` (thin lines: seeds; thick: the mean where
 every seed of the row was evaluated). ``--ema`` does all this for V_ema, the moving average of V's weights that runs
 keep since it exists (rows without it are left out).
+
+With a full row and a supervised row, the 1.3x goal of issue 4 is checked on each row at its last step (the longest
+training among the folders; the rows may stop at different steps, SSV needing many more): the mean over the seeds
+evaluated there of SSV full against GOAL_RATIO x that of the supervised V. It closes the markdown table, is ``goal``
+in the JSON, and a dash-dotted line in the plot.
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ import click
 from common.cli import ViewsslCommand
 from common.errors import ViewsslError
 
-from .ssv_heads import ROW_TITLES, ROWS, eval_history, save_mae_plot
+from .ssv_heads import GOAL_RATIO, ROW_TITLES, ROWS, draw_goal, eval_history, save_mae_plot
 
 ORDER = ("full", "no_imc", "no_imc_sym")
 #: the steps of the ordering, each named "worse-better" (no_imc-full: how much worse the row without L_imc is)
@@ -148,6 +153,34 @@ def summarize(curves: dict[str, dict[int, dict[int, float]]]) -> list[dict]:
     return records
 
 
+def goal(records: list[dict]) -> dict | None:
+    """Issue 4's goal on the means over seeds, each row at the last step it was evaluated: {"full": and "supervised":
+    {step, by_seed, mean, std}, ratio (full / supervised), target (GOAL_RATIO x supervised), met}; None without both
+    rows."""
+    last = {}
+    for row in ("full", "supervised"):
+        at = [r for r in records if row in r["rows"]]
+        if not at:
+            return None
+        last[row] = {"step": at[-1]["step"], **at[-1]["rows"][row]}
+    full, supervised = last["full"]["mean"], last["supervised"]["mean"]
+    return {**last, "ratio": full / supervised, "target": GOAL_RATIO * supervised,
+            "met": bool(full <= GOAL_RATIO * supervised)}
+
+
+def goal_line(g: dict) -> str:
+    """One sentence of :func:`goal`'s result."""
+    def row(r):
+        n = len(r["by_seed"])
+        spread = f" ± {r['std']:.2f}" if n > 1 else ""
+        seeds = ", ".join(f"s{s}" for s in r["by_seed"])
+        return f"{r['mean']:.2f}{spread} at {r['step']} steps ({n} seed{'s' * (n > 1)}: {seeds})"
+
+    return (f"Goal (issue 4), each row at its last step: SSV full {row(g['full'])} against supervised "
+            f"{row(g['supervised'])}: **{g['ratio']:.2f}x**; {GOAL_RATIO}x is {g['target']:.2f}: "
+            + ("**met**" if g["met"] else "**not met**") + ".")
+
+
 def markdown(records: list[dict], rows: list[str]) -> str:
     head = ("| step | " + " | ".join(ROW_TITLES.get(r, r) for r in rows)
             + " | ordering on means (seeds) | seeds in order | " + " | ".join(GAP_NAMES) + " |")
@@ -175,7 +208,7 @@ def markdown(records: list[dict], rows: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(curves: dict[str, dict[int, dict[int, float]]], path: Path, title: str = "") -> None:
+def plot(curves: dict[str, dict[int, dict[int, float]]], path: Path, title: str = "", g: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -192,6 +225,9 @@ def plot(curves: dict[str, dict[int, dict[int, float]]], path: Path, title: str 
             ax.plot(common, [statistics.fmean(c[k] for c in by_seed.values()) for k in common], color=color,
                     linewidth=2, marker="o", markersize=3,
                     label=f"{ROW_TITLES.get(row, row)} (mean of {len(by_seed)})")
+    if g is not None:
+        draw_goal(ax, g["supervised"]["mean"], f"C{list(curves).index('supervised')}",
+                  f" at {g['supervised']['step']}")
     save_mae_plot(fig, ax, path, title)
 
 
@@ -211,17 +247,19 @@ def main(folders, out, only_step, ema):
 
     curves, shared = collect(list(folders), ema=ema)
     records = summarize(curves)
+    g = goal(records)
     rows = [r for r in (*ORDER, "supervised") if r in curves]
-    atomic_write_json({"folders": [str(f) for f in folders], "settings": shared, "records": records},
+    atomic_write_json({"folders": [str(f) for f in folders], "settings": shared, "records": records, "goal": g},
                       out / "ssv_seeds.json")
-    atomic_write_bytes(out / "ssv_seeds.md", markdown(records, rows).encode())
+    tail = "" if g is None else "\n" + goal_line(g) + "\n"
+    atomic_write_bytes(out / "ssv_seeds.md", (markdown(records, rows) + tail).encode())
     plot(curves, out / "ssv_seeds.png",
          title=f"SSV ablation over seeds ({shared.get('preset', '?')}, {shared.get('image_size', '?')} px"
-               + (", V EMA)" if ema else ")"))
+               + (", V EMA)" if ema else ")"), g=g)
     shown = [r for r in records if only_step is None or r["step"] == only_step]
     if only_step is not None and not shown:
         raise click.UsageError(f"no row was evaluated at step {only_step}")
-    click.echo(markdown(shown, rows), nl=False)
+    click.echo(markdown(shown, rows) + tail, nl=False)
     click.echo(f"tables in {out / 'ssv_seeds.md'} and {out / 'ssv_seeds.json'}; plot {out / 'ssv_seeds.png'}")
 
 

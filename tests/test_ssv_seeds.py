@@ -8,7 +8,8 @@ import pytest
 from click.testing import CliRunner
 
 from common.errors import ViewsslError
-from experiments.ssv_seeds import collect, gap_test, main, summarize
+from experiments.ssv_heads import draw_goal
+from experiments.ssv_seeds import collect, gap_test, goal, goal_line, main, summarize
 
 CONFIG = {"preset": "cpu64", "image_size": 64, "d_highpass": 2.0, "phi": "auto", "w_imc": 1.0, "w_sym": 1.0}
 SWITCHES = {"full": {"phi": "critic"}, "no_imc": {"w_imc": 0.0}, "no_imc_sym": {"w_imc": 0.0, "w_sym": 0.0},
@@ -181,3 +182,43 @@ def test_ema_scores_v_ema_and_leaves_out_runs_without_it(tmp_path):
     assert "| 1000 | 17.0 (s0) | 20.5 (s0) |" in result.output
     with pytest.raises(ViewsslError, match="no SSV rows"):
         collect([b], ema=True)
+
+
+def test_the_goal_compares_each_row_at_its_last_step(tmp_path):
+    # SSV full on one seed, trained longest; the supervised V on three seeds, to a step of its own
+    ssv = _folder(tmp_path / "ssv", 4, {"full": (2000, 6.2, {500: 20.0, 1000: 9.0})})
+    sups = [_folder(tmp_path / f"sup{s}", s, {"supervised": (1600, v, {500: 6.0})})
+            for s, v in ((0, 4.05), (1, 4.24), (2, 4.25))]
+    g = goal(summarize(collect([ssv, *sups])[0]))
+    supervised = statistics.fmean([4.05, 4.24, 4.25])
+    assert g["full"]["step"] == 2000 and g["full"]["by_seed"] == {4: 6.2}
+    assert g["supervised"]["step"] == 1600 and g["supervised"]["mean"] == pytest.approx(supervised)
+    assert g["supervised"]["std"] == pytest.approx(statistics.stdev([4.05, 4.24, 4.25]))
+    assert g["ratio"] == pytest.approx(6.2 / supervised) and g["target"] == pytest.approx(1.3 * supervised)
+    assert g["met"] is False  # 6.2 > 1.3 x 4.18 = 5.43
+    line = goal_line(g)
+    assert "SSV full 6.20 at 2000 steps (1 seed: s4)" in line and "4.18 ± 0.11 at 1600 steps (3 seeds" in line
+    assert "**1.48x**" in line and "1.3x is 5.43: **not met**" in line
+    # at 5.4 it is met, and without a supervised row (or a full one) there is no goal
+    better = _folder(tmp_path / "better", 4, {"full": (2000, 5.4, {})})
+    assert goal(summarize(collect([better, *sups])[0]))["met"] is True
+    assert goal(summarize(collect([ssv])[0])) is None and goal(summarize(collect(sups)[0])) is None
+    out = tmp_path / "summary"
+    result = CliRunner().invoke(main, [str(ssv), *map(str, sups), "--out", str(out), "--step", "2000"])
+    assert result.exit_code == 0, result.output
+    assert "| 2000 | 6.2 (s4) |" in result.output and result.output.count("**not met**") == 1
+    assert "**not met**" in (out / "ssv_seeds.md").read_text()
+    assert json.loads((out / "ssv_seeds.json").read_text())["goal"]["ratio"] == pytest.approx(6.2 / supervised)
+
+
+def test_the_goal_line_in_a_plot_is_1_3x_the_supervised_mae():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    draw_goal(ax, 4.0, at=" at 1600")
+    (line,) = ax.get_lines()
+    assert list(line.get_ydata()) == pytest.approx([5.2, 5.2]) and line.get_label().endswith("at 1600 = 5.2")
+    plt.close(fig)
