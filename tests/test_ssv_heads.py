@@ -90,6 +90,21 @@ def test_quick_run_writes_the_table_with_every_row(tiny_heads, tmp_path):
         assert ema_steps == [2, 4] and ema_values[-1] == pytest.approx(
             data["rows"][name]["metrics"]["ema/calibrated/mae"]), name
     assert (out / "learning_curves.png").stat().st_size > 0 and "learning_curves.png" in table
+    # the table reuses training's evaluation at the last step: the same figures as scoring the saved checkpoint anew
+    from common.training import find_checkpoint
+    from experiments.ssv_heads import evaluate
+    from ssv.model_io import load_pose_model
+
+    for name in ("full", "supervised"):
+        ckpt, _ = find_checkpoint(out / name)
+        assert ckpt["step"] == 4, name
+        m = data["rows"][name]["metrics"]
+        for ema in (False, True):
+            again = evaluate(load_pose_model(ckpt, ema=ema), tiny_heads / "heads" / "test", torch.device("cpu"))
+            prefix = "ema/" if ema else ""
+            assert set(again) == {k.removeprefix(prefix) for k in m
+                                  if k.startswith(prefix) and k.removeprefix(prefix).split("/")[0] in ("raw", "calibrated")}
+            assert again == pytest.approx({k: m[f"{prefix}{k}"] for k in again}), (name, ema)
 
 
 def test_viewpoint_head_and_lr_decay_reach_every_row_and_the_floor_ignores_the_seed(tiny_heads, tmp_path):
