@@ -216,7 +216,7 @@ def learning_curves(rows: dict, path: Path, title: str = "") -> bool:
 
 
 def draw_goal(ax, supervised: float, color=None, at: str = "") -> None:
-    """The 1.3x goal as a dash-dotted line: GOAL_RATIO x the supervised V's calibrated MAE (``at``: where it is from)."""
+    """The 1.3x goal as a dash-dotted line: GOAL_RATIO x the supervised V's calibrated MAE (``at``: its step)."""
     ax.axhline(GOAL_RATIO * supervised, color=color or "black", linestyle="-.", linewidth=1,
                label=f"goal: {GOAL_RATIO} x supervised{at} = {GOAL_RATIO * supervised:.1f}")
 

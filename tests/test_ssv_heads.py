@@ -95,16 +95,22 @@ def test_quick_run_writes_the_table_with_every_row(tiny_heads, tmp_path):
     from experiments.ssv_heads import evaluate
     from ssv.model_io import load_pose_model
 
+    torch.set_num_threads(1)  # as the run: after 4 steps V sits on the sign boundaries, where the sums' order counts
+    try:
+        again_by_row = {(name, ema): evaluate(load_pose_model(find_checkpoint(out / name)[0], ema=ema),
+                                              tiny_heads / "heads" / "test", torch.device("cpu"))
+                        for name in ("full", "supervised") for ema in (False, True)}
+    finally:
+        torch.set_num_threads(threads)
     for name in ("full", "supervised"):
-        ckpt, _ = find_checkpoint(out / name)
-        assert ckpt["step"] == 4, name
+        assert find_checkpoint(out / name)[0]["step"] == 4, name
         m = data["rows"][name]["metrics"]
         for ema in (False, True):
-            again = evaluate(load_pose_model(ckpt, ema=ema), tiny_heads / "heads" / "test", torch.device("cpu"))
+            again = again_by_row[name, ema]
             prefix = "ema/" if ema else ""
-            assert set(again) == {k.removeprefix(prefix) for k in m
-                                  if k.startswith(prefix) and k.removeprefix(prefix).split("/")[0] in ("raw", "calibrated")}
-            assert again == pytest.approx({k: m[f"{prefix}{k}"] for k in again}), (name, ema)
+            table = {k.removeprefix(prefix) for k in m if k.startswith(prefix)}
+            assert set(again) == {k for k in table if k.split("/")[0] in ("raw", "calibrated")}
+            assert again == pytest.approx({k: m[f"{prefix}{k}"] for k in again}, rel=1e-4), (name, ema)
 
 
 def test_viewpoint_head_and_lr_decay_reach_every_row_and_the_floor_ignores_the_seed(tiny_heads, tmp_path):
