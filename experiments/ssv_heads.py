@@ -209,7 +209,7 @@ def learning_curves(rows: dict, path: Path, title: str = "") -> bool:
         ax.axhline(floor, color="gray", linestyle="--", label=ROW_TITLES["random"])
     supervised = rows.get("supervised", {}).get("metrics", {}).get("calibrated/mae")
     if supervised is not None and "full" in rows:
-        draw_goal(ax, supervised, colors.get("supervised"))
+        draw_goal(ax, supervised, colors.get("supervised"), f" at {rows['supervised']['steps']}")
     ax.set_ylim(bottom=0)
     save_mae_plot(fig, ax, path, title)
     return True
@@ -528,7 +528,8 @@ def run(data, out, preset, steps, sup_steps, row_names: list[str], batch_size, s
                   media_every=0 if row == "supervised" or quick else 500, resume="auto", progress=True)
         train_seconds = time.perf_counter() - t0
         done = n_steps - res["start_step"]
-        # fit's own evaluation at the last step (with --eval-every, when it trained), else one here
+        # fit's own evaluation at the last step when it made one (with --eval-every: training ended on a multiple
+        # of it, or the last step is off its multiples, even on a rerun with nothing to train), else one here
         last = res.get("metrics") or {}
         metrics = table_metrics(last) or evaluate(trainer.pose_model(), test_dir, dev)
         if ema_is_an_average(trainer, n_steps):

@@ -133,6 +133,22 @@ def test_viewpoint_head_and_lr_decay_reach_every_row_and_the_floor_ignores_the_s
         assert (config["lr_decay_start"], config["lr_decay_end"], config["lr_final"]) == (1, 3, 0.2)
     data = json.loads((out / "ssv_heads.json").read_text())
     assert 0 <= data["rows"]["full"]["metrics"]["calibrated/mae"] <= 180
+    # without --eval-every training scored nothing: the table's V and V_ema figures come from an evaluation of its own
+    from common.training import find_checkpoint
+    from experiments.ssv_heads import evaluate
+    from ssv.model_io import load_pose_model
+
+    assert not (out / "full" / "metrics.jsonl").exists() or "eval" not in (out / "full" / "metrics.jsonl").read_text()
+    torch.set_num_threads(1)
+    try:
+        for ema in (False, True):
+            again = evaluate(load_pose_model(find_checkpoint(out / "full")[0], ema=ema), tiny_heads / "heads" / "test",
+                             torch.device("cpu"))
+            prefix = "ema/" if ema else ""
+            assert {"raw/mae", "calibrated/mae"} <= set(again)
+            assert again == pytest.approx({k: data["rows"]["full"]["metrics"][prefix + k] for k in again}, rel=1e-4)
+    finally:
+        torch.set_num_threads(threads)
     # the floor is drawn with seed 0 whatever --seed says (drawn with seed 3 it would differ)
     test_dir = tiny_heads / "heads" / "test"
     assert data["rows"]["random"]["metrics"] == random_floor(test_dir)

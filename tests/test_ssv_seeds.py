@@ -211,6 +211,26 @@ def test_the_goal_compares_each_row_at_its_last_step(tmp_path):
     assert json.loads((out / "ssv_seeds.json").read_text())["goal"]["ratio"] == pytest.approx(6.2 / supervised)
 
 
+def test_the_goal_takes_a_row_where_all_its_seeds_were_evaluated(tmp_path):
+    # seeds 1 and 2 of SSV full stop at 2000; seed 0 goes on to 3000 (worse there): the row is its mean at 2000
+    full = [_folder(tmp_path / "f0", 0, {"full": (3000, 9.0, {1000: 12.0, 2000: 7.0})}),
+            _folder(tmp_path / "f1", 1, {"full": (2000, 6.0, {1000: 11.0})}),
+            _folder(tmp_path / "f2", 2, {"full": (2000, 6.5, {1000: 13.0})})]
+    sup = _folder(tmp_path / "sup", 0, {"supervised": (1600, 6.0, {})})
+    g = goal(summarize(collect([*full, sup])[0]))
+    assert g["full"]["step"] == 2000 and g["full"]["mean"] == pytest.approx(6.5)
+    assert g["full"]["beyond"] == {0: (3000, 9.0)} and g["supervised"]["beyond"] == {}
+    assert g["ratio"] == pytest.approx(6.5 / 6.0) and g["met"] is True  # 6.5 <= 7.8; seed 0 alone (9.0) is not
+    line = goal_line(g, ema=True)
+    assert "(issue 4, V EMA on both)" in line and line.endswith("**met**.")
+    assert "6.50 ± 0.50 at 2000 steps (3 seeds: s0, s1, s2; s0 goes on to 3000 steps: 9.00)" in line
+    # seeds that share no step: the last step with the most of them
+    apart = [_folder(tmp_path / "a0", 0, {"full": (1000, 8.0, {})}),
+             _folder(tmp_path / "a1", 1, {"full": (1500, 7.0, {})})]
+    g = goal(summarize(collect([*apart, sup])[0]))
+    assert g["full"]["step"] == 1500 and g["full"]["mean"] == 7.0 and g["full"]["beyond"] == {}
+
+
 def test_the_goal_line_in_a_plot_is_1_3x_the_supervised_mae():
     import matplotlib
 
