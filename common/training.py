@@ -273,7 +273,8 @@ def config_diff(old: dict, new: dict, ignore: tuple[str, ...] = ()) -> list[str]
     """Human-readable differences ``key: old -> new`` between two configs, ignoring ``ignore`` keys."""
     a, b = _flatten(json.loads(json.dumps(old))), _flatten(json.loads(json.dumps(new)))
     keys = sorted((set(a) | set(b)) - set(ignore))
-    return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in keys if a.get(k, "<absent>") != b.get(k, "<absent>")]
+    return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in keys
+            if a.get(k, "<absent>") != b.get(k, "<absent>")]
 
 
 class _SignalFlag:
@@ -332,7 +333,8 @@ def _fit(trainer: Trainer, run_dir: Path, steps: int, *, checkpoint_every: int, 
             diff = config_diff({**trainer.resume_defaults, **ckpt["config"]}, trainer.config,
                                trainer.resume_ignored(ckpt["config"], int(ckpt["step"])))
             if diff and not force:
-                raise ViewsslError(f"config differs from the checkpoint's ({'; '.join(diff)}); pass --force to resume anyway", resumed_from)
+                raise ViewsslError(f"config differs from the checkpoint's ({'; '.join(diff)}); "
+                                   "pass --force to resume anyway", resumed_from)
             if diff:
                 log.warning("resuming with a different config (--force): %s", "; ".join(diff))
             start_step = int(ckpt["step"])
@@ -438,6 +440,6 @@ def _fit(trainer: Trainer, run_dir: Path, steps: int, *, checkpoint_every: int, 
             bar.close()
         if writer is not None:
             writer.close()
-    result.update({"step": step, "terms": terms_f, "metrics": metrics, "checkpoint": str(ckpt_dir / f"ckpt-{step:08d}.pt"),
-                   "seconds": time.perf_counter() - t0})
+    result.update({"step": step, "terms": terms_f, "metrics": metrics,
+                   "checkpoint": str(ckpt_dir / f"ckpt-{step:08d}.pt"), "seconds": time.perf_counter() - t0})
     return result

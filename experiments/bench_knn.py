@@ -7,10 +7,11 @@ Both sides do the whole kNN evaluation of solo-learn's weighted classifier (cosi
 ``exp(sim / T)``): ours is ``knn_classify``; the reference is ``NearestNeighbors(metric="cosine",
 algorithm="brute").fit(train).kneighbors(query)`` followed by the same vote in NumPy. Both get the same float32
 arrays. Runs are interleaved (``--repeat``) and each side's best time is compared, which is robust to other
-processes on a shared machine. The script prints wall times, the speed ratio, peak memory above the starting resident set (Linux VmHWM,
-reset between the runs; plus tracemalloc's peak of Python/NumPy allocations) and whether the predictions and the
-neighbour lists agree; where they differ it recomputes the disputed similarities in float64 to say which side is
-right. Features are clustered (one Gaussian centre per class plus isotropic noise) so the vote is not trivial.
+processes on a shared machine. The script prints wall times, the speed ratio, peak memory above the starting resident
+set (Linux VmHWM, reset between the runs; plus tracemalloc's peak of Python/NumPy allocations) and whether the
+predictions and the neighbour lists agree; where they differ it recomputes the disputed similarities in float64 to say
+which side is right. Features are clustered (one Gaussian centre per class plus isotropic noise) so the vote is not
+trivial.
 """
 from __future__ import annotations
 

@@ -88,7 +88,8 @@ def variant_title(method: str, pairs: str, traj_weight: float) -> str:
 
 def ensure_benchmark(data: Path, quick: bool, size: int) -> Path:
     """Use ``data`` if it holds sequences; otherwise render them there."""
-    if (data / "sequences" / "train" / "labels.csv").is_file() and (data / "sequences" / "test" / "labels.csv").is_file():
+    if ((data / "sequences" / "train" / "labels.csv").is_file()
+            and (data / "sequences" / "test" / "labels.csv").is_file()):
         return data
     from common.data.synthetic import render_benchmark
 
@@ -148,7 +149,8 @@ def pose_nearest_neighbour(model, ctx, taps) -> dict[str, float]:
     return out
 
 
-def evaluate_run(ckpt: dict, bench: Path, device: torch.device, seed: int, eval_options: dict) -> tuple[dict, dict, dict]:
+def evaluate_run(ckpt: dict, bench: Path, device: torch.device, seed: int,
+                 eval_options: dict) -> tuple[dict, dict, dict]:
     """(metrics, protocol, skipped) of one checkpoint on ``bench/sequences`` (train = gallery, test = queries)."""
     from common.eval import run_metrics
     from common.eval.context import DataSource, EvalContext
@@ -316,7 +318,8 @@ def main(data, out, methods, modes, dual_traj_weight, seeds, steps, batch_size, 
     """Train Siamese encoders on frame pairs of one video (same / nearby / distant frames, and both on two heads)
     and compare their pose, box, re-identification and classification figures over seeds."""
     command = invocation("python -m experiments.frame_pairs")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
 
     from trajssl.methods import METHODS as KNOWN
 

@@ -66,7 +66,8 @@ def head_ranges(root: Path) -> dict[str, float] | None:
         return None
     try:
         config = json.loads(meta.read_text())["config"]
-        return {"az": float(config["yaw_range"]), "el": float(config["pitch_range"]), "tilt": float(config["roll_range"])}
+        return {"az": float(config["yaw_range"]), "el": float(config["pitch_range"]),
+                "tilt": float(config["roll_range"])}
     except (KeyError, ValueError, TypeError):
         return None
 

@@ -77,7 +77,8 @@ def ensure_benchmark(data: Path, quick: bool, size: int) -> Path:
     return data
 
 
-def evaluate_run(ckpt: dict, bench: Path, device: torch.device, seed: int, eval_options: dict) -> tuple[dict, dict, dict]:
+def evaluate_run(ckpt: dict, bench: Path, device: torch.device, seed: int,
+                 eval_options: dict) -> tuple[dict, dict, dict]:
     """The trajectory table's evaluation of one checkpoint: (metrics, protocol, skipped)."""
     from common.eval import run_metrics
     from trajssl.model_io import load_encoder_model
@@ -162,7 +163,8 @@ def format_markdown(runs: list[dict], agg: dict, args: dict) -> str:
     weights = sorted({float(r["config"]["traj_weight"]) for r in runs})
     seeds = sorted({r["config"]["seed"] for r in runs})
     lines = ["# Trajectory regularisation on the synthetic objects", "",
-             f"{len(runs)} runs: methods {', '.join(methods)}; trajectory weight {', '.join(f'{w:g}' for w in weights)}; "
+             f"{len(runs)} runs: methods {', '.join(methods)}; "
+             f"trajectory weight {', '.join(f'{w:g}' for w in weights)}; "
              f"seeds {', '.join(map(str, seeds))}; {args['steps']} steps, batch {args['batch_size']}, "
              f"{args['image_size']} px, {args.get('stem', 'small')} stem, {args.get('optimizer', 'lars')}"
              f"{' (QUICK smoke run: numbers are meaningless)' if args['quick'] else ''}.",
@@ -263,7 +265,8 @@ def main(data, out, methods, traj_weight, seeds, steps, batch_size, image_size, 
     """Train SimCLR / VICReg / SimSiam with and without the trajectory loss on the synthetic objects and compare
     their classification, absolute and relative pose figures over seeds."""
     command = invocation("python -m experiments.traj_objects")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
 
     from trajssl.methods import METHODS as KNOWN
 

@@ -13,8 +13,8 @@ Choices (``--phi``):
 
 **No download is ever attempted.** Pretrained weights are read from ``--phi-weights PATH`` or from the torch hub cache
 (``torch.hub.get_dir()/checkpoints/alexnet-owt-7be5be79.pth`` or ``vgg16-397923af.pth``, the files torchvision's
-``weights=IMAGENET1K_V1`` uses), always with ``weights_only=True``. If neither exists, a :class:`ViewsslError` says which
-file is missing and how to provide it.
+``weights=IMAGENET1K_V1`` uses), always with ``weights_only=True``. If neither exists, a :class:`ViewsslError` says
+which file is missing and how to provide it.
 
 Every Phi takes model-range images (B, 3, H, W) in [-1, 1] and returns a feature map (B, C, h, w); it has no trainable
 parameters.

@@ -119,7 +119,8 @@ class StyledConvBlock(nn.Module):
 
 
 class ConvBlock(nn.Module):
-    """Critic block: conv k1 -> [norm] -> LReLU -> conv k2 -> [norm unless last] -> LReLU; (B, in, H, W) -> (B, out, H', W').
+    """Critic block: conv k1 -> [norm] -> LReLU -> conv k2 -> [norm unless last] -> LReLU;
+    (B, in, H, W) -> (B, out, H', W').
 
     ``norm`` is "instance" (SSV's critic) or "none". The last block uses a valid 4x4 second conv (4x4 -> 1x1).
     """

@@ -97,12 +97,14 @@ def rotation_matrix_loss(R_pred: torch.Tensor, R_target: torch.Tensor) -> torch.
 
 
 def style_loss(z_hat: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """Style reconstruction ||z - z_hat||^2, averaged over batch *and* code entries (the release's MSE); (B, Z) -> 0-d."""
+    """Style reconstruction ||z - z_hat||^2, averaged over batch *and* code entries (the release's MSE);
+    (B, Z) -> 0-d."""
     return F.mse_loss(z_hat, z.detach())
 
 
 def cycle_loss(style_term: torch.Tensor, view_term: torch.Tensor, w_style: float, w_view: float) -> torch.Tensor:
-    """Self-consistency L_sv on synthetic images: w_style * ||z - z_hat||^2 + w_view * L_v(v, v_hat); 0-d, 0-d -> 0-d."""
+    """Self-consistency L_sv on synthetic images: w_style * ||z - z_hat||^2 + w_view * L_v(v, v_hat);
+    0-d, 0-d -> 0-d."""
     return w_style * style_term + w_view * view_term
 
 

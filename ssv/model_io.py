@@ -60,7 +60,8 @@ class SSVPoseModel:
     def features(self, images: torch.Tensor, taps: Sequence[str]) -> dict[str, torch.Tensor]:
         unknown = [t for t in taps if t not in self.taps]
         if unknown:
-            raise ViewsslError(f"unknown feature tap(s) {', '.join(unknown)} for an SSV model (has {', '.join(self.taps)})")
+            raise ViewsslError(f"unknown feature tap(s) {', '.join(unknown)} for an SSV model "
+                               f"(has {', '.join(self.taps)})")
         was = self.V.training
         self.V.eval()
         try:

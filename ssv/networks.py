@@ -320,7 +320,8 @@ class ViewpointNetwork(nn.Module):
         return feat
 
     def tap(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """The trunk's feature map ``name`` ("block<i>"), computing only the blocks up to it; (B, 3, S, S) -> (B, C, h, w)."""
+        """The trunk's feature map ``name`` ("block<i>"), computing only the blocks up to it;
+        (B, 3, S, S) -> (B, C, h, w)."""
         if name not in self.tap_names[:-1]:
             raise ValueError(f"unknown tap {name!r} (have {', '.join(self.tap_names[:-1])})")
         last = int(name[len("block") :])

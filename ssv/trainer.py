@@ -53,8 +53,8 @@ Ablations: ``w_imc = 0`` (``--no-imc``), ``w_sym = w_gsym = 0`` (``--no-sym``); 
 with mirrored labels), so the comparison isolates the self-supervision.
 
 All randomness (z, v, flips, dropout, GP interpolation, illumination ramps) comes from the global torch RNG in the
-main process, so :func:`common.training.fit` resumes bit-exactly. Under torchrun each rank takes ``batch_size / world`` real images
-and ``g_group / world`` generator samples, and gradients are averaged over ranks after each backward.
+main process, so :func:`common.training.fit` resumes bit-exactly. Under torchrun each rank takes ``batch_size / world``
+real images and ``g_group / world`` generator samples, and gradients are averaged over ranks after each backward.
 """
 from __future__ import annotations
 
@@ -490,8 +490,8 @@ class SSVTrainer(Trainer):
         with torch.no_grad():
             err = (self.V.decode(out["view"]) - angles).remainder(2 * math.pi)
             err = torch.minimum(err, 2 * math.pi - err).mean(0)
-        return {"sup_view": loss.detach(), "sup_mae_az_deg": torch.rad2deg(err[0]), "sup_mae_el_deg": torch.rad2deg(err[1]),
-                "sup_mae_tilt_deg": torch.rad2deg(err[2])}
+        return {"sup_view": loss.detach(), "sup_mae_az_deg": torch.rad2deg(err[0]),
+                "sup_mae_el_deg": torch.rad2deg(err[1]), "sup_mae_tilt_deg": torch.rad2deg(err[2])}
 
     # ------------------------------------------------------------------------------------------------ outputs
     def pose_model(self, ema: bool = False):

@@ -265,7 +265,8 @@ def test_rotations_npy_must_hold_rotations(tmp_path, bad, message):
     (tmp_path / "rotations.json").write_text(json.dumps({"02691156/m1/0_1_0.png": bad.tolist()}))
     with pytest.raises(ViewsslError) as e:
         ShapeNetRenders(tmp_path)
-    assert "key '02691156/m1/0_1_0.png': the matrix " + message.split(" ", 2)[2] in one_line(e, tmp_path / "rotations.json")
+    assert ("key '02691156/m1/0_1_0.png': the matrix " + message.split(" ", 2)[2]
+            in one_line(e, tmp_path / "rotations.json"))
 
 
 def test_unknown_split(tmp_path):

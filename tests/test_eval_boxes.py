@@ -68,7 +68,8 @@ def test_against_monte_carlo(seed):
 def test_nearly_orthonormal_rotations():
     # A float32 rotation matrix is orthonormal only to ~1e-7: identical boxes must still give IoU 1.
     r = Rotation.from_euler("YXZ", [0.7, 0.35, 0.1]).as_matrix().astype(np.float32).astype(np.float64)
-    assert box_iou_3d([0.3, -0.4, -5.0], [1.0, 0.6, 1.4], r, [0.3, -0.4, -5.0], [1.0, 0.6, 1.4], r) == pytest.approx(1.0)
+    assert box_iou_3d([0.3, -0.4, -5.0], [1.0, 0.6, 1.4], r,
+                      [0.3, -0.4, -5.0], [1.0, 0.6, 1.4], r) == pytest.approx(1.0)
 
 
 def test_batched_and_torch_inputs():

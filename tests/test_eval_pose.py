@@ -114,7 +114,8 @@ def test_chordal_mean():
     from scipy.spatial.transform import Rotation
 
     rots = Rotation.random(9, random_state=2)
-    torch.testing.assert_close(chordal_mean(torch.from_numpy(rots.as_matrix())), torch.from_numpy(rots.mean().as_matrix()))
+    torch.testing.assert_close(chordal_mean(torch.from_numpy(rots.as_matrix())),
+                               torch.from_numpy(rots.mean().as_matrix()))
 
 
 def test_knn_pose_perfect_and_geodesic():

@@ -99,7 +99,8 @@ def test_geodesic_against_scipy_including_near_0_and_pi(dtype):
 
 def test_geodesic_gradient_finite_at_identity_and_pi():
     R = torch.eye(3, dtype=torch.float64).repeat(2, 1, 1)
-    R2 = torch.stack([torch.eye(3, dtype=torch.float64), axis_rotation("x", torch.tensor(math.pi, dtype=torch.float64))])
+    R2 = torch.stack([torch.eye(3, dtype=torch.float64),
+                      axis_rotation("x", torch.tensor(math.pi, dtype=torch.float64))])
     R2.requires_grad_(True)
     geodesic_distance(R, R2).sum().backward()
     assert torch.isfinite(R2.grad).all()

@@ -44,7 +44,8 @@ def _worker(rank: int, world: int, port: int, data: str, out: str) -> None:
         batches = t.batches(0)
         for step in range(2):
             t.train_step(next(batches), step)
-        state = {f"{name}.{k}": v.detach().clone() for name, m in t.modules().items() for k, v in m.state_dict().items()}
+        state = {f"{name}.{k}": v.detach().clone() for name, m in t.modules().items()
+                 for k, v in m.state_dict().items()}
         torch.save({"state": state, "init": init}, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()

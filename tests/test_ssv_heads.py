@@ -41,7 +41,8 @@ def test_goals_met_when_ssv_learned_and_is_close_to_supervised():
     assert goals["SSV full learned (at least 10% below the random floor)"]["met"] is True
     assert goals["SSV full within 1.3x of supervised"]["met"] is True
     assert goals["ablation ordering full < no_imc < no_imc_sym"]["met"] is False  # 14 > 13
-    assert check_goals(_rows(full=14.0, supervised=10.0, random=31.1))["SSV full within 1.3x of supervised"]["met"] is False
+    assert (check_goals(_rows(full=14.0, supervised=10.0, random=31.1))["SSV full within 1.3x of supervised"]["met"]
+            is False)
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +164,8 @@ def test_a_folder_without_heads_is_a_one_line_error(tmp_path):
 
 
 def test_an_unknown_row_is_refused_before_out_is_made(tiny_heads, tmp_path):
-    result = CliRunner().invoke(main, ["--data", str(tiny_heads), "--out", str(tmp_path / "out"), "--rows", "full,nope"])
+    result = CliRunner().invoke(main, ["--data", str(tiny_heads), "--out", str(tmp_path / "out"),
+                                       "--rows", "full,nope"])
     assert result.exit_code == 2 and "--rows: unknown nope (choose from full," in result.output
     assert not (tmp_path / "out").exists()
 

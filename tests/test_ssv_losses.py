@@ -150,7 +150,8 @@ def test_view_symmetry_loss_formula_and_minimum():
     """L_sym = L_v(V(flip I), flip(sg V(I))) + ||z_f - sg z||^2; an exactly mirror-equivariant V sits at its minimum."""
     gen = _gen(5)
     B = 4
-    out = {"logp": torch.log_softmax(torch.randn(B, 3, 2, generator=gen), -1), "sign": torch.randn(B, 3, 4, generator=gen)}
+    out = {"logp": torch.log_softmax(torch.randn(B, 3, 2, generator=gen), -1),
+           "sign": torch.randn(B, 3, 4, generator=gen)}
     target = SphericalHead.pseudo_target(out, flip=True)
     # prediction on the mirrored image = the mirror of the prediction (magnitudes equal, signs flipped), as logits
     mag_logits = out["logp"].clone().requires_grad_(True)

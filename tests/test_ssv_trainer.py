@@ -61,11 +61,13 @@ def tiny_config(folder, **kw):
 
 
 def all_params(trainer):
-    return {f"{name}.{k}": v.detach().clone() for name, m in trainer.modules().items() for k, v in m.state_dict().items()}
+    return {f"{name}.{k}": v.detach().clone() for name, m in trainer.modules().items()
+            for k, v in m.state_dict().items()}
 
 
-@pytest.mark.parametrize("kw", [{}, {"phi": "random", "viewpoint_head": "6d"}, {"w_imc": 0.0, "w_sym": 0.0, "w_gsym": 0.0},
-                                {"augment_gain": 0.5}, {"d_highpass": 1.0}, {"g_ball_mask": True}])
+@pytest.mark.parametrize("kw", [{}, {"phi": "random", "viewpoint_head": "6d"},
+                                {"w_imc": 0.0, "w_sym": 0.0, "w_gsym": 0.0}, {"augment_gain": 0.5},
+                                {"d_highpass": 1.0}, {"g_ball_mask": True}])
 def test_two_steps_tiny(folder, kw):
     t = SSVTrainer(tiny_config(folder, **kw))
     assert (t.G.window is not None) == kw.get("g_ball_mask", False) == (t.G_ema.window is not None)

@@ -183,7 +183,8 @@ def test_vicreg_terms_match_official_formula():
     assert t["variance"].item() == pytest.approx(var.item(), rel=1e-5)
     assert t["covariance"].item() == pytest.approx(cov.item(), rel=1e-5)
     assert vicreg_loss(x, y).item() == pytest.approx(total.item(), rel=1e-5)
-    assert vicreg_loss(x, y, 1.0, 2.0, 3.0).item() == pytest.approx(_vicreg_official(x, y, 1.0, 2.0, 3.0)[3].item(), rel=1e-5)
+    assert vicreg_loss(x, y, 1.0, 2.0, 3.0).item() == pytest.approx(_vicreg_official(x, y, 1.0, 2.0, 3.0)[3].item(),
+                                                                    rel=1e-5)
 
 
 def test_vicreg_terms_on_hand_made_inputs():

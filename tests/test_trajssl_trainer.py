@@ -156,7 +156,8 @@ def test_model_io_features(bench, tmp_path):
     tr = EncoderTrainer({**TINY, "method": "simsiam", "data": str(bench), "steps": 1, "small_stem": True}, CPU)
     r = fit(tr, tmp_path / "run", steps=1, progress=False)
     model = load_encoder_model(load_checkpoint(r["checkpoint"]), CPU)
-    assert model.family == "encoder" and model.input_size == 16 and model.predict_angles(torch.rand(2, 3, 16, 16)) is None
+    assert model.family == "encoder" and model.input_size == 16
+    assert model.predict_angles(torch.rand(2, 3, 16, 16)) is None
     f = model.features(torch.rand(3, 3, 24, 24), ["pooled", "layer3", "layer4"])
     # 16 px, small stem: layer3 4x4x256, layer4 2x2x512
     assert f["pooled"].shape == (3, 512) and f["layer3"].shape == (3, 256 * 16) and f["layer4"].shape == (3, 512 * 4)

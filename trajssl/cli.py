@@ -31,7 +31,8 @@ def _resume_target(out: Path, tag: str, resume: str | None) -> tuple[Path | None
     if resume is None:
         return None, None
     if resume == "auto":
-        runs = sorted((p for p in out.glob(f"*-{tag}") if re.match(r"^\d{5}-", p.name) and (p / "checkpoints").is_dir()),
+        runs = sorted((p for p in out.glob(f"*-{tag}")
+                       if re.match(r"^\d{5}-", p.name) and (p / "checkpoints").is_dir()),
                       key=lambda p: p.name)
         if not runs:
             log.info("--resume auto: no earlier %s run in %s, starting a new one", tag, out)
@@ -75,12 +76,14 @@ def _resume_target(out: Path, tag: str, resume: str | None) -> tuple[Path | None
 @click.option("--warmup-steps", type=click.IntRange(min=0), default=None,
               help="Linear warm-up steps before the cosine decay [default: 5% of --steps].")
 @click.option("--stem", type=click.Choice(["small", "imagenet"]), default="small", show_default=True,
-              help="ResNet-18 first layers: small = 3x3 stride-1 conv, no max-pool (for 32-64 px); imagenet = 7x7/2 + pool.")
+              help="ResNet-18 first layers: small = 3x3 stride-1 conv, no max-pool (for 32-64 px); "
+                   "imagenet = 7x7/2 + pool.")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Local torchvision resnet18 state dict to start from (default: random initialisation).")
 @click.option("--augment", type=click.Choice(["full", "none"]), default="full", show_default=True,
               help="Semantic-view augmentations (crop, flip, colour jitter, grayscale, blur) or none.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of initialisation, data order and augmentation.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of initialisation, data order and augmentation.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, mps.")
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
               help="Data-loading worker processes (image decoding only; augmentation stays in the main process).")

@@ -4,7 +4,8 @@ Under DDP each process sees 1/world of the batch; plain BatchNorm would normalis
 2-process run would not match a 1-process run on the same global batch. torch's ``nn.SyncBatchNorm`` does this on
 GPUs only, so :func:`convert_sync_batchnorm` uses it on CUDA and :class:`DistBatchNorm` (same parameters and
 buffers, statistics all-reduced with gradient, two passes for the variance) elsewhere, e.g. CPU / gloo. In a single
-process both are the ordinary BatchNorm. Gathering embeddings for batch losses is ``common.distributed.gather_with_grad``.
+process both are the ordinary BatchNorm. Gathering embeddings for batch losses is
+``common.distributed.gather_with_grad``.
 """
 from __future__ import annotations
 

@@ -70,7 +70,8 @@ class ResNetEncoder(nn.Module):
         missing, unexpected = net.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("fc.") and k != "conv1.weight"]
         if missing or unexpected:
-            raise ViewsslError(f"not a torchvision resnet18 state dict (missing {missing[:3]}, unexpected {unexpected[:3]})", path)
+            raise ViewsslError(f"not a torchvision resnet18 state dict (missing {missing[:3]}, "
+                               f"unexpected {unexpected[:3]})", path)
         log.info("loaded backbone weights from %s", path)
 
     def forward(self, images: torch.Tensor, taps: Sequence[str] = ("pooled",)) -> dict[str, torch.Tensor]:

@@ -20,7 +20,8 @@ def _wide(z: torch.Tensor) -> torch.Tensor:
 
 def _check_pair(z1: torch.Tensor, z2: torch.Tensor, name: str, min_batch: int = 1) -> None:
     if z1.ndim != 2 or z1.shape != z2.shape:
-        raise ValueError(f"{name}: expected two (B, D) tensors of the same shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")
+        raise ValueError(f"{name}: expected two (B, D) tensors of the same shape, "
+                         f"got {tuple(z1.shape)} and {tuple(z2.shape)}")
     if z1.shape[0] < min_batch:
         raise ValueError(f"{name}: needs a batch of at least {min_batch}, got {z1.shape[0]}")
 
@@ -82,4 +83,5 @@ def simsiam_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch
     """
     _check_pair(p1, z2, "simsiam_loss")
     _check_pair(p2, z1, "simsiam_loss")
-    return -(F.cosine_similarity(p1, z2.detach(), dim=1).mean() + F.cosine_similarity(p2, z1.detach(), dim=1).mean()) / 2
+    return -(F.cosine_similarity(p1, z2.detach(), dim=1).mean()
+             + F.cosine_similarity(p2, z1.detach(), dim=1).mean()) / 2

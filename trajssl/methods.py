@@ -79,7 +79,8 @@ class VICReg(SiameseMethod):
     def loss(self, out1, out2):
         c = self.config
         t = vicreg_terms(gather_with_grad(out1["z"]), gather_with_grad(out2["z"]))
-        semantic = c["sim_weight"] * t["invariance"] + c["var_weight"] * t["variance"] + c["cov_weight"] * t["covariance"]
+        semantic = (c["sim_weight"] * t["invariance"] + c["var_weight"] * t["variance"]
+                    + c["cov_weight"] * t["covariance"])
         return {"semantic": semantic, **{f"vicreg_{k}": v.detach() for k, v in t.items()}}
 
 

@@ -47,7 +47,8 @@ class EncoderPoseModel:
         """images (B, 3, H, W) in [0, 1] -> {tap: (B, D) float32 on the model's device}."""
         unknown = [t for t in taps if t not in TAPS]
         if unknown:
-            raise ViewsslError(f"unknown feature tap(s) {', '.join(unknown)} for an encoder (available: {', '.join(self.taps)})")
+            raise ViewsslError(f"unknown feature tap(s) {', '.join(unknown)} for an encoder "
+                               f"(available: {', '.join(self.taps)})")
         outs: dict[str, list[torch.Tensor]] = {t: [] for t in taps}
         for i in range(0, len(images), self.batch_size):
             x = images[i:i + self.batch_size].to(self.device, torch.float32)
@@ -70,7 +71,8 @@ def load_encoder_model(ckpt: dict, device: torch.device) -> EncoderPoseModel:
     try:
         encoder.load_state_dict(state)
     except RuntimeError as e:
-        raise ViewsslError(f"encoder weights do not match the checkpoint's config ({str(e).splitlines()[0][:200]})") from e
+        raise ViewsslError("encoder weights do not match the checkpoint's config "
+                           f"({str(e).splitlines()[0][:200]})") from e
     return EncoderPoseModel(encoder, int(config.get("image_size", 32)), int(config.get("tap_grid", 4)), device, config)
 
 

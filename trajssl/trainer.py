@@ -187,7 +187,8 @@ class EncoderTrainer(Trainer):
                 parts["predictor_distant"] = self.method_b.predictor
         self.optimizer = build_optimizer(parts, c["optimizer"], float(c["lr"]), float(c["weight_decay"]),
                                          momentum=float(c["momentum"]),
-                                         fixed_lr=("predictor", "predictor_distant") if c["method"] == "simsiam" else ())
+                                         fixed_lr=(("predictor", "predictor_distant") if c["method"] == "simsiam"
+                                                   else ()))
         self.augment = SemanticViews(int(c["image_size"]), mode=c["augment"],
                                      crop_scale=(float(c["crop_scale_min"]), 1.0)).to(device)
         self._eval_cache = None
@@ -208,13 +209,15 @@ class EncoderTrainer(Trainer):
             else:
                 root = find_split(data, "triplets") or find_split(data, "objects")
                 if root is None:
-                    raise ViewsslError("no training images: expected triplets/train, objects/train or a labels.csv", data)
-                self.source = TripletFolder(root, size) if find_split(data, "triplets") == root else ImageFolder(root, size)
+                    raise ViewsslError("no training images: expected triplets/train, objects/train or a labels.csv",
+                                       data)
+                self.source = (TripletFolder(root, size) if find_split(data, "triplets") == root
+                               else ImageFolder(root, size))
         else:
             root = find_split(data, "sequences")
             if root is None:
-                raise ViewsslError(f"--pairs {c['pairs']} needs sequences: no sequences/train/labels.csv (with sequence "
-                                   "and frame columns) in this folder", data)
+                raise ViewsslError(f"--pairs {c['pairs']} needs sequences: no sequences/train/labels.csv "
+                                   "(with sequence and frame columns) in this folder", data)
             self.frames = SequenceFrames(root, size)
             self.source = self.frames
 
@@ -305,7 +308,8 @@ class EncoderTrainer(Trainer):
                 return None
             size = int(self.config["image_size"])
             sets = []
-            for folder, cap in ((root / "train", self.config["eval_gallery"]), (query_dir, self.config["eval_queries"])):
+            for folder, cap in ((root / "train", self.config["eval_gallery"]),
+                                (query_dir, self.config["eval_queries"])):
                 ds = LabeledFolder(folder, size)
                 g = torch.Generator().manual_seed(0)
                 idx = torch.randperm(len(ds), generator=g)[: int(cap)].sort().values.tolist()

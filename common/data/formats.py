@@ -2,17 +2,20 @@
 
 Kinds (``kind=`` names; ``-`` and ``_`` are ignored, case-insensitive):
 
-=============  ==========================================================================  ===========================
-kind           layout                                                                       class
-=============  ==========================================================================  ===========================
-``labels``     ``labels.csv`` + images (the project's format; synthetic benchmark splits)   :class:`CheckedLabeledFolder`
-``biwi``       ``[hpdb/]NN/frame_XXXXX_rgb.png`` + ``_pose.txt`` + ``NN/rgb.cal``            :class:`~.faces.BIWI`
-``aflw2000``   flat folder of ``name.jpg`` + ``name.mat`` (``Pose_Para``)                      :class:`~.faces.AFLW2000`
-``300w-lp``    ``name.jpg`` + ``name.mat`` pairs in sub-folders (``AFW/``, ``HELEN/``, ...)    :class:`~.faces.W300LP`
-``shapenet``   ``<synset>/<model>/<anchor>_<axis>_<k>.png`` or ``<synset8>/<model>/<view>.png``  :class:`~.folders.ShapeNetRenders`
-``video``      folders of ``frame_<number>.jpg`` (UCF101 ``class/group/seq/``)              :class:`~.folders.VideoFrames`
-``images``     any image files, recursive (unlabeled)                                       :class:`~.folders.ImageFolder`
-=============  ==========================================================================  ===========================
+=============  =====================================================================  ===========================
+kind           layout                                                                 class
+=============  =====================================================================  ===========================
+``labels``     ``labels.csv`` + images (the project's format; synthetic benchmark
+               splits)                                                                :class:`CheckedLabeledFolder`
+``biwi``       ``[hpdb/]NN/frame_XXXXX_rgb.png`` + ``_pose.txt`` + ``NN/rgb.cal``     :class:`~.faces.BIWI`
+``aflw2000``   flat folder of ``name.jpg`` + ``name.mat`` (``Pose_Para``)             :class:`~.faces.AFLW2000`
+``300w-lp``    ``name.jpg`` + ``name.mat`` pairs in sub-folders (``AFW/``,
+               ``HELEN/``, ...)                                                       :class:`~.faces.W300LP`
+``shapenet``   ``<synset>/<model>/<anchor>_<axis>_<k>.png`` or
+               ``<synset8>/<model>/<view>.png``                                       :class:`~.folders.ShapeNetRenders`
+``video``      folders of ``frame_<number>.jpg`` (UCF101 ``class/group/seq/``)        :class:`~.folders.VideoFrames`
+``images``     any image files, recursive (unlabeled)                                 :class:`~.folders.ImageFolder`
+=============  =====================================================================  ===========================
 
 Detection (``kind=None``) tries the rules in that order on the folder (after ``split`` is applied) and takes the first
 that matches:

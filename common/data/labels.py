@@ -35,7 +35,8 @@ def resolve_inside(root: Path, relative: str, csv_path: Path, line: int) -> Path
         raise ViewsslError(f"line {line}: empty path", csv_path)
     candidate = Path(relative)
     if candidate.is_absolute():
-        raise ViewsslError(f"line {line}: path {relative!r} is absolute; paths must be relative to the folder", csv_path)
+        raise ViewsslError(f"line {line}: path {relative!r} is absolute; paths must be relative to the folder",
+                           csv_path)
     resolved = (root / candidate).resolve()
     try:
         resolved.relative_to(root.resolve())
@@ -122,7 +123,8 @@ def read_labels(folder_or_csv: str | os.PathLike, check_files: bool = True) -> L
             missing = [c for c in REQUIRED_COLUMNS if c not in header]
             if missing:
                 raise ViewsslError(
-                    f"missing column(s) {', '.join(missing)} (needs {', '.join(REQUIRED_COLUMNS)}; has {', '.join(header) or 'none'})",
+                    f"missing column(s) {', '.join(missing)} (needs {', '.join(REQUIRED_COLUMNS)}; "
+                    f"has {', '.join(header) or 'none'})",
                     csv_path,
                 )
             reader.fieldnames = header

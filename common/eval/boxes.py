@@ -106,7 +106,8 @@ def _edge_plane_points(corners: np.ndarray, normals: np.ndarray, offsets: np.nda
 
 
 def _orthonormal(r: np.ndarray) -> np.ndarray:
-    """The rotation nearest to ``r`` (labels rounded to a few decimals, float32 matrices are only nearly orthonormal)."""
+    """The rotation nearest to ``r`` (labels rounded to a few decimals, float32 matrices are only nearly
+    orthonormal)."""
     u, _, vt = np.linalg.svd(r)
     if np.linalg.det(u @ vt) < 0:
         u[:, -1] = -u[:, -1]

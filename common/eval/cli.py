@@ -82,7 +82,8 @@ def _finite(obj):
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of every subset, split and probe.")
 @click.option("--tap", "taps", multiple=True, help="Feature tap(s) to evaluate (repeatable; default: pooled).")
 @click.option("--compress", default=None, help="Compress features to a width, e.g. pca:512 or random:512.")
-@click.option("--calibration", default=0.1, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True),
+@click.option("--calibration", default=0.1, show_default=True,
+              type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="Fraction of frames used for SSV's per-angle calibration fit (scored on the rest).")
 @click.option("--calibration-count", default=None, type=click.IntRange(min=2),
               help="Absolute number of calibration frames (overrides --calibration).")

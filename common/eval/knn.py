@@ -158,7 +158,8 @@ def _floor_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return y
     int_type = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}[dtype]
     bits = y.view(int_type)
-    step = torch.where(y > 0, bits - 1, torch.where(y < 0, bits + 1, torch.full_like(bits, torch.iinfo(int_type).min + 1)))
+    step = torch.where(y > 0, bits - 1,
+                       torch.where(y < 0, bits + 1, torch.full_like(bits, torch.iinfo(int_type).min + 1)))
     return torch.where(up, step.view(dtype), y)
 
 

@@ -257,7 +257,8 @@ def viewpoint_metric(model, ctx: EvalContext) -> dict[str, float]:
             acc.update(o.angles[s : s + ctx.batch_size], o.true_angles[s : s + ctx.batch_size])
         res = acc.compute()
         for proto, figs in res.items():
-            keep = list(VIEWPOINT_KEYS) + (["n"] if proto == "raw" else ["uncalibrated_mae", "n_calibration", "n_scored"])
+            keep = list(VIEWPOINT_KEYS) + (["n"] if proto == "raw"
+                                           else ["uncalibrated_mae", "n_calibration", "n_scored"])
             for key in keep:
                 out[_join(name, proto, key)] = float(figs[key])
         info = {"dataset": ctx.name(kind, split), "raw": "no fit; wrap-around per-angle MAE, geodesic on R_y R_x R_z"}
@@ -400,7 +401,8 @@ def linear_probe_metric(model, ctx: EvalContext) -> dict[str, float]:
     yt, yq = _ids(tr_o.strings("category"), q_o.strings("category"))
     keep_t, keep_q = yt >= 0, yq >= 0
     figs = linear_probe(ctx.features(model, kind, trs)[torch.from_numpy(keep_t).to(ctx.device)],
-                        torch.from_numpy(yt[keep_t]), ctx.features(model, kind, qs)[torch.from_numpy(keep_q).to(ctx.device)],
+                        torch.from_numpy(yt[keep_t]),
+                        ctx.features(model, kind, qs)[torch.from_numpy(keep_q).to(ctx.device)],
                         torch.from_numpy(yq[keep_q]))
     ctx.record("linear_probe", train=ctx.name(kind, trs), test=ctx.name(kind, qs),
                probe="standardised features, multinomial logistic regression, L-BFGS from zero, L2 1e-4")

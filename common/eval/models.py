@@ -8,9 +8,10 @@ one from a checkpoint dict::
     register_family("ssv", lambda ckpt, device: SSVPoseModel(ckpt, device))
 
 Registration happens when the family's ``model_io`` module is imported. :func:`load_model` reads a checkpoint (or
-the newest readable one of a run folder, via :func:`common.training.find_checkpoint`) and dispatches on ``ckpt["family"]``; if that
-family is not registered yet it imports the module the family is known to register from (:data:`FAMILY_MODULES`, a
-plain name table, so ``common`` still has no import-time dependency on the families) and tries again.
+the newest readable one of a run folder, via :func:`common.training.find_checkpoint`) and dispatches on
+``ckpt["family"]``; if that family is not registered yet it imports the module the family is known to register from
+(:data:`FAMILY_MODULES`, a plain name table, so ``common`` still has no import-time dependency on the families) and
+tries again.
 """
 from __future__ import annotations
 

@@ -91,7 +91,8 @@ class PairSampler:
         return self.order[a], self.order[b]
 
 
-def same_group_pairs(groups: torch.Tensor, n_pairs: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def same_group_pairs(groups: torch.Tensor, n_pairs: int,
+                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """``n_pairs`` pairs from :class:`PairSampler` (CPU int64 tensors)."""
     return PairSampler(groups).sample(n_pairs, generator)
 
@@ -134,7 +135,8 @@ class RelativePoseProbe:
 
     def __init__(self, *, steps: int = 300, hidden: int = 256, batch_size: int = 256, lr: float = 1e-3,
                  seed: int = 0):
-        self.steps, self.hidden, self.batch_size, self.lr, self.seed = int(steps), int(hidden), int(batch_size), lr, int(seed)
+        self.steps, self.hidden, self.batch_size, self.lr, self.seed = (int(steps), int(hidden), int(batch_size), lr,
+                                                                        int(seed))
         self.model: _PairMLP | None = None
 
     def _standardize(self, x: torch.Tensor) -> torch.Tensor:

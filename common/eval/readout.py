@@ -29,7 +29,8 @@ def targets_to_angles(targets: torch.Tensor) -> torch.Tensor:
     return torch.atan2(targets[:, 3:], targets[:, :3])
 
 
-def fit_ridge(x: torch.Tensor, y: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def fit_ridge(x: torch.Tensor, y: torch.Tensor,
+              alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Closed-form ridge on standardised features: returns (mean, std, W, b) with y ~ ((x - mean) / std) @ W + b.
 
     ``alpha`` is relative to the number of samples (the penalty is alpha * N * ||W||^2), so one grid serves any N.
@@ -96,7 +97,8 @@ def viewpoint_readout_metric(model, ctx: EvalContext) -> dict[str, float]:
         for key, value in errs.items():
             out["/".join(p for p in (kind, "readout", key) if p)] = float(value)
         ctx.record("viewpoint_readout", **{kind or "data": {
-            "protocol": "readout", "fit": f"ridge to (cos, sin) per angle on standardised features of {kind or '.'}/train "
+            "protocol": "readout",
+            "fit": f"ridge to (cos, sin) per angle on standardised features of {kind or '.'}/train "
             f"(alpha {alpha} chosen on a seeded 20% hold-out of train from {list(RIDGE_GRID)})",
             "n_train": int(train.true_angles.shape[0]), "n_scored": int(query.true_angles.shape[0]),
             "tap": ctx.tap or ctx.default_tap(model)}})

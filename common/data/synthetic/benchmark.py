@@ -197,7 +197,8 @@ class BenchmarkConfig:
         if both:
             raise ViewsslError(f"categories and ood_categories share {', '.join(both)}: the unseen-category splits "
                                "would hold training meshes")
-        if set(self.sequence_categories) & set(self.categories) and self.sequence_train_instances > self.train_instances:
+        if (set(self.sequence_categories) & set(self.categories)
+                and self.sequence_train_instances > self.train_instances):
             raise ViewsslError(f"sequence_train_instances ({self.sequence_train_instances}) must not exceed "
                                f"train_instances ({self.train_instances}): training sequences would use the object "
                                "val / test meshes")
