@@ -17,11 +17,15 @@ PRESET_CHOICES = ("cpu", "cpu64", "cpu64w", "paper")
 DEFAULT_STEPS = {"cpu": 4000, "cpu64": 4000, "cpu64w": 4000, "paper": 500_000}
 
 
-def run_tag(data: str | Path, supervised: bool = False) -> str:
-    """Run-folder tag: ``ssv-<parent>-<folder>`` of the data path (``ssv-sup-...`` for the supervised baseline)."""
+def run_tag(data: str | Path, supervised: bool = False, no_imc: bool = False, no_sym: bool = False) -> str:
+    """Run-folder tag: ``ssv-<parent>-<folder>`` of the data path; ``ssv-sup-...`` for the supervised baseline, and
+    ``ssv-no_imc-...``, ``ssv-no_sym-...``, ``ssv-no_imc_sym-...`` for the ablations (so ``--resume auto`` finds a run
+    of the same row)."""
     p = Path(data).resolve()
     parts = [x for x in (p.parent.name, p.name) if x]
-    tag = "-".join(["ssv-sup" if supervised else "ssv", *parts])
+    ablation = "_".join(["no"] + ["imc"] * no_imc + ["sym"] * no_sym) if no_imc or no_sym else ""
+    kind = "ssv-sup" if supervised else "-".join(x for x in ("ssv", ablation) if x)
+    tag = "-".join([kind, *parts])
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", tag)
 
 
@@ -73,6 +77,7 @@ def build_config(
     tilt_range_deg: float | None = None,
     lr_d: float | None = None,
     lr_g: float | None = None,
+    lr_supervised: float | None = None,
     augment_gain: float | None = None,
     highpass: float | None = None,
     ball_mask: bool | None = None,
@@ -102,10 +107,15 @@ def build_config(
             if not 0 <= deg <= 180:
                 raise ViewsslError(f"--{key.replace('_', '-')}: {deg} is not in [0, 180] degrees")
             overrides[key] = math.radians(deg)
-    if lr_d is not None:
-        overrides["lr_d"] = lr_d
-    if lr_g is not None:
-        overrides["lr_g"] = lr_g
+    if supervised and (lr_d is not None or lr_g is not None):
+        raise ViewsslError("--lr-d and --lr-g have no effect with --supervised (its V trains at --lr-supervised)")
+    if lr_supervised is not None and not supervised:
+        raise ViewsslError("--lr-supervised has no effect without --supervised (SSV's V trains at --lr-d)")
+    for key, lr in (("lr_d", lr_d), ("lr_g", lr_g), ("lr_supervised", lr_supervised)):
+        if lr is not None:
+            if not lr > 0:
+                raise ViewsslError(f"--{key.replace('_', '-')}: a learning rate must be positive ({lr})")
+            overrides[key] = lr
     if augment_gain is not None:
         if not 0 <= augment_gain <= 1:
             raise ViewsslError(f"--augment-gain: {augment_gain} is not in [0, 1]")
@@ -169,10 +179,11 @@ def build_config(
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs"),
               help="Root of the numbered run folders (OUT/NNNNN-ssv-<data>).")
 @click.option("--steps", type=click.IntRange(min=1), default=None,
-              help="Total training steps (one V step + one S step each) [default: cpu 4000, paper 500000].")
+              help="Total training steps (one V step + one S step each) [default: 4000 for cpu, cpu64 and cpu64w; "
+                   "500000 for paper].")
 @click.option("--resume", default=None, metavar="auto|PATH",
-              help="Continue a run: 'auto' = the newest run of this data in --out with a checkpoint (else start "
-                   "fresh); or a run folder / checkpoint file.")
+              help="Continue a run: 'auto' = the newest run of this data and row (SSV, supervised, ablation) in --out "
+                   "with a checkpoint (else start fresh); or a run folder / checkpoint file.")
 @click.option("--force", is_flag=True, help="Resume even if the config differs from the checkpoint's.")
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps.")
 @click.option("--seed", type=int, default=0, help="Seed of initial weights, data order and all sampling.")
@@ -191,7 +202,8 @@ def build_config(
               help="Frozen feature network of L_imc. auto = ImageNet AlexNet/VGG if their weights are on this "
                    "machine, else the critic's own (detached) trunk. Nothing is downloaded.")
 @click.option("--phi-weights", type=click.Path(path_type=Path), default=None,
-              help="A local torchvision AlexNet/VGG-16 state dict for --phi alexnet|vgg (read with weights_only).")
+              help="A local torchvision AlexNet/VGG-16 state dict for --phi alexnet|vgg, or auto (which takes the "
+                   "network the file holds); read with weights_only.")
 @click.option("--viewpoint-head", type=click.Choice(("spherical", "6d")), default="spherical",
               help="spherical = SSV's (cos^2, sin^2) magnitudes + sign quadrants per angle; 6d = continuous 6-D "
                    "rotation.")
@@ -201,9 +213,13 @@ def build_config(
 @click.option("--el-range", type=float, default=None, help="Sampled elevation range +- DEG [default: 68.8].")
 @click.option("--tilt-range", type=float, default=None, help="Sampled tilt range +- DEG [default: 43.0].")
 @click.option("--lr-d", type=float, default=None,
-              help="Learning rate of V [default: 2e-3 for cpu and cpu64, 5e-4 for paper].")
+              help="Learning rate of V (the critic; not with --supervised) [default: 2e-3 for the cpu presets, "
+                   "5e-4 for paper].")
 @click.option("--lr-g", type=float, default=None,
-              help="Learning rate of S (mapping MLP: x0.01) [default: 2e-3 for cpu and cpu64, 5e-4 for paper].")
+              help="Learning rate of S (mapping MLP: x0.01; not with --supervised) [default: 2e-3 for the cpu "
+                   "presets, 5e-4 for paper].")
+@click.option("--lr-supervised", type=float, default=None,
+              help="Learning rate of V in the supervised baseline (with --supervised) [default: 1e-3].")
 @click.option("--augment-gain", type=float, default=None,
               help="Random linear illumination ramps (gain up to this, in [0, 1] image units, from a random image "
                    "edge) on every image V reads, which makes shading a less reliable cue to S's azimuth; 0 = off, as "
@@ -230,15 +246,16 @@ def build_config(
 @click.option("--w-gsym", type=float, default=None, help="Weight of the symmetry loss on S [default: 0.5].")
 @click.option("--w-style", type=float, default=None, help="Weight of the style cycle term [default: 0.8].")
 @click.option("--w-view", type=float, default=None, help="Weight of the viewpoint cycle term [default: 0.8].")
-@click.option("--checkpoint-every", type=click.IntRange(min=0), default=500, help="Checkpoint every N steps.")
-@click.option("--log-every", type=click.IntRange(min=0), default=10, help="Log losses every N steps.")
+@click.option("--checkpoint-every", type=click.IntRange(min=0), default=500,
+              help="Checkpoint every N steps (0 = only at the end; a stop by SIGTERM/SIGINT always writes one).")
+@click.option("--log-every", type=click.IntRange(min=0), default=10, help="Log losses every N steps (0 = never).")
 @click.option("--media-every", type=click.IntRange(min=0), default=500,
-              help="Write azimuth/elevation sweep grids every N steps.")
+              help="Write azimuth/elevation sweep grids every N steps (0 = never).")
 @click.option("--num-workers", type=click.IntRange(min=0), default=0, help="Image-loading worker processes.")
 def train_ssv(data, preset, out, steps, resume, force, device, seed, batch_size, g_group, eval_data, eval_every,
               no_imc, no_sym, phi, phi_weights, viewpoint_head, supervised, az_range, el_range, tilt_range, lr_d,
-              lr_g, augment_gain, highpass, ball_mask, v_ema_decay, lr_decay, lr_final, w_imc, w_sym, w_gsym, w_style,
-              w_view, checkpoint_every, log_every, media_every, num_workers):
+              lr_g, lr_supervised, augment_gain, highpass, ball_mask, v_ema_decay, lr_decay, lr_final, w_imc, w_sym,
+              w_gsym, w_style, w_view, checkpoint_every, log_every, media_every, num_workers):
     """Train SSV: synthesis network S + viewpoint network V (the critic) without pose labels.
 
     Writes a numbered run folder with config.json, tensorboard logs, metrics.jsonl, sample sweeps and checkpoints;
@@ -261,14 +278,16 @@ def train_ssv(data, preset, out, steps, resume, force, device, seed, batch_size,
         eval_data=str(eval_data) if eval_data else None, no_imc=no_imc, no_sym=no_sym, phi=phi,
         phi_weights=str(phi_weights) if phi_weights else None, viewpoint_head=viewpoint_head, supervised=supervised,
         az_range_deg=az_range, el_range_deg=el_range, tilt_range_deg=tilt_range, lr_d=lr_d, lr_g=lr_g,
-        augment_gain=augment_gain, highpass=highpass, ball_mask=ball_mask, v_ema_decay=v_ema_decay,
-        lr_decay=lr_decay, lr_final=lr_final,
+        lr_supervised=lr_supervised, augment_gain=augment_gain, highpass=highpass, ball_mask=ball_mask,
+        v_ema_decay=v_ema_decay, lr_decay=lr_decay, lr_final=lr_final,
         weights={"w_imc": w_imc, "w_sym": w_sym, "w_gsym": w_gsym, "w_style": w_style, "w_view": w_view},
         num_workers=num_workers, steps=steps,
     )
     dev = resolve_device(device)
     dist_utils.init_from_env(dev)
-    run_dir, resume_from = resolve_run_dir(out, run_tag(data, supervised), resume)
+    tag = run_tag(data, supervised, no_imc=config["w_imc"] == 0,
+                  no_sym=config["w_sym"] == 0 and config["w_gsym"] == 0)
+    run_dir, resume_from = resolve_run_dir(out, tag, resume)
     if eval_every is None:
         eval_every = 500 if eval_data else 0
     elif eval_every == 0 and eval_data:

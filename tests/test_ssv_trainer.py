@@ -92,14 +92,18 @@ def test_cpu_preset_two_steps(folder):
 
 
 @pytest.mark.slow
-def test_paper_preset_one_step(folder):
-    """One full step of the 128x128 paper networks at batch 2 (forward and backward of both phases); ~30-100 s on two
+def test_paper_preset_two_steps(folder):
+    """Two full steps of the 128x128 paper networks at batch 2 (forward and backward of both phases); ~1-3 min on two
     shared CPU cores, hence slow (its time is measured by experiments/bench_ssv.py, not asserted here). The fast
     suite checks the paper networks' shapes in test_ssv_networks.py."""
     t = SSVTrainer(default_config("paper", data=str(folder), phi="critic"))
     assert t.config["batch_size"] == 2 and t.config["image_size"] == 128
-    terms = t.train_step(next(t.batches(0)), 0)
-    assert all(torch.isfinite(v) for v in terms.values())
+    before = {k: v.clone() for k, v in t.G.state_dict().items()}
+    it = t.batches(0)
+    for step in range(2):
+        terms = t.train_step(next(it), step)
+        assert all(torch.isfinite(v) for v in terms.values()), step
+    assert any(not torch.equal(before[k], v) for k, v in t.G.state_dict().items())  # S learned
 
 
 @pytest.mark.parametrize("gain", [0.0, 0.5])
@@ -367,14 +371,27 @@ def test_runs_from_before_v_ema_resume_with_v_ema_starting_at_v(folder, tmp_path
 
 # ---------------------------------------------------------------------------------------------------- CLI
 def test_cli_help_documents_every_option():
+    """Every option of every viewssl command has a description, and --help shows each option with it."""
+    import click
+
     from experiments.cli import cli
 
-    result = CliRunner().invoke(cli, ["train", "ssv", "--help"])
-    assert result.exit_code == 0, result.output
-    for opt in ("--data", "--preset", "--out", "--steps", "--resume", "--force", "--device", "--seed", "--batch-size",
-                "--eval-data", "--no-imc", "--no-sym", "--phi", "--viewpoint-head", "--supervised", "--augment-gain",
-                "--highpass", "--ball-mask", "--v-ema-decay"):
-        assert opt in result.output
+    def commands(cmd, path):
+        if isinstance(cmd, click.Group):
+            for name, sub in cmd.commands.items():
+                yield from commands(sub, (*path, name))
+        else:
+            yield path, cmd
+
+    found = dict(commands(cli, ()))
+    assert {("train", "ssv"), ("eval",)} <= set(found)
+    for path, cmd in found.items():
+        result = CliRunner().invoke(cli, [*path, "--help"], terminal_width=200)
+        assert result.exit_code == 0, (path, result.output)
+        text = " ".join(result.output.split())
+        for opt in (p for p in cmd.params if isinstance(p, click.Option)):
+            assert (opt.help or "").strip(), (path, opt.opts)  # no option without a description
+            assert max(opt.opts, key=len) in text and " ".join(opt.help.split()[:4]) in text, (path, opt.opts)
 
 
 def test_cli_trains_and_resumes(folder, tmp_path):
@@ -393,8 +410,13 @@ def test_cli_trains_and_resumes(folder, tmp_path):
     assert result.exit_code == 0, result.output
     assert (runs[0] / "checkpoints" / "ckpt-00000003.pt").is_file() and len(list((tmp_path / "runs").iterdir())) == 1
     # a different config is refused in one line
-    result = CliRunner().invoke(cli, args[:7] + ["4"] + args[8:] + ["--resume", "auto", "--no-sym"])
-    assert result.exit_code == 2 and "Error:" in result.output and "w_sym" in result.output
+    result = CliRunner().invoke(cli, args[:7] + ["4"] + args[8:] + ["--resume", "auto", "--w-style", "0.5"])
+    assert result.exit_code == 2 and "Error:" in result.output and "w_style" in result.output
+    # another ablation row is another run: --resume auto starts it in a folder of its own
+    result = CliRunner().invoke(cli, args + ["--resume", "auto", "--no-sym"])
+    assert result.exit_code == 0, result.output
+    assert [p.name.split("-", 1)[1].split("-")[:2] for p in sorted((tmp_path / "runs").iterdir())] == [
+        ["ssv", "no_imc"], ["ssv", "no_imc_sym"]]
     # --lr-decay from the last checkpoint's step continues the run into a decay
     result = CliRunner().invoke(cli, args[:7] + ["4"] + args[8:] + ["--resume", "auto", "--lr-decay", "3", "5"])
     assert result.exit_code == 0, result.output
@@ -497,6 +519,21 @@ def test_highpass_is_checked_and_reaches_the_supervised_v(folder):
         build_config("cpu", str(folder), highpass=1.0, augment_gain=0.25)
     assert build_config("cpu", str(folder), ball_mask=True)["g_ball_mask"] is True
     assert build_config("cpu", str(folder))["g_ball_mask"] is False
+
+
+def test_learning_rates_reach_the_v_that_uses_them_and_are_refused_where_unused(folder):
+    from common.errors import ViewsslError
+    from ssv.cli import build_config
+
+    config = build_config("cpu", str(folder), supervised=True, lr_supervised=5e-3)
+    assert SSVTrainer(config).opt_V.param_groups[0]["lr"] == 5e-3
+    assert build_config("cpu", str(folder), lr_d=3e-4)["lr_d"] == 3e-4
+    with pytest.raises(ViewsslError, match="--lr-d and --lr-g have no effect with --supervised"):
+        build_config("cpu", str(folder), supervised=True, lr_d=1e-2)
+    with pytest.raises(ViewsslError, match="--lr-supervised has no effect without --supervised"):
+        build_config("cpu", str(folder), lr_supervised=1e-2)
+    with pytest.raises(ViewsslError, match="--lr-g: a learning rate must be positive"):
+        build_config("cpu", str(folder), lr_g=0.0)
 
 
 # --- the wiring of one step: weights, symmetry targets, EMA, learning rates, the supervised flip -----------------

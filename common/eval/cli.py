@@ -78,7 +78,8 @@ def _finite(obj):
 @click.option("--output", type=click.Path(path_type=Path), default=None,
               help="JSON file to write (default: <run folder>/eval-<data>-<split>.json).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, mps.")
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Images per forward pass when extracting features (memory and speed).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of every subset, split and probe.")
 @click.option("--tap", "taps", multiple=True, help="Feature tap(s) to evaluate (repeatable; default: pooled).")
 @click.option("--compress", default=None, help="Compress features to a width, e.g. pca:512 or random:512.")
@@ -88,9 +89,12 @@ def _finite(obj):
 @click.option("--calibration-count", default=None, type=click.IntRange(min=2),
               help="Absolute number of calibration frames (overrides --calibration).")
 @click.option("--limit", default=None, type=click.IntRange(min=1), help="At most N frames per split (seeded).")
-@click.option("--knn-k", default=20, show_default=True, type=click.IntRange(min=1))
-@click.option("--knn-temperature", default=0.07, show_default=True, type=click.FloatRange(min=0, min_open=True))
-@click.option("--probe-steps", default=300, show_default=True, type=click.IntRange(min=1))
+@click.option("--knn-k", default=20, show_default=True, type=click.IntRange(min=1),
+              help="Neighbours of the kNN pose and classification metrics.")
+@click.option("--knn-temperature", default=0.07, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Temperature of the kNN classifier's weighted vote, exp(similarity / T).")
+@click.option("--probe-steps", default=300, show_default=True, type=click.IntRange(min=1),
+              help="Training steps of the relative-pose probe (256 pairs each).")
 @click.option("--box-queries", default=1000, show_default=True, type=click.IntRange(min=1),
               help="Seeded number of query frames for box fitting.")
 @click.option("--flip-average", is_flag=True,
