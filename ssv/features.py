@@ -8,7 +8,8 @@ Choices (``--phi``):
 - ``critic``: the viewpoint network's own trunk up to the tap ``block1`` (1/4 resolution), evaluated with
   *detached* parameters at every call: it follows V's current weights but L_imc cannot change them through Phi.
 - ``random``: a fixed random 3-layer conv net (seeded by its own generator, so it never touches the global RNG).
-- ``auto`` (default): ``alexnet`` if its ImageNet weights are on this machine, else ``vgg`` if those are, else
+- ``auto`` (default): with ``--phi-weights``, the network that file holds (its first convolution: 11x11 AlexNet,
+  3x3 VGG-16); else ``alexnet`` if its ImageNet weights are on this machine, else ``vgg`` if those are, else
   ``critic``. The choice is logged once.
 
 **No download is ever attempted.** Pretrained weights are read from ``--phi-weights PATH`` or from the torch hub cache
@@ -67,8 +68,11 @@ def resolve_phi(name: str, weights_path: str | os.PathLike | None = None) -> str
         return name
     if weights_path and not Path(weights_path).is_file():
         raise ViewsslError("--phi-weights: file not found", weights_path)
-    if pretrained_available("alexnet", weights_path):
-        chosen, why = "alexnet", f"ImageNet AlexNet weights found at {_weights_file('alexnet', weights_path)}"
+    if weights_path:
+        chosen = _architecture_of(weights_path)
+        why = f"{_IMAGENET_PHI[chosen][1]} state dict in --phi-weights {weights_path}"
+    elif pretrained_available("alexnet"):
+        chosen, why = "alexnet", f"ImageNet AlexNet weights found at {hub_weights_path('alexnet')}"
     elif pretrained_available("vgg"):
         chosen, why = "vgg", "ImageNet VGG-16 weights found"
     else:
@@ -85,8 +89,6 @@ def resolve_phi(name: str, weights_path: str | os.PathLike | None = None) -> str
 
 
 def _load_state_dict(name: str, weights_path: str | os.PathLike | None) -> dict:
-    from common.io import load_checkpoint
-
     path = _weights_file(name, weights_path)
     if path is None or not path.is_file():
         where = Path(weights_path) if weights_path else hub_weights_path(name)
@@ -94,11 +96,28 @@ def _load_state_dict(name: str, weights_path: str | os.PathLike | None) -> dict:
             f"--phi {name}: ImageNet weights not found at {where} (no download is attempted); copy torchvision's "
             f"{_WEIGHT_FILES[name]} there or pass --phi-weights PATH, or use --phi critic|random"
         )
+    return _read_state(path)
+
+
+def _read_state(path: Path) -> dict:
+    from common.io import load_checkpoint
+
     state = load_checkpoint(path)
     for key in ("state_dict", "model"):
         if key in state and isinstance(state[key], dict):
             state = state[key]
     return state
+
+
+def _architecture_of(path: str | os.PathLike) -> str:
+    """"alexnet" or "vgg": which torchvision network a state dict file holds, by its first convolution's kernel."""
+    first = _read_state(Path(path)).get("features.0.weight")
+    kernel = tuple(first.shape[-2:]) if isinstance(first, torch.Tensor) and first.dim() == 4 else None
+    for name, size in (("alexnet", (11, 11)), ("vgg", (3, 3))):
+        if kernel == size:
+            return name
+    raise ViewsslError(f"--phi-weights: neither a torchvision AlexNet nor a VGG-16 state dict (features.0.weight "
+                       f"{'missing' if kernel is None else f'has {kernel[0]}x{kernel[1]} kernels'})", path)
 
 
 class _ImageNetPhi(nn.Module):

@@ -8,10 +8,13 @@ import pytest
 import torch
 
 from common.geometry import angles_to_matrix
-from ssv.networks import GRID_TO_CAMERA, rotate_volume
+from ssv.networks import rotate_volume
 from ssv.viewpoint import flip_angles
 
 N = 32
+#: the grid axes in camera coordinates as ssv.networks documents them (W: +x, H: -y, D: -z), written out here, not
+#: imported, so that a change of ssv.networks.GRID_TO_CAMERA fails the marked-voxel tests
+GRID = torch.diag(torch.tensor([1.0, -1.0, -1.0], dtype=torch.float64))
 
 
 def _axis_coords(n=N):
@@ -21,7 +24,7 @@ def _axis_coords(n=N):
 
 def blob_volume(p_obj, sigma=0.08):
     """A (1, 1, D, H, W) volume with a Gaussian blob at object point p_obj (x right, y up, z towards the camera)."""
-    g = GRID_TO_CAMERA.double() @ torch.as_tensor(p_obj, dtype=torch.float64)  # grid coords (W, H, D)
+    g = GRID @ torch.as_tensor(p_obj, dtype=torch.float64)  # grid coords (W, H, D)
     c = _axis_coords()
     zz, yy, xx = torch.meshgrid(c, c, c, indexing="ij")  # D, H, W
     d2 = (xx - g[0]) ** 2 + (yy - g[1]) ** 2 + (zz - g[2]) ** 2
@@ -35,7 +38,7 @@ def centroid_camera(volume):
     zz, yy, xx = torch.meshgrid(c, c, c, indexing="ij")
     m = v.sum()
     g = torch.stack([(v * xx).sum() / m, (v * yy).sum() / m, (v * zz).sum() / m])
-    return GRID_TO_CAMERA.double() @ g
+    return GRID @ g
 
 
 def rotate(volume, a, e, t):

@@ -164,6 +164,13 @@ def test_phi_alexnet_from_local_file(tmp_path, monkeypatch):
     torch.save({"x": torch.zeros(1)}, bad)
     with pytest.raises(ViewsslError, match="not an AlexNet state dict"):
         features.build_phi("alexnet", weights_path=bad)
+    # auto with --phi-weights takes the network the file holds, whatever its name
+    vgg_file = tmp_path / "alexnet-owt-7be5be79.pth"
+    torch.save({"features.0.weight": torch.zeros(64, 3, 3, 3)}, vgg_file)
+    assert features.resolve_phi("auto", vgg_file) == "vgg"
+    assert features.resolve_phi("auto", path) == "alexnet"
+    with pytest.raises(ViewsslError, match="neither a torchvision AlexNet nor a VGG-16 state dict"):
+        features.resolve_phi("auto", bad)
 
 
 def test_highpass_removes_ramps_and_keeps_edges():
