@@ -95,13 +95,21 @@ def _json_default(x):
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint with ``weights_only=True``; a missing, truncated or foreign file is a :class:`ViewsslError`."""
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
+    """Load a checkpoint with ``weights_only=True``; a missing, truncated or foreign file is a :class:`ViewsslError`.
+
+    ``mmap``: map the tensors' storage from the file instead of reading it (to look at a few tensors of a large file);
+    the files ``torch.save`` has written since torch 1.6 allow it, older ones are read in full."""
     path = Path(path)
     if not path.is_file():
         raise ViewsslError("checkpoint not found", path)
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        try:
+            obj = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap or None)
+        except RuntimeError as e:
+            if not (mmap and "mmap" in str(e)):
+                raise
+            obj = torch.load(path, map_location=map_location, weights_only=True)  # not a zip file: no mmap
     except Exception as e:  # truncated zip, pickle with forbidden globals, not a torch file at all
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ViewsslError(f"not a readable viewssl checkpoint ({first[:200]})", path) from e

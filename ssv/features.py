@@ -99,10 +99,10 @@ def _load_state_dict(name: str, weights_path: str | os.PathLike | None) -> dict:
     return _read_state(path)
 
 
-def _read_state(path: Path) -> dict:
+def _read_state(path: Path, mmap: bool = False) -> dict:
     from common.io import load_checkpoint
 
-    state = load_checkpoint(path)
+    state = load_checkpoint(path, mmap=mmap)
     for key in ("state_dict", "model"):
         if key in state and isinstance(state[key], dict):
             state = state[key]
@@ -111,7 +111,7 @@ def _read_state(path: Path) -> dict:
 
 def _architecture_of(path: str | os.PathLike) -> str:
     """"alexnet" or "vgg": which torchvision network a state dict file holds, by its first convolution's kernel."""
-    first = _read_state(Path(path)).get("features.0.weight")
+    first = _read_state(Path(path), mmap=True).get("features.0.weight")  # memory-mapped: nothing else is read
     kernel = tuple(first.shape[-2:]) if isinstance(first, torch.Tensor) and first.dim() == 4 else None
     for name, size in (("alexnet", (11, 11)), ("vgg", (3, 3))):
         if kernel == size:
@@ -157,8 +157,11 @@ def _imagenet_phi(name: str, weights_path, input_size) -> nn.Module:
         model = getattr(torchvision.models, builder)(weights=None)
     try:
         model.load_state_dict(state, assign=True)
-    except RuntimeError as e:
-        raise ViewsslError(f"--phi {name}: not {title} state dict ({str(e).splitlines()[0][:160]})") from None
+    except RuntimeError as e:  # "Error(s) in loading state_dict for VGG:" then the missing / unexpected / misfit keys
+        lines = str(e).strip().splitlines()
+        detail = " ".join(" ".join(lines[1:] or lines).split())
+        raise ViewsslError(f"--phi {name}: not {title} state dict ({detail[:240]})",
+                           _weights_file(name, weights_path)) from None
     return _ImageNetPhi(model.features[:n_layers], input_size)
 
 

@@ -168,6 +168,9 @@ def test_phi_alexnet_from_local_file(tmp_path, monkeypatch):
     vgg_file = tmp_path / "alexnet-owt-7be5be79.pth"
     torch.save({"features.0.weight": torch.zeros(64, 3, 3, 3)}, vgg_file)
     assert features.resolve_phi("auto", vgg_file) == "vgg"
+    with pytest.raises(ViewsslError, match="not a VGG-16 state dict \\(Missing key") as err:
+        features.build_phi("auto", weights_path=vgg_file)  # a first layer, and nothing else: names the file and keys
+    assert str(vgg_file) in str(err.value) and "features.2.weight" in str(err.value)
     assert features.resolve_phi("auto", path) == "alexnet"
     with pytest.raises(ViewsslError, match="neither a torchvision AlexNet nor a VGG-16 state dict"):
         features.resolve_phi("auto", bad)

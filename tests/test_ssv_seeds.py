@@ -208,7 +208,8 @@ def test_the_goal_compares_each_row_at_its_last_step(tmp_path):
     assert result.exit_code == 0, result.output
     assert "| 2000 | 6.2 (s4) |" in result.output and result.output.count("**not met**") == 1
     assert "**not met**" in (out / "ssv_seeds.md").read_text()
-    assert json.loads((out / "ssv_seeds.json").read_text())["goal"]["ratio"] == pytest.approx(6.2 / supervised)
+    saved = json.loads((out / "ssv_seeds.json").read_text())
+    assert saved["goal"]["ratio"] == pytest.approx(6.2 / supervised) and saved["ema"] is False
 
 
 def test_the_goal_takes_a_row_where_all_its_seeds_were_evaluated(tmp_path):
@@ -219,7 +220,7 @@ def test_the_goal_takes_a_row_where_all_its_seeds_were_evaluated(tmp_path):
     sup = _folder(tmp_path / "sup", 0, {"supervised": (1600, 6.0, {})})
     g = goal(summarize(collect([*full, sup])[0]))
     assert g["full"]["step"] == 2000 and g["full"]["mean"] == pytest.approx(6.5)
-    assert g["full"]["beyond"] == {0: (3000, 9.0)} and g["supervised"]["beyond"] == {}
+    assert g["full"]["beyond"] == {0: (3000, 9.0)} and g["supervised"]["beyond"] == {} == g["full"]["missing"]
     assert g["ratio"] == pytest.approx(6.5 / 6.0) and g["met"] is True  # 6.5 <= 7.8; seed 0 alone (9.0) is not
     line = goal_line(g, ema=True)
     assert "(issue 4, V EMA on both)" in line and line.endswith("**met**.")
@@ -229,6 +230,8 @@ def test_the_goal_takes_a_row_where_all_its_seeds_were_evaluated(tmp_path):
              _folder(tmp_path / "a1", 1, {"full": (1500, 7.0, {})})]
     g = goal(summarize(collect([*apart, sup])[0]))
     assert g["full"]["step"] == 1500 and g["full"]["mean"] == 7.0 and g["full"]["beyond"] == {}
+    assert g["full"]["missing"] == {0: (1000, 8.0)} and g["supervised"]["missing"] == {}
+    assert "7.00 at 1500 steps (1 of 2 seeds: s1; s0 left out, its last evaluation at 1000 steps: 8.00)" in goal_line(g)
 
 
 def test_the_goal_line_in_a_plot_is_1_3x_the_supervised_mae():
