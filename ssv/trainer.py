@@ -223,6 +223,8 @@ class SSVTrainer(Trainer):
     resume_defaults = {"augment_gain": 0.0, "d_highpass": 0.0, "g_ball_mask": False, "lr_decay_start": 0,
                        "lr_decay_end": 0, "lr_final": 0.1}
     LR_DECAY_KEYS = ("lr_decay_start", "lr_decay_end", "lr_final")
+    #: L_imc's feature network: only compared on resume when L_imc is on
+    PHI_KEYS = ("phi", "phi_size", "phi_weights")
     #: what only the GAN uses: the supervised baseline resumes whatever their defaults have become since
     GAN_ONLY_KEYS = ("n_mlp", "volume_size", "rotate_size", "g_ball_mask", "g_channels_3d", "g_channels_3d_post",
                      "g_projection", "g_channels_2d", "g_group", "lr_d", "lr_g", "lr_mapping_mult", "adam_betas",
@@ -315,10 +317,13 @@ class SSVTrainer(Trainer):
 
     def resume_ignored(self, saved_config: dict, step: int) -> tuple[str, ...]:
         """As :class:`common.training.Trainer`, plus the learning-rate decay keys when the checkpoint's schedule and
-        this one agree on every step the checkpoint has run (e.g. a decay that starts at or after its step)."""
+        this one agree on every step the checkpoint has run (e.g. a decay that starts at or after its step), and
+        Phi's keys when neither run uses L_imc."""
         ignored = super().resume_ignored(saved_config, step)
         if _same_lr_before({**self.resume_defaults, **saved_config}, self.config, step):
             ignored = ignored + self.LR_DECAY_KEYS
+        if not saved_config.get("w_imc") and not self.config.get("w_imc"):
+            ignored = ignored + self.PHI_KEYS  # without L_imc on either side, Phi is never built
         return ignored
 
     def set_learning_rates(self, step: int) -> float:

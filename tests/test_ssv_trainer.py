@@ -439,13 +439,23 @@ def test_cli_eval_every_zero_evaluates_only_at_the_end(folder, tmp_path):
 
 
 def test_phi_weights_are_compared_on_resume(folder, tmp_path):
-    """Phi is rebuilt from --phi-weights on resume (it is not in the checkpoint), so another file is another run."""
+    """Phi is rebuilt from --phi-weights on resume (it is not in the checkpoint), so another file is another run; a run
+    without L_imc has no Phi to compare."""
     from common.errors import ViewsslError
 
     fit(SSVTrainer(tiny_config(folder, phi="critic")), tmp_path, steps=1, progress=False, log_every=0)
     with pytest.raises(ViewsslError, match="phi_weights"):
         fit(SSVTrainer(tiny_config(folder, phi="critic", phi_weights="other.pth")), tmp_path, steps=2,
             resume="auto", progress=False, log_every=0)
+    # without L_imc Phi is never built: a run resumes whatever --phi says
+    fit(SSVTrainer(tiny_config(folder, phi="critic", w_imc=0.0)), tmp_path / "no_imc", steps=1, progress=False,
+        log_every=0)
+    out = fit(SSVTrainer(tiny_config(folder, phi="random", phi_weights="other.pth", w_imc=0.0)), tmp_path / "no_imc",
+              steps=2, resume="auto", progress=False, log_every=0)
+    assert out["start_step"] == 1
+    with pytest.raises(ViewsslError, match="phi"):  # turning L_imc on is another run
+        fit(SSVTrainer(tiny_config(folder, phi="random")), tmp_path / "no_imc", steps=3, resume="auto",
+            progress=False, log_every=0)
 
 
 def test_checkpoint_errors_name_the_file(folder, tmp_path):
