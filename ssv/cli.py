@@ -23,8 +23,8 @@ def run_tag(data: str | Path, supervised: bool = False, no_imc: bool = False, no
     of the same row)."""
     p = Path(data).resolve()
     parts = [x for x in (p.parent.name, p.name) if x]
-    ablation = "_".join(["no"] + ["imc"] * no_imc + ["sym"] * no_sym) if no_imc or no_sym else ""
-    kind = "ssv-sup" if supervised else "-".join(x for x in ("ssv", ablation) if x)
+    dropped = "_".join(loss for loss, off in (("imc", no_imc), ("sym", no_sym)) if off)
+    kind = "ssv-sup" if supervised else f"ssv-no_{dropped}" if dropped else "ssv"
     tag = "-".join([kind, *parts])
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", tag)
 

@@ -45,6 +45,21 @@ def test_goals_met_when_ssv_learned_and_is_close_to_supervised():
             is False)
 
 
+def _evaluate_checkpoint(run_dir, test_dir, ema):
+    """V (ema: V_ema) of a row's last checkpoint scored anew, on one thread as the runs of these tests (after a few
+    steps V sits on the sign boundaries, where the order of the sums counts)."""
+    from common.training import find_checkpoint
+    from experiments.ssv_heads import evaluate
+    from ssv.model_io import load_pose_model
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return evaluate(load_pose_model(find_checkpoint(run_dir)[0], ema=ema), test_dir, torch.device("cpu"))
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny_heads(tmp_path_factory):
     from common.data.synthetic import render_benchmark
@@ -93,16 +108,9 @@ def test_quick_run_writes_the_table_with_every_row(tiny_heads, tmp_path):
     assert (out / "learning_curves.png").stat().st_size > 0 and "learning_curves.png" in table
     # the table reuses training's evaluation at the last step: the same figures as scoring the saved checkpoint anew
     from common.training import find_checkpoint
-    from experiments.ssv_heads import evaluate
-    from ssv.model_io import load_pose_model
 
-    torch.set_num_threads(1)  # as the run: after 4 steps V sits on the sign boundaries, where the sums' order counts
-    try:
-        again_by_row = {(name, ema): evaluate(load_pose_model(find_checkpoint(out / name)[0], ema=ema),
-                                              tiny_heads / "heads" / "test", torch.device("cpu"))
-                        for name in ("full", "supervised") for ema in (False, True)}
-    finally:
-        torch.set_num_threads(threads)
+    again_by_row = {(name, ema): _evaluate_checkpoint(out / name, tiny_heads / "heads" / "test", ema)
+                    for name in ("full", "supervised") for ema in (False, True)}
     for name in ("full", "supervised"):
         assert find_checkpoint(out / name)[0]["step"] == 4, name
         m = data["rows"][name]["metrics"]
@@ -135,21 +143,12 @@ def test_viewpoint_head_and_lr_decay_reach_every_row_and_the_floor_ignores_the_s
     data = json.loads((out / "ssv_heads.json").read_text())
     assert 0 <= data["rows"]["full"]["metrics"]["calibrated/mae"] <= 180
     # without --eval-every training scored nothing: the table's V and V_ema figures come from an evaluation of its own
-    from common.training import find_checkpoint
-    from experiments.ssv_heads import evaluate
-    from ssv.model_io import load_pose_model
-
     assert not (out / "full" / "metrics.jsonl").exists() or "eval" not in (out / "full" / "metrics.jsonl").read_text()
-    torch.set_num_threads(1)
-    try:
-        for ema in (False, True):
-            again = evaluate(load_pose_model(find_checkpoint(out / "full")[0], ema=ema), tiny_heads / "heads" / "test",
-                             torch.device("cpu"))
-            prefix = "ema/" if ema else ""
-            assert {"raw/mae", "calibrated/mae"} <= set(again)
-            assert again == pytest.approx({k: data["rows"]["full"]["metrics"][prefix + k] for k in again}, rel=1e-4)
-    finally:
-        torch.set_num_threads(threads)
+    for ema in (False, True):
+        again = _evaluate_checkpoint(out / "full", tiny_heads / "heads" / "test", ema)
+        prefix = "ema/" if ema else ""
+        assert {"raw/mae", "calibrated/mae"} <= set(again)
+        assert again == pytest.approx({k: data["rows"]["full"]["metrics"][prefix + k] for k in again}, rel=1e-4)
     # the floor is drawn with seed 0 whatever --seed says (drawn with seed 3 it would differ)
     test_dir = tiny_heads / "heads" / "test"
     assert data["rows"]["random"]["metrics"] == random_floor(test_dir)
