@@ -120,4 +120,9 @@ def resolve_device(name: str):
         raise ViewsslError(f"--device: {e}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ViewsslError(f"--device {name}: CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ViewsslError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
+                                     and torch.backends.mps.is_available()):
+        raise ViewsslError(f"--device {name}: MPS is not available on this machine")
     return device

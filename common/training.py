@@ -36,14 +36,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import distributed as dist_utils
 from .errors import ViewsslError
-from .io import atomic_save, atomic_write_json, folder_lock, load_checkpoint
+from .io import atomic_save, atomic_write_bytes, atomic_write_json, folder_lock, load_checkpoint
 
 log = logging.getLogger("viewssl.training")
 
 CHECKPOINT_VERSION = 1
 _CKPT_RE = re.compile(r"^ckpt-(\d{8})\.pt$")
 
-__all__ = ["Trainer", "fit", "new_run_dir", "batch_iterator", "find_checkpoint", "config_diff", "capture_rng",
+__all__ = ["Trainer", "fit", "new_run_dir", "find_resumable_run", "batch_iterator", "find_checkpoint", "config_diff", "capture_rng",
            "restore_rng", "TrainingInterrupted", "NonFiniteLoss", "seed_everything"]
 
 
@@ -136,7 +136,7 @@ def seed_everything(seed: int) -> None:
 
 
 def capture_rng() -> dict:
-    """RNG states of torch (CPU and CUDA), numpy and python, in a form ``torch.load(weights_only=True)`` accepts."""
+    """RNG states of torch (CPU, CUDA and MPS), numpy and python, in a form ``torch.load(weights_only=True)`` accepts."""
     np_state = np.random.get_state()
     py_state = random.getstate()
     state = {
@@ -148,6 +148,8 @@ def capture_rng() -> dict:
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.backends.mps.is_available():
+        state["mps"] = torch.mps.get_rng_state()
     return state
 
 
@@ -160,6 +162,8 @@ def restore_rng(state: dict) -> None:
     random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if "mps" in state and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(state["mps"])
 
 
 # --- data order --------------------------------------------------------------------------------------------------
@@ -226,6 +230,64 @@ def new_run_dir(out_root: str | Path, tag: str) -> Path:
     return run_dir
 
 
+def resolve_run_dir(out_root: str | Path, tag: str, resume: str | None, trainer: Trainer,
+                    force: bool = False) -> tuple[Path, str | None]:
+    """Where a CLI run trains and what :func:`fit` resumes (its ``resume`` argument):
+
+    - no ``resume``: a new numbered folder ``out_root/NNNNN-tag``;
+    - ``auto``: the run :func:`find_resumable_run` finds (resumed there), else a new folder;
+    - a path: a run folder, its ``checkpoints`` folder or a checkpoint file; training continues in that run folder.
+    """
+    if resume == "auto":
+        run = find_resumable_run(out_root, tag, trainer, force)
+        if run is not None:
+            return run, "auto"
+        log.info("--resume auto: no run of this config in %s, starting a new one", out_root)
+    if resume is None or resume == "auto":
+        return new_run_dir(out_root, tag), None
+    p = Path(resume)
+    if not p.exists():
+        raise ViewsslError("--resume: no such run folder or checkpoint", p)
+    if p.is_file():
+        return (p.parent.parent if p.parent.name == "checkpoints" else p.parent), str(p)
+    if p.name == "checkpoints":
+        return p.parent, str(p.parent)
+    return p, str(p)
+
+
+def find_resumable_run(out_root: str | Path, tag: str, trainer: Trainer, force: bool = False) -> Path | None:
+    """``--resume auto``: the newest ``out_root/NNNNN-tag`` run folder with a checkpoint whose ``config.json`` matches
+    ``trainer.config`` (the keys :meth:`Trainer.resume_ignored` allows to change are not compared), or None. Runs of
+    the tag with another config (another seed, say) are named in the log and left alone; with ``force`` the newest
+    run of the tag is taken whatever its config (:func:`fit` then logs the differences)."""
+    runs = sorted((p for p in Path(out_root).glob(f"[0-9][0-9][0-9][0-9][0-9]-{tag}") if p.is_dir()), reverse=True)
+    others = []
+    for run in runs:
+        ckpts = _checkpoints(run / "checkpoints")
+        if not ckpts:
+            continue
+        if force:
+            return run
+        try:
+            saved = json.loads((run / "config.json").read_text())
+        except (OSError, ValueError):
+            others.append(f"{run.name} (no readable config.json)")
+            continue
+        if saved.get("family", trainer.family) != trainer.family:
+            continue
+        step = int(_CKPT_RE.match(ckpts[-1].name).group(1))
+        # config.json is {"family": ..., **config}: the family is compared above (some configs hold it too)
+        diff = config_diff({**trainer.resume_defaults, **saved}, {"family": trainer.family, **trainer.config},
+                           trainer.resume_ignored(saved, step))
+        if not diff:
+            return run
+        others.append(f"{run.name} ({'; '.join(diff[:3])}{'; ...' if len(diff) > 3 else ''})")
+    if others:
+        log.info("--resume auto: not resuming %d run(s) of %s with another config: %s", len(others), tag,
+                 ", ".join(others))
+    return None
+
+
 def _checkpoints(ckpt_dir: Path) -> list[Path]:
     if not ckpt_dir.is_dir():
         return []
@@ -275,6 +337,39 @@ def config_diff(old: dict, new: dict, ignore: tuple[str, ...] = ()) -> list[str]
     keys = sorted((set(a) | set(b)) - set(ignore))
     return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in keys
             if a.get(k, "<absent>") != b.get(k, "<absent>")]
+
+
+def _set_aside_after(run_dir: Path, step: int) -> None:
+    """A run resumed at ``step`` goes on from there: what its folder holds from later steps (newer checkpoints, left by
+    a resume from an older one, and ``metrics.jsonl`` records logged after the last checkpoint of a killed run) is
+    moved aside, not deleted: checkpoints to ``checkpoints/set-aside-<step>/``, records to ``metrics-set-aside.jsonl``.
+    Otherwise ``--resume auto`` would later pick an abandoned checkpoint, and the records of those steps would appear
+    twice."""
+    ckpt_dir = run_dir / "checkpoints"
+    newer = [p for p in _checkpoints(ckpt_dir) if int(_CKPT_RE.match(p.name).group(1)) > step]
+    if newer:
+        aside = ckpt_dir / f"set-aside-{step:08d}"
+        aside.mkdir(exist_ok=True)
+        for p in newer:
+            p.replace(aside / p.name)
+        log.warning("resumed at step %d: moved %d newer checkpoint(s) to %s", step, len(newer), aside)
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        return
+    keep, later = [], []
+    for line in metrics.read_text().splitlines(keepends=True):
+        try:
+            record_step = int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            record_step = None  # an unreadable line (a killed write) is kept where it is
+        (later if record_step is not None and record_step > step else keep).append(line if line.endswith("\n")
+                                                                                 else line + "\n")
+    if later:
+        with open(run_dir / "metrics-set-aside.jsonl", "a") as f:
+            f.writelines(later)
+        atomic_write_bytes(metrics, "".join(keep).encode())
+        log.info("resumed at step %d: moved %d later record(s) of metrics.jsonl to metrics-set-aside.jsonl", step,
+                 len(later))
 
 
 class _SignalFlag:
@@ -353,6 +448,8 @@ def _fit(trainer: Trainer, run_dir: Path, steps: int, *, checkpoint_every: int, 
     writer = None
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if resumed_from is not None:
+            _set_aside_after(run_dir, start_step)
         # a checkpoint half-written when a run was killed (SIGKILL, power): its temp file is garbage (we hold the lock)
         for stale in ckpt_dir.glob(".ckpt-*.pt.*.tmp") if ckpt_dir.is_dir() else ():
             log.info("removing %s, a checkpoint left half-written by a killed run", stale)
@@ -360,7 +457,8 @@ def _fit(trainer: Trainer, run_dir: Path, steps: int, *, checkpoint_every: int, 
         atomic_write_json({"family": trainer.family, **trainer.config}, run_dir / "config.json")
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step if start_step else None)
+        # events of steps after the checkpoint are dropped; those of its own step were logged before it was written
+        writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
 
     last_ckpt: Path | None = resumed_from
     saved_step = start_step if resumed_from is not None else -1

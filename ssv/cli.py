@@ -29,35 +29,6 @@ def run_tag(data: str | Path, supervised: bool = False, no_imc: bool = False, no
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", tag)
 
 
-def resolve_run_dir(out: str | Path, tag: str, resume: str | None) -> tuple[Path, str | None]:
-    """Where to train and what to resume from.
-
-    - no ``resume``: a new numbered folder ``out/NNNNN-tag``;
-    - ``auto``: the newest ``out/NNNNN-tag`` that has checkpoints (resume there), else a new folder;
-    - a path: a run folder, its ``checkpoints`` folder or a checkpoint file; training continues in that run folder.
-    """
-    from common.training import new_run_dir
-
-    if resume is None:
-        return new_run_dir(out, tag), None
-    if resume == "auto":
-        out = Path(out)
-        runs = sorted((p for p in out.glob(f"[0-9][0-9][0-9][0-9][0-9]-{tag}") if p.is_dir()), reverse=True)
-        for run in runs:
-            if any((run / "checkpoints").glob("ckpt-*.pt")):
-                return run, "auto"
-        return new_run_dir(out, tag), None
-    p = Path(resume)
-    if not p.exists():
-        raise ViewsslError("--resume: no such run folder or checkpoint", p)
-    if p.is_file():
-        run = p.parent.parent if p.parent.name == "checkpoints" else p.parent
-        return run, str(p)
-    if p.name == "checkpoints":
-        return p.parent, str(p.parent)
-    return p, str(p)
-
-
 def build_config(
     preset: str,
     data: str | None,
@@ -182,9 +153,11 @@ def build_config(
               help="Total training steps (one V step + one S step each) [default: 4000 for cpu, cpu64 and cpu64w; "
                    "500000 for paper].")
 @click.option("--resume", default=None, metavar="auto|PATH",
-              help="Continue a run: 'auto' = the newest run of this data and row (SSV, supervised, ablation) in --out "
-                   "with a checkpoint (else start fresh); or a run folder / checkpoint file.")
-@click.option("--force", is_flag=True, help="Resume even if the config differs from the checkpoint's.")
+              help="Continue a run: 'auto' = the newest run in --out of this data and row (SSV, supervised, "
+                   "ablation) whose config matches and that has a checkpoint (else start fresh); or a run folder / "
+                   "checkpoint file.")
+@click.option("--force", is_flag=True, help="Resume even if the config differs from the checkpoint's (with --resume "
+                                            "auto: the newest run of this data and row, whatever its config).")
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps.")
 @click.option("--seed", type=int, default=0, help="Seed of initial weights, data order and all sampling.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
@@ -262,7 +235,7 @@ def train_ssv(data, preset, out, steps, resume, force, device, seed, batch_size,
     the final V is evaluated on --eval-data when given.
     """
     from common import distributed as dist_utils
-    from common.training import fit
+    from common.training import fit, resolve_run_dir
 
     from .trainer import SSVTrainer
 
@@ -287,12 +260,12 @@ def train_ssv(data, preset, out, steps, resume, force, device, seed, batch_size,
     dist_utils.init_from_env(dev)
     tag = run_tag(data, supervised, no_imc=config["w_imc"] == 0,
                   no_sym=config["w_sym"] == 0 and config["w_gsym"] == 0)
-    run_dir, resume_from = resolve_run_dir(out, tag, resume)
+    trainer = SSVTrainer(config, dev)
+    run_dir, resume_from = resolve_run_dir(out, tag, resume, trainer, force)
     if eval_every is None:
         eval_every = 500 if eval_data else 0
     elif eval_every == 0 and eval_data:
         eval_every = steps  # 0 = only at the end
-    trainer = SSVTrainer(config, dev)
     log.info("training SSV (%s preset%s) in %s", preset, ", supervised" if supervised else "", run_dir)
     result = fit(trainer, run_dir, steps, checkpoint_every=checkpoint_every, eval_every=eval_every,
                  log_every=log_every, media_every=0 if supervised else media_every, resume=resume_from, force=force)

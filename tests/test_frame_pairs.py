@@ -49,8 +49,6 @@ def test_dual_trains_two_steps(bench, method, traj_weight):
         assert ("triplet" in batch) == (traj_weight > 0)
         terms = tr.train_step(batch, step)
         assert all(torch.isfinite(v) for v in terms.values())
-    assert float(terms["semantic"]) == pytest.approx(float(terms["semantic_nearby"] + terms["semantic_distant"]),
-                                                     rel=1e-5, abs=1e-6)
     assert ("trajectory" in terms) == (traj_weight > 0) and "std_z_distant" in terms
     for name, module in tr.modules().items():  # the trunk and both heads learn
         after = _params(module)

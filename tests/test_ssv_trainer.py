@@ -409,8 +409,8 @@ def test_cli_trains_and_resumes(folder, tmp_path):
     result = CliRunner().invoke(cli, args[:7] + ["3"] + args[8:] + ["--resume", "auto"])
     assert result.exit_code == 0, result.output
     assert (runs[0] / "checkpoints" / "ckpt-00000003.pt").is_file() and len(list((tmp_path / "runs").iterdir())) == 1
-    # a different config is refused in one line
-    result = CliRunner().invoke(cli, args[:7] + ["4"] + args[8:] + ["--resume", "auto", "--w-style", "0.5"])
+    # a different config is refused in one line when the run is named
+    result = CliRunner().invoke(cli, args[:7] + ["4"] + args[8:] + ["--resume", str(runs[0]), "--w-style", "0.5"])
     assert result.exit_code == 2 and "Error:" in result.output and "w_style" in result.output
     # another ablation row is another run: --resume auto starts it in a folder of its own
     result = CliRunner().invoke(cli, args + ["--resume", "auto", "--no-sym"])
@@ -422,6 +422,10 @@ def test_cli_trains_and_resumes(folder, tmp_path):
     assert result.exit_code == 0, result.output
     ckpt = load_checkpoint(runs[0] / "checkpoints" / "ckpt-00000004.pt")
     assert (ckpt["config"]["lr_decay_start"], ckpt["config"]["lr_decay_end"], ckpt["config"]["lr_final"]) == (3, 5, 0.1)
+    # the same row with another seed is another run: --resume auto leaves the first one alone
+    result = CliRunner().invoke(cli, args[:7] + ["1"] + args[8:] + ["--resume", "auto", "--seed", "1"])
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "runs").iterdir())) == 3 and len(list(runs[0].glob("checkpoints/ckpt-*.pt"))) == 3
 
 
 def test_cli_eval_every_zero_evaluates_only_at_the_end(folder, tmp_path):

@@ -1,4 +1,6 @@
 """The shared training loop: exact resume, corrupt checkpoints, config mismatch, non-finite loss, signals."""
+import json
+import logging
 import os
 import random
 import signal
@@ -12,7 +14,7 @@ from torch.utils.data import TensorDataset
 from common.errors import ViewsslError
 from common.io import load_checkpoint
 from common.training import (NonFiniteLoss, Trainer, TrainingInterrupted, batch_iterator, config_diff, find_checkpoint,
-                             fit, new_run_dir, seed_everything)
+                             find_resumable_run, fit, new_run_dir, resolve_run_dir, seed_everything)
 
 
 class ToyTrainer(Trainer):
@@ -180,6 +182,66 @@ def test_batch_iterator_is_resumable():
     data.root = Path("some/folder")  # a dataset that knows its folder is named
     with pytest.raises(ViewsslError, match=r"^some/folder: 10 training items"):
         batch_iterator(data, 16, seed=0, start_step=0)
+
+
+def _records(path):
+    return [(r["step"], r["kind"]) for r in map(json.loads, path.read_text().splitlines())]
+
+
+def test_resume_from_an_older_checkpoint_sets_later_checkpoints_and_records_aside(tmp_path):
+    """Resumed at step 2 of a run that went to 6: its checkpoints 4 and 6 would be picked by a later --resume auto,
+    and the records of steps 3-6 would appear twice in metrics.jsonl; both are moved aside, nothing is deleted."""
+    fit(ToyTrainer({"seed": 0, "lr": 0.01}), tmp_path, steps=6, checkpoint_every=2, log_every=1, progress=False)
+    ckpts = tmp_path / "checkpoints"
+    before = _records(tmp_path / "metrics.jsonl")
+    assert [s for s, _ in before] == [1, 2, 3, 4, 5, 6]
+    fit(ToyTrainer({"seed": 0, "lr": 0.01}), tmp_path, steps=3, checkpoint_every=0, log_every=1, progress=False,
+        resume=ckpts / "ckpt-00000002.pt")
+    assert sorted(p.name for p in ckpts.glob("ckpt-*.pt")) == ["ckpt-00000002.pt", "ckpt-00000003.pt"]
+    assert sorted(p.name for p in (ckpts / "set-aside-00000002").iterdir()) == ["ckpt-00000004.pt",
+                                                                                "ckpt-00000006.pt"]
+    assert [s for s, _ in _records(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+    assert [s for s, _ in _records(tmp_path / "metrics-set-aside.jsonl")] == [3, 4, 5, 6]
+    assert find_checkpoint(tmp_path)[1].name == "ckpt-00000003.pt"
+
+
+def test_tensorboard_keeps_the_resume_steps_own_point(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    fit(ToyTrainer({"seed": 0, "lr": 0.01}), tmp_path, steps=4, checkpoint_every=2, log_every=1, progress=False)
+    (tmp_path / "checkpoints" / "ckpt-00000004.pt").unlink()  # as if killed after step 4 was logged, before its save
+    fit(ToyTrainer({"seed": 0, "lr": 0.01}), tmp_path, steps=4, checkpoint_every=2, log_every=1, progress=False,
+        resume="auto")
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    steps = sorted(e.step for e in events.Scalars("train/loss"))
+    assert steps == [1, 2, 3, 4]  # step 2, logged before checkpoint 2 was written, is kept; 3 and 4 once each
+
+
+def _toy_run(out, seed):
+    trainer = ToyTrainer({"seed": seed, "lr": 0.01})
+    run = new_run_dir(out, "toy")
+    fit(trainer, run, steps=2, progress=False)
+    return run
+
+
+def test_resume_auto_takes_the_newest_run_of_the_same_config(tmp_path, caplog):
+    seed0 = _toy_run(tmp_path, 0)
+    seed1 = _toy_run(tmp_path, 1)
+    new_run_dir(tmp_path, "toy")  # a run of the same config that has no checkpoint yet: never resumed
+    assert find_resumable_run(tmp_path, "toy", ToyTrainer({"seed": 0, "lr": 0.01})) == seed0
+    assert find_resumable_run(tmp_path, "toy", ToyTrainer({"seed": 1, "lr": 0.01})) == seed1
+    with caplog.at_level(logging.INFO, logger="viewssl.training"):
+        assert find_resumable_run(tmp_path, "toy", ToyTrainer({"seed": 2, "lr": 0.01})) is None
+    assert "00001-toy (seed: 1 -> 2)" in caplog.text and "00000-toy (seed: 0 -> 2)" in caplog.text
+    # --force: the newest run of the tag with a checkpoint, whatever its config
+    assert find_resumable_run(tmp_path, "toy", ToyTrainer({"seed": 2, "lr": 0.01}), force=True) == seed1
+    run, resume = resolve_run_dir(tmp_path, "toy", "auto", ToyTrainer({"seed": 2, "lr": 0.01}))
+    assert resume is None and run.name == "00003-toy" and run.is_dir()
+    assert resolve_run_dir(tmp_path, "toy", "auto", ToyTrainer({"seed": 0, "lr": 0.01})) == (seed0, "auto")
+    ckpt = seed1 / "checkpoints" / "ckpt-00000002.pt"
+    assert resolve_run_dir(tmp_path, "toy", str(ckpt), ToyTrainer({"seed": 0, "lr": 0.01})) == (seed1, str(ckpt))
+    assert resolve_run_dir(tmp_path, "toy", str(seed1 / "checkpoints"), None) == (seed1, str(seed1))
 
 
 def test_new_run_dir_numbers(tmp_path):

@@ -142,6 +142,24 @@ def test_resume_refuses_other_config_unless_forced(bench, tmp_path):
     assert r["step"] == 2
 
 
+def test_resume_with_more_steps_does_not_stretch_the_schedule(bench, tmp_path):
+    """The cosine horizon is part of the config: resuming a 2-step run with --steps 4 would put steps 2-3 on a
+    4-step schedule that the first two steps did not follow; it is refused unless the horizon is kept."""
+    cfg = {**TINY, "method": "vicreg", "data": str(bench), "seed": 0}
+    first = EncoderTrainer({**cfg, "steps": 2}, CPU)
+    assert (first.config["schedule_steps"], first.config["warmup_steps"]) == (2, 0)
+    fit(first, tmp_path / "run", steps=2, progress=False)
+    with pytest.raises(ViewsslError, match="schedule_steps: 2 -> 4"):
+        fit(EncoderTrainer({**cfg, "steps": 4}, CPU), tmp_path / "run", steps=4, resume="auto", progress=False)
+    kept = EncoderTrainer({**cfg, "steps": 4, "schedule_steps": 2}, CPU)
+    assert fit(kept, tmp_path / "run", steps=4, resume="auto", progress=False)["start_step"] == 2
+    assert kept.schedule() == (2, 0)
+    # a checkpoint from before the schedule was resolved (None: the horizon was its --steps) resumes when they agree
+    old = {**first.config, "schedule_steps": None, "warmup_steps": None, "steps": 40}
+    assert {"schedule_steps", "warmup_steps"} <= set(EncoderTrainer({**cfg, "steps": 40}, CPU).resume_ignored(old, 2))
+    assert "schedule_steps" not in EncoderTrainer({**cfg, "steps": 80}, CPU).resume_ignored(old, 2)
+
+
 def test_online_monitors(bench):
     tr = EncoderTrainer({**TINY, "method": "vicreg", "data": str(bench), "steps": 1}, CPU)
     m = tr.evaluate(1)
@@ -190,19 +208,18 @@ def test_cli_trains_and_resumes(bench, tmp_path):
     runs = sorted(tmp_path.glob("*-encoder-vicreg-traj0.2-augment"))
     assert len(runs) == 1 and (runs[0] / "checkpoints" / "ckpt-00000002.pt").is_file()
     assert (runs[0] / "metrics.jsonl").read_text().count('"kind": "eval"') == 1
-    r = runner.invoke(_cli(), args[:-8] + ["--steps", "3", "--resume", "auto", "--out", str(tmp_path),
-                                           "--eval-every", "0"])
+    # Three steps under the first run's 2-step schedule: the same config, so --resume auto continues that run.
+    r = runner.invoke(_cli(), args[:-8] + ["--steps", "3", "--schedule-steps", "2", "--resume", "auto", "--out",
+                                           str(tmp_path), "--eval-every", "0"])
     assert r.exit_code == 0, r.output
     assert sorted(tmp_path.glob("*-encoder-vicreg*")) == runs
     assert (runs[0] / "checkpoints" / "ckpt-00000003.pt").is_file()
-
-
-def test_cli_help_documents_every_option():
-    r = CliRunner().invoke(_cli(), ["train", "encoder", "--help"])
-    assert r.exit_code == 0
-    for opt in ("--method", "--traj-weight", "--traj-layer", "--pairs", "--data", "--steps", "--resume", "--force",
-                "--batch-size", "--optimizer", "--lr", "--image-size", "--device", "--seed", "--out"):
-        assert opt in r.output
+    # Another seed is another run: --resume auto starts a new folder rather than continue the first one
+    r = runner.invoke(_cli(), args[:-8] + ["--steps", "1", "--seed", "1", "--resume", "auto", "--out",
+                                           str(tmp_path), "--eval-every", "0"])
+    assert r.exit_code == 0, r.output
+    assert len(sorted(tmp_path.glob("*-encoder-vicreg*"))) == 2
+    assert (runs[0] / "checkpoints" / "ckpt-00000003.pt").is_file()
 
 
 @pytest.mark.parametrize("args,message", [
@@ -214,6 +231,10 @@ def test_cli_help_documents_every_option():
     (["--data", "{bench}", "--resume", "{ssv_ckpt}"], "'ssv' checkpoint"),
     (["--data", "{bench}", "--resume", "{junk_ckpt}"], "not a readable viewssl checkpoint"),
     (["--data", "{bench}", "--traj-weight", "-1"], "--traj-weight"),
+    (["--data", "{bench}", "--lr", "nan"], "--lr nan: must be a finite number > 0"),
+    (["--data", "{bench}", "--weight-decay", "-1"], "--weight-decay -1.0: must be a finite number >= 0"),
+    pytest.param(["--data", "{bench}", "--device", "mps"], "--device mps: MPS is not available",
+                 marks=pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has MPS")),
 ])
 def test_cli_bad_input_one_line_exit_2(bench, tmp_path, args, message):
     empty = tmp_path / "empty"

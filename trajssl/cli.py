@@ -1,8 +1,6 @@
 """``viewssl train encoder``: train a Siamese encoder (SimCLR / VICReg / SimSiam, + trajectory loss, frame pairs)."""
 from __future__ import annotations
 
-import logging
-import re
 from pathlib import Path
 
 import click
@@ -16,35 +14,12 @@ from .methods import METHODS
 from .optim import OPTIMIZERS
 from .trainer import TRAJ_LAYERS
 
-log = logging.getLogger("viewssl.trajssl.cli")
-
 
 def run_tag(method: str, traj_weight: float, traj_layer: str, pairs: str) -> str:
     tag = f"encoder-{method}"
     if traj_weight > 0:
         tag += f"-traj{traj_weight:g}" + ("" if traj_layer == "pooled" else f"-{traj_layer}")
     return f"{tag}-{pairs}"
-
-
-def _resume_target(out: Path, tag: str, resume: str | None) -> tuple[Path | None, str | None]:
-    """(run folder to continue or None for a new one, value for fit(resume=...))."""
-    if resume is None:
-        return None, None
-    if resume == "auto":
-        runs = sorted((p for p in out.glob(f"*-{tag}")
-                       if re.match(r"^\d{5}-", p.name) and (p / "checkpoints").is_dir()),
-                      key=lambda p: p.name)
-        if not runs:
-            log.info("--resume auto: no earlier %s run in %s, starting a new one", tag, out)
-            return None, None
-        return runs[-1], "auto"
-    path = Path(resume)
-    if path.is_file():
-        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-        return run_dir, str(path)
-    if path.is_dir():
-        return path, str(path)
-    raise ViewsslError("--resume: no such run folder or checkpoint", path)
 
 
 @train.command("encoder")
@@ -74,7 +49,11 @@ def _resume_target(out: Path, tag: str, resume: str | None) -> tuple[Path | None
               help="Peak learning rate [default: the method's base lr x batch/256; adamw 1e-3].")
 @click.option("--weight-decay", type=float, default=None, help="Weight decay [default: the method's].")
 @click.option("--warmup-steps", type=click.IntRange(min=0), default=None,
-              help="Linear warm-up steps before the cosine decay [default: 5% of --steps].")
+              help="Linear warm-up steps before the cosine decay [default: 5% of the horizon].")
+@click.option("--schedule-steps", type=click.IntRange(min=1), default=None,
+              help="Horizon of the cosine learning-rate decay [default: --steps]. It is part of the run's config: to "
+                   "train a finished run further under its own schedule, resume it with --schedule-steps set to its "
+                   "horizon (the rate stays at the final value after it).")
 @click.option("--stem", type=click.Choice(["small", "imagenet"]), default="small", show_default=True,
               help="ResNet-18 first layers: small = 3x3 stride-1 conv, no max-pool (for 32-64 px); "
                    "imagenet = 7x7/2 + pool.")
@@ -90,9 +69,11 @@ def _resume_target(out: Path, tag: str, resume: str | None) -> tuple[Path | None
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), show_default=True,
               help="Folder of run folders; each run gets out/NNNNN-encoder-<method>...")
 @click.option("--resume", default=None, metavar="auto|PATH",
-              help="Continue a run: 'auto' = the newest run of this configuration in --out (a new one if none), or "
-                   "a run folder / checkpoint file.")
-@click.option("--force", is_flag=True, help="Resume even if the configuration differs from the checkpoint's.")
+              help="Continue a run: 'auto' = the newest run in --out whose config matches and that has a "
+                   "checkpoint (a new one if none), or a run folder / checkpoint file.")
+@click.option("--force", is_flag=True, help="Resume even if the configuration differs from the checkpoint's (with "
+                                            "--resume auto: the newest run of this method and pairs, whatever its "
+                                            "config).")
 @click.option("--checkpoint-every", type=click.IntRange(min=0), default=100, show_default=True,
               help="Steps between checkpoints (0 = only at the end).")
 @click.option("--eval-every", type=click.IntRange(min=0), default=100, show_default=True,
@@ -100,8 +81,8 @@ def _resume_target(out: Path, tag: str, resume: str | None) -> tuple[Path | None
 @click.option("--log-every", type=click.IntRange(min=1), default=10, show_default=True,
               help="Steps between tensorboard / metrics.jsonl records.")
 def train_encoder(data, method, traj_weight, traj_layer, pairs, steps, batch_size, image_size, optimizer, lr,
-                  weight_decay, warmup_steps, stem, weights, augment, seed, device, workers, out, resume, force,
-                  checkpoint_every, eval_every, log_every):
+                  weight_decay, warmup_steps, schedule_steps, stem, weights, augment, seed, device, workers, out,
+                  resume, force, checkpoint_every, eval_every, log_every):
     """Train a Siamese encoder (SimCLR, VICReg or SimSiam) with optional trajectory regularisation.
 
     \b
@@ -112,7 +93,7 @@ def train_encoder(data, method, traj_weight, traj_layer, pairs, steps, batch_siz
       torchrun --nproc_per_node 4 -m experiments.cli train encoder --data bench --batch-size 256
     """
     from common import distributed as dist_utils
-    from common.training import fit, new_run_dir
+    from common.training import fit, resolve_run_dir
 
     from .trainer import EncoderTrainer
 
@@ -129,16 +110,15 @@ def train_encoder(data, method, traj_weight, traj_layer, pairs, steps, batch_siz
     config = {
         "method": method, "traj_weight": traj_weight, "traj_layer": traj_layer, "pairs": pairs, "data": str(data),
         "image_size": image_size, "batch_size": batch_size, "optimizer": optimizer, "lr": lr,
-        "weight_decay": weight_decay, "warmup_steps": warmup_steps, "steps": steps, "seed": seed,
+        "weight_decay": weight_decay, "warmup_steps": warmup_steps,
+        "schedule_steps": schedule_steps, "steps": steps, "seed": seed,
         "small_stem": stem == "small", "weights": str(weights) if weights else None, "augment": augment,
         "num_workers": workers,
     }
     try:
         tag = run_tag(method, traj_weight, traj_layer, pairs)
-        run_dir, resume_arg = _resume_target(out, tag, resume)
         trainer = EncoderTrainer(config, dev)
-        if run_dir is None:
-            run_dir = new_run_dir(out, tag)
+        run_dir, resume_arg = resolve_run_dir(out, tag, resume, trainer, force)
         if dist_utils.is_main():
             click.echo(f"run folder: {run_dir}", err=True)
         result = fit(trainer, run_dir, steps, checkpoint_every=checkpoint_every, eval_every=eval_every,

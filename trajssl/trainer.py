@@ -61,7 +61,7 @@ DEFAULT_CONFIG = {
     "weight_decay": None,       # method default (adamw: 0.05)
     "momentum": 0.9,
     "warmup_steps": None,       # 5 % of the horizon
-    "schedule_steps": None,     # cosine horizon; None = steps (so resuming with a larger --steps stretches it)
+    "schedule_steps": None,     # cosine horizon; None = steps (resolved, so a resume with more steps sees it change)
     "steps": 1000,
     "seed": 0,
     "arch": "resnet18",
@@ -110,8 +110,18 @@ def resolve_config(config: dict) -> dict:
         c["lr"] = 1e-3 if c["optimizer"] == "adamw" else d["lr"] * c["batch_size"] / 256
     if c["weight_decay"] is None:
         c["weight_decay"] = 0.05 if c["optimizer"] == "adamw" else d["weight_decay"]
-    if c["lr"] <= 0:
-        raise ViewsslError(f"--lr {c['lr']}: must be > 0")
+    if not (math.isfinite(c["lr"]) and c["lr"] > 0):
+        raise ViewsslError(f"--lr {c['lr']}: must be a finite number > 0")
+    if not (math.isfinite(c["weight_decay"]) and c["weight_decay"] >= 0):
+        raise ViewsslError(f"--weight-decay {c['weight_decay']}: must be a finite number >= 0")
+    # The schedule is resolved into the config: resuming with a larger --steps would otherwise stretch the cosine
+    # under the steps already run; now it shows as a config difference (keep it with --schedule-steps).
+    c["schedule_steps"] = int(c["schedule_steps"] or c["steps"])
+    if c["warmup_steps"] is None:
+        c["warmup_steps"] = int(round(0.05 * c["schedule_steps"]))
+    if c["schedule_steps"] < 1 or int(c["warmup_steps"]) < 0:
+        raise ViewsslError(f"--schedule-steps {c['schedule_steps']} / --warmup-steps {c['warmup_steps']}: the "
+                           "horizon must be >= 1 and the warm-up >= 0")
     for key in ("proj_hidden_dim", "proj_dim", "pred_hidden_dim", "temperature"):
         if c[key] is None and key in d:
             c[key] = d[key]
@@ -156,6 +166,18 @@ class EncoderTrainer(Trainer):
     family = "encoder"
     #: also free to change on resume: they do not change what is trained
     resume_ignore_keys = Trainer.resume_ignore_keys + ("num_workers", "eval_gallery", "eval_queries")
+
+    def resume_ignored(self, saved_config: dict, step: int) -> tuple[str, ...]:
+        """As :class:`common.training.Trainer`, plus the schedule keys of a checkpoint written before they were
+        resolved into the config (None there) when its schedule is this run's."""
+        ignored = super().resume_ignored(saved_config, step)
+        total, warmup = saved_config.get("schedule_steps"), saved_config.get("warmup_steps")
+        if total is None or warmup is None:
+            total = int(total or saved_config.get("steps") or 0)
+            warmup = int(round(0.05 * total)) if warmup is None else int(warmup)
+            if (total, warmup) == self.schedule():
+                ignored = ignored + ("schedule_steps", "warmup_steps")
+        return ignored
 
     def __init__(self, config: dict, device: torch.device):
         config = resolve_config(config)
@@ -255,9 +277,7 @@ class EncoderTrainer(Trainer):
 
     def schedule(self) -> tuple[int, int]:
         """(cosine horizon, warm-up steps) of the learning rate."""
-        total = int(self.config["schedule_steps"] or self.config["steps"])
-        warmup = self.config["warmup_steps"]
-        return total, int(round(0.05 * total)) if warmup is None else int(warmup)
+        return int(self.config["schedule_steps"]), int(self.config["warmup_steps"])
 
     def train_step(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
         c, dev = self.config, self.device
