@@ -135,6 +135,10 @@ def write_biwi(root, yaws_deg=(30.0, -20.0, 0.0), sessions=("01", "02"), size=(1
     return out
 
 
+#: (azimuth, elevation, tilt) of the four anchors of rotations.npy; the files use anchors 0 and 3
+SHAPENET_ANGLES = [[0.0, 0.0, 0.0], [0.1, 0.2, 0.0], [0.2, 0.0, 0.0], [0.3, -0.3, 0.2]]
+
+
 def write_shapenet(root, rotations=True) -> None:
     img = np.zeros((16, 16, 3), np.uint8)
     for model in ("m1", "m2"):
@@ -148,8 +152,7 @@ def write_shapenet(root, rotations=True) -> None:
         # a convention error shared by angles_to_matrix and matrix_to_angles shows
         from scipy.spatial.transform import Rotation
 
-        mats = Rotation.from_euler("YXZ", [[0.0, 0.0, 0.0], [0.1, 0.2, 0.0], [0.2, 0.0, 0.0], [0.3, -0.3, 0.0]]
-                                   ).as_matrix()
+        mats = Rotation.from_euler("YXZ", SHAPENET_ANGLES).as_matrix()
         np.save(root / "rotations.npy", mats)
 
 
@@ -430,25 +433,31 @@ def test_shapenet_triplet_layout_and_rotations(tmp_path):
         assert (ds.position[[l, c, r]] == [0, 1, 2]).all()
         assert len({ds.paths[i].parent for i in (l, c, r)}) == 1
         assert len({(ds.view[i], ds.axis[i]) for i in (l, c, r)}) == 1
-    # rotations.npy: centre images get the anchor's angles, left / right stay NaN
-    c = int(trip[0, 1])
-    assert torch.isfinite(ds[c]["angles"]).all() and torch.isnan(ds[int(trip[0, 0])]["angles"]).all()
-    anchor = ds.view[c]
-    expected = [[0.0, 0.0, 0.0], [0.1, 0.2, 0.0], [0.2, 0.0, 0.0], [0.3, -0.3, 0.0]][anchor]
-    assert ds[c]["angles"].tolist() == pytest.approx(expected, abs=1e-6)
-    assert ds[c]["sequence"] == -1 and ds[c]["category"] == 0
+    # rotations.npy: centre images get their anchor's angles (anchor 3 turns about all three axes), left / right NaN
+    assert sorted({int(ds.view[c]) for c in trip[:, 1]}) == [0, 3]
+    for left, c, _ in trip:
+        assert ds[int(c)]["angles"].tolist() == pytest.approx(SHAPENET_ANGLES[ds.view[c]], abs=1e-6)
+        assert torch.isnan(ds[int(left)]["angles"]).all()
+        assert ds[int(c)]["sequence"] == -1 and ds[int(c)]["category"] == 0
 
 
 def test_shapenet_view_layout_and_json_rotations(tmp_path):
     img = np.zeros((8, 8, 3), np.uint8)
     for v in (0, 1, 2, 10):
         write_rgb(tmp_path / "03001627" / "chair1" / f"{v}.png", img)
-    (tmp_path / "rotations.json").write_text(json.dumps({"03001627/chair1/10.png": [30.0, -10.0, 5.0]}))
+    from scipy.spatial.transform import Rotation
+
+    # one image's rotation as degrees, another's as a matrix built by scipy (azimuth about y, elevation about x,
+    # tilt about z, in that order)
+    matrix = Rotation.from_euler("YXZ", [-40.0, 20.0, -15.0], degrees=True).as_matrix().tolist()
+    (tmp_path / "rotations.json").write_text(json.dumps({"03001627/chair1/10.png": [30.0, -10.0, 5.0],
+                                                         "03001627/chair1/1.png": matrix}))
     assert detect_format(tmp_path) == "shapenet"
     ds = ShapeNetRenders(tmp_path, size=8)
     assert [p.name for p in ds.paths] == ["0.png", "1.png", "2.png", "10.png"]  # natural order
     assert list(ds.view) == [0, 1, 2, 10] and list(ds.position) == [-1] * 4 and ds.triplets().shape == (0, 3)
     assert np.degrees(ds[3]["angles"].numpy()) == pytest.approx([30, -10, 5], abs=1e-4)
+    assert np.degrees(ds[1]["angles"].numpy()) == pytest.approx([-40, 20, -15], abs=1e-4)
     assert torch.isnan(ds[0]["angles"]).all()
 
 
@@ -496,6 +505,10 @@ def test_video_frames_siampose_split_layout(tmp_path):
     assert len(open_dataset(tmp_path, split="train")) == 9
     assert len(open_dataset(tmp_path, split="test")) == 2
     assert len(open_dataset(tmp_path, split="split-1/test")) == 2
+    # the split-k folder itself is not one video dataset of categories "train" and "test"
+    with pytest.raises(ViewsslError, match=r"split-1: this folder holds splits \(test, train\)"):
+        open_dataset(tmp_path / "split-1")
+    assert len(open_dataset(tmp_path / "split-1", split="test")) == 2
     write_video(tmp_path / "split-2" / "train", seq_lengths=(1,))
     with pytest.raises(ViewsslError, match="ambiguous"):
         open_dataset(tmp_path, split="train")
@@ -625,6 +638,7 @@ def test_export_labels_round_trip(tmp_path):
     out = export_labels(ds, tmp_path / "crops", progress=False)
     back = open_dataset(out, size=16)
     assert isinstance(back, CheckedLabeledFolder) and len(back) == len(ds)
+    assert back.sequences == ds.sequences == ["01"]  # the session's name, not the dataset's index 0
     for i in range(len(ds)):
         a, b = ds[i], back[i]
         torch.testing.assert_close(a["angles"], b["angles"], atol=1e-5, rtol=0)

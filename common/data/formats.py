@@ -137,10 +137,11 @@ def _kind_name(kind: str) -> str:
 
 
 def _split_folders(root: Path) -> list[str]:
-    """Sub-folders that look like splits: holding labels.csv, or SiamPose's split-k/{train,test}."""
+    """Sub-folders that look like splits: holding labels.csv, named train / test / val / valid (as in SiamPose's
+    split-k folders), or SiamPose's split-k/{train,test}."""
     out = []
     for d in sorted((d for d in root.iterdir() if d.is_dir()), key=lambda d: natural_key(d.name)):
-        if (d / LABELS_FILE).is_file():
+        if (d / LABELS_FILE).is_file() or d.name in ("train", "test", "val", "valid"):
             out.append(d.name)
         elif re.fullmatch(r"split-?\d+", d.name):
             out += [f"{d.name}/{s.name}" for s in sorted(d.iterdir(), key=lambda s: natural_key(s.name))
@@ -234,7 +235,8 @@ def open_dataset(path: str | os.PathLike, size: int | None = 64, split: str | No
 def export_labels(dataset, out: str | os.PathLike, progress: bool = True) -> Path:
     """Write every item of a labelled dataset as ``out/images/<index>.png`` + ``out/labels.csv`` (angles, and the
     category / instance / sequence / frame ids where known), so slow crops (BIWI's detector, 300W-LP's .mat reads)
-    are computed once and later runs open a plain ``labels.csv`` folder. Items whose angles are not finite are an
+    are computed once and later runs open a plain ``labels.csv`` folder. Category, instance and sequence are written
+    as the dataset's names for them (a split exported alone means the same as another), the frame as its number. Items whose angles are not finite are an
     error (``labels.csv`` holds labelled images only). Returns ``out``."""
     from tqdm import tqdm
 
@@ -249,6 +251,8 @@ def export_labels(dataset, out: str | os.PathLike, progress: bool = True) -> Pat
         dataset.verify(progress=progress)
     rows = []
     width = max(6, len(str(len(dataset))))
+    categories, instances, sequences = (list(getattr(dataset, f, None) or []) for f in
+                                        ("categories", "instances", "sequences"))
     for i in tqdm(range(len(dataset)), desc=f"export {out.name}", unit="img", disable=not progress):
         item = dataset[i]
         angles = item["angles"]
@@ -259,8 +263,11 @@ def export_labels(dataset, out: str | os.PathLike, progress: bool = True) -> Pat
         rel = f"images/{int(item['index']):0{width}d}.png"
         write_image(out / rel, item["image"])
         row = {"path": rel, "azimuth": float(angles[0]), "elevation": float(angles[1]), "tilt": float(angles[2])}
-        for key in ("category", "instance", "sequence", "frame"):
-            row[key] = "" if int(item[key]) < 0 else int(item[key])
+        for key, names in (("category", categories), ("instance", instances), ("sequence", sequences),
+                           ("frame", [])):
+            index = int(item[key])
+            # names, not the dataset's own indices: two splits exported apart must agree on what "car" is
+            row[key] = "" if index < 0 else names[index] if index < len(names) else index
         rows.append(row)
     write_labels(out / LABELS_FILE, rows)
     log.info("exported %d items to %s", len(rows), out)

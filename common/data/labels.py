@@ -242,6 +242,14 @@ class LabeledFolder(Dataset):
     def categories(self) -> list[str]:
         return self.table.categories
 
+    @property
+    def instances(self) -> list[str]:
+        return self.table.instances
+
+    @property
+    def sequences(self) -> list[str]:
+        return self.table.sequences
+
     def __getitem__(self, i: int) -> dict:
         return self.item(i, read_image(self.table.paths[i], self.size))
 
