@@ -7,6 +7,7 @@ labels: angles (optionally through a per-axis affine "miscalibration") and featu
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -102,7 +103,9 @@ def make_benchmark(root: Path, unseen_gallery: bool = False) -> Path:
         "objects/test_unseen_pose": (_object_rows(["car", "chair"], 1, 9, inst_offset=20), ("view",)),
         "objects/ood_train": (_object_rows(["mug"], 3, 6, inst_offset=30), ("view",)),
         "objects/ood_test": (_object_rows(["mug"], 2, 6, inst_offset=40), ("view",)),
-        "heads/test": ([{**r, "category": "", "instance": ""} for r in _object_rows(["h"], 1, 12)], ()),
+        # heads turn within +-72 deg (objects are seen from all around)
+        "heads/test": ([{**r, "category": "", "instance": "", "azimuth": 0.4 * r["azimuth"]}
+                        for r in _object_rows(["h"], 1, 12)], ()),
     }
     if unseen_gallery:
         splits["objects/train_unseen_pose"] = (_object_rows(["car", "chair"], 3, 9), ("view",))
@@ -133,18 +136,19 @@ def make_folder(root: Path, n: int = 30, seed: int = 0) -> Path:
 # ============================================================================ oracle model
 class OracleModel:
     """Reads the labels back through the pixel code. ``taps``: "pooled" = category one-hot + rotation (+ box for
-    sequences), "noise" = per-row random features. ``slope``/``offset``: predicted angle = (true - offset) / slope."""
+    sequences), "noise" = per-row random features. ``slope``/``offset``: predicted angle = (true - offset) / slope
+    (``wrap``: then wrapped to (-pi, pi], as an angle head predicts)."""
 
     family = "oracle"
     input_size = SIZE
 
-    def __init__(self, root: Path, slope=(1.0, 1.0, 1.0), offset=(0.0, 0.0, 0.0), angles=True):
+    def __init__(self, root: Path, slope=(1.0, 1.0, 1.0), offset=(0.0, 0.0, 0.0), angles=True, wrap=False):
         manifest = json.loads((Path(root) / "manifest.json").read_text())
         self.tables = {int(k): read_labels(Path(root) / v) for k, v in manifest.items()}
         cats = sorted({c for t in self.tables.values() for c in t.raw.get("category", [])})
         self.cat_index = {c: i for i, c in enumerate(cats)}
         self.slope, self.offset = torch.tensor(slope, dtype=torch.float64), torch.tensor(offset, dtype=torch.float64)
-        self.has_angles = angles
+        self.has_angles, self.wrap = angles, wrap
         self.taps = ["pooled", "noise"]
         self.calls = 0
 
@@ -157,7 +161,8 @@ class OracleModel:
             return None
         rows = self._rows(images)
         true = torch.stack([self.tables[d].angles[i] for d, i in rows])
-        return (true - self.offset) / self.slope
+        pred = (true - self.offset) / self.slope
+        return torch.atan2(pred.sin(), pred.cos()) if self.wrap else pred
 
     def features(self, images, taps):
         self.calls += 1
@@ -201,7 +206,7 @@ def test_accumulators_batched_equal_one_shot():
         batched[1].update(pred[s : s + 10], target[s : s + 10])
         batched[2].update(values[s : s + 10])
         batched[3].update(values[s : s + 10] / 90)
-    assert batched[0].compute() == pytest.approx(one[0].compute(), rel=1e-15)
+    assert batched[0].compute() == one[0].compute() == math.fsum(values.tolist()) / 103
     assert batched[1].compute() == one[1].compute() == float((pred == target).double().mean())
     assert batched[2].compute() == one[2].compute()
     assert batched[3].compute() == one[3].compute()
@@ -230,6 +235,8 @@ def test_run_metrics_on_fake_benchmark(bench):
     assert res["viewpoint/heads/calibrated/mae"] == pytest.approx(0.0, abs=1e-3)
     assert res["viewpoint/objects/calibrated/n_scored"] + res["viewpoint/objects/calibrated/n_calibration"] == 24
     assert res.protocol["viewpoint"]["heads"]["calibrated"]["protocol"] == "calibrated"
+    assert [res.protocol["viewpoint"][k]["calibrated"]["fit_azimuth"] for k in ("heads", "objects")] == [
+        "linear", "circular"]  # heads within +-80 deg; objects from all around
     # kNN pose from rotation features: perfect in domain and OOD; unseen poses: geodesic only.
     assert res["knn_pose/in_domain/acc"] == 1.0 and res["knn_pose/ood/acc"] == 1.0
     assert res["knn_pose/in_domain/median_geodesic"] == pytest.approx(0.0, abs=1e-3)
@@ -239,17 +246,27 @@ def test_run_metrics_on_fake_benchmark(bench):
     assert res["linear_probe/top1"] == 1.0
     assert res["retrieval/r@1"] == 1.0
     # Relative pose probe runs on the three settings.
-    for s in ("in_domain", "unseen_pose", "unseen_category"):
-        assert 0 <= res[f"relative_pose/{s}/median_geodesic"] <= 180
+    # (features hold the rotation: the probe gets seen poses within a degree; random pairs would be ~120 deg off)
+    assert res["relative_pose/in_domain/median_geodesic"] < 1 and res["relative_pose/unseen_category/median_geodesic"] < 1
+    assert res["relative_pose/unseen_pose/median_geodesic"] < 60
     # Box fitting: the test frames have identical twins in train -> exact boxes; the random baseline is worse.
     assert res["box_fit/mean_iou"] == pytest.approx(1.0, abs=1e-6) and res["box_fit/ap_50"] == 1.0
     assert res["box_fit/random_neighbor/mean_iou"] < 0.9
     # Re-ID within sequences/test.
-    assert 0 <= res["reid/map"] <= 1 and 0 <= res["reid/top1"] <= 1
+    assert res["reid/top1"] > 0.8 and res["reid/map"] > 0.5
     # Every figure is a float; JSON-able with protocols.
     assert all(isinstance(v, float) for v in res.values())
     json.dumps(res.to_json())
     assert res.context["taps"] == ["pooled"] and res.context["layout"] == "benchmark"
+
+
+def test_objects_all_around_are_calibrated_on_the_circle(bench):
+    """A model of the objects' azimuth exact but for its own zero and direction, predicting wrapped angles: a straight
+    line through wrapped angles cannot undo that, the circular fit does."""
+    model = OracleModel(bench, slope=(-1.0, 1.0, 1.0), offset=(2.0, 0.0, 0.0), wrap=True)
+    res = run_metrics(model, bench, ["viewpoint"], batch_size=16)
+    assert res["viewpoint/objects/raw/azimuth_mae"] > 30
+    assert res["viewpoint/objects/calibrated/azimuth_mae"] == pytest.approx(0.0, abs=1e-4)
 
 
 def test_knn_pose_unseen_pose_gallery(tmp_path):

@@ -9,7 +9,8 @@ import torch
 from scipy.spatial.transform import Rotation
 
 from common.eval import calibrated_viewpoint_errors, evaluate_viewpoints, knn_pose, viewpoint_errors
-from common.eval.pose import VIEWPOINT_KEYS, calibration_split, chordal_mean, fit_angle_calibration
+from common.eval.pose import (VIEWPOINT_KEYS, calibration_split, chordal_mean, circular_fit,
+                              fit_angle_calibration)
 from common.geometry import angles_to_matrix, fibonacci_sphere, look_at_rotation
 
 R = math.radians
@@ -89,6 +90,32 @@ def test_calibrated_protocol_against_polyfit():
     assert out["protocol"] == "calibrated" and out["n_calibration"] == 30 and out["n_scored"] == 170
     assert out["seed"] == 7
     assert out["mae"] < 5.0 < out["uncalibrated_mae"]
+
+
+def test_calibration_of_an_angle_all_around_the_circle_is_circular():
+    """Objects seen from every azimuth: a model exact but for its own zero (57 deg) and direction. A straight line
+    fitted to wrapped angles cannot map that (the wrap breaks it); the circular fit does, exactly. Checked against a
+    brute-force search over signs and offsets."""
+    rng = np.random.default_rng(3)
+    n = 300
+    true = np.stack([rng.uniform(-np.pi, np.pi, n), rng.uniform(-0.5, 0.5, n), rng.uniform(-0.3, 0.3, n)], 1)
+    pred = true.copy()
+    pred[:, 0] = np.angle(np.exp(1j * (-(true[:, 0] - 1.0))))  # reversed, zero at 57 deg, wrapped to (-pi, pi]
+    out = calibrated_viewpoint_errors(torch.from_numpy(pred), torch.from_numpy(true), fraction=0.1, seed=0)
+    assert (out["fit_azimuth"], out["fit_elevation"], out["fit_tilt"]) == ("circular", "linear", "linear")
+    assert out["slope_azimuth"] == -1.0 and out["intercept_azimuth"] == pytest.approx(1.0, abs=1e-9)
+    assert out["azimuth_mae"] == pytest.approx(0.0, abs=1e-9)
+    # a noisy model: the circular fit's wrapped error is the minimum of a brute-force grid over sign and offset
+    noisy = pred[:, 0] + rng.normal(0, 0.2, n)
+    cal, _ = calibration_split(n, 0.1, seed=0)
+    cal = cal.numpy()
+
+    def err(sign, offset):
+        return np.abs(np.angle(np.exp(1j * (true[cal, 0] - sign * noisy[cal] - offset)))).mean()
+
+    sign, offset = circular_fit(noisy[cal], true[cal, 0])
+    grid = min(err(s, o) for s in (1, -1) for o in np.linspace(-np.pi, np.pi, 3601))
+    assert sign == -1 and err(sign, offset) <= grid + 2e-3
 
 
 def test_evaluate_viewpoints_reports_both_protocols():

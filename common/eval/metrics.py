@@ -43,7 +43,7 @@ from .boxes import BOX_COLUMNS, box_frames_from_table, box_iou_3d, fit_box
 from .context import DataSource, EvalContext, SkipMetric
 from .knn import knn_classify, knn_search
 from .pose import VIEWPOINT_KEYS, evaluate_viewpoints, geodesic_summary, knn_pose, viewpoint_errors
-from .probes import RelativePoseProbe, linear_probe
+from .probes import RelativePoseProbe, linear_probe, seeded_rng
 from .retrieval import recall_at_k, reid_metrics
 from .taps import parse_compress
 
@@ -64,21 +64,20 @@ log = logging.getLogger("viewssl.eval")
 
 # ============================================================================ accumulators
 class MeanAccumulator:
-    """Running mean of scalars or tensors (float64 sum and count)."""
+    """Mean of scalars or tensors: the values are kept (float64) and summed once with :func:`math.fsum`, which
+    rounds correctly whatever the order, so any batching gives the one-shot figure exactly."""
 
     def __init__(self):
         self.reset()
 
     def reset(self) -> None:
-        self.total, self.count = 0.0, 0
+        self.values: list[float] = []
 
     def update(self, values) -> None:
-        v = torch.as_tensor(values).detach().double().flatten()
-        self.total += float(v.sum())
-        self.count += v.numel()
+        self.values.extend(torch.as_tensor(values).detach().cpu().double().flatten().tolist())
 
     def compute(self) -> float:
-        return self.total / self.count if self.count else math.nan
+        return math.fsum(self.values) / len(self.values) if self.values else math.nan
 
 
 class AccuracyAccumulator:
@@ -266,10 +265,11 @@ def viewpoint_metric(model, ctx: EvalContext) -> dict[str, float]:
             c = res["calibrated"]
             info["calibrated"] = {
                 "protocol": "calibrated",
-                "fit": "per angle least squares gt ~ slope * pred + intercept on raw radians (SSV test_vpnet.py)",
+                "fit": "per angle least squares gt ~ slope * pred + intercept on raw radians (SSV test_vpnet.py); "
+                       "an angle whose labels span > 270 deg: sign and circular-mean offset",
                 "n_calibration": c["n_calibration"], "n_scored": c["n_scored"], "seed": c["seed"],
                 "fraction": c["fraction"], "disjoint": True,
-                **{k: c[k] for k in c if k.startswith(("slope_", "intercept_"))},
+                **{k: c[k] for k in c if k.startswith(("slope_", "intercept_", "fit_"))},
             }
         ctx.record("viewpoint", **{name or "data": info})
     return out
@@ -572,9 +572,7 @@ def run_metrics(
     results = EvalResults()
     tap_list = ctx.requested_taps(model) if ctx.needs_features else []
     multi_tap = len(tap_list) > 1
-    rng_devices = [ctx.device] if ctx.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=rng_devices):
-        torch.manual_seed(ctx.seed)
+    with seeded_rng(ctx.seed):
         for name in names:
             fn = METRICS[name]
             runs = [(t, t) for t in tap_list] if "features" in fn.needs else [(None, None)]

@@ -8,7 +8,12 @@ Angles are radians inside; every figure returned here is in **degrees** (accurac
   ``gt ~ slope * pred + intercept`` is fitted on a seeded calibration subset of the frames and the errors are
   reported on the **disjoint** rest. A self-supervised model picks its own zero, sign and scale per axis; this fit
   removes them (using labels, so it is not the standard protocol). The fit is on the raw radians, without wrapping,
-  exactly as SSV: it suits angles that stay within +-180 deg of each other (heads, limited azimuth ranges).
+  exactly as SSV: it suits angles that stay within +-180 deg of each other (heads, limited azimuth ranges). An angle
+  whose labels span more than 270 deg (:data:`CIRCULAR_SPAN`: objects seen from all around) would wrap inside any
+  model's predictions, so it gets a circular fit instead: the sign (+1 or -1) and the offset (circular mean of
+  ``gt - sign * pred``) with the smaller wrapped error on the calibration frames. The choice is made on all the
+  frames' labels (a property of the dataset, not of the calibration draw); ``fit_<angle>`` says which fit each
+  angle got. Head datasets (yaw within +-100 deg) keep SSV's linear fit.
 - :func:`evaluate_viewpoints`: both protocols, each result dict naming its protocol.
 - :func:`knn_pose`: the trajectory paper's absolute-pose kNN (discrete viewpoint index as class) plus the geodesic
   error of the retrieved viewpoint.
@@ -26,6 +31,8 @@ from .knn import knn_classify
 __all__ = [
     "VIEWPOINT_KEYS",
     "viewpoint_errors",
+    "circular_fit",
+    "circular_angles",
     "fit_angle_calibration",
     "apply_angle_calibration",
     "calibration_split",
@@ -39,10 +46,13 @@ __all__ = [
 
 VIEWPOINT_KEYS = ("azimuth_mae", "elevation_mae", "tilt_mae", "mae", "median_geodesic", "acc_pi_6")
 ANGLE_NAMES = ("azimuth", "elevation", "tilt")
+#: an angle whose labels span more than this (radians, 270 deg) is calibrated on the circle
+CIRCULAR_SPAN = 1.5 * math.pi
 
 
 def _angles(x, name: str) -> torch.Tensor:
-    t = torch.as_tensor(x).detach()
+    """(N, 3) float64 on the CPU: these figures are small reductions, on whatever device the angles came from."""
+    t = torch.as_tensor(x).detach().cpu()
     if not t.dtype.is_floating_point:
         t = t.double()
     t = t.to(torch.float64)
@@ -96,26 +106,56 @@ def viewpoint_errors(pred_angles, true_angles) -> dict[str, float]:
     return out
 
 
-def fit_angle_calibration(pred_angles, true_angles) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per angle, least squares ``true ~ slope * pred + intercept`` on raw radians; -> (slope (3,), intercept (3,)).
+def circular_fit(pred: np.ndarray, true: np.ndarray) -> tuple[float, float]:
+    """(sign, offset) of ``true ~ sign * pred + offset`` on the circle: per sign, the offset is the circular mean of
+    ``true - sign * pred``; the sign with the smaller mean wrapped error wins (ties: +1)."""
+    best = None
+    for sign in (1.0, -1.0):
+        d = true - sign * pred
+        offset = float(np.arctan2(np.sin(d).mean(), np.cos(d).mean()))
+        err = float(np.abs(np.angle(np.exp(1j * (d - offset)))).mean())
+        if best is None or err < best[0] - 1e-12:
+            best = (err, sign, offset)
+    return best[1], best[2]
 
-    A constant prediction (no spread) gets slope 0 and the mean of ``true`` as intercept.
+
+def circular_angles(true_angles) -> list[bool]:
+    """Per angle, whether its labels span more than :data:`CIRCULAR_SPAN` (then it is calibrated on the circle)."""
+    t = _angles(true_angles, "true_angles")
+    return [bool(t[:, j].max() - t[:, j].min() > CIRCULAR_SPAN) if t.shape[0] else False for j in range(3)]
+
+
+def fit_angle_calibration(pred_angles, true_angles, circular=None, return_kinds: bool = False):
+    """Per angle, least squares ``true ~ slope * pred + intercept`` on raw radians; -> (slope (3,), intercept (3,)),
+    and with ``return_kinds`` the list of fits (``"linear"`` or ``"circular"``).
+
+    A constant prediction (no spread) gets slope 0 and the mean of ``true`` as intercept. The angles flagged in
+    ``circular`` (3 bools; default: :func:`circular_angles` of ``true_angles``) get :func:`circular_fit` (slope = its
+    sign, intercept = its offset).
     """
     pred, true = _angles(pred_angles, "pred_angles").numpy(), _angles(true_angles, "true_angles").numpy()
     if pred.shape[0] < 2:
         raise ValueError("the calibration fit needs at least 2 frames")
-    slope, intercept = np.zeros(3), np.zeros(3)
+    circular = circular_angles(true_angles) if circular is None else list(circular)
+    slope, intercept, kinds = np.zeros(3), np.zeros(3), []
     for j in range(3):
         p, t = pred[:, j], true[:, j]
+        if circular[j]:
+            slope[j], intercept[j] = circular_fit(p, t)
+            kinds.append("circular")
+            continue
         pc = p - p.mean()
         denom = float(pc @ pc)
         slope[j] = float(pc @ (t - t.mean())) / denom if denom > 1e-24 else 0.0
         intercept[j] = t.mean() - slope[j] * p.mean()
-    return torch.from_numpy(slope), torch.from_numpy(intercept)
+        kinds.append("linear")
+    fit = torch.from_numpy(slope), torch.from_numpy(intercept)
+    return (*fit, kinds) if return_kinds else fit
 
 
 def apply_angle_calibration(pred_angles, slope: torch.Tensor, intercept: torch.Tensor) -> torch.Tensor:
-    return _angles(pred_angles, "pred_angles") * slope.double() + intercept.double()
+    """``slope * pred + intercept`` per angle: (N, 3) float64 on the CPU, whatever device ``pred_angles`` is on."""
+    return _angles(pred_angles, "pred_angles") * slope.detach().cpu().double() + intercept.detach().cpu().double()
 
 
 def calibration_split(n: int, fraction: float = 0.1, seed: int = 0, count: int | None = None):
@@ -138,12 +178,12 @@ def calibrated_viewpoint_errors(
     predictions with the per-angle linear fit made on that subset.
 
     Returns the :data:`VIEWPOINT_KEYS` plus ``protocol="calibrated"``, ``n_calibration``, ``n_scored``, ``seed``,
-    ``fraction``, ``slope_<angle>``, ``intercept_<angle>`` (radians) and ``uncalibrated_mae`` (the raw MAE on the same
+    ``fraction``, ``slope_<angle>``, ``intercept_<angle>`` (radians), ``fit_<angle>`` and ``uncalibrated_mae`` (the raw MAE on the same
     scored frames, for comparison).
     """
     pred, true = _angles(pred_angles, "pred_angles"), _angles(true_angles, "true_angles")
     cal, scored = calibration_split(pred.shape[0], fraction, seed, count)
-    slope, intercept = fit_angle_calibration(pred[cal], true[cal])
+    slope, intercept, kinds = fit_angle_calibration(pred[cal], true[cal], circular_angles(true), return_kinds=True)
     out: dict = viewpoint_errors(apply_angle_calibration(pred[scored], slope, intercept), true[scored])
     out["uncalibrated_mae"] = viewpoint_errors(pred[scored], true[scored])["mae"]
     out.update(protocol="calibrated", n_calibration=int(cal.numel()), n_scored=int(scored.numel()), seed=int(seed),
@@ -151,6 +191,7 @@ def calibrated_viewpoint_errors(
     for j, name in enumerate(ANGLE_NAMES):
         out[f"slope_{name}"] = float(slope[j])
         out[f"intercept_{name}"] = float(intercept[j])
+        out[f"fit_{name}"] = kinds[j]
     return out
 
 

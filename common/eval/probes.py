@@ -20,6 +20,16 @@ import torch
 from ..geometry import geodesic_distance, rotation_6d_to_matrix
 from .pose import geodesic_summary
 
+
+@contextlib.contextmanager
+def seeded_rng(seed: int):
+    """``torch.manual_seed(seed)`` inside, and every torch RNG the seed touches (the CPU's and each CUDA device's)
+    restored after: evaluating in the middle of training leaves its random stream as it was."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
 __all__ = ["standardize", "linear_probe", "PairSampler", "same_group_pairs", "relative_rotation",
            "RelativePoseProbe", "relative_pose_probe"]
 
@@ -151,8 +161,7 @@ class RelativePoseProbe:
         r = rotations.to(device=device, dtype=torch.float32)
         gen = torch.Generator().manual_seed(self.seed)
         init_seed = int(torch.randint(2**31 - 1, (1,), generator=gen))
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(init_seed)
+        with seeded_rng(init_seed):
             model = _PairMLP(x.shape[1], self.hidden).to(device)
         opt = torch.optim.Adam(model.parameters(), lr=self.lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.steps))
