@@ -111,3 +111,8 @@ def test_average_precision_rows_known():
     assert ap[0] == pytest.approx((1 + 2 / 3) / 2)
     assert ap[1] == pytest.approx(0.25)
     assert area[1] == pytest.approx(0.125)  # one trapezoid: recall 0 -> 1, precision 0 -> 1/4
+
+
+def test_reid_on_one_frame_scores_nothing():
+    out = reid_metrics(torch.randn(1, 4), [0], frames=[3])
+    assert out["n_queries"] == 0 and math.isnan(out["map"]) and math.isnan(out["jitter"])

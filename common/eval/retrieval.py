@@ -102,7 +102,7 @@ def reid_metrics(
     counts = torch.bincount(seq[seq >= 0], minlength=int(seq.max()) + 1 if n and seq.max() >= 0 else 1)
     chunk = int(max(1, min(n, memory_budget // max(1, n * 8 * 4))))
     top1, aps, aucs, jitters = [], [], [], []
-    for s in range(0, n, chunk):
+    for s in range(0, n if n >= 2 else 0, chunk):  # a single frame has nothing to retrieve
         e = min(n, s + chunk)
         sims = unit[s:e] @ unit.T
         rows = torch.arange(s, e, device=device)
