@@ -166,3 +166,20 @@ def test_eval_ema_asks_the_familys_loader_for_its_average(tmp_path, oracle_famil
                                    "--ema"])
     assert res.exit_code != 0 and "keep no EMA weights" in res.output and str(path) in res.output
     assert len(res.output.strip().splitlines()) == 1
+
+
+def test_eval_retrieval_per_sequence(tmp_path, oracle_family):
+    folder = make_folder(tmp_path / "mine")
+    run = tmp_path / "run"
+    _checkpoint(run, folder)
+    out = tmp_path / "metrics.json"
+    base = ["eval", "--checkpoint", str(run), "--data", str(folder), "--metrics", "retrieval", "--device", "cpu",
+            "--output", str(out)]
+    res = CliRunner().invoke(cli, base + ["--retrieval-unit", "sequence"])
+    assert res.exit_code == 0, res.output
+    payload = json.loads(out.read_text())
+    assert payload["metrics"]["retrieval/r@50"] == 1.0 and payload["protocol"]["retrieval"]["query_sequences"] == 6
+    res = CliRunner().invoke(cli, base)
+    assert res.exit_code == 0, res.output
+    payload = json.loads(out.read_text())
+    assert "retrieval/r@50" not in payload["metrics"] and payload["protocol"]["retrieval"]["unit"] == "frame"

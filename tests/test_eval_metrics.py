@@ -424,3 +424,59 @@ def test_flip_averaged_is_the_geodesic_midpoint_against_scipy():
     assert torch.equal(model.features(images, ["pooled"])["pooled"], images.flatten(1))
     model.model.predict_angles = lambda images: None
     assert model.predict_angles(images) is None
+
+
+def _video_split(folder: Path, dataset_id: int, prefix: str, n_frames: int) -> None:
+    """Three categories x two sequences (videos) of ``n_frames`` frames; every sequence its own instance."""
+    rows = [{"azimuth": 0.0, "elevation": 0.0, "tilt": 0.0, "category": c, "instance": f"{prefix}{c}{s}",
+             "sequence": f"{prefix}{c}{s}", "frame": str(f)}
+            for c in ("run", "jump", "swim") for s in range(2) for f in range(n_frames)]
+    write_split(folder, rows, dataset_id)
+
+
+def test_retrieval_per_sequence_against_an_independent_computation(tmp_path):
+    """``retrieval_unit="sequence"``: one feature per video (the mean of its unit-norm frame features, renormalised),
+    R@1/5/10/20/50 over videos; checked against numpy on the oracle's per-frame random features."""
+    _video_split(tmp_path / "train", 1, "tr", 4)
+    _video_split(tmp_path / "test", 2, "te", 3)
+    (tmp_path / "manifest.json").write_text(json.dumps({"1": "train", "2": "test"}))
+    model = OracleModel(tmp_path)
+    res = run_metrics(model, tmp_path, ["retrieval"], taps=["noise"], retrieval_unit="sequence")
+
+    def videos(dataset_id, n_frames):
+        x = np.stack([torch.randn(16, generator=torch.Generator().manual_seed(dataset_id * 100003 + i)).numpy()
+                      for i in range(6 * n_frames)]).astype(np.float64)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        v = x.reshape(6, n_frames, 16).mean(1)
+        return v / np.linalg.norm(v, axis=1, keepdims=True), np.repeat(np.arange(3), 2)
+
+    (xt, yt), (xq, yq) = videos(1, 4), videos(2, 3)
+    order = np.argsort(-(xq @ xt.T), axis=1)
+    for k in (1, 5, 10, 20, 50):
+        expected = np.mean([(yt[order[i, :k]] == yq[i]).any() for i in range(6)])
+        assert res[f"retrieval/r@{k}"] == pytest.approx(expected)
+    assert res["retrieval/r@1"] < 1.0  # random features: not every video finds its class first
+    assert res.protocol["retrieval"]["query_sequences"] == 6 and res.protocol["retrieval"]["gallery_sequences"] == 6
+    assert "r@50" not in {k.split("/")[-1] for k in run_metrics(model, tmp_path, ["retrieval"], taps=["noise"])}
+
+
+def test_retrieval_per_sequence_leave_one_out_and_bad_labels(tmp_path):
+    folder = make_folder(tmp_path / "mine")  # 2 categories x 3 instances, one sequence per instance
+    res = run_metrics(OracleModel(folder), folder, ["retrieval"], retrieval_unit="sequence")
+    # the oracle's pooled features hold the category: every video finds another video of its category, not itself
+    assert res["retrieval/r@1"] == 1.0 and res.protocol["retrieval"]["query_sequences"] == 6
+    alone = tmp_path / "alone"  # one video per category: only the query itself would match, and it is left out
+    rows = [{"azimuth": 0.0, "elevation": 0.0, "tilt": 0.0, "category": c, "sequence": c, "frame": str(f)}
+            for c in ("a", "b", "c") for f in range(2)]
+    write_split(alone, rows, 1)
+    (alone / "manifest.json").write_text(json.dumps({"1": "."}))
+    assert run_metrics(OracleModel(alone), alone, ["retrieval"], retrieval_unit="sequence")["retrieval/r@50"] == 0.0
+    table = (folder / "labels.csv").read_text().splitlines()
+    header = table[0].split(",")
+    row = table[1].split(",")
+    row[header.index("category")] = "b"  # a frame of sequence a0 now says category b
+    (folder / "labels.csv").write_text("\n".join([table[0], ",".join(row), *table[2:]]) + "\n")
+    with pytest.raises(ViewsslError, match=r"labels\.csv.*sequence 'a0' has frames of more than one category"):
+        run_metrics(OracleModel(folder), folder, ["retrieval"], retrieval_unit="sequence")
+    with pytest.raises(ViewsslError, match="retrieval unit"):
+        run_metrics(OracleModel(folder), folder, ["retrieval"], retrieval_unit="video")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from common.eval import recall_at_k, reid_metrics
-from common.eval.retrieval import average_precision_rows
+from common.eval.retrieval import average_precision_rows, pool_sequences
 
 sklearn = pytest.importorskip("sklearn")
 from sklearn.metrics import auc, average_precision_score  # noqa: E402
@@ -116,3 +116,17 @@ def test_average_precision_rows_known():
 def test_reid_on_one_frame_scores_nothing():
     out = reid_metrics(torch.randn(1, 4), [0], frames=[3])
     assert out["n_queries"] == 0 and math.isnan(out["map"]) and math.isnan(out["jitter"])
+
+
+def test_pool_sequences_is_the_renormalised_mean_of_unit_frame_features():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((11, 5)) * rng.uniform(0.1, 10, (11, 1))  # frames of very different norms
+    ids = np.array([2, 0, 1, 2, 2, 0, 1, 1, 0, 2, 1])
+    pooled = pool_sequences(torch.from_numpy(x), ids, 3).numpy()
+    for s in range(3):
+        mean = _unit(x[ids == s]).mean(0)
+        np.testing.assert_allclose(pooled[s], mean / np.linalg.norm(mean), atol=1e-12)
+    with pytest.raises(ValueError, match="has no frames"):
+        pool_sequences(torch.from_numpy(x), ids, 4)
+    with pytest.raises(ValueError, match="one id"):
+        pool_sequences(torch.from_numpy(x), ids[:-1], 3)

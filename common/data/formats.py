@@ -236,8 +236,8 @@ def export_labels(dataset, out: str | os.PathLike, progress: bool = True) -> Pat
     """Write every item of a labelled dataset as ``out/images/<index>.png`` + ``out/labels.csv`` (angles, and the
     category / instance / sequence / frame ids where known), so slow crops (BIWI's detector, 300W-LP's .mat reads)
     are computed once and later runs open a plain ``labels.csv`` folder. Category, instance and sequence are written
-    as the dataset's names for them (a split exported alone means the same as another), the frame as its number. Items whose angles are not finite are an
-    error (``labels.csv`` holds labelled images only). Returns ``out``."""
+    as the dataset's names for them (a split exported alone means the same as another), the frame as its number.
+    Items whose angles are not finite are an error (``labels.csv`` holds labelled images only). Returns ``out``."""
     from tqdm import tqdm
 
     from ..io import write_image

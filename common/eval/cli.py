@@ -97,6 +97,9 @@ def _finite(obj):
               help="Training steps of the relative-pose probe (256 pairs each).")
 @click.option("--box-queries", default=1000, show_default=True, type=click.IntRange(min=1),
               help="Seeded number of query frames for box fitting.")
+@click.option("--retrieval-unit", type=click.Choice(("frame", "sequence")), default="frame", show_default=True,
+              help="What the retrieval metric ranks: frames, or sequences (one feature per video, the mean of its "
+                   "L2-normalised frame features: the UCF101 video-retrieval protocol; needs a 'sequence' column).")
 @click.option("--flip-average", is_flag=True,
               help="Test-time flip: average each predicted viewpoint with the mirror (-azimuth, elevation, -tilt) of "
                    "the prediction on the mirrored image (left-right symmetric classes; the JSON gets an -flip name).")
@@ -106,7 +109,8 @@ def _finite(obj):
 @click.option("--list-metrics", is_flag=True, is_eager=True, expose_value=False, callback=_list_metrics,
               help="List the metric names and exit.")
 def eval_command(checkpoint, data, split, metrics, output, device, batch_size, seed, taps, compress, calibration,
-                 calibration_count, limit, knn_k, knn_temperature, probe_steps, box_queries, flip_average, ema):
+                 calibration_count, limit, knn_k, knn_temperature, probe_steps, box_queries, retrieval_unit,
+                 flip_average, ema):
     """Evaluate a checkpoint: viewpoint, kNN pose, relative pose, classification, retrieval, re-ID, 3D boxes."""
     from . import FlipAveraged, load_model, run_metrics
     from .context import DataSource
@@ -122,7 +126,7 @@ def eval_command(checkpoint, data, split, metrics, output, device, batch_size, s
         model, source.root, names, split=split, device=dev, batch_size=batch_size, seed=seed,
         taps=list(taps) or None, compress=compress, calibration=calibration, calibration_count=calibration_count,
         limit=limit, knn_k=knn_k, knn_temperature=knn_temperature, probe_steps=probe_steps, box_queries=box_queries,
-        progress=True,
+        retrieval_unit=retrieval_unit, progress=True,
     )
     click.echo(format_table(results))
     if flip_average and not any(k.startswith("viewpoint/") for k in results):

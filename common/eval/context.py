@@ -123,6 +123,7 @@ class EvalContext:
     box_queries: int | None = 1000  # seeded subset of query frames for box fitting (SiamPose: 1000); None = all
     limit: int | None = None  # at most this many frames per dataset (seeded subset); None = all
     exclude_same_instance: bool = True
+    retrieval_unit: str = "frame"  # "frame" or "sequence" (one pooled feature per video: the UCF101 protocol)
     num_workers: int = 0
     progress: bool = False
     needs_angles: bool = True
@@ -135,6 +136,8 @@ class EvalContext:
     model_device: torch.device | None = None  # where the model runs: the images go there (default: device)
 
     def __post_init__(self):
+        if self.retrieval_unit not in ("frame", "sequence"):
+            raise ViewsslError(f"retrieval unit must be 'frame' or 'sequence', not {self.retrieval_unit!r}")
         self.device = torch.device(self.device)
         self.model_device = torch.device(self.model_device) if self.model_device is not None else self.device
         if self.device.type == "mps":

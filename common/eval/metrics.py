@@ -17,7 +17,8 @@ The registry :data:`METRICS` maps a name to ``fn(model: PoseModel, ctx: EvalCont
                     and tested on the ood splits)
 ``linear_probe``    category top-1 of a linear probe, objects/train -> objects/<split>
 ``knn_class``       category top-1 of weighted kNN (``top1``) and of 1-NN (``top1_1nn``); folder: leave-one-out
-``retrieval``       category R@1/5/10/20; folder: leave-one-out
+``retrieval``       category R@1/5/10/20 over frames; ``retrieval_unit="sequence"``: R@1/5/10/20/50 with one
+                    feature per sequence (video), the UCF101 protocol; folder: leave-one-out
 ``reid``            SiamPose sequence re-identification within sequences/<split> (or the folder)
 ``box_fit``         SiamPose zero-shot 9-DoF box fitting + exact 3D IoU, sequences/train -> sequences/<split>;
                     also a random-neighbour baseline
@@ -44,7 +45,7 @@ from .context import DataSource, EvalContext, SkipMetric
 from .knn import knn_classify, knn_search
 from .pose import VIEWPOINT_KEYS, evaluate_viewpoints, geodesic_summary, knn_pose, viewpoint_errors
 from .probes import RelativePoseProbe, linear_probe, seeded_rng
-from .retrieval import recall_at_k, reid_metrics
+from .retrieval import pool_sequences, recall_at_k, reid_metrics
 from .taps import parse_compress
 
 __all__ = [
@@ -430,16 +431,78 @@ def knn_class_metric(model, ctx: EvalContext) -> dict[str, float]:
     return out
 
 
+def _sequences(o, features: torch.Tensor):
+    """One row per sequence of ``o``: (pooled features, category strings, instance keys or None), in order of first
+    appearance; frames with a blank sequence cell are left out. A sequence whose frames disagree on the category or
+    the instance is an error naming the labels file."""
+    seq = o.strings("sequence")
+    if seq is None:
+        raise SkipMetric("--retrieval-unit sequence needs a 'sequence' column")
+    cats, inst = o.strings("category"), _instance_keys(o)
+    index: dict[str, int] = {}
+    seq_cat: list[str] = []
+    seq_inst: list[str] = []
+    rows, ids = [], []
+    for i, s in enumerate(seq):
+        if s == "":
+            continue
+        j = index.setdefault(s, len(index))
+        if j == len(seq_cat):
+            seq_cat.append(cats[i])
+            seq_inst.append(inst[i] if inst is not None else "")
+        elif cats[i] != seq_cat[j] or (inst is not None and inst[i] != seq_inst[j]):
+            what = "category" if cats[i] != seq_cat[j] else "instance"
+            raise ViewsslError(f"sequence {s!r} has frames of more than one {what}: one feature per sequence needs "
+                               "one label per sequence", o.table.csv_path)
+        rows.append(i)
+        ids.append(j)
+    if not rows:
+        raise SkipMetric("no frame has a sequence")
+    keep = torch.as_tensor(rows, device=features.device)
+    pooled = pool_sequences(features[keep], ids, len(index))
+    return pooled, seq_cat, (seq_inst if inst is not None else None)
+
+
+def _sequence_groups(ctx: EvalContext, tr_inst, q_inst, n_tr: int, n_q: int, same: bool):
+    """kNN exclusion groups for per-sequence retrieval: the query sequence itself (same set) and, with
+    ``exclude_same_instance``, sequences of its instance."""
+    if same:
+        g = np.arange(n_q)
+        if ctx.exclude_same_instance and q_inst is not None:
+            (ids,) = _ids(q_inst)
+            g = np.where(ids >= 0, ids, ids.max(initial=-1) + 1 + np.arange(n_q))
+        return torch.from_numpy(g).to(ctx.device), torch.from_numpy(g.copy()).to(ctx.device)
+    if ctx.exclude_same_instance and tr_inst is not None and q_inst is not None:
+        gt, gq = _ids(tr_inst, q_inst)
+        return torch.from_numpy(gt).to(ctx.device), torch.from_numpy(gq).to(ctx.device)
+    return None, None
+
+
+#: R@k of the per-sequence (video) protocol: VCOP / Luo et al. report k = 1, 5, 10, 20, 50
+SEQUENCE_KS = (1, 5, 10, 20, 50)
+
+
 @register_metric("retrieval")
 def retrieval_metric(model, ctx: EvalContext) -> dict[str, float]:
-    """Category retrieval R@1/5/10/20."""
+    """Category retrieval R@1/5/10/20 over frames, or R@1/5/10/20/50 over sequences (``retrieval_unit``)."""
     kind, trs, qs, tr_o, q_o, same = _train_query(ctx, model, "category")
+    if ctx.retrieval_unit == "sequence":
+        tr_f, tr_cat, tr_inst = _sequences(tr_o, ctx.features(model, kind, trs))
+        q_f, q_cat, q_inst = (tr_f, tr_cat, tr_inst) if same else _sequences(q_o, ctx.features(model, kind, qs))
+        yt, yq = _ids(tr_cat, q_cat)
+        g_tr, g_q = _sequence_groups(ctx, tr_inst, q_inst, len(tr_cat), len(q_cat), same)
+        figs = recall_at_k(tr_f, yt, q_f, yq, SEQUENCE_KS, train_groups=g_tr, query_groups=g_q)
+        ctx.record("retrieval", gallery=ctx.name(kind, trs), queries=ctx.name(kind, qs), relevance="same category",
+                   unit="sequence: mean of L2-normalised frame features, renormalised; cosine",
+                   gallery_sequences=len(tr_cat), query_sequences=len(q_cat), leave_one_out=same,
+                   exclude_same_instance=ctx.exclude_same_instance and tr_inst is not None)
+        return figs
     yt, yq = _ids(tr_o.strings("category"), q_o.strings("category"))
     g_tr, g_q = _groups(ctx, tr_o, q_o, same)
     figs = recall_at_k(ctx.features(model, kind, trs), yt, ctx.features(model, kind, qs), yq,
                        train_groups=g_tr, query_groups=g_q)
     ctx.record("retrieval", gallery=ctx.name(kind, trs), queries=ctx.name(kind, qs), relevance="same category",
-               leave_one_out=same, exclude_same_instance=ctx.exclude_same_instance and g_tr is not None)
+               unit="frame", leave_one_out=same, exclude_same_instance=ctx.exclude_same_instance and g_tr is not None)
     return figs
 
 

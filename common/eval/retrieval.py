@@ -3,6 +3,8 @@
 - :func:`recall_at_k`: the standard video-retrieval R@k (VCOP / Luo et al.): a query succeeds at k when at least one
   of its k nearest gallery items shares its label. Gallery = training split, queries = test split (or the set against
   itself with self / same-group matches excluded).
+- :func:`pool_sequences`: one feature per video for that R@k at video level (the standard UCF101 protocol): the mean
+  of a sequence's L2-normalised frame features, L2-normalised again.
 - :func:`reid_metrics`: SiamPose's sequence re-identification (``siampose/other_metrics.py``), within one set, the
   query itself excluded from its ranking:
   ``top1`` = the nearest other frame comes from the same sequence;
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 
 from .knn import knn_search
 
-__all__ = ["recall_at_k", "reid_metrics", "average_precision_rows"]
+__all__ = ["recall_at_k", "pool_sequences", "reid_metrics", "average_precision_rows"]
 
 
 def _wide(device: torch.device) -> torch.dtype:
@@ -55,6 +57,20 @@ def recall_at_k(
     hit = (nl == ql[:, None]) & (ql[:, None] >= 0)
     first = torch.where(hit.any(1), hit.long().argmax(1), torch.full_like(ql, kmax))[ql >= 0]
     return {f"r@{k}": float((first < k).float().mean()) if first.numel() else math.nan for k in ks}
+
+
+def pool_sequences(features: torch.Tensor, sequence_ids, num_sequences: int) -> torch.Tensor:
+    """(N, D) frame features, (N,) sequence ids in [0, num_sequences) -> (num_sequences, D): each sequence's mean of
+    L2-normalised frame features, L2-normalised again (a sequence without frames is an error)."""
+    ids = torch.as_tensor(sequence_ids, device=features.device).long()
+    if ids.numel() != features.shape[0] or (ids.numel() and (ids.min() < 0 or ids.max() >= num_sequences)):
+        raise ValueError("pool_sequences: one id in [0, num_sequences) per frame")
+    counts = torch.bincount(ids, minlength=num_sequences)
+    if (counts == 0).any():
+        raise ValueError("pool_sequences: a sequence has no frames")
+    frames = F.normalize(features.to(_wide(features.device)), dim=1)
+    sums = torch.zeros(num_sequences, features.shape[1], dtype=frames.dtype, device=features.device)
+    return F.normalize(sums.index_add_(0, ids, frames), dim=1).to(features.dtype)
 
 
 def average_precision_rows(relevant_sorted: torch.Tensor, scores_sorted: torch.Tensor | None = None
