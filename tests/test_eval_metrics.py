@@ -480,3 +480,25 @@ def test_retrieval_per_sequence_leave_one_out_and_bad_labels(tmp_path):
         run_metrics(OracleModel(folder), folder, ["retrieval"], retrieval_unit="sequence")
     with pytest.raises(ViewsslError, match="retrieval unit"):
         run_metrics(OracleModel(folder), folder, ["retrieval"], retrieval_unit="video")
+
+
+def test_blank_view_and_frame_cells_are_unknown_not_an_error(tmp_path):
+    """A blank ``view`` cell: the row votes for no view in the kNN gallery and its query is scored for the geodesic
+    error only; a blank ``frame``: left out of the re-ID jitter. A cell that is not a whole number is an error."""
+    folder = make_folder(tmp_path / "mine")
+    lines = (folder / "labels.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    rows = [line.split(",") for line in lines[1:]]
+    for r in rows[::4]:
+        r[header.index("view")] = ""
+        r[header.index("frame")] = ""
+    (folder / "labels.csv").write_text("\n".join([lines[0], *(",".join(r) for r in rows)]) + "\n")
+    res = run_metrics(OracleModel(folder), folder, ["knn_pose", "reid"])
+    # every view keeps a row in another instance of its category, so the oracle still finds it
+    assert res["knn_pose/acc"] == 1.0 and res["knn_pose/n_queries"] == 30
+    assert res["knn_pose/median_geodesic"] == pytest.approx(0.0, abs=1e-3)
+    assert "reid/top1" in res and "reid/jitter" in res
+    rows[1][header.index("view")] = "2.5"
+    (folder / "labels.csv").write_text("\n".join([lines[0], *(",".join(r) for r in rows)]) + "\n")
+    with pytest.raises(ViewsslError, match=r"labels\.csv.*line 3: view is not a whole number >= 0: '2\.5'"):
+        run_metrics(OracleModel(folder), folder, ["knn_pose"])

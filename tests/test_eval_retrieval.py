@@ -62,7 +62,7 @@ def _siampose_reference(x, seq, frames):
         hits = np.cumsum(r)
         aucs.append(auc(hits / r.sum(), hits / np.arange(1, len(r) + 1)))
         top1.append(r[0])
-        if r[0]:
+        if r[0] and frames[i] >= 0 and frames[others[order[0]]] >= 0:  # -1: unknown frame number
             jit.append(abs(frames[others[order[0]]] - frames[i]))
     return np.mean(top1), np.mean(aps), np.mean(aucs), np.mean(jit)
 
@@ -82,6 +82,12 @@ def test_reid_against_sklearn():
     assert out["auc"] == pytest.approx(au, rel=1e-9)
     assert out["jitter"] == pytest.approx(jit)
     assert out["n_queries"] == 95
+    # Frames numbered -1 (blank cells) are left out of the jitter, and only of it.
+    unknown = frames.copy()
+    unknown[::5] = -1
+    blank = reid_metrics(torch.from_numpy(x), seq, unknown)
+    assert blank["jitter"] == pytest.approx(_siampose_reference(x, seq, unknown)[3])
+    assert blank["jitter"] != pytest.approx(out["jitter"]) and blank["top1"] == out["top1"]
     # Chunking does not change anything.
     small = reid_metrics(torch.from_numpy(x), seq, frames, memory_budget=3000)
     for k in out:

@@ -206,6 +206,28 @@ def _instance_keys(o) -> list[str] | None:
     return [f"{c}\x1f{i}" if i != "" else "" for c, i in zip(cat, inst)]
 
 
+def _index_column(o, name: str) -> np.ndarray | None:
+    """An index column (``view``, ``frame``) on the evaluated rows as int64, a blank cell as -1 (unknown); None
+    when the column is absent. A cell that is not a whole number >= 0 is an error naming the file and line."""
+    if name not in o.table.raw:
+        return None
+    col = o.table.raw[name]
+    out = np.full(len(o.indices), -1, dtype=np.int64)
+    for j, i in enumerate(o.indices):
+        v = col[i]
+        if v == "":
+            continue
+        try:
+            value = float(v)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value.is_integer() and value >= 0):
+            raise ViewsslError(f"line {o.table.line(int(i))}: {name} is not a whole number >= 0: {v!r}",
+                               o.table.csv_path)
+        out[j] = int(value)
+    return out
+
+
 def _groups(ctx: EvalContext, train_o, query_o, same_set: bool):
     """(train_groups, query_groups) tensors excluding same-instance matches (and self when the sets coincide)."""
     if same_set:
@@ -294,7 +316,7 @@ def knn_pose_metric(model, ctx: EvalContext) -> dict[str, float]:
     for name, kind, tr_split, q_split in sets:
         same = tr_split == q_split
         tr_o, q_o = ctx.outputs(model, kind, tr_split), ctx.outputs(model, kind, q_split)
-        tr_view, q_view = tr_o.column("view"), q_o.column("view")
+        tr_view, q_view = _index_column(tr_o, "view"), _index_column(q_o, "view")  # blank: -1
         if tr_view is None or q_view is None:
             continue
         use_acc = not (name == "unseen_pose" and tr_split == "train")  # Fib(50) indices vs Fib(100) indices
@@ -308,7 +330,8 @@ def knn_pose_metric(model, ctx: EvalContext) -> dict[str, float]:
         tr_cat_arr, q_cat_arr = np.array(tr_cat), np.array(q_cat)
         for cat in sorted(set(q_cat)):
             qi = torch.from_numpy(np.nonzero(q_cat_arr == cat)[0]).to(ctx.device)
-            ti = torch.from_numpy(np.nonzero(tr_cat_arr == cat)[0]).to(ctx.device)
+            # gallery rows without a view index cannot vote for one
+            ti = torch.from_numpy(np.nonzero((tr_cat_arr == cat) & (tr_view >= 0))[0]).to(ctx.device)
             if len(ti) == 0 or len(qi) == 0:
                 continue
             views_t = torch.from_numpy(tr_view).to(ctx.device).long()[ti]
@@ -517,8 +540,8 @@ def reid_metric(model, ctx: EvalContext) -> dict[str, float]:
     if seq is None:
         raise SkipMetric("needs a 'sequence' column")
     (ids,) = _ids(seq)
-    frames = o.column("frame")
-    figs = reid_metrics(ctx.features(model, kind, split), ids, None if frames is None else frames.astype(np.int64))
+    frames = _index_column(o, "frame")  # blank: -1, left out of the jitter
+    figs = reid_metrics(ctx.features(model, kind, split), ids, frames)
     ctx.record("reid", dataset=ctx.name(kind, split), self_match="excluded from the ranking",
                map="mean per-query average precision", auc="SiamPose trapezoidal PR-AUC ('mAP' in its notebooks)")
     return figs

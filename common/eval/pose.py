@@ -233,7 +233,8 @@ def knn_pose(
     The predicted index's viewpoint is the chordal mean of the gallery rotations carrying that index (for rendered
     Fibonacci views all copies are equal, so it is that rotation). Queries left without any admissible neighbour
     (all excluded by the groups) are not scored. Returns ``(figures, correct (M',) bool or empty, geodesic errors
-    (M',) degrees)`` over the M' scored queries; figures: ``acc`` (exact index; only when ``query_views`` is given),
+    (M',) degrees)`` over the M' scored queries; figures: ``acc`` (exact index; only when ``query_views`` is given,
+    over the scored queries whose view is known, >= 0; a train view < 0 is a row the caller should have left out),
     ``median_geodesic``, ``mean_geodesic``, ``acc_30``, ``n_queries`` (M').
     """
     device = query_features.device
@@ -252,7 +253,8 @@ def knn_pose(
     figures = geodesic_summary(errors)
     correct = torch.zeros(0, dtype=torch.bool, device=device)
     if query_views is not None:
-        correct = (pred == torch.as_tensor(query_views, device=device).long())[valid]
+        q_views = torch.as_tensor(query_views, device=device).long()
+        correct = (pred == q_views)[valid & (q_views >= 0)]
         figures = {"acc": float(correct.double().mean()) if correct.numel() else math.nan, **figures}
     figures["n_queries"] = float(valid.sum())
     return figures, correct, errors

@@ -12,7 +12,8 @@
   (``sklearn.metrics.average_precision_score`` per query);
   ``auc`` = SiamPose's figure, the trapezoidal area under the (recall@k, precision@k) points of the full ranking
   (``sklearn.metrics.auc``), which the SiamPose notebooks call "mAP";
-  ``jitter`` = mean |frame difference| to the nearest frame, over queries whose nearest frame is from their sequence.
+  ``jitter`` = mean |frame difference| to the nearest frame, over queries whose nearest frame is from their sequence
+  (frames numbered -1, unknown, left out).
   Two deliberate differences from SiamPose's code: the query is removed from its ranking (SiamPose zeroes its
   similarity, so it stays in the ranking and in the positive count), and queries alone in their sequence are skipped.
 
@@ -132,7 +133,7 @@ def reid_metrics(
         aps.append(ap[valid])
         aucs.append(auc[valid])
         if frm is not None:
-            same = valid & rel[:, 0]
+            same = valid & rel[:, 0] & (frm[s:e] >= 0) & (frm[order[:, 0]] >= 0)  # frame -1: unknown
             jitters.append((frm[order[:, 0]] - frm[s:e]).abs()[same].float())
     top1_t = torch.cat(top1) if top1 else torch.zeros(0)
     out = {
