@@ -73,6 +73,38 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     assert result.output.strip().count("\n") == 0, result.output
 
 
+def test_show_a_folder_without_viewpoints(rendered, tmp_path):
+    import shutil
+
+    out, _ = rendered
+    folder = tmp_path / "frames"
+    shutil.copytree(out / "sequences" / "test", folder)
+    lines = (folder / "labels.csv").read_text().splitlines()
+    (folder / "labels.csv").write_text("\n".join(["path,sequence,frame"] + [
+        ",".join([line.split(",")[0], "v", str(i)]) for i, line in enumerate(lines[1:])]) + "\n")
+    result = CliRunner().invoke(cli, ["data", "show", str(folder), "--n", "3"])
+    assert result.exit_code == 0, result.output
+    assert (folder / "grid.png").stat().st_size > 500
+
+
+def test_export_ucf101_frames(tmp_path):
+    """`viewssl data export` of UCF101-style frames (no viewpoints): a labels.csv folder with blank angles and the
+    video ids (evaluated per video in tests/test_loaders.py); a folder that already holds labels is refused."""
+    from tests.test_loaders import write_video
+
+    write_video(tmp_path / "ucf", seq_lengths=(3, 2, 2))
+    out = tmp_path / "ucf-labels"
+    result = CliRunner().invoke(cli, ["data", "export", str(tmp_path / "ucf"), "--out", str(out), "--kind", "ucf101",
+                                      "--size", "16", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert f"wrote 7 images and {out / 'labels.csv'}" in result.output
+    header, first = (out / "labels.csv").read_text().splitlines()[:2]
+    assert header == "path,azimuth,elevation,tilt,category,instance,sequence,frame"
+    assert first.split(",")[1:4] == ["", "", ""] and first.split(",")[6] == "class-1/group-1/seq-1"
+    result = CliRunner().invoke(cli, ["data", "export", str(tmp_path / "ucf"), "--out", str(out)])
+    assert result.exit_code == 2 and "already holds a labels.csv" in result.output
+
+
 def test_show_rejects_a_folder_without_labels(tmp_path):
     result = CliRunner().invoke(cli, ["data", "show", str(tmp_path)])
     assert result.exit_code == 2 and "no labels.csv" in result.output
@@ -90,7 +122,8 @@ def test_bad_choice_is_a_usage_error(tmp_path):
     assert result.exit_code == 2 and "cats" in result.output
 
 
-@pytest.mark.parametrize("command", [["data", "--help"], ["data", "render", "--help"], ["data", "show", "--help"]])
+@pytest.mark.parametrize("command", [["data", "--help"], ["data", "render", "--help"], ["data", "show", "--help"],
+                                     ["data", "export", "--help"]])
 def test_help(command):
     result = CliRunner().invoke(cli, command)
     assert result.exit_code == 0 and "Usage" in result.output

@@ -482,6 +482,29 @@ def test_retrieval_per_sequence_leave_one_out_and_bad_labels(tmp_path):
         run_metrics(OracleModel(folder), folder, ["retrieval"], retrieval_unit="video")
 
 
+def test_splits_without_viewpoints_skip_the_angle_metrics(bench, tmp_path):
+    """Blank angle cells (a dataset without viewpoints): the metrics that need angles leave those splits out or skip,
+    naming viewpoints; the others give the figures they give with the angles (the oracle keeps its own copy)."""
+    import shutil
+
+    root = tmp_path / "bench"
+    shutil.copytree(bench, root)
+    model = OracleModel(root)  # read before the angles are blanked: its features still hold the rotation
+    blanked = [p for p in root.glob("*/*/labels.csv") if p.parent.parent.name in ("objects", "sequences")]
+    for path in blanked:
+        lines = path.read_text().splitlines()
+        rows = [line.split(",") for line in lines[1:]]
+        path.write_text("\n".join([lines[0], *(",".join([r[0], "", "", "", *r[4:]]) for r in rows)]) + "\n")
+    assert len(blanked) == 7 and not read_labels(blanked[0].parent).has_angles
+    names = ["viewpoint", "relative_pose", "viewpoint_readout", "box_fit", "knn_class", "knn_pose", "retrieval", "reid"]
+    res = run_metrics(model, root, names, probe_steps=20)
+    assert res["viewpoint/heads/raw/mae"] == pytest.approx(0.0, abs=1e-6)
+    assert not any(k.startswith("viewpoint/objects") for k in res)
+    for name in ("relative_pose", "viewpoint_readout", "box_fit", "knn_pose"):
+        assert "viewpoint" in res.skipped[name], (name, res.skipped[name])
+    assert res["knn_class/top1"] == 1.0 and res["retrieval/r@1"] == 1.0 and res["reid/top1"] > 0.8
+
+
 def test_blank_view_and_frame_cells_are_unknown_not_an_error(tmp_path):
     """A blank ``view`` cell: the row votes for no view in the kNN gallery and its query is scored for the geodesic
     error only; a blank ``frame``: left out of the re-ID jitter. A cell that is not a whole number is an error."""

@@ -67,6 +67,37 @@ def test_bad_labels_name_the_file(tmp_path, content, message):
     assert message in str(e.value) and str(sub / "labels.csv") in str(e.value)
 
 
+def test_a_folder_without_viewpoints(tmp_path):
+    """No angle columns, or all three blank on every row: NaN angles, has_angles False, written back blank. A row
+    with some angles blank, or a table with viewpoints on some rows only, is an error naming the line."""
+    make_folder(tmp_path)
+    rows = [{"path": f"img/{i}.png", "azimuth": float("nan"), "elevation": float("nan"), "tilt": float("nan"),
+             "sequence": "v0"} for i in range(3)]
+    write_labels(tmp_path / "blank" / "labels.csv", rows)
+    text = (tmp_path / "blank" / "labels.csv").read_text().splitlines()
+    assert text[:2] == ["path,azimuth,elevation,tilt,sequence", "img/0.png,,,,v0"]
+    shutil.copytree(tmp_path / "img", tmp_path / "blank" / "img")
+    for folder, content in (("blank", None), ("none", "path,sequence\nimg/0.png,v0\nimg/1.png,v0\n")):
+        if content is not None:
+            shutil.copytree(tmp_path / "img", tmp_path / folder / "img")
+            (tmp_path / folder / "labels.csv").write_text(content)
+        t = read_labels(tmp_path / folder)
+        assert not t.has_angles and torch.isnan(t.angles).all() and t.angles.shape == (len(t), 3)
+        assert t.sequences == ["v0"]
+        assert torch.isnan(LabeledFolder(tmp_path / folder)[1]["angles"]).all()
+    assert read_labels(tmp_path).has_angles
+    for content, message in (
+        ("path,azimuth,elevation,tilt\nimg/0.png,1,,\n", "line 2: elevation, tilt blank but not the other"),
+        ("path,azimuth,elevation,tilt\nimg/0.png,1,2,3\nimg/1.png,,,\n",
+         "line 3 has no viewpoint (blank angles) but line 2 has one"),
+        ("path,azimuth\nimg/0.png,1\n", "missing column(s) elevation, tilt"),
+    ):
+        (tmp_path / "blank" / "labels.csv").write_text(content)
+        with pytest.raises(ViewsslError) as e:
+            read_labels(tmp_path / "blank")
+        assert message in str(e.value) and str(tmp_path / "blank" / "labels.csv") in str(e.value)
+
+
 def test_symlink_out_of_the_folder_is_refused(tmp_path):
     make_folder(tmp_path)
     sub = tmp_path / "ds"

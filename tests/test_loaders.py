@@ -646,6 +646,48 @@ def test_export_labels_round_trip(tmp_path):
         assert (a["image"] - b["image"]).abs().max() < 1 / 255 + 1e-6
     with pytest.raises(ViewsslError, match="already holds"):
         export_labels(ds, out, progress=False)
-    write_video(tmp_path / "vid", seq_lengths=(1,))
-    with pytest.raises(ViewsslError, match="no angles"):
-        export_labels(VideoFrames(tmp_path / "vid", size=4), tmp_path / "x", progress=False)
+
+
+def test_export_of_a_dataset_without_viewpoints(tmp_path):
+    """UCF101's frames have no viewpoint: exported with blank angle cells, read back as NaN angles with every id kept,
+    and evaluated per video (the angle metrics skipped). A dataset with angles on some items only is an error."""
+    from common.data.formats import export_labels
+    from common.eval import run_metrics
+
+    write_video(tmp_path / "vid", seq_lengths=(3, 2, 2))
+    ds = VideoFrames(tmp_path / "vid", size=8)
+    out = export_labels(ds, tmp_path / "frames", progress=False)
+    assert (out / "labels.csv").read_text().splitlines()[1].split(",")[1:4] == ["", "", ""]
+    back = open_dataset(out, size=8)
+    assert not back.table.has_angles and torch.isnan(back.table.angles).all()
+    assert back.sequences == ds.sequences and back.categories == ds.categories
+    for i in range(len(ds)):
+        assert [back[i][k] for k in ("category", "sequence", "frame")] == [ds[i][k] for k in
+                                                                          ("category", "sequence", "frame")]
+
+    class Pooled(torch.nn.Module):  # the mean colour: frames of one video share it here
+        input_size, taps = 8, ["pooled"]
+
+        def predict_angles(self, images):
+            raise AssertionError("no angles should be asked of a folder without viewpoints")
+
+        def features(self, images, taps):
+            return {"pooled": images.mean((2, 3))}
+
+    res = run_metrics(Pooled(), out, ["viewpoint", "retrieval"], retrieval_unit="sequence")
+    assert "viewpoints" in res.skipped["viewpoint"]
+    assert res.protocol["retrieval"]["query_sequences"] == 3 and 0.0 <= res["retrieval/r@1"] <= 1.0
+
+    class Mixed(torch.utils.data.Dataset):
+        paths = [tmp_path / "a.png", tmp_path / "b.png"]
+
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            angles = torch.tensor([0.1, 0.2, 0.3]) if i == 0 else torch.full((3,), float("nan"))
+            return {"image": torch.zeros(3, 4, 4), "angles": angles, "index": i, "category": -1, "instance": -1,
+                    "sequence": -1, "frame": -1}
+
+    with pytest.raises(ViewsslError, match=r"b\.png.*item 1 has no viewpoint and item 0 has one"):
+        export_labels(Mixed(), tmp_path / "mixed", progress=False)

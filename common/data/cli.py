@@ -1,4 +1,5 @@
-"""``viewssl data render`` (the synthetic benchmark) and ``viewssl data show`` (an image grid of any labels folder).
+"""``viewssl data render`` (the synthetic benchmark), ``viewssl data show`` (an image grid of any labels folder) and
+``viewssl data export`` (any dataset folder as a ``labels.csv`` folder).
 
 The commands attach to the ``data`` group of :mod:`common.cli`; ``experiments/cli.py`` imports this module.
 """
@@ -17,7 +18,7 @@ from ..errors import ViewsslError
 from ..io import atomic_write_bytes, read_image
 from .labels import LABELS_FILE, LabelTable, read_labels
 
-__all__ = ["render", "show", "make_grid"]
+__all__ = ["render", "show", "export", "make_grid"]
 
 
 @data.command("render")
@@ -72,6 +73,33 @@ def show(folder: Path, out: Path | None, n: int, seed: int) -> None:
     click.echo(f"wrote {path} ({count} images)")
 
 
+@data.command("export")
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder to write (OUT/images/<index>.png + OUT/labels.csv); must not hold a labels.csv yet.")
+@click.option("--split", default=None, help="Sub-folder of SOURCE to open (train, test, split-1/train...).")
+@click.option("--kind", default=None,
+              help="SOURCE's format, skipping detection: labels, biwi, aflw2000, 300w-lp, shapenet, video (ucf101), "
+                   "images.")
+@click.option("--size", type=click.IntRange(8, 1024), default=64, show_default=True,
+              help="Side of the written images in pixels (face datasets: of the face crop).")
+@click.option("--skip-bad", is_flag=True, help="Leave out unreadable images (counted in the log) instead of stopping.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def export(source: Path, out: Path, split: str | None, kind: str | None, size: int, skip_bad: bool,
+           no_progress: bool) -> None:
+    """Write the dataset in SOURCE as a labels.csv folder, for training and `viewssl eval`.
+
+    Slow crops (BIWI's face detector, 300W-LP's .mat reads) are computed once. Category, instance, sequence and frame
+    are kept; a dataset without viewpoints (UCF101's frames) gets blank angle cells, so `viewssl eval --metrics
+    retrieval --retrieval-unit sequence` runs on it and the angle metrics are skipped.
+    """
+    from .formats import export_labels, open_dataset
+
+    dataset = open_dataset(source, size=size, split=split, kind=kind, **({"skip_bad": True} if skip_bad else {}))
+    written = export_labels(dataset, out, progress=not no_progress)
+    click.echo(f"wrote {len(dataset)} images and {written / LABELS_FILE}")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 @dataclass
 class _Tile:
@@ -105,6 +133,8 @@ def _caption(table: LabelTable, i: int) -> str:
         first += " " + "LCR"[int(float(raw["position"][i])) % 3]
     elif "frame" in raw and raw["frame"][i] != "":
         first += f" f{raw['frame'][i]}"
+    if not table.has_angles:
+        return f"{first}\nno viewpoint"
     a, e, t = (int(round(math.degrees(float(x)))) for x in table.angles[i])
     return f"{first}\naz {a} el {e} ti {t}"
 

@@ -237,7 +237,8 @@ def export_labels(dataset, out: str | os.PathLike, progress: bool = True) -> Pat
     category / instance / sequence / frame ids where known), so slow crops (BIWI's detector, 300W-LP's .mat reads)
     are computed once and later runs open a plain ``labels.csv`` folder. Category, instance and sequence are written
     as the dataset's names for them (a split exported alone means the same as another), the frame as its number.
-    Items whose angles are not finite are an error (``labels.csv`` holds labelled images only). Returns ``out``."""
+    A dataset without viewpoints (UCF101's frames) is written with blank angle cells; one that has angles for some
+    items and not for others is an error naming the first item that differs. Returns ``out``."""
     from tqdm import tqdm
 
     from ..io import write_image
@@ -253,12 +254,18 @@ def export_labels(dataset, out: str | os.PathLike, progress: bool = True) -> Pat
     width = max(6, len(str(len(dataset))))
     categories, instances, sequences = (list(getattr(dataset, f, None) or []) for f in
                                         ("categories", "instances", "sequences"))
+    first_has = None  # whether item 0 has a viewpoint: every other item must agree
     for i in tqdm(range(len(dataset)), desc=f"export {out.name}", unit="img", disable=not progress):
         item = dataset[i]
         angles = item["angles"]
-        if not bool(np.isfinite(angles.numpy()).all()):
+        finite = np.isfinite(angles.numpy())
+        has = bool(finite.all())
+        first_has = has if first_has is None else first_has
+        if has != first_has or (finite.any() and not has):
             where = getattr(dataset, "paths", None)
-            raise ViewsslError(f"item {i} has no angles; only labelled datasets can be exported to {LABELS_FILE}",
+            what = "some but not all of its angles" if finite.any() and not has else \
+                f"{'a' if has else 'no'} viewpoint and item 0 {'does not' if has else 'has one'}"
+            raise ViewsslError(f"item {i} has {what}; a {LABELS_FILE} has a viewpoint on every row or on none",
                                where[i] if where is not None else None)
         rel = f"images/{int(item['index']):0{width}d}.png"
         write_image(out / rel, item["image"])

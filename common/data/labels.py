@@ -1,9 +1,12 @@
 """``labels.csv``: the project's open format for any labelled image folder, a user's own data included.
 
 Columns: ``path, azimuth, elevation, tilt`` (angles in **degrees**; ``path`` relative to the folder that holds the
-CSV) and optional ``category, instance, sequence, frame``. Any further columns are kept as raw strings and can be read
-as numbers with :meth:`LabelTable.numeric` (the synthetic sequences store their 3D boxes, intrinsics and ground plane
-that way). Inside the code angles are radians; conversion happens here, at the edge.
+CSV) and optional ``category, instance, sequence, frame``. A folder without viewpoints (UCF101's videos, for
+retrieval) leaves all three angle cells blank on every row, or has no angle columns: its angles are NaN and
+:attr:`LabelTable.has_angles` is False. A table has a viewpoint on every row or on none. Any further columns are
+kept as raw strings and can be read as numbers with :meth:`LabelTable.numeric` (the synthetic sequences store their
+3D boxes, intrinsics and ground plane that way). Inside the code angles are radians; conversion happens here, at the
+edge.
 """
 from __future__ import annotations
 
@@ -78,6 +81,11 @@ class LabelTable:
     frame: np.ndarray | None = None
     lines: list[int] = field(default_factory=list)  # the file's line number of each row (for error messages)
 
+    @property
+    def has_angles(self) -> bool:
+        """True if the rows have viewpoints (a table has them on every row or on none: then ``angles`` is NaN)."""
+        return bool(torch.isfinite(self.angles).all()) if len(self) else False
+
     def __len__(self) -> int:
         return len(self.paths)
 
@@ -121,10 +129,12 @@ def read_labels(folder_or_csv: str | os.PathLike, check_files: bool = True) -> L
             if twice:
                 raise ViewsslError(f"column(s) {', '.join(twice)} appear twice in the header", csv_path)
             missing = [c for c in REQUIRED_COLUMNS if c not in header]
+            if len(missing) == len(ANGLE_COLUMNS) and "path" in header:
+                missing = []  # no angle columns at all: a folder without viewpoints
             if missing:
                 raise ViewsslError(
-                    f"missing column(s) {', '.join(missing)} (needs {', '.join(REQUIRED_COLUMNS)}; "
-                    f"has {', '.join(header) or 'none'})",
+                    f"missing column(s) {', '.join(missing)} (needs {', '.join(REQUIRED_COLUMNS)}, the three angles "
+                    f"all absent for a folder without viewpoints; has {', '.join(header) or 'none'})",
                     csv_path,
                 )
             reader.fieldnames = header
@@ -144,7 +154,9 @@ def read_labels(folder_or_csv: str | os.PathLike, check_files: bool = True) -> L
 
     raw: dict[str, list[str]] = {h: [] for h in header}
     paths: list[Path] = []
-    angles = np.empty((len(rows), 3), dtype=np.float64)
+    angles = np.full((len(rows), 3), np.nan, dtype=np.float64)
+    with_angles = all(c in header for c in ANGLE_COLUMNS)
+    first_blank = first_set = None  # the first row without / with a viewpoint
     for i, row in enumerate(rows):
         line = lines[i]
         for h in header:
@@ -154,6 +166,16 @@ def read_labels(folder_or_csv: str | os.PathLike, check_files: bool = True) -> L
         if check_files and not path.is_file():
             raise ViewsslError(f"line {line}: image {raw['path'][i]!r} does not exist", csv_path)
         paths.append(path)
+        if not with_angles:
+            continue
+        blank = [name for name in ANGLE_COLUMNS if raw[name][i] == ""]
+        if blank and len(blank) < len(ANGLE_COLUMNS):
+            raise ViewsslError(f"line {line}: {', '.join(blank)} blank but not the other angle(s); a row has all "
+                               f"three angles or none", csv_path)
+        if blank:
+            first_blank = first_blank or line
+            continue
+        first_set = first_set or line
         for j, name in enumerate(ANGLE_COLUMNS):
             try:
                 value = float(raw[name][i])
@@ -164,6 +186,9 @@ def read_labels(folder_or_csv: str | os.PathLike, check_files: bool = True) -> L
             if name == "elevation" and abs(value) > 90:
                 raise ViewsslError(f"line {line}: elevation {raw[name][i]} is outside [-90, 90] degrees", csv_path)
             angles[i, j] = math.radians(value)
+    if first_blank is not None and first_set is not None:
+        raise ViewsslError(f"line {first_blank} has no viewpoint (blank angles) but line {first_set} has one; a "
+                           f"{LABELS_FILE} has a viewpoint on every row or on none", csv_path)
 
     table = LabelTable(root=root, csv_path=csv_path, paths=paths, angles=torch.from_numpy(angles), raw=raw, lines=lines)
     if "category" in raw:
@@ -191,6 +216,8 @@ def read_labels(folder_or_csv: str | os.PathLike, check_files: bool = True) -> L
 def write_labels(path: str | os.PathLike, rows: Iterable[dict], extra_columns: Sequence[str] = ()) -> None:
     """Write rows (dicts with ``path`` and ``azimuth/elevation/tilt`` in **radians**) as ``labels.csv`` in degrees.
 
+    A missing or NaN angle is written as a blank cell (a folder without viewpoints has all three blank on every row).
+
     Optional columns present in the first row are written too, then ``extra_columns`` in the given order.
     """
     rows = list(rows)
@@ -208,7 +235,7 @@ def write_labels(path: str | os.PathLike, rows: Iterable[dict], extra_columns: S
             for c in columns:
                 v = row.get(c, "")
                 if c in ANGLE_COLUMNS:
-                    v = f"{math.degrees(float(v)):.6f}"
+                    v = "" if v == "" or v is None or math.isnan(float(v)) else f"{math.degrees(float(v)):.6f}"
                 elif isinstance(v, float):
                     v = f"{v:.6g}"
                 out.append(v)
@@ -219,8 +246,9 @@ def write_labels(path: str | os.PathLike, rows: Iterable[dict], extra_columns: S
 class LabeledFolder(Dataset):
     """A ``labels.csv`` folder as a dataset.
 
-    Item: ``{"image": (3, S, S) float32 in [0, 1], "angles": (3,) float32 radians, "index": int,
-    "category": int, "instance": int, "sequence": int, "frame": int}`` (-1 where the column is absent or empty).
+    Item: ``{"image": (3, S, S) float32 in [0, 1], "angles": (3,) float32 radians (NaN without viewpoints),
+    "index": int, "category": int, "instance": int, "sequence": int, "frame": int}`` (-1 where the column is absent
+    or empty).
     ``transform``, if given, is applied to the image tensor.
     """
 

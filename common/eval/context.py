@@ -157,6 +157,10 @@ class EvalContext:
     def eval_split(self) -> str:
         return "" if self.source.layout == "folder" else self.split
 
+    def has_angles(self, kind: str, split: str) -> bool:
+        """The dataset exists and its rows have viewpoints (UCF101-like folders have blank angle cells)."""
+        return self.has(kind, split) and self.table(kind, split).has_angles
+
     def name(self, kind: str, split: str) -> str:
         return "/".join(p for p in (kind, split) if p) or self.source.root.name
 
@@ -205,7 +209,7 @@ class EvalContext:
         table = self.table(kind, split)
         idx = self.subset(kind, split)
         taps = self.requested_taps(model) if self.needs_features else []
-        want_angles = self.needs_angles and split == self.eval_split
+        want_angles = self.needs_angles and split == self.eval_split and table.has_angles
         ds = LabeledFolder(self.source.path(kind, split), size=int(model.input_size))
         subset = torch.utils.data.Subset(ds, idx.tolist())
         loader = torch.utils.data.DataLoader(

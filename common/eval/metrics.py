@@ -254,9 +254,11 @@ def _rotations(o, device) -> torch.Tensor:
     return rot.to(device) if device.type != "mps" else rot.float().to(device)  # MPS has no float64
 
 
-def _pairs(ctx: EvalContext, sets: Iterable[tuple[str, str, str, str]]):
-    """Keep the (name, kind, train_split, query_split) sets whose datasets exist."""
-    return [s for s in sets if ctx.has(s[1], s[2]) and ctx.has(s[1], s[3])]
+def _pairs(ctx: EvalContext, sets: Iterable[tuple[str, str, str, str]], angles: bool = False):
+    """Keep the (name, kind, train_split, query_split) sets whose datasets exist (and have viewpoints, if
+    ``angles``)."""
+    has = ctx.has_angles if angles else ctx.has
+    return [s for s in sets if has(s[1], s[2]) and has(s[1], s[3])]
 
 
 # ============================================================================ metrics
@@ -264,9 +266,9 @@ def _pairs(ctx: EvalContext, sets: Iterable[tuple[str, str, str, str]]):
 def viewpoint_metric(model, ctx: EvalContext) -> dict[str, float]:
     """Viewpoint MAE / median geodesic / Acc@pi/6, raw and SSV-calibrated (needs predict_angles)."""
     if ctx.source.layout == "benchmark":
-        sets = [(k, k, ctx.split) for k in ("heads", "objects") if ctx.has(k, ctx.split)]
+        sets = [(k, k, ctx.split) for k in ("heads", "objects") if ctx.has_angles(k, ctx.split)]
     else:
-        sets = [("", "", ctx.eval_split)] if ctx.has("", ctx.eval_split) else []
+        sets = [("", "", ctx.eval_split)] if ctx.has_angles("", ctx.eval_split) else []
     if not sets:
         raise SkipMetric(f"no labelled {ctx.eval_split or 'data'} split with viewpoints")
     out: dict[str, float] = {}
@@ -303,14 +305,14 @@ def knn_pose_metric(model, ctx: EvalContext) -> dict[str, float]:
     """Absolute pose by weighted kNN over the Fib view index, per category (+ geodesic error)."""
     k = ctx.kind("objects")
     if ctx.source.layout == "folder":
-        sets = [("", "", "", "")]
+        sets = [("", "", "", "")] if ctx.has_angles("", "") else []
     else:
         # Unseen poses: the Fib(100) renders of the train instances are the gallery when rendered (then the view
         # index is shared and accuracy is defined); otherwise the Fib(50) train gallery, geodesic error only.
         unseen_gallery = "train_unseen_pose" if ctx.has(k, "train_unseen_pose") else "train"
         sets = _pairs(ctx, [("in_domain", k, "train", ctx.split),
                             ("unseen_pose", k, unseen_gallery, "test_unseen_pose"),
-                            ("ood", k, "ood_train", "ood_test")])
+                            ("ood", k, "ood_train", "ood_test")], angles=True)  # angles: the geodesic error
     out: dict[str, float] = {}
     no_neighbours: list[str] = []
     for name, kind, tr_split, q_split in sets:
@@ -362,7 +364,7 @@ def knn_pose_metric(model, ctx: EvalContext) -> dict[str, float]:
         raise SkipMetric("no query has an admissible neighbour (same-instance neighbours are excluded; every "
                          "category needs two or more instances)")
     if not out:
-        raise SkipMetric("needs a 'view' column (Fib view index) in the gallery and query labels")
+        raise SkipMetric("needs a 'view' column (Fib view index) and viewpoints in the gallery and query labels")
     return out
 
 
@@ -373,7 +375,7 @@ def relative_pose_metric(model, ctx: EvalContext) -> dict[str, float]:
         raise SkipMetric("needs a train split to fit the probe on")
     k = ctx.kind("objects")
     sets = _pairs(ctx, [("in_domain", k, "train", ctx.split), ("unseen_pose", k, "train", "test_unseen_pose"),
-                        ("unseen_category", k, "ood_train", "ood_test")])
+                        ("unseen_category", k, "ood_train", "ood_test")], angles=True)
     out: dict[str, float] = {}
     probes: dict[str, tuple] = {}  # one probe per training split (in_domain and unseen_pose share it)
     for name, kind, tr_split, q_split in sets:
@@ -396,7 +398,8 @@ def relative_pose_metric(model, ctx: EvalContext) -> dict[str, float]:
             "probe": f"MLP 2D->{ctx.probe_hidden}->{ctx.probe_hidden}->6 (6-D rotation), geodesic loss, Adam 1e-3, "
                      f"{ctx.probe_steps} steps x 256 pairs, seed {ctx.seed}", "test_pairs": ctx.probe_pairs}})
     if not out:
-        raise SkipMetric("needs an 'instance' column and train/test splits (objects/train + objects/test)")
+        raise SkipMetric("needs an 'instance' column and train/test splits with viewpoints (objects/train + "
+                         "objects/test)")
     return out
 
 
@@ -555,6 +558,8 @@ def box_fit_metric(model, ctx: EvalContext) -> dict[str, float]:
     kind = ctx.kind("sequences")
     if not (ctx.has(kind, "train") and ctx.has(kind, ctx.split)):
         raise SkipMetric(f"needs {ctx.name(kind, 'train')} and {ctx.name(kind, ctx.split)}")
+    if not (ctx.has_angles(kind, "train") and ctx.has_angles(kind, ctx.split)):
+        raise SkipMetric("needs viewpoints (the box rotations) in both splits")
     tr_o, q_o = ctx.outputs(model, kind, "train"), ctx.outputs(model, kind, ctx.split)
     missing = [c for c in BOX_COLUMNS if c not in tr_o.table.raw or c not in q_o.table.raw]
     if missing:

@@ -84,7 +84,7 @@ def viewpoint_readout_metric(model, ctx: EvalContext) -> dict[str, float]:
     if ctx.source.layout == "folder":
         raise SkipMetric("the readout needs a training split beside the evaluation split")
     candidates = ("heads", "objects") if ctx.source.layout == "benchmark" else ("",)
-    kinds = [k for k in candidates if ctx.has(k, "train") and ctx.has(k, ctx.split)]
+    kinds = [k for k in candidates if ctx.has_angles(k, "train") and ctx.has_angles(k, ctx.split)]
     if not kinds:
         raise SkipMetric(f"no train and {ctx.split} splits with viewpoints")
     out: dict[str, float] = {}
