@@ -43,8 +43,8 @@ log = logging.getLogger("viewssl.training")
 CHECKPOINT_VERSION = 1
 _CKPT_RE = re.compile(r"^ckpt-(\d{8})\.pt$")
 
-__all__ = ["Trainer", "fit", "new_run_dir", "find_resumable_run", "batch_iterator", "find_checkpoint", "config_diff", "capture_rng",
-           "restore_rng", "TrainingInterrupted", "NonFiniteLoss", "seed_everything"]
+__all__ = ["Trainer", "fit", "new_run_dir", "find_resumable_run", "batch_iterator", "find_checkpoint", "config_diff",
+           "capture_rng", "restore_rng", "TrainingInterrupted", "NonFiniteLoss", "seed_everything"]
 
 
 class TrainingInterrupted(ViewsslError):
@@ -136,7 +136,8 @@ def seed_everything(seed: int) -> None:
 
 
 def capture_rng() -> dict:
-    """RNG states of torch (CPU, CUDA and MPS), numpy and python, in a form ``torch.load(weights_only=True)`` accepts."""
+    """RNG states of torch (CPU, CUDA and MPS), numpy and python, in a form ``torch.load(weights_only=True)``
+    accepts."""
     np_state = np.random.get_state()
     py_state = random.getstate()
     state = {

@@ -178,8 +178,8 @@ def calibrated_viewpoint_errors(
     predictions with the per-angle linear fit made on that subset.
 
     Returns the :data:`VIEWPOINT_KEYS` plus ``protocol="calibrated"``, ``n_calibration``, ``n_scored``, ``seed``,
-    ``fraction``, ``slope_<angle>``, ``intercept_<angle>`` (radians), ``fit_<angle>`` and ``uncalibrated_mae`` (the raw MAE on the same
-    scored frames, for comparison).
+    ``fraction``, ``slope_<angle>``, ``intercept_<angle>`` (radians), ``fit_<angle>`` and ``uncalibrated_mae`` (the
+    raw MAE on the same scored frames, for comparison).
     """
     pred, true = _angles(pred_angles, "pred_angles"), _angles(true_angles, "true_angles")
     cal, scored = calibration_split(pred.shape[0], fraction, seed, count)
