@@ -1,10 +1,12 @@
 """SSV on the synthetic heads: self-supervised viewpoint vs the supervised baseline and a random floor, with ablations.
 
-    python -m experiments.ssv_heads --data DIR [--out runs/ssv_heads] [--steps 4000] [--sup-steps 2000] [--quick]
+    python -m experiments.ssv_heads --data DIR [--out runs/ssv_heads] [--preset cpu] [--steps 4000] [--sup-steps 2000]
+        [--quick]
 
-Trains ``--preset cpu`` on ``DIR/heads/train`` (labels ignored) and evaluates on the labelled ``DIR/heads/test``
-through ``common.eval.run_metrics`` (metric ``viewpoint``): raw MAE (V's own frame, no fit) and calibrated MAE (SSV's
-protocol: a per-angle linear map fitted on a seeded 10% of the test frames, scored on the rest). Rows:
+Trains SSV (``--preset``, default ``cpu``) on ``DIR/heads/train`` (labels ignored) and evaluates on the labelled
+``DIR/heads/test`` through ``common.eval.run_metrics`` (metric ``viewpoint``): raw MAE (V's own frame, no fit) and
+calibrated MAE (SSV's protocol: a per-angle linear map fitted on a seeded 10% of the test frames, scored on the
+rest). Rows:
 
 - ``full``: every loss; ``no_imc``: without L_imc; ``no_imc_sym``: without L_imc and both symmetry losses
   (the paper's ablation rows);
@@ -434,7 +436,8 @@ def check_goals(rows: dict) -> dict:
 @click.option("--data", required=True, type=click.Path(path_type=Path),
               help="Synthetic benchmark root with heads/train and heads/test (viewssl data render).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/ssv_heads"), help="Output folder.")
-@click.option("--preset", type=click.Choice(PRESET_CHOICES), default="cpu")
+@click.option("--preset", type=click.Choice(PRESET_CHOICES), default="cpu", show_default=True,
+              help="Network sizes of S and V (see `viewssl train ssv --help`).")
 @click.option("--steps", type=click.IntRange(min=1), default=4000, help="Training steps of each SSV row.")
 @click.option("--sup-steps", type=click.IntRange(min=1), default=2000, help="Training steps of the supervised row.")
 @click.option("--rows", default="full,no_imc,no_imc_sym,supervised", help="Rows to train (comma-separated).")
@@ -580,13 +583,20 @@ def ema_is_an_average(trainer, steps: int) -> bool:
 
 
 def _previous_rows(out: Path) -> tuple[dict, str | None]:
-    """The rows and the command of an earlier ``OUT/ssv_heads.json`` (({}, None) if there is none or it is
-    unreadable)."""
-    try:
-        previous = json.loads((out / "ssv_heads.json").read_text())
-        return dict(previous.get("rows", {})), previous.get("command")
-    except (OSError, ValueError, AttributeError):
+    """The rows and the command of an earlier ``OUT/ssv_heads.json`` (({}, None) if there is none). One that cannot be
+    read is an error naming it, not a file to overwrite: the rows of earlier commands are kept there."""
+    path = out / "ssv_heads.json"
+    if not path.exists():
         return {}, None
+    try:
+        previous = json.loads(path.read_text())
+        rows = previous.get("rows", {})
+        if not isinstance(rows, dict):
+            raise TypeError(f"'rows' is a {type(rows).__name__}, not a mapping")
+        return dict(rows), previous.get("command")
+    except (OSError, ValueError, AttributeError, TypeError) as e:
+        raise ViewsslError(f"cannot read the rows of earlier commands ({type(e).__name__}: {e}); move it aside to "
+                           f"start the table afresh", path) from None
 
 
 def _write(results: dict, out: Path, t_start: float) -> float:

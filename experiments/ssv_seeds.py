@@ -59,20 +59,24 @@ def collect(folders: list[Path], ema: bool = False) -> tuple[dict[str, dict[int,
     shared: dict | None = None
     shared_from = shared_row = None
     phi: dict[str, tuple[dict, Path]] = {}
+    origin: dict[tuple[str, int], Path] = {}  # the run folder each (row, seed) comes from
     for path in map(Path, folders):
         # a folder's ssv_heads.json, or a table kept beside it (ssv_heads_3000.json: the row at an earlier step)
-        folder, table = (path.parent, path) if path.suffix == ".json" else (path, path / "ssv_heads.json")
-        if path.suffix != ".json" and not table.exists():
-            # an ssv_heads command still training: its row folders, with the evaluations they have so far
-            rows = {row: {} for row in ROWS if (folder / row / "config.json").is_file()}
+        kept = path.suffix == ".json"
+        folder, table = (path.parent, path) if kept else (path, path / "ssv_heads.json")
+        rows = {}
+        if table.exists() or kept:
+            try:
+                rows = dict(json.loads(table.read_text())["rows"])
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise ViewsslError(f"not an ssv_heads result ({type(e).__name__}: {e})", table) from None
+        if not kept:
+            # rows of an ssv_heads command still training (its ssv_heads.json, if any, lists the finished ones):
+            # their folders, with the evaluations they have so far
+            rows.update({row: {} for row in ROWS if row not in rows and (folder / row / "config.json").is_file()})
             if not rows:
                 raise ViewsslError(f"not an ssv_heads result (no ssv_heads.json, and no row folder "
                                    f"{'/, '.join(ROWS)}/ with a config.json)", table)
-        else:
-            try:
-                rows = json.loads(table.read_text())["rows"]
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise ViewsslError(f"not an ssv_heads result ({type(e).__name__}: {e})", table) from None
         for row, r in rows.items():
             if row not in ROWS:
                 continue
@@ -90,7 +94,15 @@ def collect(folders: list[Path], ema: bool = False) -> tuple[dict[str, dict[int,
                 shared, shared_from, shared_row = settings, config_path, row  # an SSV row is the reference
             row_phi = {k: config.get(k) for k in PHI_KEYS}
             _same(row_phi, *phi.setdefault(row, (row_phi, config_path)), config_path, f"the seeds of row {row}")
+            first = origin.setdefault((row, seed), folder / row)
+            if first != folder / row:
+                raise ViewsslError(f"row {row} of seed {seed} is also in {first}: two runs of one seed cannot be "
+                                   f"told apart (pass one of them)", folder / row)
             steps, values = eval_history(folder / row, f"{prefix}viewpoint/calibrated/mae")
+            if kept and isinstance(r.get("steps"), int):
+                # a kept table is its rows at its step: the evaluations of the training after it are not its own
+                kept_steps = [i for i, s in enumerate(steps) if s <= r["steps"]]
+                steps, values = [steps[i] for i in kept_steps], [values[i] for i in kept_steps]
             final = (r.get("metrics") or {}).get(f"{prefix}calibrated/mae")
             if not steps and final is None:
                 continue  # ema: a run from before V_ema

@@ -129,6 +129,45 @@ def test_a_table_kept_beside_the_folders_own_adds_its_step(tmp_path):
         collect([a / "ssv_heads_9.json"])
 
 
+def test_a_kept_table_is_its_rows_at_its_step_not_the_training_after_it(tmp_path):
+    a = _folder(tmp_path / "a", 0, {"full": (2000, 11.0, {500: 25.0, 1000: 18.5, 1500: 14.0})})
+    (a / "ssv_heads_1000.json").write_text(json.dumps({"rows": {"full": {"steps": 1000,
+                                                                          "metrics": {"calibrated/mae": 18.0}}}}))
+    assert collect([a / "ssv_heads_1000.json"])[0]["full"] == {0: {500: 25.0, 1000: 18.0}}
+    curves, _ = collect([a])
+    assert curves["full"] == {0: {500: 25.0, 1000: 18.5, 1500: 14.0, 2000: 11.0}}
+
+
+def test_two_runs_of_one_row_and_seed_are_refused_not_merged(tmp_path):
+    a = _folder(tmp_path / "a", 1, {"full": (1000, 18.0, {500: 30.0})})
+    b = _folder(tmp_path / "b", 1, {"full": (1000, 28.0, {500: 29.0})})
+    with pytest.raises(ViewsslError, match=r"b/full.*row full of seed 1 is also in .*a/full"):
+        collect([a, b])
+    c = _folder(tmp_path / "c", 2, {"full": (1000, 28.0, {500: 29.0})})
+    assert sorted(collect([a, c])[0]["full"]) == [1, 2]
+
+
+def test_a_row_still_training_counts_beside_the_finished_rows_of_its_command(tmp_path):
+    a = _folder(tmp_path / "a", 0, {"full": (1000, 18.0, {500: 25.0}), "no_imc": (1000, 19.0, {500: 28.0})})
+    table = json.loads((a / "ssv_heads.json").read_text())
+    del table["rows"]["no_imc"]  # ssv_heads writes its table after each row: no_imc is still training
+    (a / "ssv_heads.json").write_text(json.dumps(table))
+    curves, _ = collect([a])
+    assert curves["full"] == {0: {500: 25.0, 1000: 18.0}} and curves["no_imc"] == {0: {500: 28.0}}
+
+
+def test_an_unreadable_table_of_earlier_commands_is_an_error_not_overwritten(tmp_path):
+    from experiments.ssv_heads import _previous_rows
+
+    assert _previous_rows(tmp_path) == ({}, None)
+    (tmp_path / "ssv_heads.json").write_text(json.dumps({"rows": {"full": {"steps": 5}}, "command": "x"}))
+    assert _previous_rows(tmp_path) == ({"full": {"steps": 5}}, "x")
+    for text in ('{"rows": {"full": ', '{"rows": ["full"]}'):
+        (tmp_path / "ssv_heads.json").write_text(text)
+        with pytest.raises(ViewsslError, match=r"ssv_heads.json.*cannot read the rows of earlier commands"):
+            _previous_rows(tmp_path)
+
+
 def test_a_folder_still_training_gives_its_rows_evaluations_so_far(tmp_path):
     a = _folder(tmp_path / "a", 0, {"full": (1000, 18.0, {500: 25.0})})
     b = _folder(tmp_path / "b", 1, {"full": (1000, 20.0, {500: 27.0, 1000: 20.5}), "no_imc": (1000, 19.0, {500: 28.0})})
