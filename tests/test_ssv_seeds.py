@@ -145,6 +145,7 @@ def test_two_runs_of_one_row_and_seed_are_refused_not_merged(tmp_path):
         collect([a, b])
     c = _folder(tmp_path / "c", 2, {"full": (1000, 28.0, {500: 29.0})})
     assert sorted(collect([a, c])[0]["full"]) == [1, 2]
+    assert collect([a, a / ".." / "a" / "ssv_heads.json"])[0]["full"] == {1: {500: 30.0, 1000: 18.0}}  # one run
 
 
 def test_a_row_still_training_counts_beside_the_finished_rows_of_its_command(tmp_path):
