@@ -544,7 +544,8 @@ def run(data, out, preset, steps, sup_steps, row_names: list[str], batch_size, s
         metrics.update(cycle_errors(trainer, seed=seed))
         metrics.update(side_probes(trainer, train_dir, test_dir, seed=seed, n_fake=256 if quick else 4000))
         results["rows"][row] = {
-            "steps": n_steps, "metrics": metrics, "train_seconds": train_seconds,
+            # no step trained and no earlier table to take the time from (killed before it was written): unknown
+            "steps": n_steps, "metrics": metrics, "train_seconds": train_seconds if done > 0 else None,
             "sec_per_step": train_seconds / done if done > 0 else None, "run_dir": str(out / row),
             "phi": getattr(trainer, "phi_name", None), "command": results["command"],
         }
