@@ -94,8 +94,9 @@ def collect(folders: list[Path], ema: bool = False) -> tuple[dict[str, dict[int,
                 shared, shared_from, shared_row = settings, config_path, row  # an SSV row is the reference
             row_phi = {k: config.get(k) for k in PHI_KEYS}
             _same(row_phi, *phi.setdefault(row, (row_phi, config_path)), config_path, f"the seeds of row {row}")
-            first = origin.setdefault((row, seed), (folder / row).resolve())
-            if first != (folder / row).resolve():
+            run = (folder / row).resolve()
+            first = origin.setdefault((row, seed), run)
+            if first != run:
                 raise ViewsslError(f"row {row} of seed {seed} is also in {first}: two runs of one seed cannot be "
                                    f"told apart (pass one of them)", folder / row)
             steps, values = eval_history(folder / row, f"{prefix}viewpoint/calibrated/mae")
