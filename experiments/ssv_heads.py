@@ -571,16 +571,35 @@ def run(data, out, preset, steps, sup_steps, row_names: list[str], batch_size, s
     return results
 
 
+def ema_scored_from(since: int, decay: float) -> float:
+    """The first step at which V_ema is worth scoring: any step when it was kept from step 0 (its ramp-up makes it an
+    average at once); in a run resumed from before V_ema existed (it started there, at ``since``), 3 / (1 - decay)
+    steps later (1,500 at 0.998), when the V it started from weighs under 5 %."""
+    return 0.0 if since == 0 else since + 3.0 / (1.0 - decay)
+
+
 def ema_is_an_average(trainer, steps: int) -> bool:
-    """Whether the row's V_ema is worth scoring: kept from step 0 (its ramp-up makes it an average at any step), or,
-    in a run resumed from before V_ema existed, started at least 3 / (1 - decay) steps ago (1,500 at 0.998), so that
-    the V it started from weighs under 5 %; a row trained before V_ema and only re-evaluated would report V twice."""
+    """Whether the row's V_ema is worth scoring at ``steps`` (:func:`ema_scored_from`); a row trained before V_ema
+    and only re-evaluated would report V twice."""
     if trainer.V_ema is None:
         return False
-    if trainer.v_ema_since == 0 or steps - trainer.v_ema_since >= 3.0 / (1.0 - trainer.v_ema_decay):
+    if steps >= ema_scored_from(trainer.v_ema_since, trainer.v_ema_decay):
         return True
     log.info("V_ema not scored: it started at step %d of %d (the run is from before it)", trainer.v_ema_since, steps)
     return False
+
+
+def ema_since(run_dir: Path) -> int:
+    """The step V_ema started at, from the periodic evaluations of ``run_dir/metrics.jsonl``: their ``ema/since``;
+    in a log from before that key, 0 when the first evaluation already scored V_ema, else the step of the first one
+    that did (V_ema started after the last evaluation without it: the latest it can have started, so that no
+    evaluation of a V_ema younger than :func:`ema_scored_from` allows is taken)."""
+    steps, since = eval_history(run_dir, "ema/since")
+    if since:
+        return int(since[-1])
+    v_steps, _ = eval_history(run_dir)
+    ema_steps, _ = eval_history(run_dir, "ema/viewpoint/calibrated/mae")
+    return 0 if not ema_steps or not v_steps or ema_steps[0] <= v_steps[0] else ema_steps[0]
 
 
 def _previous_rows(out: Path) -> tuple[dict, str | None]:

@@ -2,21 +2,21 @@
 
     python -m experiments.ssv_seeds OUT1 OUT2 ... [--out runs/ssv_seeds] [--step N]
 
-Each folder's ``ssv_heads.json`` names its rows (a table kept beside it, e.g. ``OUT1/ssv_heads_6000.json``, may be
-given instead or as well: its rows at that step; a folder whose command is still training, without
-``ssv_heads.json``, gives the row folders it has, at the steps evaluated so far); a row's seed is its run's
-``config.json`` seed. A (row, seed) has a
-calibrated MAE at every step V was evaluated during training (``--eval-every``, from ``metrics.jsonl``) and at its
-table step. For every step, the table gives each row's mean and standard deviation over the seeds evaluated there
-(the values seed by seed beside them), and checks the paper's ordering full < no_imc < no_imc_sym on the seeds that
-have all three rows at that step: on their means, and seed by seed, with each step of it seed by seed
-(``no_imc-full``, ``no_imc_sym-no_imc``: how much worse the row without the loss is; > 0 is in order), with their
-mean and the one-sided p of a paired t-test over the seeds (small p: the loss helps beyond the seed noise). Folders
-whose runs differ in anything but the seed and the loss switches of the rows (preset, image size, high-pass, ...)
-are refused; the supervised row may also leave off S's augmentations (``ssv_heads`` trains it without them). Writes
-``OUT/ssv_seeds.md``, ``OUT/ssv_seeds.json`` and ``OUT/ssv_seeds.png`` (thin lines: seeds; thick: the mean where
-every seed of the row was evaluated). ``--ema`` does all this for V_ema, the moving average of V's weights that runs
-keep since it exists (rows without it are left out).
+Each folder's ``ssv_heads.json`` names its rows (a table kept beside it, e.g. ``OUT1/ssv_heads_6000.json``, may be given
+instead or as well: its rows at that step; a folder whose command is still training, without ``ssv_heads.json``, gives
+the row folders it has, at the steps evaluated so far); a row's seed is its run's ``config.json`` seed. A (row, seed)
+has a calibrated MAE at every step V was evaluated during training (``--eval-every``, from ``metrics.jsonl``) and at its
+table step. For every step, the table gives each row's mean and standard deviation over the seeds evaluated there (the
+values seed by seed beside them), and checks the paper's ordering full < no_imc < no_imc_sym on the seeds that have all
+three rows at that step: on their means, and seed by seed, with each step of it seed by seed (``no_imc-full``,
+``no_imc_sym-no_imc``: how much worse the row without the loss is; > 0 is in order), with their mean and the one-sided p
+of a paired t-test over the seeds (small p: the loss helps beyond the seed noise). Folders whose runs differ in anything
+but the seed and the loss switches of the rows (preset, image size, high-pass, ...) are refused; the supervised row may
+also leave off S's augmentations (``ssv_heads`` trains it without them). Writes ``OUT/ssv_seeds.md``,
+``OUT/ssv_seeds.json`` and ``OUT/ssv_seeds.png`` (thin lines: seeds; thick: the mean where every seed of the row was
+evaluated). ``--ema`` does all this for V_ema, the moving average of V's weights that runs keep since it exists (rows
+without it are left out; of a run resumed from before it, only the evaluations 3 / (1 - decay) steps after V_ema
+started, as ``ssv_heads`` scores it).
 
 With a full row and a supervised row, the 1.3x goal of issue 4 is checked on each row at the last step where all
 its seeds were evaluated (the rows may stop at different steps, SSV needing many more; seeds of a row trained
@@ -34,8 +34,10 @@ import click
 
 from common.cli import ViewsslCommand
 from common.errors import ViewsslError
+from ssv.trainer import default_config
 
-from .ssv_heads import GOAL_RATIO, ROW_TITLES, ROWS, draw_goal, eval_history, save_mae_plot
+from .ssv_heads import (GOAL_RATIO, ROW_TITLES, ROWS, draw_goal, ema_scored_from, ema_since, eval_history,
+                         save_mae_plot)
 
 ORDER = ("full", "no_imc", "no_imc_sym")
 #: the steps of the ordering, each named "worse-better" (no_imc-full: how much worse the row without L_imc is)
@@ -100,6 +102,13 @@ def collect(folders: list[Path], ema: bool = False) -> tuple[dict[str, dict[int,
                 raise ViewsslError(f"row {row} of seed {seed} is also in {first}: two runs of one seed cannot be "
                                    f"told apart (pass one of them)", folder / row)
             steps, values = eval_history(folder / row, f"{prefix}viewpoint/calibrated/mae")
+            if ema and steps:
+                # a V_ema started late (a run resumed from before it) is V itself at first: its evaluations from
+                # then on only (the table's final figure already follows the same rule)
+                decay = float(config.get("v_ema_decay") or default_config()["v_ema_decay"])
+                first = ema_scored_from(ema_since(folder / row), decay)
+                kept_steps = [i for i, s in enumerate(steps) if s >= first]
+                steps, values = [steps[i] for i in kept_steps], [values[i] for i in kept_steps]
             if kept and isinstance(r.get("steps"), int):
                 # a kept table is its rows at its step: the evaluations of the training after it are not its own
                 kept_steps = [i for i, s in enumerate(steps) if s <= r["steps"]]

@@ -523,6 +523,7 @@ class SSVTrainer(Trainer):
             if self.V_ema is not None:
                 ema = run_metrics(self.pose_model(ema=True), path, metrics=["viewpoint"], device=self.device)
                 metrics.update({f"ema/{k}": v for k, v in _flat_floats(dict(ema)).items()})
+                metrics["ema/since"] = float(self.v_ema_since)  # the step V_ema started at (experiments.ssv_seeds)
             return metrics
         finally:
             self.V.train(was_training)

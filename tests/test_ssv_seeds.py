@@ -224,6 +224,35 @@ def test_ema_scores_v_ema_and_leaves_out_runs_without_it(tmp_path):
         collect([b], ema=True)
 
 
+def test_ema_of_a_run_resumed_from_before_v_ema_counts_only_once_it_averaged_something(tmp_path):
+    from experiments.ssv_heads import ema_since
+
+    # V evaluated every 500 steps; V_ema from 1,000 on (resumed there from a checkpoint without it), at decay 0.998
+    # it is V's average from 1,000 + 1,500 = 2,500 on; an older log without ema/since: it started at the latest at
+    # its first evaluation (1,500), so from 3,000 on
+    history = {s: 30.0 - s / 500 for s in range(500, 3500, 500)}
+    a = _folder(tmp_path / "a", 0, {"full": (3000, 23.0, history)}, v_ema_decay=0.998)
+    b = _folder(tmp_path / "b", 1, {"full": (3000, 24.0, history)}, v_ema_decay=0.998)
+    c = _folder(tmp_path / "c", 2, {"full": (3000, 25.0, history)}, v_ema_decay=0.998)  # V_ema kept from step 0
+    for folder, since in ((a, 1000), (b, None), (c, 0)):
+        path = folder / "full" / "metrics.jsonl"
+        lines = []
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            if rec["kind"] == "eval" and (since == 0 or rec["step"] > 1000):
+                rec["ema/viewpoint/calibrated/mae"] = rec["viewpoint/calibrated/mae"] - 1.0
+                if since is not None:
+                    rec["ema/since"] = float(since)
+            lines.append(json.dumps(rec))
+        path.write_text("\n".join(lines) + "\n")
+    assert [ema_since(f / "full") for f in (a, b, c)] == [1000, 1500, 0]
+    curves, _ = collect([a, b, c], ema=True)
+    assert sorted(curves["full"][0]) == [2500, 3000]
+    assert sorted(curves["full"][1]) == [3000]
+    assert curves["full"][2] == {s: v - 1.0 for s, v in history.items()}
+    assert sorted(collect([a, b, c])[0]["full"][0]) == sorted(history)  # V itself: every evaluation
+
+
 def test_the_goal_compares_each_row_at_its_last_step(tmp_path):
     # SSV full on one seed, trained longest; the supervised V on three seeds, to a step of its own
     ssv = _folder(tmp_path / "ssv", 4, {"full": (2000, 6.2, {500: 20.0, 1000: 9.0})})

@@ -367,6 +367,10 @@ def test_runs_from_before_v_ema_resume_with_v_ema_starting_at_v(folder, tmp_path
     again = SSVTrainer(tiny_config(folder))
     fit(again, tmp_path / "old", steps=3, resume="auto", progress=False, log_every=0)
     assert load_checkpoint(out["checkpoint"])["v_ema_since"] == 1 and again.v_ema_since == 1
+    # the evaluations log the step it started at, so that summaries of the run can tell a young V_ema (ssv_seeds)
+    again.config["eval_data"] = str(folder)
+    assert again.evaluate(3)["ema/since"] == 1.0
+    assert SSVTrainer(tiny_config(folder, eval_data=str(folder))).evaluate(0)["ema/since"] == 0.0
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
