@@ -36,20 +36,12 @@ from common.cli import ViewsslCommand
 from common.errors import ViewsslError
 from ssv.trainer import default_config
 
-from .ssv_heads import (GOAL_RATIO, ROW_TITLES, ROWS, draw_goal, ema_scored_from, ema_since, eval_history,
-                         save_mae_plot)
+from .ssv_heads import (EVAL_ONLY_KEYS, GOAL_RATIO, PHI_KEYS, ROW_KEYS, ROW_TITLES, ROWS, draw_goal, ema_scored_from,
+                         ema_since, eval_history, save_mae_plot, settings_diff)
 
 ORDER = ("full", "no_imc", "no_imc_sym")
 #: the steps of the ordering, each named "worse-better" (no_imc-full: how much worse the row without L_imc is)
 GAP_NAMES = tuple(f"{worse}-{better}" for better, worse in zip(ORDER, ORDER[1:]))
-#: config keys in which the rows of one ablation may differ (the seed, and the switches of ``ssv_heads.ROWS``)
-ROW_KEYS = {"seed", "steps", "eval_data", "supervised", "w_imc", "w_sym", "w_gsym"}
-#: L_imc's feature network: unused without L_imc, so only the seeds of one row must agree on it
-PHI_KEYS = {"phi", "phi_size", "phi_weights"}
-#: S's augmentations, which ``ssv_heads`` leaves off for the supervised row (it trains V alone)
-SUPERVISED_FREE_KEYS = {"augment_gain", "g_ball_mask"}
-#: what only changes what is evaluated beside V, never the training (runs from before V_ema have no such key)
-EVAL_ONLY_KEYS = {"v_ema_decay"}
 
 
 def collect(folders: list[Path], ema: bool = False) -> tuple[dict[str, dict[int, dict[int, float]]], dict]:
@@ -90,12 +82,14 @@ def collect(folders: list[Path], ema: bool = False) -> tuple[dict[str, dict[int,
                 raise ViewsslError(f"cannot read the run's seed ({type(e).__name__}: {e})", config_path) from None
             settings = {k: v for k, v in config.items() if k not in ROW_KEYS | PHI_KEYS | EVAL_ONLY_KEYS}
             if shared is not None:
-                ignore = SUPERVISED_FREE_KEYS if "supervised" in (row, shared_row) else set()
-                _same(settings, shared, shared_from, config_path, "rows of one ablation", ignore)
+                _refuse(settings_diff(config, row, shared, shared_row), shared_from, config_path,
+                        "rows of one ablation")
             if shared is None or (shared_row == "supervised" and row != "supervised"):
                 shared, shared_from, shared_row = settings, config_path, row  # an SSV row is the reference
             row_phi = {k: config.get(k) for k in PHI_KEYS}
-            _same(row_phi, *phi.setdefault(row, (row_phi, config_path)), config_path, f"the seeds of row {row}")
+            phi_ref, phi_from = phi.setdefault(row, (row_phi, config_path))
+            _refuse(sorted(k for k in PHI_KEYS if row_phi[k] != phi_ref[k]), phi_from, config_path,
+                    f"the seeds of row {row}")
             run = (folder / row).resolve()
             first = origin.setdefault((row, seed), run)
             if first != run:
@@ -125,10 +119,7 @@ def collect(folders: list[Path], ema: bool = False) -> tuple[dict[str, dict[int,
     return curves, shared or {}
 
 
-def _same(settings: dict, reference: dict, reference_path: Path, path: Path, who: str,
-          ignore: set = frozenset()) -> None:
-    keys = (set(settings) | set(reference)) - ignore
-    diff = sorted(k for k in keys if settings.get(k) != reference.get(k))
+def _refuse(diff: list[str], reference_path: Path, path: Path, who: str) -> None:
     if diff:
         raise ViewsslError(f"its settings differ from {reference_path} in {', '.join(diff)}: {who} must share them",
                            path)

@@ -36,6 +36,26 @@ def test_the_ema_goal_compares_v_ema_of_both_rows():
     assert "SSV full within 1.3x of supervised, V EMA on both" not in check_goals(_rows(full=12.0, supervised=8.0))
 
 
+def test_goals_are_not_compared_across_rows_trained_with_other_settings():
+    rows = _rows(full=12.0, no_imc=14.0, no_imc_sym=15.0, supervised=10.0, random=31.1)
+    base = {"preset": "cpu64", "d_highpass": 2.0, "seed": 4, "steps": 6000, "augment_gain": 0.3, "w_imc": 0.4,
+            "phi": "critic"}
+    configs = {"full": base, "no_imc": {**base, "w_imc": 0.0, "phi": "auto", "seed": 1},  # row switches, seed: fine
+               "no_imc_sym": {**base, "w_imc": 0.0, "w_sym": 0.0},
+               # the supervised row trains V alone: no S augmentations, its own steps
+               "supervised": {**base, "supervised": True, "augment_gain": None, "steps": 2000}}
+    goals = check_goals(rows, configs)
+    assert all(g["met"] is True for g in goals.values()), goals
+    configs["supervised"] = {**configs["supervised"], "d_highpass": None}  # kept from a command without --highpass
+    configs["no_imc_sym"] = {**configs["no_imc_sym"], "preset": "cpu"}
+    goals = check_goals(rows, configs)
+    within = goals["SSV full within 1.3x of supervised"]
+    assert within["met"] is None and "full and supervised were trained with other d_highpass" in within["detail"]
+    ordering = goals["ablation ordering full < no_imc < no_imc_sym"]
+    assert ordering["met"] is None and "no_imc and no_imc_sym were trained with other preset" in ordering["detail"]
+    assert goals["SSV full learned (at least 10% below the random floor)"]["met"] is True  # one row: nothing to match
+
+
 def test_goals_met_when_ssv_learned_and_is_close_to_supervised():
     goals = check_goals(_rows(full=12.0, no_imc=14.0, no_imc_sym=13.0, supervised=10.0, random=31.1))
     assert goals["SSV full learned (at least 10% below the random floor)"]["met"] is True
@@ -88,6 +108,7 @@ def test_quick_run_writes_the_table_with_every_row(tiny_heads, tmp_path):
             assert row["metrics"][f"{proto}/mae"] == pytest.approx(sum(per_angle) / 3), (name, proto)
     table = (out / "ssv_heads.md").read_text()
     assert table.count("| SSV") == 3 and "random prediction (floor)" in table and "learned" in table
+    assert all(g["met"] is not None for g in data["goals"].values()), data["goals"]  # rows of one command: compared
     # the table shows the JSON's figures: raw and calibrated azimuth / elevation / tilt / MAE of each row
     from experiments.ssv_heads import KEYS
 
@@ -346,6 +367,15 @@ def test_rows_of_an_earlier_command_stay_in_the_table(tiny_heads, tmp_path):
     table = (out / "ssv_heads.md").read_text()
     assert "| SSV w/o L_imc and L_sym |" in table and "| supervised (same V, labels) |" in table
     assert "Rows kept from earlier commands" in table and "--rows no_imc_sym" in table
+    # SSV full trained by a command with other settings is not compared with the supervised row kept beside it
+    try:
+        third = CliRunner().invoke(main, args + ["--rows", "full", "--highpass", "2"], catch_exceptions=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert third.exit_code == 0, third.output
+    within = json.loads((out / "ssv_heads.json").read_text())["goals"]["SSV full within 1.3x of supervised"]
+    assert within["met"] is None and "other d_highpass" in within["detail"]
+    assert "- SSV full within 1.3x of supervised: not compared (" in (out / "ssv_heads.md").read_text()
 
 
 def _side_folder(root, n, seed):
