@@ -41,6 +41,7 @@ import torch
 from common.cli import ViewsslCommand, comma_list, invocation, resolve_device
 from common.errors import ViewsslError
 from ssv.cli import PRESET_CHOICES
+from ssv.trainer import SSVTrainer, default_config, lr_multiplier, lr_schedule, sample_styles, sample_viewpoints
 
 log = logging.getLogger("viewssl.experiments.ssv_heads")
 
@@ -255,7 +256,6 @@ def cycle_errors(trainer, n: int = 512, seed: int = 0) -> dict[str, float]:
     the azimuth: ``cycle/r_az_shading``, Pearson r of the sampled azimuth with the samples' left-right brightness
     asymmetry. {} without S."""
     from common.geometry import angular_difference
-    from ssv.trainer import sample_styles, sample_viewpoints
 
     if getattr(trainer, "supervised", True):
         return {}
@@ -291,7 +291,6 @@ def side_probes(trainer, train_dir: Path, test_dir: Path, limit: int = 4000, n_f
     from common.data.labels import LabeledFolder
     from common.eval.probes import linear_probe
     from ssv.model_io import SSVPoseModel
-    from ssv.trainer import sample_styles, sample_viewpoints
 
     if getattr(trainer, "supervised", True):
         return {}
@@ -412,11 +411,23 @@ def markdown(results: dict, command: str, wall: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def settings_diff(config: dict, row: str, other: dict, other_row: str) -> list[str]:
+def settings_diff(config: dict, row: str, other: dict, other_row: str, steps: int | None = None) -> list[str]:
     """The config keys in which the runs of two rows differ beyond what rows of one ablation may (the seed, the
-    steps, the loss switches, Phi, V_ema's decay; S's augmentations when one is the supervised row)."""
-    ignore = ROW_KEYS | PHI_KEYS | EVAL_ONLY_KEYS | (SUPERVISED_FREE_KEYS if "supervised" in (row, other_row) else set())
-    return sorted(k for k in (set(config) | set(other)) - ignore if config.get(k) != other.get(k))
+    steps, the loss switches, Phi, V_ema's decay; S's augmentations when one is the supervised row). The learning-rate
+    decay keys count only where the two schedules differ on one of the first ``steps`` steps (the steps both rows
+    trained; None: any difference counts), so that a decay that starts after the shorter row stopped is no
+    difference."""
+    ignore = ROW_KEYS | PHI_KEYS | EVAL_ONLY_KEYS | set(SSVTrainer.LR_DECAY_KEYS)
+    if "supervised" in (row, other_row):
+        ignore |= SUPERVISED_FREE_KEYS
+    diff = [k for k in (set(config) | set(other)) - ignore if config.get(k) != other.get(k)]
+    lr = [k for k in SSVTrainer.LR_DECAY_KEYS if config.get(k) != other.get(k)]
+    if lr and steps is not None:
+        defaults = default_config()
+        schedules = [lr_schedule({**defaults, **c}) for c in (config, other)]
+        if all(lr_multiplier(s, *schedules[0]) == lr_multiplier(s, *schedules[1]) for s in range(steps)):
+            lr = []
+    return sorted(diff + lr)
 
 
 def check_goals(rows: dict, configs: dict | None = None) -> dict:
@@ -430,7 +441,9 @@ def check_goals(rows: dict, configs: dict | None = None) -> dict:
         configs_ = configs or {}
         for a, b in zip(names, names[1:]):
             if a in configs_ and b in configs_:
-                diff = settings_diff(configs_[a], a, configs_[b], b)
+                trained = [rows.get(r, {}).get("steps") for r in (a, b)]
+                both = min(trained) if all(isinstance(t, int) for t in trained) else None
+                diff = settings_diff(configs_[a], a, configs_[b], b, both)
                 if diff:
                     return f"not compared: {a} and {b} were trained with other {', '.join(diff)}"
         return ""
@@ -526,7 +539,6 @@ def run(data, out, preset, steps, sup_steps, row_names: list[str], batch_size, s
         lr_final=None) -> dict:
     from common.training import fit
     from ssv.cli import build_config
-    from ssv.trainer import SSVTrainer
 
     t_start = time.perf_counter()
     if threads:

@@ -52,6 +52,7 @@ def collect(folders: list[Path], ema: bool = False) -> tuple[dict[str, dict[int,
     curves: dict[str, dict[int, dict[int, float]]] = {}
     shared: dict | None = None
     shared_from = shared_row = None
+    shared_last = 0
     phi: dict[str, tuple[dict, Path]] = {}
     origin: dict[tuple[str, int], Path] = {}  # the run folder each (row, seed) comes from
     for path in map(Path, folders):
@@ -80,12 +81,6 @@ def collect(folders: list[Path], ema: bool = False) -> tuple[dict[str, dict[int,
                 seed = int(config["seed"])
             except (OSError, ValueError, KeyError, TypeError) as e:
                 raise ViewsslError(f"cannot read the run's seed ({type(e).__name__}: {e})", config_path) from None
-            settings = {k: v for k, v in config.items() if k not in ROW_KEYS | PHI_KEYS | EVAL_ONLY_KEYS}
-            if shared is not None:
-                _refuse(settings_diff(config, row, shared, shared_row), shared_from, config_path,
-                        "rows of one ablation")
-            if shared is None or (shared_row == "supervised" and row != "supervised"):
-                shared, shared_from, shared_row = settings, config_path, row  # an SSV row is the reference
             row_phi = {k: config.get(k) for k in PHI_KEYS}
             phi_ref, phi_from = phi.setdefault(row, (row_phi, config_path))
             _refuse(sorted(k for k in PHI_KEYS if row_phi[k] != phi_ref[k]), phi_from, config_path,
@@ -108,6 +103,16 @@ def collect(folders: list[Path], ema: bool = False) -> tuple[dict[str, dict[int,
                 kept_steps = [i for i, s in enumerate(steps) if s <= r["steps"]]
                 steps, values = [steps[i] for i in kept_steps], [values[i] for i in kept_steps]
             final = (r.get("metrics") or {}).get(f"{prefix}calibrated/mae")
+            # the last step this row counts at: a learning-rate decay counts where it changed a step up to there
+            # (a row resumed with --lr-decay after a kept table of it is that table's training)
+            last = max(steps + ([int(r["steps"])] if isinstance(r.get("steps"), int) else []), default=0)
+            settings = {k: v for k, v in config.items() if k not in ROW_KEYS | PHI_KEYS | EVAL_ONLY_KEYS}
+            if shared is not None:
+                _refuse(settings_diff(config, row, shared, shared_row, min(last, shared_last)), shared_from,
+                        config_path, "rows of one ablation")
+            if shared is None or (shared_row == "supervised" and row != "supervised"):
+                # an SSV row is the reference
+                shared, shared_from, shared_row, shared_last = settings, config_path, row, last
             if not steps and final is None:
                 continue  # ema: a run from before V_ema
             curve = curves.setdefault(row, {}).setdefault(seed, {})

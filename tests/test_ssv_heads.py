@@ -54,6 +54,15 @@ def test_goals_are_not_compared_across_rows_trained_with_other_settings():
     ordering = goals["ablation ordering full < no_imc < no_imc_sym"]
     assert ordering["met"] is None and "no_imc and no_imc_sym were trained with other preset" in ordering["detail"]
     assert goals["SSV full learned (at least 10% below the random floor)"]["met"] is True  # one row: nothing to match
+    # one command's --lr-decay reaches every row: a decay that starts after the supervised row's last step is no
+    # difference; one that changed steps both rows trained is
+    rows["full"]["steps"], rows["supervised"]["steps"] = 6000, 2000
+    configs = {"full": {**base, "lr_decay_start": 4000, "lr_decay_end": 6000},
+               "supervised": {**base, "supervised": True, "steps": 2000}}
+    assert check_goals(rows, configs)["SSV full within 1.3x of supervised"]["met"] is True
+    configs["full"]["lr_decay_start"] = 1000
+    within = check_goals(rows, configs)["SSV full within 1.3x of supervised"]
+    assert within["met"] is None and "other lr_decay_end, lr_decay_start" in within["detail"]
 
 
 def test_goals_met_when_ssv_learned_and_is_close_to_supervised():

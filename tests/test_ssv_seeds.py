@@ -138,6 +138,21 @@ def test_a_kept_table_is_its_rows_at_its_step_not_the_training_after_it(tmp_path
     assert curves["full"] == {0: {500: 25.0, 1000: 18.5, 1500: 14.0, 2000: 11.0}}
 
 
+def test_a_kept_table_of_a_row_resumed_later_with_a_learning_rate_decay_is_still_one_ablation(tmp_path):
+    # seed 0 trained to 1,000 (its table kept), then resumed with a decay from 1,000 to 3,000; seed 1 without a decay
+    decay = dict(lr_decay_start=1000, lr_decay_end=3000, lr_final=0.1)
+    a = _folder(tmp_path / "a", 0, {"full": (3000, 9.0, {500: 25.0, 1000: 18.0, 2000: 12.0})}, **decay)
+    (a / "ssv_heads_1000.json").write_text(json.dumps({"rows": {"full": {"steps": 1000,
+                                                                          "metrics": {"calibrated/mae": 18.0}}}}))
+    b = _folder(tmp_path / "b", 1, {"full": (1000, 19.0, {500: 26.0})}, lr_decay_start=0, lr_decay_end=0)
+    curves, _ = collect([a / "ssv_heads_1000.json", b])
+    assert curves["full"] == {0: {500: 25.0, 1000: 18.0}, 1: {500: 26.0, 1000: 19.0}}
+    # both trained on past 1,000, one with the decay and one without: not one ablation
+    c = _folder(tmp_path / "c", 1, {"full": (2000, 14.0, {500: 26.0})}, lr_decay_start=0, lr_decay_end=0)
+    with pytest.raises(ViewsslError, match=r"c/full/config.json.*differ.*lr_decay_end, lr_decay_start"):
+        collect([a, c])
+
+
 def test_two_runs_of_one_row_and_seed_are_refused_not_merged(tmp_path):
     a = _folder(tmp_path / "a", 1, {"full": (1000, 18.0, {500: 30.0})})
     b = _folder(tmp_path / "b", 1, {"full": (1000, 28.0, {500: 29.0})})
