@@ -28,6 +28,7 @@ e.g. without ``--highpass``) is not compared: the table names the keys.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -64,9 +65,7 @@ GOAL_RATIO = 1.3
 #: config keys in which the rows of one ablation may differ (the seed, and the switches of ROWS)
 ROW_KEYS = {"seed", "steps", "eval_data", "supervised", "w_imc", "w_sym", "w_gsym"}
 #: L_imc's feature network: unused without L_imc (only the seeds of one row must agree on it)
-PHI_KEYS = {"phi", "phi_size", "phi_weights"}
-#: S's augmentations, which the supervised row leaves off (it trains V alone)
-SUPERVISED_FREE_KEYS = {"augment_gain", "g_ball_mask"}
+PHI_KEYS = set(SSVTrainer.PHI_KEYS)
 #: what only changes what is evaluated beside V, never the training (runs from before V_ema have no such key)
 EVAL_ONLY_KEYS = {"v_ema_decay"}
 
@@ -213,7 +212,7 @@ def learning_curves(rows: dict, path: Path, title: str = "") -> bool:
     for name, (steps, values) in curves.items():
         line, = ax.plot(steps, values, marker="o", markersize=3, label=ROW_TITLES.get(name, name))
         colors[name] = line.get_color()
-        ema_steps, ema_values = eval_history(rows[name]["run_dir"], "ema/viewpoint/calibrated/mae")
+        ema_steps, ema_values = ema_history(rows[name]["run_dir"])
         if len(ema_steps) >= 2:
             ax.plot(ema_steps, ema_values, color=line.get_color(), linestyle=":",
                     label=f"{ROW_TITLES.get(name, name)}, V EMA")
@@ -413,18 +412,19 @@ def markdown(results: dict, command: str, wall: float) -> str:
 
 def settings_diff(config: dict, row: str, other: dict, other_row: str, steps: int | None = None) -> list[str]:
     """The config keys in which the runs of two rows differ beyond what rows of one ablation may (the seed, the
-    steps, the loss switches, Phi, V_ema's decay; S's augmentations when one is the supervised row). The learning-rate
-    decay keys count only where the two schedules differ on one of the first ``steps`` steps (the steps both rows
-    trained; None: any difference counts), so that a decay that starts after the shorter row stopped is no
-    difference."""
+    steps, the loss switches, Phi, V_ema's decay; every setting of S when one is the supervised row, which trains V
+    alone). A key a config lacks (a run from before its option) has the value that runs from before it trained with.
+    The learning-rate decay keys count only where the two schedules differ on one of the first ``steps`` steps (the
+    steps both rows trained; None: any difference counts), so that a decay that starts after the shorter row stopped
+    is no difference."""
     ignore = ROW_KEYS | PHI_KEYS | EVAL_ONLY_KEYS | set(SSVTrainer.LR_DECAY_KEYS)
     if "supervised" in (row, other_row):
-        ignore |= SUPERVISED_FREE_KEYS
+        ignore |= set(SSVTrainer.GAN_ONLY_KEYS)
+    config, other = ({**SSVTrainer.resume_defaults, **c} for c in (config, other))
     diff = [k for k in (set(config) | set(other)) - ignore if config.get(k) != other.get(k)]
     lr = [k for k in SSVTrainer.LR_DECAY_KEYS if config.get(k) != other.get(k)]
     if lr and steps is not None:
-        defaults = default_config()
-        schedules = [lr_schedule({**defaults, **c}) for c in (config, other)]
+        schedules = [lr_schedule(c) for c in (config, other)]
         if all(lr_multiplier(s, *schedules[0]) == lr_multiplier(s, *schedules[1]) for s in range(steps)):
             lr = []
     return sorted(diff + lr)
@@ -439,7 +439,7 @@ def check_goals(rows: dict, configs: dict | None = None) -> dict:
 
     def incomparable(names) -> str:
         configs_ = configs or {}
-        for a, b in zip(names, names[1:]):
+        for a, b in itertools.combinations(names, 2):
             if a in configs_ and b in configs_:
                 trained = [rows.get(r, {}).get("steps") for r in (a, b)]
                 both = min(trained) if all(isinstance(t, int) for t in trained) else None
@@ -636,16 +636,40 @@ def ema_is_an_average(trainer, steps: int) -> bool:
 
 
 def ema_since(run_dir: Path) -> int:
-    """The step V_ema started at, from the periodic evaluations of ``run_dir/metrics.jsonl``: their ``ema/since``;
-    in a log from before that key, 0 when the first evaluation already scored V_ema, else the step of the first one
-    that did (V_ema started after the last evaluation without it: the latest it can have started, so that no
-    evaluation of a V_ema younger than :func:`ema_scored_from` allows is taken)."""
-    steps, since = eval_history(run_dir, "ema/since")
+    """The step V_ema started at in the run ``run_dir``: the ``ema/since`` of its periodic evaluations
+    (``metrics.jsonl``); in a log from before that key, the ``v_ema_since`` of its newest checkpoint; without one
+    either, 0 when the first evaluation already scored V_ema, else the step of the first one that did (V_ema started
+    after the last evaluation without it: the latest it can have started, so that no evaluation of a V_ema younger
+    than :func:`ema_scored_from` allows is taken)."""
+    from common.training import find_checkpoint
+
+    _, since = eval_history(run_dir, "ema/since")
     if since:
         return int(since[-1])
+    try:
+        ckpt, _ = find_checkpoint(run_dir)
+        if "v_ema_since" in ckpt:
+            return int(ckpt["v_ema_since"])
+    except ViewsslError:
+        pass  # no readable checkpoint
     v_steps, _ = eval_history(run_dir)
     ema_steps, _ = eval_history(run_dir, "ema/viewpoint/calibrated/mae")
     return 0 if not ema_steps or not v_steps or ema_steps[0] <= v_steps[0] else ema_steps[0]
+
+
+def ema_history(run_dir: Path, key: str = "viewpoint/calibrated/mae") -> tuple[list[int], list[float]]:
+    """As :func:`eval_history` for V_ema's ``ema/{key}``, without the evaluations of a V_ema too young to score
+    (:func:`ema_scored_from`; the decay from the run's ``config.json``)."""
+    steps, values = eval_history(run_dir, f"ema/{key}")
+    if not steps:
+        return steps, values
+    try:
+        decay = json.loads((Path(run_dir) / "config.json").read_text()).get("v_ema_decay")
+    except (OSError, ValueError, AttributeError):
+        decay = None
+    first = ema_scored_from(ema_since(run_dir), float(decay or default_config()["v_ema_decay"]))
+    kept = [i for i, s in enumerate(steps) if s >= first]
+    return [steps[i] for i in kept], [values[i] for i in kept]
 
 
 def _row_configs(out: Path, rows: dict) -> dict[str, dict]:

@@ -11,12 +11,13 @@ values seed by seed beside them), and checks the paper's ordering full < no_imc 
 three rows at that step: on their means, and seed by seed, with each step of it seed by seed (``no_imc-full``,
 ``no_imc_sym-no_imc``: how much worse the row without the loss is; > 0 is in order), with their mean and the one-sided p
 of a paired t-test over the seeds (small p: the loss helps beyond the seed noise). Folders whose runs differ in anything
-but the seed and the loss switches of the rows (preset, image size, high-pass, ...) are refused; the supervised row may
-also leave off S's augmentations (``ssv_heads`` trains it without them). Writes ``OUT/ssv_seeds.md``,
-``OUT/ssv_seeds.json`` and ``OUT/ssv_seeds.png`` (thin lines: seeds; thick: the mean where every seed of the row was
-evaluated). ``--ema`` does all this for V_ema, the moving average of V's weights that runs keep since it exists (rows
-without it are left out; of a run resumed from before it, only the evaluations 3 / (1 - decay) steps after V_ema
-started, as ``ssv_heads`` scores it).
+but the seed, the steps, the loss switches of the rows and L_imc's feature network (preset, image size, high-pass, ...)
+are refused (``ssv_heads.settings_diff``, every pair of rows): a learning-rate decay only where it changed a step both
+rows trained up to the last step they count at; the supervised row's settings of S, which it never uses, not at all.
+Writes ``OUT/ssv_seeds.md``, ``OUT/ssv_seeds.json`` and ``OUT/ssv_seeds.png`` (thin lines: seeds; thick: the mean where
+every seed of the row was evaluated). ``--ema`` does all this for V_ema, the moving average of V's weights that runs
+keep since it exists (rows without it are left out; of a run resumed from before it, only the evaluations from
+3/(1-decay) steps after V_ema started on, as ``ssv_heads`` scores it).
 
 With a full row and a supervised row, the 1.3x goal of issue 4 is checked on each row at the last step where all
 its seeds were evaluated (the rows may stop at different steps, SSV needing many more; seeds of a row trained
@@ -34,10 +35,9 @@ import click
 
 from common.cli import ViewsslCommand
 from common.errors import ViewsslError
-from ssv.trainer import default_config
 
-from .ssv_heads import (EVAL_ONLY_KEYS, GOAL_RATIO, PHI_KEYS, ROW_KEYS, ROW_TITLES, ROWS, draw_goal, ema_scored_from,
-                         ema_since, eval_history, save_mae_plot, settings_diff)
+from .ssv_heads import (EVAL_ONLY_KEYS, GOAL_RATIO, PHI_KEYS, ROW_KEYS, ROW_TITLES, ROWS, draw_goal, ema_history,
+                         eval_history, save_mae_plot, settings_diff)
 
 ORDER = ("full", "no_imc", "no_imc_sym")
 #: the steps of the ordering, each named "worse-better" (no_imc-full: how much worse the row without L_imc is)
@@ -51,8 +51,8 @@ def collect(folders: list[Path], ema: bool = False) -> tuple[dict[str, dict[int,
     prefix = "ema/" if ema else ""
     curves: dict[str, dict[int, dict[int, float]]] = {}
     shared: dict | None = None
-    shared_from = shared_row = None
-    shared_last = 0
+    shared_row = None
+    accepted: list[tuple[dict, str, int, Path]] = []  # (config, row, last step counted, config path) taken so far
     phi: dict[str, tuple[dict, Path]] = {}
     origin: dict[tuple[str, int], Path] = {}  # the run folder each (row, seed) comes from
     for path in map(Path, folders):
@@ -90,31 +90,28 @@ def collect(folders: list[Path], ema: bool = False) -> tuple[dict[str, dict[int,
             if first != run:
                 raise ViewsslError(f"row {row} of seed {seed} is also in {first}: two runs of one seed cannot be "
                                    f"told apart (pass one of them)", folder / row)
-            steps, values = eval_history(folder / row, f"{prefix}viewpoint/calibrated/mae")
-            if ema and steps:
-                # a V_ema started late (a run resumed from before it) is V itself at first: its evaluations from
-                # then on only (the table's final figure already follows the same rule)
-                decay = float(config.get("v_ema_decay") or default_config()["v_ema_decay"])
-                first = ema_scored_from(ema_since(folder / row), decay)
-                kept_steps = [i for i, s in enumerate(steps) if s >= first]
-                steps, values = [steps[i] for i in kept_steps], [values[i] for i in kept_steps]
+            # V_ema: without the evaluations of one started late (a run resumed from before it), which is V itself
+            # at first (the table's final figure follows the same rule)
+            steps, values = (ema_history if ema else eval_history)(folder / row)
             if kept and isinstance(r.get("steps"), int):
                 # a kept table is its rows at its step: the evaluations of the training after it are not its own
                 kept_steps = [i for i, s in enumerate(steps) if s <= r["steps"]]
                 steps, values = [steps[i] for i in kept_steps], [values[i] for i in kept_steps]
             final = (r.get("metrics") or {}).get(f"{prefix}calibrated/mae")
-            # the last step this row counts at: a learning-rate decay counts where it changed a step up to there
-            # (a row resumed with --lr-decay after a kept table of it is that table's training)
-            last = max(steps + ([int(r["steps"])] if isinstance(r.get("steps"), int) else []), default=0)
-            settings = {k: v for k, v in config.items() if k not in ROW_KEYS | PHI_KEYS | EVAL_ONLY_KEYS}
-            if shared is not None:
-                _refuse(settings_diff(config, row, shared, shared_row, min(last, shared_last)), shared_from,
-                        config_path, "rows of one ablation")
-            if shared is None or (shared_row == "supervised" and row != "supervised"):
-                # an SSV row is the reference
-                shared, shared_from, shared_row, shared_last = settings, config_path, row, last
             if not steps and final is None:
                 continue  # ema: a run from before V_ema
+            # checked against every row taken so far: a learning-rate decay counts where it changed a step both
+            # rows trained up to the last step they count at (a row resumed with --lr-decay after a kept table of
+            # it is that table's training), which is not a relation that carries over from one pair to the next
+            last = max(steps + ([int(r["steps"])] if final is not None else []))
+            for other, other_row, other_last, other_path in accepted:
+                _refuse(settings_diff(config, row, other, other_row, min(last, other_last)), other_path,
+                        config_path, "rows of one ablation")
+            accepted.append((config, row, last, config_path))
+            if shared is None or (shared_row == "supervised" and row != "supervised"):
+                # the settings they share, as an SSV row has them
+                shared = {k: v for k, v in config.items() if k not in ROW_KEYS | PHI_KEYS | EVAL_ONLY_KEYS}
+                shared_row = row
             curve = curves.setdefault(row, {}).setdefault(seed, {})
             curve.update(zip(steps, values))
             if final is not None:

@@ -111,6 +111,9 @@ def test_a_supervised_row_may_leave_off_the_augmentations_of_s_and_nothing_else(
     c = _folder(tmp_path / "c", 1, {"no_imc": (1000, 19.0, {})}, augment_gain=0.0, g_ball_mask=True)
     with pytest.raises(ViewsslError, match=r"c/no_imc/config.json.*differ.*augment_gain"):
         collect([sup, a, c])
+    # nor any other setting of S, which the supervised row never uses (a preset default changed since it ran)
+    s2 = _folder(tmp_path / "s2", 1, {"supervised": (1000, 6.5, {})}, n_mlp=4, g_channels_2d=[8, 4], lr_d=1.0)
+    assert collect([a, s2, b])[0]["supervised"] == {1: {1000: 6.5}}
     d = _folder(tmp_path / "d", 0, {"supervised": (1000, 6.0, {})}, augment_gain=0.0, image_size=32)
     with pytest.raises(ViewsslError, match=r"d/supervised/config.json.*differ.*image_size"):
         collect([a, d])
@@ -151,6 +154,32 @@ def test_a_kept_table_of_a_row_resumed_later_with_a_learning_rate_decay_is_still
     c = _folder(tmp_path / "c", 1, {"full": (2000, 14.0, {500: 26.0})}, lr_decay_start=0, lr_decay_end=0)
     with pytest.raises(ViewsslError, match=r"c/full/config.json.*differ.*lr_decay_end, lr_decay_start"):
         collect([a, c])
+
+
+def test_every_pair_of_rows_is_checked_whatever_the_order_of_the_folders(tmp_path):
+    # A stops at 1,000 (before B's decay), so A agrees with B and with C; B and C do not agree with each other
+    a = _folder(tmp_path / "a", 0, {"full": (1000, 18.0, {})})
+    b = _folder(tmp_path / "b", 1, {"full": (3000, 9.0, {2000: 12.0})}, lr_decay_start=2000, lr_decay_end=3000)
+    c = _folder(tmp_path / "c", 2, {"full": (3000, 10.0, {2000: 13.0})})
+    fresh = tmp_path / "d"  # a row that has nothing yet (no evaluation, no table): it constrains nothing
+    (fresh / "full").mkdir(parents=True)
+    (fresh / "full" / "config.json").write_text(json.dumps({**CONFIG, **SWITCHES["full"], "seed": 3}))
+    for order in ([a, b, c], [b, c, a], [b, a, c], [fresh, b, c]):
+        with pytest.raises(ViewsslError, match=r"differ.*lr_decay_end, lr_decay_start"):
+            collect(order)
+    assert set(collect([fresh, a, b])[0]["full"]) == {0, 1}
+
+
+def test_a_key_a_run_from_before_its_option_lacks_has_the_value_it_trained_with(tmp_path):
+    a = _folder(tmp_path / "a", 0, {"full": (1000, 18.0, {})}, d_highpass=0.0, g_ball_mask=False)
+    b = _folder(tmp_path / "b", 1, {"full": (1000, 19.0, {})})
+    config = json.loads((b / "full" / "config.json").read_text())
+    del config["d_highpass"]  # from before --highpass (and --ball-mask), trained without them
+    (b / "full" / "config.json").write_text(json.dumps(config))
+    assert set(collect([a, b])[0]["full"]) == {0, 1}
+    c = _folder(tmp_path / "c", 2, {"full": (1000, 19.0, {})}, d_highpass=2.0)
+    with pytest.raises(ViewsslError, match=r"differ.*d_highpass"):
+        collect([b, c])
 
 
 def test_two_runs_of_one_row_and_seed_are_refused_not_merged(tmp_path):
@@ -266,6 +295,16 @@ def test_ema_of_a_run_resumed_from_before_v_ema_counts_only_once_it_averaged_som
     assert sorted(curves["full"][1]) == [3000]
     assert curves["full"][2] == {s: v - 1.0 for s, v in history.items()}
     assert sorted(collect([a, b, c])[0]["full"][0]) == sorted(history)  # V itself: every evaluation
+    # an older log whose first evaluation already had V_ema: from step 0; a checkpoint's v_ema_since wins over that
+    path = c / "full" / "metrics.jsonl"
+    path.write_text("".join(json.dumps({k: v for k, v in json.loads(line).items() if k != "ema/since"}) + "\n"
+                            for line in path.read_text().splitlines()))
+    assert ema_since(c / "full") == 0
+    from common.io import atomic_save
+
+    atomic_save({"family": "ssv", "config": {}, "step": 3000, "modules": {}, "v_ema_since": 1000},
+                c / "full" / "checkpoints" / "ckpt-00003000.pt")
+    assert ema_since(c / "full") == 1000
 
 
 def test_the_goal_compares_each_row_at_its_last_step(tmp_path):
