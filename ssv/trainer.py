@@ -14,7 +14,8 @@ One :meth:`SSVTrainer.train_step` = one V (critic) step then one S (generator) s
 **S step** (V frozen, in train mode as in the release): a batch of 3 groups (z2, v2), (z2, v3), (z3, v2) of
 ``g_group`` samples each; ``-E V(S) + w_style ||z - z_hat||^2 + w_view L_v(v, v_hat)`` and the generator symmetry
 ``w_gsym SmoothL1(S(z2, flip v2), sg hflip S(z2, v2))``. Then the EMA generator is updated (decay ``ema_decay``,
-ramped up as min(ema_decay, (1 + step) / (10 + step)); it only draws the sample grids).
+ramped up as min(ema_decay, (1 + step) / (10 + step)); it draws the sample grids and the samples of
+the experiments' diagnostics, and never feeds back into training).
 
 **EMA of V** (``v_ema_decay`` > 0, not in the release): after every V step ``V_ema`` <- the same ramped average of V's
 weights. It never feeds back into training (the trajectory of V and S is the same with or without it) and is
