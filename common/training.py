@@ -9,7 +9,8 @@ runs its own loss phases) and hands it to :func:`fit`, which owns everything tha
   every rank, config, family), written atomically; the data order needs no state because :func:`batch_iterator`
   derives it from (seed, step);
 - ``resume="auto"``: the newest *readable* checkpoint (a truncated one is reported and the previous one used);
-  a different config is refused with the keys that differ, unless ``force``;
+  a different config is refused with the keys that differ, unless ``force`` (then the optimisers' settings are
+  the new config's; their state and a scheduled lr are the checkpoint's);
 - the run folder is locked for the run (:func:`common.io.folder_lock`): a second process resuming it is refused;
 - SIGINT / SIGTERM: the current step finishes, a checkpoint is written, then :class:`TrainingInterrupted` is raised;
 - a non-finite loss term stops the run with the step and the terms named; the last good checkpoint is kept.
@@ -116,10 +117,23 @@ class Trainer:
                 raise ViewsslError(f"checkpoint lacks {group} {', '.join(missing)}", source)
             for name, obj in mine.items():
                 try:
+                    settings = _optimizer_settings(obj) if group == "optimizers" else None
                     (_unwrap(obj) if group == "modules" else obj).load_state_dict(saved[name])
+                    if settings is not None:
+                        # the optimiser's state (momenta, moments) resumes; its settings (weight decay, momentum,
+                        # betas, a trainer's base_lr, ...) are this config's: the checkpoint's unless --force changed
+                        # them. The lr itself resumes, as a torch scheduler keeps it there (trainers that set it
+                        # from the step alone set it again at the next step)
+                        for g, mine_ in zip(obj.param_groups, settings):
+                            g.update(mine_)
                 except (RuntimeError, ValueError, KeyError) as e:
                     first = str(e).strip().splitlines()[0][:200]
                     raise ViewsslError(f"{group[:-1]} {name!r} does not match this config ({first})", source) from e
+
+
+def _optimizer_settings(optimizer) -> list[dict]:
+    """Each param group's settings as built from the config: all but its parameters and the lr a scheduler moves."""
+    return [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")} for g in optimizer.param_groups]
 
 
 def _unwrap(module):

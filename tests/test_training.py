@@ -26,7 +26,7 @@ class ToyTrainer(Trainer):
         super().__init__(config, device)
         seed_everything(config["seed"])
         self.net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Dropout(0.2), torch.nn.Linear(16, 1))
-        self.opt = torch.optim.SGD(self.net.parameters(), lr=config["lr"], momentum=0.9)
+        self.opt = torch.optim.SGD(self.net.parameters(), lr=config["lr"], momentum=config.get("momentum", 0.9))
         self.sched = torch.optim.lr_scheduler.StepLR(self.opt, step_size=3, gamma=0.5)
         g = torch.Generator().manual_seed(0)
         x = torch.randn(40, 4, generator=g)
@@ -120,6 +120,12 @@ def test_resume_with_different_config_is_refused(tmp_path):
         fit(ToyTrainer({"seed": 0, "lr": 0.02}), tmp_path, steps=4, resume="auto", progress=False)
     out = fit(ToyTrainer({"seed": 0, "lr": 0.02}), tmp_path, steps=4, resume="auto", force=True, progress=False)
     assert out["start_step"] == 2
+    # forced: the optimiser's settings are the new config's, its momentum buffers and scheduled lr the checkpoint's
+    forced = ToyTrainer({"seed": 0, "lr": 0.02, "momentum": 0.5})
+    fit(forced, tmp_path, steps=4, resume="auto", force=True, progress=False, checkpoint_every=0)
+    group = forced.opt.param_groups[0]
+    assert group["momentum"] == 0.5 and group["lr"] == pytest.approx(0.01 * 0.5)  # StepLR: halved at step 3
+    assert all("momentum_buffer" in forced.opt.state[p] for p in forced.net.parameters())
 
 
 def test_resume_past_the_requested_steps_is_refused(tmp_path):

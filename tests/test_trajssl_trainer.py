@@ -140,6 +140,13 @@ def test_resume_refuses_other_config_unless_forced(bench, tmp_path):
     r = fit(EncoderTrainer({**cfg, "temperature": 0.5}, CPU), tmp_path / "run", steps=2, resume="auto", force=True,
             progress=False)
     assert r["step"] == 2
+    # a forced new lr and weight decay are the ones trained with (not the checkpoint's), and the logged lr is the
+    # one applied
+    forced = EncoderTrainer({**cfg, "temperature": 0.5, "lr": 0.01, "weight_decay": 0.0}, CPU)
+    r = fit(forced, tmp_path / "run", steps=3, resume="auto", force=True, progress=False, log_every=1)
+    weights = forced.optimizer.param_groups[0]
+    assert weights["base_lr"] == 0.01 and weights["weight_decay"] == 0.0
+    assert r["terms"]["lr"] == pytest.approx(weights["lr"])
 
 
 def test_resume_with_more_steps_does_not_stretch_the_schedule(bench, tmp_path):
