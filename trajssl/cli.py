@@ -32,11 +32,13 @@ def run_tag(method: str, traj_weight: float, traj_layer: str, pairs: str) -> str
               help="Weight of the trajectory loss on unaugmented geodesic triplets (paper: 0.2; 0 = off). Needs "
                    "DIR/triplets/train (--pairs dual: consecutive frames of DIR/sequences/train instead).")
 @click.option("--traj-layer", type=click.Choice(TRAJ_LAYERS), default="pooled", show_default=True,
-              help="Features the trajectory loss straightens: pooled 512-d, or a flattened mid-layer map.")
+              help="Features the trajectory loss straightens: pooled 512-d, or a mid-layer map average-pooled to "
+                   "4x4 cells and flattened.")
 @click.option("--pairs", type=click.Choice(PAIR_MODES), default="augment", show_default=True,
               help="Positive pairs: two augmentations of one image (augment), or a frame and a partner of the same "
-                   "sequence at offset 0 (same), 1-2 frames (nearby) or anywhere (distant), from DIR/sequences/train; "
-                   "dual = two projector heads on one trunk, one on nearby and one on distant pairs, losses summed.")
+                   "sequence at offset 0 (same), 1-2 frames in frame order (nearby) or any other frame, adjacent "
+                   "ones included (distant), from DIR/sequences/train; dual = two projector heads on one trunk, one "
+                   "on nearby and one on distant pairs, losses summed.")
 @click.option("--steps", type=click.IntRange(min=1), default=200, show_default=True,
               help="Total optimiser steps (a resumed run counts the steps already done).")
 @click.option("--batch-size", type=click.IntRange(min=2), default=32, show_default=True,

@@ -4,9 +4,10 @@
   1 = centre, 2 = right), e.g. ``DIR/triplets/train`` of the synthetic benchmark. Item t holds the three images.
 - :class:`SequenceFrames`: a ``labels.csv`` folder with ``sequence`` and ``frame`` columns (``DIR/sequences/train``);
   :meth:`SequenceFrames.partners` draws, in the main process with the global torch RNG, the positive partner of each
-  frame at offset ``same`` (the frame itself), ``nearby`` (1-2 frames away) or ``distant`` (uniform over the rest of
-  its sequence), as SiamPose's pair strategies; ``dual`` (the two-head model) uses a nearby and a distant partner
-  per frame, and :meth:`SequenceFrames.consecutive` gives the (previous, frame, next) triplets of its trajectory loss.
+  frame at offset ``same`` (the frame itself), ``nearby`` (1-2 places away in frame order: ranks among the sequence's
+  kept frames, not frame numbers) or ``distant`` (uniform over the rest of its sequence), as SiamPose's pair strategies;
+  ``dual`` (the two-head model) uses a nearby and a distant partner per frame, and :meth:`SequenceFrames.consecutive`
+  gives the (previous, frame, next) triplets of its trajectory loss.
 
 Items are deterministic (the same index always gives the same tensors); every random choice is made by the trainer.
 """
@@ -110,9 +111,10 @@ class SequenceFrames(LabeledFolder):
         self._pairs = {mode: FramePairs(self, fp_mode, max_offset=2) for mode, fp_mode in self.MODES.items()}
 
     def partners(self, indices: torch.Tensor | list[int], mode: str) -> list[int]:
-        """Partner row of each index: ``same`` -> itself; ``nearby`` -> 1 or 2 frames before or after (within the
-        sequence); ``distant`` -> uniform over the other frames of the sequence. One uniform draw per index from the
-        global torch RNG (main process); a sequence of one frame pairs a frame with itself."""
+        """Partner row of each index: ``same`` -> itself; ``nearby`` -> 1 or 2 frames before or after in frame order
+        (ranks within the sequence, whatever the gaps between frame numbers); ``distant`` -> uniform over the other
+        frames of the sequence. One uniform draw per index from the global torch RNG (main process); a sequence of one
+        frame pairs a frame with itself."""
         if mode not in self._pairs:
             raise ViewsslError(f"--pairs {mode!r}: expected same, nearby or distant")
         idx = np.asarray([int(i) for i in indices], dtype=np.int64)

@@ -6,15 +6,17 @@ One step:
    the same sequence (``same`` / ``nearby`` / ``distant``; the flip is shared by both frames of a pair);
 2. the method's loss on the pooled backbone features of the two views (projector / predictor heads inside);
 3. with ``traj_weight > 0``: the trajectory loss on the *unaugmented* (left, centre, right) triplet images, at
-   the pooled features (default) or a flattened mid-layer map (``traj_layer``);
+   the pooled features (default) or a mid-layer map (``traj_layer``), average-pooled to at most ``tap_grid`` x
+   ``tap_grid`` cells (4: the taps the evaluation reads) and flattened;
 4. one optimiser step; lr from the step index (warm-up + cosine), so resuming needs no scheduler state.
 
-``--pairs dual`` (one model that is pose-informed and instance-invariant at once, the open problem SiamPose states):
-one trunk, two sets of method heads, each frame drawn with a nearby *and* a distant partner. Head A ("heads") takes
-the loss on (frame, nearby partner), head B ("heads_distant") on (frame, distant partner), each pair augmented as in
-its single-purpose mode (4 backbone passes per step instead of 2); the losses are summed. With ``traj_weight > 0``
-the trajectory loss runs on (previous, frame, next) consecutive frames of the same sequences
-(:meth:`SequenceFrames.consecutive`), unaugmented, at ``traj_layer`` of the shared trunk.
+``--pairs dual`` (one model that is pose-informed and instance-invariant at once, the open problem SiamPose states): one
+trunk, two sets of method heads, each frame drawn with a nearby *and* a distant partner. Head A ("heads") takes the loss
+on (frame, nearby partner), head B ("heads_distant") on (frame, distant partner: any other frame of the sequence, so
+sometimes an adjacent one, as SiamPose's ``uniform``), each pair augmented as in its single-purpose mode (4 backbone
+passes per step instead of 2); the losses are summed. With ``traj_weight > 0`` the trajectory loss runs on (previous,
+frame, next) consecutive frames of the same sequences (:meth:`SequenceFrames.consecutive`), unaugmented, at
+``traj_layer`` of the shared trunk.
 
 Under torchrun (WORLD_SIZE > 1) the whole network runs in one DistributedDataParallel forward, batch norms are
 synchronised (:mod:`trajssl.distributed`), InfoNCE / VICReg see the embeddings of all processes, and the batch is
