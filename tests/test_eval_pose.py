@@ -92,6 +92,31 @@ def test_calibrated_protocol_against_polyfit():
     assert out["mae"] < 5.0 < out["uncalibrated_mae"]
 
 
+@pytest.mark.parametrize("sign, zero_deg", [(1, 0.0), (-1, 180.0), (1, 120.0), (-1, -150.0)])
+def test_the_calibrated_error_does_not_depend_on_where_the_model_puts_its_zero(sign, zero_deg):
+    """Heads (yaw +-90, pitch +-60, roll +-40 deg) and a model exact but for its sign, its zero and 3 deg of noise,
+    its predictions wrapped to (-pi, pi] as an atan2 head gives them. Where the zero puts the cut inside the labelled
+    range (zero at 180 deg reversed: as mirror-consistent as zero at 0), a line on the wrapped radians cannot map
+    them; on the predictions unwrapped around their circular mean it maps every zero alike, to the noise level."""
+    rng = np.random.default_rng(0)
+    n = 2000
+    true = np.stack([rng.uniform(-1, 1, n) * np.radians(90), rng.uniform(-1, 1, n) * np.radians(60),
+                     rng.uniform(-1, 1, n) * np.radians(40)], 1)
+    pred = true + rng.normal(0, np.radians(3), (n, 3))
+    pred[:, 0] = np.angle(np.exp(1j * (sign * pred[:, 0] + np.radians(zero_deg))))
+    out = calibrated_viewpoint_errors(torch.from_numpy(pred), torch.from_numpy(true), fraction=0.1, seed=0)
+    # independently: the error of the exact inverse map on the scored frames (3 deg noise: ~2.4 deg MAE)
+    _, scored = calibration_split(n, 0.1, seed=0)
+    scored = scored.numpy()
+    exact = sign * np.angle(np.exp(1j * (pred[scored, 0] - np.radians(zero_deg))))
+    ideal = np.degrees(np.abs(exact - true[scored, 0])).mean()
+    assert out["azimuth_mae"] == pytest.approx(ideal, abs=0.05)
+    assert out["slope_azimuth"] == pytest.approx(sign, abs=0.02)
+    # the raw predictions (SSV's fit) where they do not wrap inside the labelled range, the unwrapped ones where they do
+    assert (out["center_azimuth"] is None) == (zero_deg == 0.0)
+    assert out["center_elevation"] is None and out["center_tilt"] is None
+
+
 def test_calibration_of_an_angle_all_around_the_circle_is_circular():
     """Objects seen from every azimuth: a model exact but for its own zero (57 deg) and direction. A straight line
     fitted to wrapped angles cannot map that (the wrap breaks it); the circular fit does, exactly. Checked against a

@@ -9,6 +9,8 @@ The registry :data:`METRICS` maps a name to ``fn(model: PoseModel, ctx: EvalCont
 ==================  ===========================================================================================
 ``viewpoint``       viewpoint errors, raw and SSV-calibrated, on ``heads/<split>`` and ``objects/<split>`` (or the
                     folder); needs ``predict_angles``
+``viewpoint_readout``  viewpoint MAE of a ridge read-out of the frozen features, fitted on ``<kind>/train``
+                    (:mod:`common.eval.readout`)
 ``knn_pose``        absolute pose by weighted kNN over the Fib view index, per category: ``in_domain``
                     (objects/train -> objects/<split>), ``unseen_pose`` (train_unseen_pose -> test_unseen_pose;
                     without train_unseen_pose: train -> test_unseen_pose, geodesic only since the view sets
@@ -24,8 +26,10 @@ The registry :data:`METRICS` maps a name to ``fn(model: PoseModel, ctx: EvalCont
                     also a random-neighbour baseline
 ==================  ===========================================================================================
 
-Result keys are ``metric[/tap][/set]/figure`` (the tap only when several are evaluated). Leave-one-out and
-cross-split searches exclude same-instance neighbours (``ctx.exclude_same_instance``; always the query itself).
+Result keys are ``metric[/tap][/set]/figure`` (the tap only when several are evaluated). Leave-one-out searches and
+the kNN searches of ``knn_pose``, ``knn_class`` and ``retrieval`` exclude same-instance neighbours
+(``ctx.exclude_same_instance``; always the query itself); ``box_fit``'s 1-NN from sequences/train does not (SiamPose's
+protocol: its train and test sequences are other instances).
 """
 from __future__ import annotations
 
@@ -155,7 +159,8 @@ class ViewpointAccumulator:
         self.true.append(torch.as_tensor(true_angles).detach().cpu().double().reshape(-1, 3))
 
     def compute(self, calibrated: bool = True) -> dict:
-        pred, true = torch.cat(self.pred), torch.cat(self.true)
+        empty = torch.zeros(0, 3, dtype=torch.float64)
+        pred, true = torch.cat([empty, *self.pred]), torch.cat([empty, *self.true])
         if not calibrated:
             return viewpoint_errors(pred, true)
         return evaluate_viewpoints(pred, true, self.calibration, self.seed, self.count)
@@ -290,11 +295,15 @@ def viewpoint_metric(model, ctx: EvalContext) -> dict[str, float]:
             c = res["calibrated"]
             info["calibrated"] = {
                 "protocol": "calibrated",
-                "fit": "per angle least squares gt ~ slope * pred + intercept on raw radians (SSV test_vpnet.py); "
-                       "an angle whose labels span > 270 deg: sign and circular-mean offset",
+                "fit": "per angle least squares gt ~ slope * pred + intercept (SSV test_vpnet.py) on the raw "
+                       "radians or on the predictions unwrapped around center (cut in their widest gap), whichever "
+                       "maps the calibration frames better; an angle whose labels span > 270 deg: sign and "
+                       "circular-mean offset",
                 "n_calibration": c["n_calibration"], "n_scored": c["n_scored"], "seed": c["seed"],
                 "fraction": c["fraction"], "disjoint": True,
-                **{k: c[k] for k in c if k.startswith(("slope_", "intercept_", "fit_"))},
+                **{k: c[k] for k in c if k.startswith(("slope_", "fit_"))},
+                **{f"{k}_deg": None if c[k] is None else math.degrees(c[k])
+                   for k in c if k.startswith(("intercept_", "center_"))},
             }
         ctx.record("viewpoint", **{name or "data": info})
     return out

@@ -7,8 +7,13 @@ Angles are radians inside; every figure returned here is in **degrees** (accurac
 - :func:`calibrated_viewpoint_errors`: SSV's protocol (``test_vpnet.py``): per angle a 1-D least-squares map
   ``gt ~ slope * pred + intercept`` is fitted on a seeded calibration subset of the frames and the errors are
   reported on the **disjoint** rest. A self-supervised model picks its own zero, sign and scale per axis; this fit
-  removes them (using labels, so it is not the standard protocol). The fit is on the raw radians, without wrapping,
-  exactly as SSV: it suits angles that stay within +-180 deg of each other (heads, limited azimuth ranges). An angle
+  removes them (using labels, so it is not the standard protocol). The fit is a straight line, as SSV's, on the raw
+  radians, or on the predictions unwrapped with the cut in the widest gap between them on the calibration frames
+  (:func:`prediction_center`, ``center_<angle>``), whichever it maps better there: a model whose zero puts the
+  +-180 deg cut of its predictions inside the labelled range (e.g. zero at 180 deg with the sign reversed, which the
+  mirror symmetry allows as well as zero at 0) is mapped as well as one whose zero is at 0, where SSV's fit on the
+  raw wrapped radians is not (a near-exact model scored at the "predict the mean" floor). A line suits angles that
+  stay within +-180 deg of each other (heads, limited azimuth ranges). An angle
   whose labels span more than 270 deg (:data:`CIRCULAR_SPAN`: objects seen from all around) would wrap inside any
   model's predictions, so it gets a circular fit instead: the sign (+1 or -1) and the offset (circular mean of
   ``gt - sign * pred``) with the smaller wrapped error on the calibration frames. The choice is made on all the
@@ -25,7 +30,7 @@ import math
 import numpy as np
 import torch
 
-from ..geometry import angles_to_matrix, angular_difference, geodesic_distance
+from ..geometry import angles_to_matrix, angular_difference, geodesic_distance, wrap_angle
 from .knn import knn_classify
 
 __all__ = [
@@ -35,6 +40,8 @@ __all__ = [
     "circular_angles",
     "fit_angle_calibration",
     "apply_angle_calibration",
+    "prediction_center",
+    "unwrap_around",
     "calibration_split",
     "calibrated_viewpoint_errors",
     "evaluate_viewpoints",
@@ -153,6 +160,28 @@ def fit_angle_calibration(pred_angles, true_angles, circular=None, return_kinds:
     return (*fit, kinds) if return_kinds else fit
 
 
+def prediction_center(pred_angles) -> torch.Tensor:
+    """Per angle, the point of the circle opposite the middle of the widest gap between the predictions: (N, 3)
+    radians -> (3,) float64. Unwrapped around it (:func:`unwrap_around`), predictions that wrap across +-pi inside
+    their own range become one run of numbers again, and predictions that do not wrap stay as they are."""
+    p = torch.remainder(_angles(pred_angles, "pred_angles"), 2 * math.pi)
+    center = torch.zeros(3, dtype=torch.float64)
+    if p.shape[0] == 0:
+        return center
+    for j in range(3):
+        a = torch.sort(p[:, j]).values
+        gaps = torch.diff(torch.cat([a, a[:1] + 2 * math.pi]))  # the gap after each prediction, around the circle
+        i = int(torch.argmax(gaps))
+        center[j] = wrap_angle(a[i] + gaps[i] / 2 + math.pi)
+    return center
+
+
+def unwrap_around(pred_angles, center: torch.Tensor) -> torch.Tensor:
+    """``center + wrap(pred - center)`` per angle: the same angles, as radians within +-pi of ``center`` (N, 3)."""
+    p = _angles(pred_angles, "pred_angles")
+    return center + wrap_angle(p - center)
+
+
 def apply_angle_calibration(pred_angles, slope: torch.Tensor, intercept: torch.Tensor) -> torch.Tensor:
     """``slope * pred + intercept`` per angle: (N, 3) float64 on the CPU, whatever device ``pred_angles`` is on."""
     return _angles(pred_angles, "pred_angles") * slope.detach().cpu().double() + intercept.detach().cpu().double()
@@ -177,13 +206,29 @@ def calibrated_viewpoint_errors(
     """SSV's protocol: :func:`viewpoint_errors` on the frames outside a seeded calibration subset, after mapping the
     predictions with the per-angle linear fit made on that subset.
 
-    Returns the :data:`VIEWPOINT_KEYS` plus ``protocol="calibrated"``, ``n_calibration``, ``n_scored``, ``seed``,
-    ``fraction``, ``slope_<angle>``, ``intercept_<angle>`` (radians), ``fit_<angle>`` and ``uncalibrated_mae`` (the
-    raw MAE on the same scored frames, for comparison).
+    Per angle the fit is made on the raw predictions or on the predictions unwrapped around
+    :func:`prediction_center` of the calibration frames, whichever it maps with the smaller error there (the module
+    docstring says why). Returns the :data:`VIEWPOINT_KEYS` plus ``protocol="calibrated"``, ``n_calibration``,
+    ``n_scored``, ``seed``, ``fraction``, ``slope_<angle>``, ``intercept_<angle>`` (radians), ``center_<angle>``
+    (radians; None where the raw predictions were kept), ``fit_<angle>`` and ``uncalibrated_mae`` (the raw MAE on the
+    same scored frames, for comparison).
     """
-    pred, true = _angles(pred_angles, "pred_angles"), _angles(true_angles, "true_angles")
-    cal, scored = calibration_split(pred.shape[0], fraction, seed, count)
-    slope, intercept, kinds = fit_angle_calibration(pred[cal], true[cal], circular_angles(true), return_kinds=True)
+    raw, true = _angles(pred_angles, "pred_angles"), _angles(true_angles, "true_angles")
+    cal, scored = calibration_split(raw.shape[0], fraction, seed, count)
+    circular = circular_angles(true)
+    center = prediction_center(raw[cal])
+    # per angle, the raw predictions (SSV's) or the unwrapped ones, whichever the fit maps better on the calibration
+    # frames (the raw ones on a tie): a model whose outputs are not wrapped, and spread beyond 2 pi, keeps them raw
+    fits = []
+    for pred in (raw, unwrap_around(raw, center)):
+        slope, intercept, kinds = fit_angle_calibration(pred[cal], true[cal], circular, return_kinds=True)
+        mapped = apply_angle_calibration(pred[cal], slope, intercept)
+        fits.append((pred, slope, intercept, kinds, angular_difference(mapped, true[cal]).mean(0)))
+    unwrapped = [bool(fits[1][4][j] < fits[0][4][j]) for j in range(3)]
+    pick = torch.tensor(unwrapped)
+    pred = torch.where(pick, fits[1][0], fits[0][0])
+    slope, intercept = torch.where(pick, fits[1][1], fits[0][1]), torch.where(pick, fits[1][2], fits[0][2])
+    kinds = fits[0][3]
     out: dict = viewpoint_errors(apply_angle_calibration(pred[scored], slope, intercept), true[scored])
     out["uncalibrated_mae"] = viewpoint_errors(pred[scored], true[scored])["mae"]
     out.update(protocol="calibrated", n_calibration=int(cal.numel()), n_scored=int(scored.numel()), seed=int(seed),
@@ -191,6 +236,7 @@ def calibrated_viewpoint_errors(
     for j, name in enumerate(ANGLE_NAMES):
         out[f"slope_{name}"] = float(slope[j])
         out[f"intercept_{name}"] = float(intercept[j])
+        out[f"center_{name}"] = float(center[j]) if unwrapped[j] else None
         out[f"fit_{name}"] = kinds[j]
     return out
 
