@@ -48,7 +48,9 @@ def recall_at_k(
     query_groups=None,
 ) -> dict[str, float]:
     """``{"r@1": ..., "r@5": ...}``: share of queries with a same-label item among their k nearest neighbours
-    (over the labelled queries: label -1 = none, as in the kNN classification)."""
+    (over the labelled queries: label -1 = none, as in the kNN classification). Exact ties in similarity are broken
+    by :func:`~common.eval.knn.knn_search`'s order, not at random: for a collapsed encoder (constant features) R@k
+    depends on the order of the gallery rows, so read such a model's R@k with its ``std_z`` near 0."""
     device = query_features.device
     kmax = max(ks)
     res = knn_search(train_features, query_features, kmax, train_groups=train_groups, query_groups=query_groups)
