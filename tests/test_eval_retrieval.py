@@ -119,6 +119,21 @@ def test_average_precision_rows_known():
     assert area[1] == pytest.approx(0.125)  # one trapezoid: recall 0 -> 1, precision 0 -> 1/4
 
 
+def test_reid_figures_do_not_move_with_the_memory_budget():
+    """Tied features (rounded): the chunk height changes the float64 rounding of the similarities, which must not
+    split or merge the tie blocks of the AP."""
+    rng = np.random.default_rng(0)
+    n = 300
+    seq = rng.integers(0, 20, n)
+    frames = rng.integers(0, 50, n)
+    feats = rng.normal(size=(n, 16))
+    feats[:, 0] += seq * 0.3
+    feats = torch.from_numpy(np.round(feats))
+    whole = reid_metrics(feats, seq, frames)
+    for rows in (50, 7, 1):
+        assert reid_metrics(feats, seq, frames, memory_budget=rows * n * 32) == whole, rows
+
+
 def test_reid_on_one_frame_scores_nothing():
     out = reid_metrics(torch.randn(1, 4), [0], frames=[3])
     assert out["n_queries"] == 0 and math.isnan(out["map"]) and math.isnan(out["jitter"])
