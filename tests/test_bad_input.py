@@ -216,6 +216,26 @@ def test_symlink_escaping_the_folder(tmp_path):
     assert len(ds) == 2 and ds.skipped == 1
 
 
+def test_symlinked_subfolder_is_named_not_dropped_silently(tmp_path, caplog):
+    """300W-LP with HELEN -> another disk: the linked folder is not searched (its files would escape the dataset
+    folder), and a warning names it; a folder of links only says so in its "empty" error."""
+    elsewhere = tmp_path / "disk2" / "HELEN"
+    write_aflw2000(elsewhere, n=1)
+    root = tmp_path / "300W_LP"
+    write_aflw2000(root / "AFW", n=2)
+    os.symlink(elsewhere, root / "HELEN", target_is_directory=True)
+    with caplog.at_level(logging.WARNING, logger="viewssl.data.folders"):
+        ds = open_dataset(root)
+    assert len(ds) == 2
+    assert f"{root / 'HELEN'}: not searched, it is a symlink to a folder" in caplog.text
+    only_links = tmp_path / "links"
+    only_links.mkdir()
+    os.symlink(elsewhere, only_links / "HELEN", target_is_directory=True)
+    with pytest.raises(ViewsslError) as e:
+        open_dataset(only_links)
+    assert "folder is empty (symlinked folders are not followed: HELEN)" in one_line(e, only_links)
+
+
 def test_labels_csv_path_escaping(tmp_path):
     small_folder(tmp_path / "outside", n=1)
     root = tmp_path / "data"
@@ -308,6 +328,8 @@ def test_labels_non_numeric_angle(tmp_path):
     ("path,azimuth,elevation,tilt\nimg0.png,0,200,0\n", "line 2: elevation 200 is outside [-90, 90] degrees"),
     ("path,azimuth,elevation,tilt,sequence,frame\nimg0.png,0,0,0,s,1.7\n", "line 2: frame is not a whole number"),
     ("path,azimuth,elevation,tilt,sequence,frame\nimg0.png,0,0,0,s,inf\n", "line 2: frame is not a whole number"),
+    ("path,azimuth,elevation,tilt,sequence,frame\nimg0.png,0,0,0,s,1e20\n", "line 2: frame must be between 0 and 2^53"),
+    ("path,azimuth,elevation,tilt,sequence,frame\nimg0.png,0,0,0,s,-1\n", "line 2: frame must be between 0 and 2^53"),
 ])
 def test_labels_malformed_rows(tmp_path, content, message):
     small_folder(tmp_path, n=2)
@@ -388,6 +410,26 @@ def test_mat_corrupt_and_short_pose_para(tmp_path):
     assert "Pose_Para must start with finite pitch, yaw, roll" in one_line(e, mat)
 
 
+@pytest.mark.parametrize("key", ["pt3d_68", "pt2d"])
+def test_mat_landmarks_not_numeric(tmp_path, key):
+    write_rgb(tmp_path / "image00002.jpg", np.zeros((20, 20, 3), np.uint8))
+    mat = tmp_path / "image00002.mat"
+    pose_mat(mat, **{key: np.array(["corrupt"])})
+    with pytest.raises(ViewsslError) as e:
+        AFLW2000(tmp_path)[0]
+    assert f"{key} is not numeric" in one_line(e, mat)
+
+
+def test_300wlp_landmark_file_not_numeric(tmp_path):
+    write_aflw2000(tmp_path / "AFW", n=1)
+    pts = tmp_path / "landmarks" / "AFW" / "image00002_pts.mat"
+    pts.parent.mkdir(parents=True)
+    scipy.io.savemat(str(pts), {"pts_2d": np.array(["corrupt"])})
+    with pytest.raises(ViewsslError) as e:
+        W300LP(tmp_path)[0]
+    assert "pts_2d is not numeric" in one_line(e, pts)
+
+
 def test_mat_without_landmarks(tmp_path):
     write_rgb(tmp_path / "image00002.jpg", np.zeros((20, 20, 3), np.uint8))
     pose_mat(tmp_path / "image00002.mat", pt2d=np.full((2, 21), -1.0))  # AFLW's 21 points only
@@ -425,6 +467,48 @@ def test_biwi_bad_pose_file(tmp_path):
     with pytest.raises(ViewsslError) as e:
         BIWI(tmp_path, detector="center")
     assert "pose file not found" in one_line(e, pose)
+
+
+@pytest.mark.parametrize("centre,where", [((0, 0, 0), "head centre z = 0 mm"),
+                                          ((0, 0, -900), "head centre z = -900 mm"),
+                                          ((0, 0, 3), "head centre z = 3 mm")])
+def test_biwi_head_centre_behind_or_at_the_camera(tmp_path, centre, where):
+    """A head centre at or behind the camera used to reach cv2 as a crop 1e11 px wide (a raw cv2.error)."""
+    write_biwi(tmp_path, sessions=("01",))
+    pose = tmp_path / "01" / "frame_00005_pose.txt"
+    pose.write_text(biwi_pose_text(np.eye(3), centre))
+    with pytest.raises(ViewsslError) as e:
+        BIWI(tmp_path, detector="center")
+    assert where in one_line(e, pose)
+    ds = BIWI(tmp_path, size=8, detector="center", skip_bad=True)
+    assert len(ds) == 2 and ds.skipped == 1
+
+
+def test_biwi_head_behind_the_rgb_camera_after_the_extrinsic(tmp_path):
+    write_biwi(tmp_path, sessions=("01",))
+    cal = tmp_path / "01" / "rgb.cal"
+    cal.write_text(cal.read_text().replace("\n0 0 0\n\n", "\n0 0 2000\n\n"))  # t_cal: 2 m in front of the depth one
+    with pytest.raises(ViewsslError) as e:
+        BIWI(tmp_path, detector="center")
+    assert "in the RGB camera" in one_line(e, tmp_path / "01" / "frame_00003_pose.txt")
+
+
+@pytest.mark.parametrize("old,new,message", [
+    ("517.679 0", "nan 0", "intrinsics are not finite"),
+    ("0 517.679 ", "0 inf ", "intrinsics are not finite"),
+    ("\n0 0 0\n\n", "\n0 nan 0\n\n", "extrinsic t: expected 3 finite numbers"),
+    ("0 0 0 0", "0 nan 0 0", "distortion is not finite"),
+    ("200 160", "1e20 160", "image size: expected two positive whole numbers"),
+])
+def test_biwi_calibration_not_finite(tmp_path, old, new, message):
+    write_biwi(tmp_path, sessions=("01",))
+    cal = tmp_path / "01" / "rgb.cal"
+    text = cal.read_text()
+    assert old in text
+    cal.write_text(text.replace(old, new, 1))
+    with pytest.raises(ViewsslError) as e:
+        BIWI(tmp_path, detector="center")
+    assert message in one_line(e, cal)
 
 
 def test_biwi_bad_calibration(tmp_path):

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import pytest
 from click.testing import CliRunner
 
@@ -103,6 +105,38 @@ def test_export_ucf101_frames(tmp_path):
     assert first.split(",")[1:4] == ["", "", ""] and first.split(",")[6] == "class-1/group-1/seq-1"
     result = CliRunner().invoke(cli, ["data", "export", str(tmp_path / "ucf"), "--out", str(out)])
     assert result.exit_code == 2 and "already holds a labels.csv" in result.output
+
+
+def test_export_pins_the_biwi_detector_and_angles_and_records_them(tmp_path):
+    from tests.test_loaders import write_biwi
+
+    write_biwi(tmp_path / "biwi", sessions=("01",))
+    out = tmp_path / "biwi-labels"
+    result = CliRunner().invoke(cli, ["data", "export", str(tmp_path / "biwi"), "--out", str(out), "--size", "16",
+                                      "--detector", "center", "--angles", "dataset", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    how = json.loads((out / "export.json").read_text())
+    assert how["kind"] == "biwi" and how["detector"] == "center" and how["angles"] == "dataset"
+    assert how["options"] == {"detector": "center", "angles": "dataset"} and how["items"] == 3
+    azimuths = [float(line.split(",")[1]) for line in (out / "labels.csv").read_text().splitlines()[1:]]
+    # "dataset": SSV's labels, the rotation vector of R_pose = R_y(yaw) read as (pitch, yaw, roll): yaw as written
+    assert azimuths == pytest.approx([30.0, -20.0, 0.0], abs=1e-3)
+
+
+def test_export_max_abs_deg_and_options_a_kind_does_not_take(tmp_path):
+    from tests.test_loaders import pose_mat, write_aflw2000
+
+    pts = write_aflw2000(tmp_path / "aflw", n=3)
+    pose_mat(tmp_path / "aflw" / "image00003.mat", yaw=2.0, pt3d_68=np.vstack([pts.T, np.zeros((1, 68))]))
+    out = tmp_path / "aflw-labels"
+    result = CliRunner().invoke(cli, ["data", "export", str(tmp_path / "aflw"), "--out", str(out), "--size", "16",
+                                      "--max-abs-deg", "99", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "wrote 2 images" in result.output
+    assert json.loads((out / "export.json").read_text())["options"] == {"max_abs_deg": 99.0}
+    result = CliRunner().invoke(cli, ["data", "export", str(tmp_path / "aflw"), "--out", str(tmp_path / "o2"),
+                                      "--detector", "haar"])
+    assert result.exit_code == 2 and "aflw2000 dataset: unknown option(s) detector" in result.output
 
 
 def test_show_rejects_a_folder_without_labels(tmp_path):

@@ -135,3 +135,12 @@ def test_atomic_writes_respect_the_umask(tmp_path):
     finally:
         os.umask(mask)
     assert (tmp_path / "a.bin").stat().st_mode & 0o777 == 0o644
+
+
+def test_id_order_is_numeric_then_text_and_nan_is_text():
+    """A "nan" id used to get a NaN sort key, so the order (and every int id) changed with the hash seed."""
+    from common.data.labels import _index
+
+    names, index = _index(["car", "nan", "3", "1", "chair", "2", "10", "inf", ""])
+    assert names == ["1", "2", "3", "10", "car", "chair", "inf", "nan"]
+    assert index.tolist() == [4, 7, 2, 0, 5, 1, 3, 6, -1]

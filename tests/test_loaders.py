@@ -283,6 +283,25 @@ def test_aflw2000_uses_pt3d_68(tmp_path):
     assert ds.verify(progress=False) == []
 
 
+def test_aflw2000_max_abs_deg_keeps_the_usual_test_set(tmp_path, caplog):
+    """max_abs_deg=99: a face with |yaw| = 114.6 deg in Pose_Para is left out (Hopenet's 1,969-image protocol); the
+    angles, paths and ids of the others stay aligned."""
+    pts = write_aflw2000(tmp_path, n=4)
+    pose_mat(tmp_path / "image00003.mat", pitch=0.3, yaw=2.0, roll=0.0, pt3d_68=np.vstack([pts.T, np.zeros((1, 68))]))
+    assert len(AFLW2000(tmp_path, size=8)) == 4
+    with caplog.at_level(logging.INFO, logger="viewssl.data.faces"):
+        ds = open_dataset(tmp_path, size=8, max_abs_deg=99)
+    assert "left out 1 of 4 faces" in caplog.text
+    assert [p.name for p in ds.paths] == ["image00002.jpg", "image00004.jpg", "image00005.jpg"]
+    assert ds.angles[1].tolist() == pytest.approx(pose_para_to_angles(0.2, 0.4, -0.2), abs=1e-6)
+    assert ds[2]["angles"].tolist() == pytest.approx(pose_para_to_angles(0.3, 0.6, -0.3), abs=1e-6)
+    assert len(open_dataset(tmp_path, size=8, max_abs_deg=30)) == 2  # yaw 0.6 rad = 34.4 deg goes too
+    assert [p.name for p in AFLW2000(tmp_path, size=8, max_abs_deg=1e-3).paths] == ["image00002.jpg"]  # all 0
+    pose_mat(tmp_path / "image00002.mat", yaw=0.1, pt3d_68=np.vstack([pts.T, np.zeros((1, 68))]))
+    with pytest.raises(ViewsslError, match="no face has"):
+        AFLW2000(tmp_path, size=8, max_abs_deg=1e-3)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # BIWI
 # --------------------------------------------------------------------------------------------------------------------

@@ -15,8 +15,10 @@ import numpy as np
 
 from ..cli import data
 from ..errors import ViewsslError
-from ..io import atomic_write_bytes, read_image
+from ..io import atomic_write_bytes, atomic_write_json, read_image
 from .labels import LABELS_FILE, LabelTable, read_labels
+
+EXPORT_FILE = "export.json"  # how `viewssl data export` made a folder: source, options, the BIWI detector used
 
 __all__ = ["render", "show", "export", "make_grid"]
 
@@ -84,9 +86,18 @@ def show(folder: Path, out: Path | None, n: int, seed: int) -> None:
 @click.option("--size", type=click.IntRange(8, 1024), default=64, show_default=True,
               help="Side of the written images in pixels (face datasets: of the face crop).")
 @click.option("--skip-bad", is_flag=True, help="Leave out unreadable images (counted in the log) instead of stopping.")
+@click.option("--detector", type=click.Choice(["auto", "face-alignment", "haar", "center"]), default=None,
+              help="BIWI: how faces are boxed for the crop  [default: auto, the first available of the others]. "
+                   "Pin it to make an export reproducible on another machine.")
+@click.option("--angles", "angle_mode", type=click.Choice(["viewssl", "dataset"]), default=None,
+              help="BIWI, AFLW2000, 300W-LP: the exact rotation in viewssl's convention, or the dataset's own numbers "
+                   "(SSV's BIWI labels; Pose_Para's yaw, pitch, roll)  [default: viewssl].")
+@click.option("--max-abs-deg", type=click.FloatRange(0, 180, min_open=True), default=None,
+              help="AFLW2000, 300W-LP: keep only faces whose Pose_Para pitch, yaw and roll are within this many "
+                   "degrees (99: the 1,969-image AFLW2000 test set of Hopenet's tables)  [default: keep all].")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def export(source: Path, out: Path, split: str | None, kind: str | None, size: int, skip_bad: bool,
-           no_progress: bool) -> None:
+           detector: str | None, angle_mode: str | None, max_abs_deg: float | None, no_progress: bool) -> None:
     """Write the dataset in SOURCE as a labels.csv folder, for training and `viewssl eval`.
 
     Slow crops (BIWI's face detector, 300W-LP's .mat reads) are computed once. Category, instance, sequence and frame
@@ -95,9 +106,18 @@ def export(source: Path, out: Path, split: str | None, kind: str | None, size: i
     """
     from .formats import export_labels, open_dataset
 
-    dataset = open_dataset(source, size=size, split=split, kind=kind, **({"skip_bad": True} if skip_bad else {}))
+    options = {k: v for k, v in (("skip_bad", skip_bad or None), ("detector", detector), ("angles", angle_mode),
+                                 ("max_abs_deg", max_abs_deg)) if v is not None}
+    dataset = open_dataset(source, size=size, split=split, kind=kind, **options)
     written = export_labels(dataset, out, progress=not no_progress)
-    click.echo(f"wrote {len(dataset)} images and {written / LABELS_FILE}")
+    how = {"source": str(source), "split": split, "kind": getattr(dataset, "kind", kind), "size": size,
+           "options": options, "items": len(dataset), "skipped": getattr(dataset, "skipped", 0)}
+    if hasattr(dataset, "detector_name"):
+        how.update(detector=dataset.detector_name, detector_fallbacks=dataset.fallbacks)
+    if hasattr(dataset, "angle_mode"):
+        how["angles"] = dataset.angle_mode
+    atomic_write_json(how, written / EXPORT_FILE)
+    click.echo(f"wrote {len(dataset)} images and {written / LABELS_FILE} (how: {written / EXPORT_FILE})")
 
 
 # ---------------------------------------------------------------------------------------------------------------

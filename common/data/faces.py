@@ -151,6 +151,14 @@ def _loadmat(path: Path) -> dict:
         raise ViewsslError(f"not a readable MATLAB .mat file ({first[:160]})", path) from None
 
 
+def _numeric(value, name: str, path: Path) -> np.ndarray:
+    """A .mat variable as a float64 array, or an error naming the file and the variable."""
+    try:
+        return np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ViewsslError(f"{name} is not numeric", path) from None
+
+
 def read_pose_mat(path: str | os.PathLike) -> dict:
     """Read a 300W-LP / AFLW2000 ``.mat``: ``{"pose_para": (7,) float64, "landmarks": (68, 2) or None,
     "landmarks_key": str or None}``. No ``Pose_Para``, or one with fewer than 3 finite numbers, is an error naming
@@ -170,7 +178,7 @@ def read_pose_mat(path: str | os.PathLike) -> dict:
     landmarks, key = None, None
     for name in ("pt3d_68", "pt2d"):
         if name in mat:
-            arr = np.asarray(mat[name], dtype=np.float64)
+            arr = _numeric(mat[name], name, path)
             if arr.ndim == 2 and arr.shape[1] == 68 and arr.shape[0] in (2, 3):
                 landmarks, key = arr[:2].T.copy(), name
                 break
@@ -185,7 +193,7 @@ def _read_pts_mat(path: Path) -> np.ndarray:
     mat = _loadmat(path)
     for name in ("pts_2d", "pts_3d"):
         if name in mat:
-            arr = np.asarray(mat[name], dtype=np.float64)
+            arr = _numeric(mat[name], name, path)
             if arr.shape == (68, 2):
                 return arr
             if arr.shape == (2, 68):
@@ -212,7 +220,9 @@ class FaceMatFolder(ImageItems):
     Ids: ``instance`` = the source face of a 300W-LP image (``AFW/AFW_134212_1`` for ``AFW/AFW_134212_1_5.jpg``, the
     views synthesised from one photo share it), -1 for AFLW2000; ``category``, ``sequence``, ``frame`` = -1.
     The .mat files are read lazily with each item; :attr:`angles` reads all that have not been read yet (progress
-    bar), :meth:`verify` reads everything.
+    bar), :meth:`verify` reads everything. ``max_abs_deg=99`` keeps only the faces whose Pose_Para pitch, yaw and
+    roll are within 99 deg (the 1,969-image AFLW2000 test set of Hopenet's and FSA-Net's tables); it reads every .mat
+    when the dataset is built and logs how many faces it left out.
     """
 
     kind = "300w-lp"
@@ -220,7 +230,7 @@ class FaceMatFolder(ImageItems):
     _item_arrays = ImageItems._item_arrays + ("_known",)
 
     def __init__(self, root: str | os.PathLike, size: int | None = 64, transform=None, skip_bad: bool = False,
-                 angles: str = "viewssl"):
+                 angles: str = "viewssl", max_abs_deg: float | None = None):
         super().__init__(root, size, transform, skip_bad)
         if angles not in ANGLE_MODES:
             raise ViewsslError(f"angles={angles!r}: expected one of {', '.join(ANGLE_MODES)}")
@@ -252,6 +262,34 @@ class FaceMatFolder(ImageItems):
         self.instances, inst = _ids(instances)
         self._set_items(paths, instance_index=inst)
         self._known = np.zeros(len(paths), dtype=bool)
+        self.max_abs_deg = None if max_abs_deg is None else float(max_abs_deg)
+        if self.max_abs_deg is not None:
+            self._keep_within(self.max_abs_deg)
+
+    def _keep_within(self, limit: float) -> None:
+        """Drop the faces whose Pose_Para pitch, yaw or roll exceeds ``limit`` degrees in size (AFLW2000's usual
+        test set is the 1,969 faces within 99 deg, as Hopenet and FSA-Net report); reads every .mat."""
+        from tqdm import tqdm
+
+        outside, bad = [], []
+        for i in tqdm(range(len(self)), desc=f"read {self.root.name} .mat", unit="file", disable=len(self) < 2000,
+                      leave=False):
+            try:
+                pose = self._annotation(i)["pose_para"][:3]
+            except ViewsslError as e:
+                if not self.skip_bad:
+                    raise
+                bad.append(i)
+                log.warning("skipping (skip_bad=True): %s", e)
+                continue
+            if np.abs(np.degrees(pose)).max() > limit:
+                outside.append(i)
+        if len(outside) + len(bad) == len(self):
+            raise ViewsslError(f"no face has |pitch|, |yaw| and |roll| within {limit:g} deg", self.root)
+        self.skipped += len(bad)
+        log.info("%s: left out %d of %d faces with |pitch|, |yaw| or |roll| over %g deg (max_abs_deg)", self.root,
+                 len(outside), len(self), limit)
+        self._drop(outside + bad)
 
     @property
     def angles(self) -> torch.Tensor:
@@ -372,14 +410,26 @@ def read_biwi_calibration(path: str | os.PathLike) -> dict:
     if any(len(r) != 3 for r in rows[:3]):
         raise ViewsslError("intrinsics: expected 3 rows of 3 numbers", path)
     K = np.array(rows[:3], dtype=np.float64)
+    if not np.isfinite(K).all():
+        raise ViewsslError("intrinsics are not finite", path)
     if K[0, 0] <= 0 or K[1, 1] <= 0:
         raise ViewsslError("intrinsics: focal lengths must be positive", path)
+    dist = np.array(rows[3], dtype=np.float64)
+    if not np.isfinite(dist).all():
+        raise ViewsslError("distortion is not finite", path)
     R = _rotation(rows[4:7], path, "extrinsic R")
-    if len(rows[7]) != 3:
-        raise ViewsslError("extrinsic t: expected 3 numbers", path)
-    size = tuple(int(v) for v in rows[8]) if len(rows) > 8 and len(rows[8]) == 2 else None
-    return {"K": K, "dist": np.array(rows[3], dtype=np.float64), "R": R, "t": np.array(rows[7], dtype=np.float64),
-            "size": size}
+    t = np.array(rows[7], dtype=np.float64)
+    if t.shape != (3,) or not np.isfinite(t).all():
+        raise ViewsslError("extrinsic t: expected 3 finite numbers", path)
+    size = None
+    if len(rows) > 8 and len(rows[8]) == 2:
+        if not all(math.isfinite(v) and 0 < v < 2 ** 31 and v == int(v) for v in rows[8]):
+            raise ViewsslError(f"image size: expected two positive whole numbers (got {rows[8]})", path)
+        size = tuple(int(v) for v in rows[8])
+    return {"K": K, "dist": dist, "R": R, "t": t, "size": size}
+
+
+MIN_HEAD_DEPTH_MM = 100.0  # a head centre nearer the camera than this is a broken pose file, not a pose
 
 
 def read_biwi_pose(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
@@ -395,6 +445,9 @@ def read_biwi_pose(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     centre = np.array(rows[3], dtype=np.float64)
     if not np.isfinite(centre).all():
         raise ViewsslError("head centre is not finite", path)
+    if centre[2] < MIN_HEAD_DEPTH_MM:
+        raise ViewsslError(f"head centre z = {centre[2]:g} mm: a head is at least {MIN_HEAD_DEPTH_MM:g} mm in front "
+                           "of the camera", path)
     return R, centre
 
 
@@ -632,8 +685,14 @@ class BIWI(ImageItems):
                       if p.parent == folder and BIWI_FRAME.match(p.name)]
             for p in images:
                 number = BIWI_FRAME.match(p.name).group(1)
+                pose_file = folder / f"frame_{number}_pose.txt"
                 try:
-                    R_pose, c = read_biwi_pose(folder / f"frame_{number}_pose.txt")
+                    R_pose, c = read_biwi_pose(pose_file)
+                    centre_rgb = cal["R"].T @ (c - cal["t"])
+                    if centre_rgb[2] < MIN_HEAD_DEPTH_MM:
+                        raise ViewsslError(f"head centre z = {centre_rgb[2]:g} mm in the RGB camera ({CALIBRATION_FILE}"
+                                           f"'s extrinsic applied): a head is at least {MIN_HEAD_DEPTH_MM:g} mm in "
+                                           "front of the camera", pose_file)
                 except ViewsslError as e:
                     if not self.skip_bad:
                         raise
@@ -643,7 +702,7 @@ class BIWI(ImageItems):
                 # "dataset" keeps SSV's labels, which it computed as R_pose @ R_cal
                 R_rgb = R_pose @ cal["R"] if angles == "dataset" else cal["R"].T @ R_pose
                 angle_rows.append(biwi_rotation_to_angles(R_rgb, angles))
-                centres.append(cal["R"].T @ (c - cal["t"]))
+                centres.append(centre_rgb)
                 paths.append(p)
                 seq.append(s)
                 frames.append(int(number))
@@ -664,8 +723,7 @@ class BIWI(ImageItems):
     def head_pixel(self, i: int) -> tuple[float, float, float]:
         """Projected head centre (u, v) in the RGB image and its depth (mm)."""
         K = self.calibrations[int(self.session[i])]["K"]
-        x, y, z = self.head_center[i]
-        z = max(float(z), 1e-6)
+        x, y, z = (float(v) for v in self.head_center[i])  # z >= MIN_HEAD_DEPTH_MM, checked when read
         return K[0, 0] * x / z + K[0, 2], K[1, 1] * y / z + K[1, 2], z
 
     def center_box(self, i: int) -> tuple[float, float, float]:

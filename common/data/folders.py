@@ -91,13 +91,18 @@ def require_folder(root: str | os.PathLike) -> Path:
 
 
 def walk_files(root: Path) -> list[Path]:
-    """Every file under ``root`` (symlinked folders are not followed), in natural order of the relative path."""
-    out = []
+    """Every file under ``root``, in natural order of the relative path. Symlinked folders are not followed (their
+    files would lie outside the dataset folder, which :func:`check_inside` refuses); each one is named in a warning."""
+    out, linked = [], []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        linked += [Path(dirpath) / d for d in dirnames if (Path(dirpath) / d).is_symlink()]
         for f in filenames:
             if not f.startswith("."):
                 out.append(Path(dirpath) / f)
+    for d in linked:
+        log.warning("%s: not searched, it is a symlink to a folder (%s); a dataset's files must be inside %s "
+                    "(copy or bind-mount the folder there)", d, os.path.realpath(d), root)
     out.sort(key=lambda p: natural_key(p.relative_to(root).as_posix()))
     return out
 

@@ -185,7 +185,9 @@ def detect_format(path: str | os.PathLike) -> str:
                            root)
     files = walk_files(root)
     if not files:
-        raise ViewsslError("folder is empty", root)
+        linked = sorted(d.name for d in root.iterdir() if d.is_symlink() and d.is_dir())
+        raise ViewsslError("folder is empty" + (f" (symlinked folders are not followed: {', '.join(linked)})"
+                                                if linked else ""), root)
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     names = {p for p in files}
     paired = [p for p in images if p.with_suffix(".mat") in names]

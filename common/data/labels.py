@@ -51,14 +51,15 @@ def resolve_inside(root: Path, relative: str, csv_path: Path, line: int) -> Path
 def _index(values: list[str]) -> tuple[list[str], np.ndarray]:
     """Map string ids to ints (sorted, numeric-aware); empty string -> -1."""
     names = sorted({v for v in values if v != ""}, key=lambda s: (0, float(s), s) if _is_number(s) else (1, 0.0, s))
+    # (a finite number sorts by value, anything else -- "nan", "inf", words -- by its text, after the numbers)
     lookup = {n: i for i, n in enumerate(names)}
     return names, np.array([lookup.get(v, -1) for v in values], dtype=np.int64)
 
 
 def _is_number(s: str) -> bool:
+    """A finite number ("nan" would make the sort order depend on the hash seed)."""
     try:
-        float(s)
-        return True
+        return math.isfinite(float(s))
     except ValueError:
         return False
 
@@ -208,6 +209,8 @@ def read_labels(folder_or_csv: str | os.PathLike, check_files: bool = True) -> L
                 raise ViewsslError(f"line {lines[i]}: frame is not a number: {v!r}", csv_path) from None
             if not value.is_integer():
                 raise ViewsslError(f"line {lines[i]}: frame is not a whole number: {v!r}", csv_path)
+            if not 0 <= value < 2 ** 53:  # -1 stands for "no frame"; beyond 2^53 a float no longer holds every integer
+                raise ViewsslError(f"line {lines[i]}: frame must be between 0 and 2^53: {v!r}", csv_path)
             frames[i] = int(value)
         table.frame = frames
     return table
