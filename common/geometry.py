@@ -34,10 +34,12 @@ __all__ = [
 
 
 def _as_tensor(x, like: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` as a tensor; a plain number or array takes ``like``'s dtype and device (else the default dtype)."""
     if isinstance(x, torch.Tensor):
         return x
-    dtype = like.dtype if like is not None else torch.get_default_dtype()
-    return torch.as_tensor(x, dtype=dtype)
+    if like is None:
+        return torch.as_tensor(x, dtype=torch.get_default_dtype())
+    return torch.as_tensor(x, dtype=like.dtype, device=like.device)
 
 
 def axis_rotation(axis: str, angle: torch.Tensor) -> torch.Tensor:
@@ -58,8 +60,8 @@ def axis_rotation(axis: str, angle: torch.Tensor) -> torch.Tensor:
 
 def angles_to_matrix(azimuth, elevation, tilt) -> torch.Tensor:
     """(azimuth, elevation, tilt), each (...,) radians -> R = R_y(az) R_x(el) R_z(tilt), (..., 3, 3)."""
-    azimuth = _as_tensor(azimuth)
-    elevation, tilt = _as_tensor(elevation, azimuth), _as_tensor(tilt, azimuth)
+    like = next((x for x in (azimuth, elevation, tilt) if isinstance(x, torch.Tensor)), None)
+    azimuth, elevation, tilt = (_as_tensor(x, like) for x in (azimuth, elevation, tilt))
     azimuth, elevation, tilt = torch.broadcast_tensors(azimuth, elevation, tilt)
     return axis_rotation("y", azimuth) @ axis_rotation("x", elevation) @ axis_rotation("z", tilt)
 
@@ -75,8 +77,10 @@ def matrix_to_angles(R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     r10, r11 = R[..., 1, 0], R[..., 1, 1]
     cos_el = torch.sqrt(r02 * r02 + r22 * r22)
     elevation = torch.atan2(-r12, cos_el)
-    eps = 1e-6 if R.dtype == torch.float64 else 1e-4
-    locked = cos_el < eps
+    # Lock below sqrt(eps): there, setting tilt to 0 costs a rotation error of about 2 cos_el, while the two atan2s
+    # of entries of size cos_el carrying rounding errors of about eps (a matrix built by products) would cost about
+    # eps / cos_el; sqrt(eps) balances the two (worst case about 6e-4 rad in float32, 3e-8 in float64).
+    locked = cos_el < math.sqrt(torch.finfo(R.dtype).eps)
     azimuth = torch.atan2(r02, r22)
     tilt = torch.atan2(r10, r11)
     # Gimbal lock: R = R_y(az) R_x(+-pi/2) with tilt folded into az; with tilt = 0, R00 = cos az, R01 = sin az * sin el.

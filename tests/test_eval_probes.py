@@ -43,6 +43,13 @@ def test_relative_rotation_known():
     rel = relative_rotation(r1, r2)
     assert math.degrees(float(geodesic_distance(rel, torch.eye(3, dtype=torch.float64)))) == pytest.approx(30.0)
     torch.testing.assert_close(rel @ r1, r2)
+    # rotations about different axes do not commute, so R_j R_i^T is told apart from R_i^T R_j
+    from scipy.spatial.transform import Rotation
+
+    ri, rj = Rotation.random(2, random_state=7)
+    rel = relative_rotation(torch.tensor(ri.as_matrix()), torch.tensor(rj.as_matrix()))
+    torch.testing.assert_close(rel, torch.tensor((rj * ri.inv()).as_matrix()))
+    assert not torch.allclose(rel, torch.tensor((ri.inv() * rj).as_matrix()), atol=1e-3)
 
 
 def _pose_dataset(n_inst, n_views, seed):

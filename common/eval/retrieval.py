@@ -59,7 +59,7 @@ def recall_at_k(
     nl = torch.where(res.indices >= 0, tl[res.indices.clamp_min(0)], torch.full_like(res.indices, -1))
     hit = (nl == ql[:, None]) & (ql[:, None] >= 0)
     first = torch.where(hit.any(1), hit.long().argmax(1), torch.full_like(ql, kmax))[ql >= 0]
-    return {f"r@{k}": float((first < k).float().mean()) if first.numel() else math.nan for k in ks}
+    return {f"r@{k}": float((first < k).double().mean()) if first.numel() else math.nan for k in ks}
 
 
 def pool_sequences(features: torch.Tensor, sequence_ids, num_sequences: int) -> torch.Tensor:
@@ -142,7 +142,7 @@ def reid_metrics(
             jitters.append((frm[order[:, 0]] - frm[s:e]).abs()[same].float())
     top1_t = torch.cat(top1) if top1 else torch.zeros(0)
     out = {
-        "top1": float(top1_t.float().mean()) if top1_t.numel() else math.nan,
+        "top1": float(top1_t.double().mean()) if top1_t.numel() else math.nan,
         "map": float(torch.cat(aps).mean()) if top1_t.numel() else math.nan,
         "auc": float(torch.cat(aucs).mean()) if top1_t.numel() else math.nan,
         "n_queries": float(top1_t.numel()),
