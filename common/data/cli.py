@@ -79,10 +79,11 @@ def show(folder: Path, out: Path | None, n: int, seed: int) -> None:
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder to write (OUT/images/<index>.png + OUT/labels.csv); must not hold a labels.csv yet.")
-@click.option("--split", default=None, help="Sub-folder of SOURCE to open (train, test, split-1/train...).")
+@click.option("--split", default=None, help="Sub-folder of SOURCE to open (train, test, split-1/train...); for "
+              "Objectron the videos listed in index/<class>_annotations_<split>.")
 @click.option("--kind", default=None,
-              help="SOURCE's format, skipping detection: labels, biwi, aflw2000, 300w-lp, shapenet, video (ucf101), "
-                   "images.")
+              help="SOURCE's format, skipping detection: labels, biwi, aflw2000, 300w-lp, shapenet, objectron, "
+                   "video (ucf101), images.")
 @click.option("--size", type=click.IntRange(8, 1024), default=64, show_default=True,
               help="Side of the written images in pixels (face datasets: of the face crop).")
 @click.option("--skip-bad", is_flag=True, help="Leave out unreadable images (counted in the log) instead of stopping.")

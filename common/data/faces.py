@@ -70,7 +70,8 @@ from .folders import ImageItems, _ids, _inside_only, list_images, load_rgb, natu
 log = logging.getLogger("viewssl.data.faces")
 
 __all__ = [
-    "face_box_from_points", "face_box_from_landmarks", "crop_square", "pose_para_to_angles", "read_pose_mat",
+    "face_box_from_points", "face_box_from_landmarks", "square_origin", "crop_square", "pose_para_to_angles",
+    "read_pose_mat",
     "FaceMatFolder", "W300LP", "AFLW2000", "read_biwi_calibration", "read_biwi_pose", "biwi_rotation_to_angles",
     "BIWI", "DETECTORS", "resolve_detector", "face_alignment_weights", "haar_cascade",
 ]
@@ -100,13 +101,19 @@ def face_box_from_landmarks(points: np.ndarray) -> tuple[float, float, float]:
     return face_box_from_points(pts[36:42].mean(0), pts[42:48].mean(0), pts[48], pts[54])
 
 
+def square_origin(cx: float, cy: float, side: float) -> tuple[int, int, int]:
+    """(x0, y0, s) of the pixel square :func:`crop_square` cuts: top-left pixel and side s = round(side)."""
+    s = max(int(round(side)), 1)
+    return int(round(cx - s / 2.0)), int(round(cy - s / 2.0)), s
+
+
 def crop_square(image: np.ndarray, cx: float, cy: float, side: float) -> np.ndarray:
     """The axis-aligned square of ``side`` px about (cx, cy) from an (H, W, 3) image, reflect-padded (mirror without
-    repeating the edge pixel) where it leaves the image. Returns (s, s, 3) with s = round(side)."""
+    repeating the edge pixel) where it leaves the image. Returns (s, s, 3) with s = round(side), whose pixel (0, 0) is
+    the image's pixel :func:`square_origin` (x0, y0)."""
     import cv2
 
-    s = max(int(round(side)), 1)
-    x0, y0 = int(round(cx - s / 2.0)), int(round(cy - s / 2.0))
+    x0, y0, s = square_origin(cx, cy, side)
     h, w = image.shape[:2]
     pad = (max(0, -y0), max(0, y0 + s - h), max(0, -x0), max(0, x0 + s - w))  # top, bottom, left, right
     if any(pad):

@@ -13,6 +13,8 @@ kind           layout                                                           
                ``HELEN/``, ...)                                                       :class:`~.faces.W300LP`
 ``shapenet``   ``<synset>/<model>/<anchor>_<axis>_<k>.png`` or
                ``<synset8>/<model>/<view>.png``                                       :class:`~.folders.ShapeNetRenders`
+``objectron``  ``videos/<class>/batch-<i>/<j>/video.MOV`` +
+               ``annotations/<class>/batch-<i>/<j>.pbdata``                           :class:`~.objectron.Objectron`
 ``video``      folders of ``frame_<number>.jpg`` (UCF101 ``class/group/seq/``)        :class:`~.folders.VideoFrames`
 ``images``     any image files, recursive (unlabeled)                                 :class:`~.folders.ImageFolder`
 =============  =====================================================================  ===========================
@@ -21,7 +23,8 @@ Detection (``kind=None``) tries the rules in that order on the folder (after ``s
 that matches:
 
 1. ``labels.csv`` in the folder -> ``labels``.
-2. ``rgb.cal`` in the folder, or in a sub-folder of it or of ``hpdb/`` -> ``biwi``.
+2. ``rgb.cal`` in the folder, or in a sub-folder of it or of ``hpdb/`` -> ``biwi``; ``annotations/*/*/*.pbdata``
+   and ``videos/`` -> ``objectron`` (whose ``split`` is its ``index/<class>_annotations_<split>`` lists).
 3. image files with a ``.mat`` of the same name: directly in the folder -> ``aflw2000``; only deeper -> ``300w-lp``.
 4. every ``.png`` two levels deep named ``<n>_<0-2>_<0-2>.png``, or ``<n>.png`` under 8-digit synset folders ->
    ``shapenet``.
@@ -48,6 +51,7 @@ from .faces import AFLW2000, BIWI, W300LP, biwi_sessions
 from .folders import (FRAME_NAME, IMAGE_SUFFIXES, TRIPLET_NAME, VIEW_NAME, ImageFolder, ShapeNetRenders,
                       VideoFrames, natural_key, require_folder, walk_files)
 from .labels import LABELS_FILE, LabeledFolder
+from .objectron import Objectron, is_objectron
 
 log = logging.getLogger("viewssl.data.formats")
 
@@ -119,6 +123,7 @@ KINDS: dict[str, type] = {
     "aflw2000": AFLW2000,
     "300w-lp": W300LP,
     "shapenet": ShapeNetRenders,
+    "objectron": Objectron,
     "video": VideoFrames,
     "images": ImageFolder,
 }
@@ -179,6 +184,8 @@ def detect_format(path: str | os.PathLike) -> str:
         return "labels"
     if biwi_sessions(root):
         return "biwi"
+    if is_objectron(root):
+        return "objectron"
     splits = _split_folders(root)
     if splits:
         raise ViewsslError(f"this folder holds splits ({', '.join(splits)}); pass split= (e.g. split={splits[0]!r})",
@@ -207,7 +214,8 @@ def detect_format(path: str | os.PathLike) -> str:
     if images:
         return "images"
     raise ViewsslError(
-        "not a dataset folder: looked for labels.csv, BIWI (rgb.cal + frame_XXXXX_rgb.png), 300W-LP/AFLW2000 "
+        "not a dataset folder: looked for labels.csv, BIWI (rgb.cal + frame_XXXXX_rgb.png), Objectron "
+        "(annotations/*/*/*.pbdata + videos/), 300W-LP/AFLW2000 "
         f"(.jpg + .mat pairs), ShapeNet renders, video frames (frame_N.jpg) and image files "
         f"({', '.join(IMAGE_SUFFIXES)}); found {len(files)} other files", root)
 
@@ -221,8 +229,12 @@ def open_dataset(path: str | os.PathLike, size: int | None = 64, split: str | No
     ``kind``: one of :data:`KINDS` (skips detection). Further keyword arguments go to the dataset class
     (``transform``, ``skip_bad``, and e.g. ``detector`` / ``angles`` for BIWI, ``angles`` for 300W-LP / AFLW2000).
     """
-    root = resolve_split(path, split)
-    name = detect_format(root) if kind is None else _kind_name(kind)
+    if split is not None and (_kind_name(kind) == "objectron" if kind is not None else is_objectron(Path(path))):
+        root, name = require_folder(path), "objectron"  # Objectron's splits are index lists, not folders
+        kwargs = {**kwargs, "subset": str(split)}
+    else:
+        root = resolve_split(path, split)
+        name = detect_format(root) if kind is None else _kind_name(kind)
     cls = KINDS[name]
     accepted = inspect.signature(cls.__init__).parameters
     unknown = sorted(k for k in kwargs if k not in accepted)
@@ -256,6 +268,7 @@ def export_labels(dataset, out: str | os.PathLike, progress: bool = True) -> Pat
     width = max(6, len(str(len(dataset))))
     categories, instances, sequences = (list(getattr(dataset, f, None) or []) for f in
                                         ("categories", "instances", "sequences"))
+    extra = dataset.extra_columns() if hasattr(dataset, "extra_columns") else {}  # e.g. Objectron's box geometry
     first_has = None  # whether item 0 has a viewpoint: every other item must agree
     for i in tqdm(range(len(dataset)), desc=f"export {out.name}", unit="img", disable=not progress):
         item = dataset[i]
@@ -277,7 +290,8 @@ def export_labels(dataset, out: str | os.PathLike, progress: bool = True) -> Pat
             index = int(item[key])
             # names, not the dataset's own indices: two splits exported apart must agree on what "car" is
             row[key] = "" if index < 0 else names[index] if index < len(names) else index
+        row.update({c: float(v[int(item["index"])]) for c, v in extra.items()})
         rows.append(row)
-    write_labels(out / LABELS_FILE, rows)
+    write_labels(out / LABELS_FILE, rows, extra_columns=list(extra))
     log.info("exported %d items to %s", len(rows), out)
     return out
