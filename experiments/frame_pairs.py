@@ -86,12 +86,20 @@ def variant_title(method: str, pairs: str, traj_weight: float) -> str:
     return f"{method}, {name}" + (f" + traj {traj_weight:g}" if traj_weight > 0 else "")
 
 
+NEEDS = "sequences/train and sequences/test (labels.csv)"
+
+
 def ensure_benchmark(data: Path, quick: bool, size: int) -> Path:
     """Use ``data`` if it holds sequences; otherwise render them there."""
     if ((data / "sequences" / "train" / "labels.csv").is_file()
             and (data / "sequences" / "test" / "labels.csv").is_file()):
         return data
     from common.data.synthetic import render_benchmark
+    from common.errors import ViewsslError
+
+    if data.is_dir() and any(data.iterdir()) and not (data / "meta.json").is_file():
+        raise ViewsslError(f"--data has no {NEEDS} and is not a synthetic benchmark root (no meta.json): pass a "
+                           "benchmark root, or a new folder to render one into", data)
 
     log.info("rendering the %s sequences into %s", "quick" if quick else "full", data)
     render_benchmark(data, kinds=("sequences",), size=size, scale="small" if quick else "full", seed=0,

@@ -65,11 +65,19 @@ def run_name(method: str, traj_weight: float, seed: int) -> str:
     return f"{method}-traj{traj_weight:g}-s{seed}"
 
 
+NEEDS = "objects/train and triplets/train (labels.csv)"
+
+
 def ensure_benchmark(data: Path, quick: bool, size: int) -> Path:
     """Use ``data`` if it holds objects and triplets; otherwise render them there."""
     if (data / "objects" / "train" / "labels.csv").is_file() and (data / "triplets" / "train" / "labels.csv").is_file():
         return data
     from common.data.synthetic import render_benchmark
+    from common.errors import ViewsslError
+
+    if data.is_dir() and any(data.iterdir()) and not (data / "meta.json").is_file():
+        raise ViewsslError(f"--data has no {NEEDS} and is not a synthetic benchmark root (no meta.json): pass a "
+                           "benchmark root, or a new folder to render one into", data)
 
     log.info("rendering the %s benchmark (objects, triplets) into %s", "quick" if quick else "full", data)
     render_benchmark(data, kinds=("objects", "triplets"), size=size, scale="small" if quick else "full", seed=0,

@@ -241,8 +241,16 @@ def train_ssv(data, preset, out, steps, resume, force, device, seed, batch_size,
 
     if not data.exists():
         raise ViewsslError("--data: no such folder", data)
+    if not data.is_dir():
+        raise ViewsslError("--data must be a folder (of images, or with a labels.csv)", data)
+    if (data / "meta.json").is_file():
+        raise ViewsslError(f"--data is a synthetic benchmark root: SSV would train on every kind and split in it, "
+                           f"test images included; pass one split, e.g. {data / 'heads' / 'train'} (and --eval-data "
+                           f"{data / 'heads' / 'test'})", data)
     if eval_data is not None and not eval_data.exists():
         raise ViewsslError("--eval-data: no such folder", eval_data)
+    if eval_every is not None and eval_data is None:
+        raise ViewsslError("--eval-every needs --eval-data (the labelled folder to evaluate on)")
     if phi_weights is not None and not phi_weights.is_file():
         raise ViewsslError("--phi-weights: no such file", phi_weights)
     steps = steps or DEFAULT_STEPS[preset]

@@ -164,3 +164,19 @@ def test_unknown_mode_is_one_line_error(tmp_path):
     assert result.output.strip().splitlines() == ["Error: --modes: unknown tripled (choose from same, nearby, "
                                                   "distant, dual)"]
     assert not (tmp_path / "o").exists() and not (tmp_path / "d").exists()  # nothing rendered or trained
+
+
+@pytest.mark.parametrize("script", ["frame_pairs", "traj_objects"])
+def test_a_folder_that_is_not_a_benchmark_is_refused_not_rendered_into(tmp_path, script):
+    """A copy of one split's sequences (no meta.json) used to get a benchmark rendered into it and trained on."""
+    import importlib
+
+    main = importlib.import_module(f"experiments.{script}").main
+    data = tmp_path / "seqcopy"
+    (data / "train").mkdir(parents=True)
+    (data / "train" / "labels.csv").write_text("path,azimuth,elevation,tilt\n")
+    result = CliRunner().invoke(main, ["--quick", "--data", str(data), "--out", str(tmp_path / "o"), "--device",
+                                       "cpu"])
+    assert result.exit_code == 2, result.output
+    assert "is not a synthetic benchmark root (no meta.json)" in result.output and str(data) in result.output
+    assert sorted(p.name for p in data.iterdir()) == ["train"]

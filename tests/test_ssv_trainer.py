@@ -500,6 +500,25 @@ def test_cli_errors_are_one_line(tmp_path):
     assert result.exit_code == 2 and "--phi-weights" in result.output
 
 
+def test_cli_refuses_a_benchmark_root_a_file_and_eval_every_alone(tmp_path):
+    """None of these may allocate a run folder: a benchmark root (SSV would train on its test splits too), a file
+    given as --data, --eval-every without --eval-data (it was silently ignored)."""
+    from experiments.cli import cli
+
+    bench = tmp_path / "bench"
+    (bench / "heads" / "train").mkdir(parents=True)
+    (bench / "meta.json").write_text("{}")
+    runs = tmp_path / "runs"
+    for args, message in [
+        (["--data", str(bench)], f"pass one split, e.g. {bench / 'heads' / 'train'}"),
+        (["--data", str(bench / "meta.json")], "--data must be a folder"),
+        (["--data", str(bench / "heads" / "train"), "--eval-every", "5"], "--eval-every needs --eval-data"),
+    ]:
+        result = CliRunner().invoke(cli, ["train", "ssv", *args, "--out", str(runs), "--steps", "1"])
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert "Traceback" not in result.output and not runs.exists()
+
+
 def test_augment_gain_is_checked(folder):
     from common.errors import ViewsslError
     from ssv.cli import build_config

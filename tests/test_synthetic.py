@@ -384,3 +384,14 @@ def test_meta_from_another_version_is_a_logged_warning(tiny, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="viewssl.data.synthetic"):
         load_config(tmp_path)
     assert "another version of viewssl" in caplog.text and "no frames" in caplog.text
+
+
+def test_render_refuses_a_folder_of_other_files(tmp_path):
+    """Rendering replaces root/<kind>: a folder holding files but no meta.json (a user's own sequences/) is refused,
+    and nothing in it is touched."""
+    mine = tmp_path / "mine"
+    (mine / "sequences").mkdir(parents=True)
+    (mine / "sequences" / "keep.txt").write_text("mine")
+    with pytest.raises(ViewsslError, match="holds files but no meta.json"):
+        render_benchmark(mine, kinds=("sequences",), progress=False, **TINY)
+    assert (mine / "sequences" / "keep.txt").read_text() == "mine"

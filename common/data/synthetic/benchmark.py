@@ -682,6 +682,10 @@ def render_benchmark(out: str | os.PathLike, kinds: Iterable[str] = KINDS, size:
     if root.exists() and not root.is_dir():
         raise ViewsslError("exists and is not a folder", root)
     meta = _read_meta(root) if root.is_dir() else None
+    if meta is None and root.is_dir() and any(root.iterdir()):
+        # rendering replaces root/<kind>: never into a folder of someone's files
+        raise ViewsslError(f"holds files but no {META_FILE}, so it is not a synthetic benchmark; render into a new or "
+                           "empty folder", root)
     if meta is not None and meta["config"] != config.to_json():
         old = {k: v for k, v in meta["config"].items() if config.to_json().get(k) != v}
         raise ViewsslError(f"holds a benchmark rendered with other settings ({', '.join(sorted(old))} differ); "
