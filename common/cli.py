@@ -58,7 +58,15 @@ def comma_list(value: str, option: str, known) -> list[str]:
     if bad or not items:
         raise ViewsslError(f"{option}: {'unknown ' + ', '.join(bad) if bad else 'empty list'} "
                            f"(choose from {', '.join(known)})")
+    _no_repeats(items, option)
     return items
+
+
+def _no_repeats(items: list, option: str) -> None:
+    """A value given twice would be run twice and counted as two seeds or methods: refused."""
+    twice = sorted({str(v) for v in items if items.count(v) > 1})
+    if twice:
+        raise ViewsslError(f"{option}: {', '.join(twice)} given more than once")
 
 
 def int_list(value: str, option: str) -> list[int]:
@@ -69,6 +77,7 @@ def int_list(value: str, option: str) -> list[int]:
         raise ViewsslError(f"{option}: not comma-separated integers: {value!r}") from None
     if not items:
         raise ViewsslError(f"{option}: empty list")
+    _no_repeats(items, option)
     return items
 
 

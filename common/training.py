@@ -6,7 +6,8 @@ runs its own loss phases) and hands it to :func:`fit`, which owns everything tha
 - a numbered run folder (``runs/00003-ssv-heads``) with ``config.json``, tensorboard logs (``tb/``), ``metrics.jsonl``
   and ``checkpoints/ckpt-00001000.pt``;
 - checkpoints with the full state (modules, optimisers, schedulers, step, RNG states of torch / numpy / python for
-  every rank, config, family), written atomically; the data order needs no state because :func:`batch_iterator`
+  every rank, config, family) and ``train_seconds`` (the run's training time so far, over every resume), written
+  atomically; the data order needs no state because :func:`batch_iterator`
   derives it from (seed, step);
 - ``resume="auto"``: the newest *readable* checkpoint (a truncated one is reported and the previous one used);
   a different config is refused with the keys that differ, unless ``force`` (then the optimisers' settings are
@@ -42,10 +43,13 @@ from .io import atomic_save, atomic_write_bytes, atomic_write_json, folder_lock,
 log = logging.getLogger("viewssl.training")
 
 CHECKPOINT_VERSION = 1
+#: ``fit(force_hint=...)`` of the experiment scripts, which have no --force
+RETRAIN_HINT = "use another --out for these settings (or delete this run folder to train it again)"
 _CKPT_RE = re.compile(r"^ckpt-(\d{8})\.pt$")
 
-__all__ = ["Trainer", "fit", "new_run_dir", "find_resumable_run", "batch_iterator", "find_checkpoint", "config_diff",
-           "capture_rng", "restore_rng", "TrainingInterrupted", "NonFiniteLoss", "seed_everything"]
+__all__ = ["Trainer", "fit", "RETRAIN_HINT", "new_run_dir", "find_resumable_run", "batch_iterator",
+           "find_checkpoint", "config_diff", "capture_rng", "restore_rng", "TrainingInterrupted", "NonFiniteLoss",
+           "seed_everything"]
 
 
 class TrainingInterrupted(ViewsslError):
@@ -416,21 +420,26 @@ class _SignalFlag:
 
 def fit(trainer: Trainer, run_dir: str | Path, steps: int, checkpoint_every: int = 500, eval_every: int = 0,
         log_every: int = 10, media_every: int = 0, resume: str | Path | None = None, force: bool = False,
-        progress: bool = True, keep_checkpoints: int = 3) -> dict:
-    """Train ``trainer`` up to ``steps`` (total, counting resumed steps). See the module docstring."""
+        progress: bool = True, keep_checkpoints: int = 3, force_hint: str = "pass --force to resume anyway") -> dict:
+    """Train ``trainer`` up to ``steps`` (total, counting resumed steps). See the module docstring.
+
+    ``force_hint``: what the error for a checkpoint of another config tells the user to do (a script without
+    ``--force`` says so its own way)."""
     # the main process holds the run folder: a second run resuming it at the same time is refused
     lock = folder_lock(run_dir, "training run") if dist_utils.is_main() else contextlib.nullcontext()
     with lock:
         return _fit(trainer, Path(run_dir), steps, checkpoint_every=checkpoint_every, eval_every=eval_every,
                     log_every=log_every, media_every=media_every, resume=resume, force=force, progress=progress,
-                    keep_checkpoints=keep_checkpoints)
+                    keep_checkpoints=keep_checkpoints, force_hint=force_hint)
 
 
 def _fit(trainer: Trainer, run_dir: Path, steps: int, *, checkpoint_every: int, eval_every: int, log_every: int,
-         media_every: int, resume: str | Path | None, force: bool, progress: bool, keep_checkpoints: int) -> dict:
+         media_every: int, resume: str | Path | None, force: bool, progress: bool, keep_checkpoints: int,
+         force_hint: str) -> dict:
     ckpt_dir = run_dir / "checkpoints"
     main = dist_utils.is_main()
     start_step, resumed_from = 0, None
+    prior_seconds = 0.0  # training time of the run before this call (NaN: a checkpoint from before it was kept)
 
     if resume is not None:
         source = ckpt_dir if str(resume) == "auto" else Path(resume)
@@ -443,8 +452,8 @@ def _fit(trainer: Trainer, run_dir: Path, steps: int, *, checkpoint_every: int, 
             diff = config_diff({**trainer.resume_defaults, **ckpt["config"]}, trainer.config,
                                trainer.resume_ignored(ckpt["config"], int(ckpt["step"])))
             if diff and not force:
-                raise ViewsslError(f"config differs from the checkpoint's ({'; '.join(diff)}); "
-                                   "pass --force to resume anyway", resumed_from)
+                raise ViewsslError(f"config differs from the checkpoint's ({'; '.join(diff)}); {force_hint}",
+                                   resumed_from)
             if diff:
                 log.warning("resuming with a different config (--force): %s", "; ".join(diff))
             start_step = int(ckpt["step"])
@@ -452,6 +461,7 @@ def _fit(trainer: Trainer, run_dir: Path, steps: int, *, checkpoint_every: int, 
                 raise ViewsslError(f"the run is already at step {start_step}, past --steps {steps}; give --steps "
                                    f"{start_step} or more to continue it, or another output folder", resumed_from)
             trainer.load_state_dict(ckpt, resumed_from)
+            prior_seconds = float(ckpt.get("train_seconds", math.nan))
             rng = ckpt.get("rng") or []
             if len(rng) == dist_utils.world_size():
                 restore_rng(rng[dist_utils.rank()])
@@ -486,7 +496,8 @@ def _fit(trainer: Trainer, run_dir: Path, steps: int, *, checkpoint_every: int, 
         if main:
             path = ckpt_dir / f"ckpt-{step:08d}.pt"
             atomic_save({"family": trainer.family, "version": CHECKPOINT_VERSION, "config": trainer.config,
-                         "step": step, "rng": rng, **state}, path)
+                         "step": step, "rng": rng, "train_seconds": prior_seconds + time.perf_counter() - t0,
+                         **state}, path)
             for old in _checkpoints(ckpt_dir)[:-keep_checkpoints]:
                 old.unlink(missing_ok=True)
             last_ckpt = path
@@ -554,5 +565,6 @@ def _fit(trainer: Trainer, run_dir: Path, steps: int, *, checkpoint_every: int, 
         if writer is not None:
             writer.close()
     result.update({"step": step, "terms": terms_f, "metrics": metrics,
-                   "checkpoint": str(ckpt_dir / f"ckpt-{step:08d}.pt"), "seconds": time.perf_counter() - t0})
+                   "checkpoint": str(ckpt_dir / f"ckpt-{step:08d}.pt"), "seconds": time.perf_counter() - t0,
+                   "train_seconds": prior_seconds + time.perf_counter() - t0})
     return result

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -50,7 +51,7 @@ def demo(out: Path, seed: int, device: str, render_only: bool) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="First seed.")
 @click.option("--methods", default=None, help="Comma-separated subset of: " + "ssv, vicreg, vicreg_traj, "
               "simsiam_nearby, simsiam_distant, supervised.")
-@click.option("--steps-scale", type=float, default=1.0, show_default=True,
+@click.option("--steps-scale", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
               help="Multiply every method's step count (e.g. 0.01 for a smoke run).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, mps.")
 def compare(bench: Path | None, out: Path | None, quick: bool, seeds: int, seed: int, methods: str | None,
@@ -60,13 +61,18 @@ def compare(bench: Path | None, out: Path | None, quick: bool, seeds: int, seed:
     plots."""
     from common.data.synthetic import render_benchmark
 
-    from .compare import run_compare
+    from common.cli import comma_list
+    from common.errors import ViewsslError
 
+    from .compare import METHODS, run_compare
+
+    if not math.isfinite(steps_scale):
+        raise ViewsslError(f"--steps-scale must be a finite number > 0, not {steps_scale}")
+    names = comma_list(methods, "--methods", list(METHODS)) if methods is not None else None
     out = out or Path(f"runs/compare-{'quick' if quick else 'full'}")
     if bench is None:
         bench = out / "benchmark"
         render_benchmark(bench, scale="small" if quick else "full", seed=seed)
-    names = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
     result = run_compare(bench, out, quick=quick, seeds=seeds, device=device, seed=seed, methods=names,
                          steps_scale=steps_scale)
     click.echo(result["table"])

@@ -537,7 +537,7 @@ def check_inputs(data, rows: str) -> list[str]:
 def run(data, out, preset, steps, sup_steps, row_names: list[str], batch_size, seed, device, threads, phi, quick,
         augment_gain=None, highpass=None, ball_mask=None, eval_every=0, viewpoint_head="spherical", lr_decay=None,
         lr_final=None) -> dict:
-    from common.training import fit
+    from common.training import RETRAIN_HINT, fit
     from ssv.cli import build_config
 
     t_start = time.perf_counter()
@@ -575,7 +575,8 @@ def run(data, out, preset, steps, sup_steps, row_names: list[str], batch_size, s
         log.info("row %s: %d steps in %s", row, n_steps, out / row)
         t0 = time.perf_counter()
         res = fit(trainer, out / row, n_steps, checkpoint_every=500, log_every=20, eval_every=eval_every,
-                  media_every=0 if row == "supervised" or quick else 500, resume="auto", progress=True)
+                  media_every=0 if row == "supervised" or quick else 500, resume="auto", progress=True,
+                  force_hint=RETRAIN_HINT)
         train_seconds = time.perf_counter() - t0
         done = n_steps - res["start_step"]
         # fit's own evaluation at the last step when it made one (with --eval-every: training ended on a multiple

@@ -102,7 +102,7 @@ def train_and_evaluate(bench: Path, run_dir: Path, config: dict, device: torch.d
     """Train (or resume) one encoder run and evaluate its last checkpoint with ``evaluate(ckpt, bench, device, seed,
     eval_options) -> (metrics, protocol, skipped)``; the result is cached in ``run_dir/eval.json`` (reused when the
     config and the evaluation options are unchanged). Shared by the trajectory and frame-pair experiments."""
-    from common.training import find_checkpoint, fit
+    from common.training import RETRAIN_HINT, find_checkpoint, fit
     from trajssl.trainer import EncoderTrainer
 
     cache = run_dir / "eval.json"
@@ -116,7 +116,8 @@ def train_and_evaluate(bench: Path, run_dir: Path, config: dict, device: torch.d
     t0 = time.perf_counter()
     eval_every = max(steps // 5, 1) if eval_during_training and steps >= 50 else 0
     result = fit(trainer, run_dir, steps=steps, checkpoint_every=max(steps // 5, 1),
-                 log_every=max(min(steps // 50, 50), 1), eval_every=eval_every, resume="auto", progress=progress)
+                 log_every=max(min(steps // 50, 50), 1), eval_every=eval_every, resume="auto", progress=progress,
+                 force_hint=RETRAIN_HINT)
     trained = steps - int(result["start_step"])
     train_seconds = time.perf_counter() - t0
     ckpt, path = find_checkpoint(run_dir)
@@ -235,8 +236,10 @@ def encoder_options(image_size: int, stem: str):
                      help="ResNet-18 stem: small (3x3 stride 1, no max-pool; the paper's, on 32 px) or imagenet (7x7 "
                           "stride 2 + max-pool: at 64 px about a quarter of the cost of small at 32 px)."),
         click.option("--optimizer", type=click.Choice(("lars", "sgd", "adamw")), default="lars",
-                     help="lars: the paper's (lr 0.3 x batch / 256, warm-up, cosine); adamw (lr 1e-3) learns faster "
-                          "in short runs at small batches."),
+                     help="For every method (SimSiam too, which `viewssl train encoder` trains with sgd): lars, the "
+                          "paper's schedule (the method's base lr x batch / 256: SimCLR 0.4, VICReg 0.3, SimSiam "
+                          "0.05; warm-up, cosine); sgd (the same lr); adamw (lr 1e-3) learns faster in short runs at "
+                          "small batches."),
     ]
 
     def decorate(f):
@@ -253,8 +256,8 @@ def encoder_options(image_size: int, stem: str):
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output folder  [default: runs/traj_objects, or runs/traj_objects-quick]")
 @click.option("--methods", default="vicreg,simclr,simsiam", help="Comma-separated Siamese methods.")
-@click.option("--traj-weight", type=click.FloatRange(min=0), default=0.2,
-              help="Weight of the trajectory loss in the runs with it (each method also runs without).")
+@click.option("--traj-weight", type=click.FloatRange(min=0, min_open=True), default=0.2,
+              help="Weight of the trajectory loss in the runs with it (each method also runs without); > 0.")
 @click.option("--seeds", default=None, help="Comma-separated seeds  [default: 0,1,2; quick: 0,1]")
 @click.option("--steps", type=click.IntRange(min=1), default=None,
               help="Training steps per run  [default: 1500; quick: 2]")

@@ -66,7 +66,15 @@ def test_compare_refuses_a_benchmark_without_head_kinds(tmp_path):
 def test_compare_unknown_method(tiny_bench, tmp_path):
     result = CliRunner().invoke(cli, ["compare", "--data", str(tiny_bench), "--out", str(tmp_path / "o"),
                                       "--methods", "ssv,byol"])
-    assert result.exit_code == 2 and "unknown method(s) byol" in result.output
+    assert result.exit_code == 2 and "--methods: unknown byol" in result.output
+    for args, message in [(["--methods", ""], "--methods: empty list"),
+                          (["--methods", "ssv,ssv"], "--methods: ssv given more than once"),
+                          (["--steps-scale", "0"], "--steps-scale"), (["--steps-scale", "-5"], "--steps-scale"),
+                          (["--steps-scale", "nan"], "--steps-scale must be a finite number")]:
+        result = CliRunner().invoke(cli, ["compare", "--data", str(tiny_bench), "--out", str(tmp_path / "o"), *args])
+        assert result.exit_code == 2 and message in result.output, (args, result.output)
+        assert "Traceback" not in result.output
+    assert not (tmp_path / "o").exists()  # nothing trained
 
 
 def test_per_angle_bars_draw_a_spread_only_where_seeds_give_one():

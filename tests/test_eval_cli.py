@@ -69,6 +69,8 @@ def test_eval_on_a_benchmark_with_selected_metrics_and_default_output(tmp_path, 
         (["--metrics", "viewpoint,bogus"], "unknown metric(s) bogus (known: viewpoint"),
         (["--compress", "pca"], "--compress 'pca'"),
         (["--data", "MISSING"], "no such data folder"),
+        (["--metrics", ""], "no metric named"),
+        (["--metrics", " , "], "no metric named"),
     ],
 )
 def test_eval_user_errors(tmp_path, oracle_family, args, message):
@@ -83,6 +85,17 @@ def test_eval_user_errors(tmp_path, oracle_family, args, message):
     assert res.exit_code == 2, res.output
     assert message in res.output
     assert "Traceback" not in res.output
+
+
+def test_eval_unknown_split_is_an_error_and_writes_nothing(tmp_path, oracle_family):
+    """--split tset used to print "(no figures)", exit 0 and overwrite the default JSON of an earlier evaluation."""
+    bench = make_benchmark(tmp_path / "bench")
+    run = tmp_path / "run"
+    _checkpoint(run, bench)
+    res = CliRunner().invoke(cli, ["eval", "--checkpoint", str(run), "--data", str(bench), "--split", "tset",
+                                   "--device", "cpu"])
+    assert res.exit_code == 2 and "--split 'tset': no such split (splits here: " in res.output, res.output
+    assert "test" in res.output.split("splits here: ")[1] and not list(run.glob("eval-*.json"))
 
 
 def test_eval_unknown_family_and_missing_checkpoint(tmp_path):

@@ -44,6 +44,11 @@ def test_list_options():
         int_list("0,one", "--seeds")
     with pytest.raises(ViewsslError, match="^--seeds: empty list$"):
         int_list(",", "--seeds")
+    # a repeat would run twice and count as two seeds (a spread of 0 over copies of one run)
+    with pytest.raises(ViewsslError, match="^--seeds: 0 given more than once$"):
+        int_list("0,1,0", "--seeds")
+    with pytest.raises(ViewsslError, match="^--methods: vicreg given more than once$"):
+        comma_list("vicreg,vicreg", "--methods", ("vicreg",))
 
 
 def test_bench_render_tiny_run_and_one_line_error():

@@ -1,5 +1,6 @@
 """The shared training loop: exact resume, corrupt checkpoints, config mismatch, non-finite loss, signals."""
 import json
+import math
 import logging
 import os
 import random
@@ -12,7 +13,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from common.errors import ViewsslError
-from common.io import load_checkpoint
+from common.io import atomic_save, load_checkpoint
 from common.training import (NonFiniteLoss, Trainer, TrainingInterrupted, batch_iterator, config_diff, find_checkpoint,
                              find_resumable_run, fit, new_run_dir, resolve_run_dir, seed_everything)
 
@@ -104,6 +105,27 @@ def test_checkpoint_contents_and_pruning(tmp_path):
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.endswith(".tmp")]
 
 
+def test_training_time_adds_up_over_resumes(tmp_path, monkeypatch):
+    """train_seconds in the checkpoint and the result is the run's, not the last call's (compare's "train s" showed 0
+    for a rerun and only the continued part of an interrupted run); a checkpoint from before it gives NaN."""
+    import common.training as training
+
+    clock = iter(float(x) for x in range(0, 10_000, 10))  # every perf_counter() call: 10 s later
+    monkeypatch.setattr(training.time, "perf_counter", lambda: next(clock))
+    first = fit(ToyTrainer({"seed": 0, "lr": 0.01}), tmp_path, steps=2, progress=False)
+    ck2 = load_checkpoint(tmp_path / "checkpoints" / "ckpt-00000002.pt")
+    assert 0 < ck2["train_seconds"] <= first["train_seconds"]
+    again = fit(ToyTrainer({"seed": 0, "lr": 0.01}), tmp_path, steps=2, resume="auto", progress=False)
+    assert again["start_step"] == 2 and again["train_seconds"] >= ck2["train_seconds"]
+    more = fit(ToyTrainer({"seed": 0, "lr": 0.01}), tmp_path, steps=4, resume="auto", progress=False)
+    ck4 = load_checkpoint(tmp_path / "checkpoints" / "ckpt-00000004.pt")
+    assert ck4["train_seconds"] > ck2["train_seconds"] and more["train_seconds"] >= ck4["train_seconds"]
+    del ck4["train_seconds"]
+    atomic_save(ck4, tmp_path / "checkpoints" / "ckpt-00000004.pt")
+    old = fit(ToyTrainer({"seed": 0, "lr": 0.01}), tmp_path, steps=5, resume="auto", progress=False)
+    assert math.isnan(old["train_seconds"])
+
+
 def test_corrupt_newest_checkpoint_falls_back(tmp_path, caplog):
     t = ToyTrainer({"seed": 0, "lr": 0.01})
     fit(t, tmp_path, steps=4, checkpoint_every=2, progress=False)
@@ -118,6 +140,11 @@ def test_resume_with_different_config_is_refused(tmp_path):
     fit(ToyTrainer({"seed": 0, "lr": 0.01}), tmp_path, steps=2, progress=False)
     with pytest.raises(ViewsslError, match=r"lr: 0.01 -> 0.02.*--force"):
         fit(ToyTrainer({"seed": 0, "lr": 0.02}), tmp_path, steps=4, resume="auto", progress=False)
+    from common.training import RETRAIN_HINT
+
+    with pytest.raises(ViewsslError, match=r"lr: 0.01 -> 0.02\); use another --out for these settings"):
+        fit(ToyTrainer({"seed": 0, "lr": 0.02}), tmp_path, steps=4, resume="auto", progress=False,
+            force_hint=RETRAIN_HINT)  # the experiment scripts, which have no --force
     out = fit(ToyTrainer({"seed": 0, "lr": 0.02}), tmp_path, steps=4, resume="auto", force=True, progress=False)
     assert out["start_step"] == 2
     # forced: the optimiser's settings are the new config's, its momentum buffers and scheduled lr the checkpoint's

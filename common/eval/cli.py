@@ -118,6 +118,9 @@ def eval_command(checkpoint, data, split, metrics, output, device, batch_size, s
 
     names = _check_names(metrics)  # unknown names fail before anything is loaded
     source = DataSource.detect(data)
+    if source.layout != "folder" and split not in source.splits():
+        raise ViewsslError(f"--split {split!r}: no such split (splits here: {', '.join(source.splits())})",
+                           source.root)
     dev = resolve_device(device)
     model = load_model(checkpoint, dev, ema=ema)
     if flip_average:

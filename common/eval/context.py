@@ -81,6 +81,14 @@ class DataSource:
     def has(self, kind: str, split: str) -> bool:
         return self.path(kind, split) is not None
 
+    def splits(self) -> list[str]:
+        """The split names present (any kind's, in the benchmark layout); ``[]`` for a single folder."""
+        if self.layout == "folder":
+            return []
+        found = self.root.glob(f"*/{LABELS_FILE}") if self.layout == "splits" else \
+            (p for k in BENCHMARK_KINDS for p in (self.root / k).glob(f"*/{LABELS_FILE}"))
+        return sorted({p.parent.name for p in found})
+
 
 @dataclass
 class SplitOutputs:

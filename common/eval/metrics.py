@@ -627,6 +627,8 @@ def _check_names(metrics: Sequence[str] | str | None) -> list[str]:
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise ViewsslError(f"unknown metric(s) {', '.join(unknown)} (known: {', '.join(METRICS)})")
+    if not metrics:
+        raise ViewsslError(f"no metric named (known: {', '.join(METRICS)})")
     return list(dict.fromkeys(metrics))
 
 
