@@ -82,6 +82,32 @@ def test_two_steps_tiny(folder, kw):
     assert ("d_imc" in terms) == (t.config["w_imc"] > 0) and ("d_sym" in terms) == (t.config["w_sym"] > 0)
 
 
+def test_critic_step_uses_the_papers_gp_weight_and_drift(folder, monkeypatch):
+    """WGAN-GP's weight 10 and the drift 1e-3 (the release README's command) are the defaults, and the configured
+    drift and the penalty reach the critic step (value tests of the loss functions cannot see a default or a wiring
+    change)."""
+    import ssv.trainer as trainer_module
+
+    config = tiny_config(folder, w_imc=0.0, w_sym=0.0, w_gsym=0.0)
+    assert (config["gp_weight"], config["drift"]) == (10.0, 1e-3)
+    seen = {}
+    critic_loss, penalty = trainer_module.losses.wgan_critic_loss, trainer_module.losses.gradient_penalty
+
+    def critic_spy(real, fake, drift):
+        seen["drift"] = drift
+        return critic_loss(real, fake, drift=drift)
+
+    def penalty_spy(critic, real, fake):
+        seen["gp"] = penalty(critic, real, fake)
+        return seen["gp"]
+
+    monkeypatch.setattr(trainer_module.losses, "wgan_critic_loss", critic_spy)
+    monkeypatch.setattr(trainer_module.losses, "gradient_penalty", penalty_spy)
+    t = SSVTrainer({**config, "drift": 0.5})
+    t.train_step(next(t.batches(0)), 0)
+    assert seen["drift"] == 0.5 and seen["gp"].item() > 0
+
+
 def test_cpu_preset_two_steps(folder):
     t = SSVTrainer(default_config("cpu", data=str(folder), batch_size=4, g_group=2))
     assert t.config["image_size"] == 32

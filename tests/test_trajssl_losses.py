@@ -256,3 +256,49 @@ def test_losses_finite_gradients_on_identical_or_constant_inputs(name):
         loss.backward()
         assert torch.isfinite(loss)
         assert torch.isfinite(a.grad).all() and torch.isfinite(b.grad).all()
+
+
+# --- gradients: values can be right while a term is detached -------------------------------------------------------
+def _leaf(*shape, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).requires_grad_(True)
+
+
+def test_trajectory_and_vicreg_gradients_match_finite_differences():
+    """A z_C detached in the tangent projection, a detached norm, a detached invariance target or variance term
+    all keep the values above and fail here (torch.autograd.gradcheck, float64; VICReg's inputs small enough for
+    its variance hinge to act)."""
+    from torch.autograd import gradcheck
+
+    assert gradcheck(trajectory_loss, (_leaf(4, 6, seed=7), _leaf(4, 6, seed=8), _leaf(4, 6, seed=9)))
+    assert gradcheck(lambda x, y: vicreg_loss(x, y, 1.0, 2.0, 3.0), (_leaf(6, 4, seed=12, scale=0.3),
+                                                                     _leaf(6, 4, seed=13, scale=0.3)))
+
+
+def test_info_nce_gradient_matches_the_direct_computation():
+    z1, z2 = _leaf(4, 5, seed=10), _leaf(4, 5, seed=11)
+    got = torch.autograd.grad(info_nce_loss(z1, z2, 0.3), (z1, z2))
+    want = torch.autograd.grad(_info_nce_direct(z1, z2, 0.3), (z1, z2))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-8, rtol=0)
+
+
+def test_trajectory_short_right_step_is_degenerate_too():
+    """The right view within eps of the centre: the triplet counts as degenerate (as the left one, tested above)."""
+    g = torch.Generator().manual_seed(1)
+    zc = F.normalize(torch.randn(1, 64, generator=g), dim=1)
+    zl = (zc + 0.3 * F.normalize(torch.randn(1, 64, generator=g), dim=1)).requires_grad_(True)
+    zr = (zc + 5e-4 * F.normalize(torch.randn(1, 64, generator=g), dim=1)).requires_grad_(True)
+    loss = trajectory_loss(zl, zc, zr)
+    loss.backward()
+    assert loss.item() == 0.0 and zr.grad.abs().max() == 0.0
+
+
+def test_half_precision_inputs_are_reduced_in_float32():
+    g = torch.Generator().manual_seed(0)
+    z1 = torch.randn(64, 128, generator=g).bfloat16()
+    z2 = (z1.float() + 0.3 * torch.randn(64, 128, generator=g)).bfloat16()
+    got = info_nce_loss(z1, z2, 0.1)
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(info_nce_loss(z1.double(), z2.double(), 0.1).item(), rel=1e-4)
+    assert trajectory_loss(z1[:4], z2[:4], z1[4:8]).dtype == torch.float32

@@ -85,6 +85,43 @@ def test_every_method_trains_two_steps(bench, method, traj_weight, traj_layer):
     assert any("layer4" in k for k in changed) and any("layer1" in k for k in changed)
 
 
+def test_trajectory_term_gets_left_centre_right_and_its_weight(bench, monkeypatch):
+    """The trajectory loss receives the tap features of (left, centre, right) in that order, and the step's loss is
+    semantic + traj_weight * trajectory (a swapped call or a dropped weight passes every loss-formula test)."""
+    import trajssl.trainer as trainer_module
+    from trajssl.encoders import tap_vector
+
+    seen, original = [], trainer_module.trajectory_loss
+
+    def spy(z_l, z_c, z_r):
+        seen.append((z_l.detach(), z_c.detach(), z_r.detach()))
+        return original(z_l, z_c, z_r)
+
+    tr = EncoderTrainer({**TINY, "method": "simclr", "data": str(bench), "steps": 1, "traj_weight": 0.3}, CPU)
+    batch = next(tr.batches(0))
+    with torch.no_grad():
+        taps = tr.net.encoder(torch.cat([batch["left"], batch["image"], batch["right"]]), taps=(tr.net.traj_layer,))
+        want = tap_vector(taps[tr.net.traj_layer], tr.net.tap_grid).chunk(3)
+    monkeypatch.setattr(trainer_module, "trajectory_loss", spy)
+    terms = tr.train_step(batch, 0)
+    for got, expected in zip(seen[0], want):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert terms["loss"].item() == pytest.approx(terms["semantic"].item() + 0.3 * terms["trajectory"].item(),
+                                                 rel=1e-6)
+
+
+def test_simclr_uses_its_configured_temperature():
+    from trajssl.losses import info_nce_loss
+    from trajssl.methods import METHODS
+
+    method = METHODS["simclr"](8, {"temperature": 0.5, "proj_hidden_dim": 16, "proj_dim": 8})
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g)
+    got = method.loss({"z": z1}, {"z": z2})["semantic"]
+    torch.testing.assert_close(got, info_nce_loss(z1, z2, 0.5))
+    assert not torch.allclose(got, info_nce_loss(z1, z2, 0.2))
+
+
 @pytest.mark.parametrize("pairs", ["same", "nearby", "distant"])
 def test_frame_pairs_train(bench, pairs):
     tr = EncoderTrainer({**TINY, "method": "simsiam", "data": str(bench), "steps": 1, "pairs": pairs,
