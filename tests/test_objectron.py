@@ -14,7 +14,8 @@ from scipy.spatial.transform import Rotation
 
 from common.data.formats import detect_format, open_dataset
 from common.data.labels import read_labels
-from common.data.objectron import SIGNS, Objectron, fit_box_keypoints, message_classes, read_sequence
+from common.data.objectron import (SIGNS, Objectron, fit_box_keypoints, fit_camera, message_classes,
+                                   read_sequence)
 from common.errors import ViewsslError
 from common.eval.boxes import box_corners, box_frames_from_table, box_iou_3d, fit_box, project_points
 from experiments.cli import cli
@@ -97,6 +98,17 @@ def test_box_fit_recovers_the_box_in_objectrons_corner_order():
     np.testing.assert_allclose(size, SIZE, atol=1e-12)
     np.testing.assert_allclose(rotation, R, atol=1e-12)
     np.testing.assert_allclose(box_corners(centre, size, rotation), pts[1:], atol=1e-12)  # the project's order too
+
+
+@pytest.mark.parametrize("turn", [0, 1, 2, 3])
+def test_fit_camera_finds_the_turn_and_intrinsics_and_leaves_out_points_behind(turn):
+    g = np.random.default_rng(turn)
+    ours = np.column_stack([g.uniform(-0.3, 0.3, (40, 2)), g.uniform(-2.0, -0.5, 40)])  # our camera frame
+    uv = np.stack([CX + FX * ours[:, 0] / -ours[:, 2], CY - FY * ours[:, 1] / -ours[:, 2]], 1) / [W, H]
+    ours[0, 2], uv[0] = 0.4, (0.1, 0.9)  # behind the camera: no projection, its 2D point is anything
+    M, (fx, fy, cx, cy), rms = fit_camera(ours @ quarter_turn(turn), uv, W, H)
+    np.testing.assert_allclose(M, quarter_turn(turn), atol=1e-12)  # ours = M @ ARKit
+    assert (fx, fy, cx, cy) == pytest.approx((FX, FY, CX, CY), rel=1e-9) and rms < 1e-12
 
 
 @pytest.mark.parametrize("turn", [0, 1, 2, 3])

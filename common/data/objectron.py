@@ -156,19 +156,20 @@ def fit_camera(points_3d: np.ndarray, points_2d: np.ndarray, width: int, height:
     """The rotation about the optical axis (a quarter turn M) and the intrinsics that take ARKit's 3D keypoints (N, 3)
     to the decoded frame's normalised 2D keypoints (N, 2): ``u = cx + fx X'/(-Z')``, ``v = cy - fy Y'/(-Z')`` with
     ``X' = M X``, least squares per axis, in pixels of a ``width`` x ``height`` frame. Returns (M, (fx, fy, cx, cy),
-    RMS error as a fraction of the frame's larger side); the best of the four turns with positive focal lengths."""
+    RMS error as a fraction of the frame's larger side); the best of the four turns with positive focal lengths.
+    Points behind the camera are left out of the fit."""
     p3 = np.asarray(points_3d, dtype=np.float64)
     uv = np.asarray(points_2d, dtype=np.float64) * np.array([width, height], dtype=np.float64)
+    ahead = -p3[:, 2] > 1e-6  # a corner behind the camera (a large box seen from close) has no projection
+    p3, uv = p3[ahead], uv[ahead]
     best = None
-    for k in range(4):
+    for k in range(4 if len(p3) >= 3 else 0):
         M = _quarter_turn(k)
         q = p3 @ M.T
         depth = -q[:, 2]
-        if (depth <= 0).any():
-            continue
         xn, yn = q[:, 0] / depth, q[:, 1] / depth
-        (fx, cx), res_u, *_ = np.linalg.lstsq(np.stack([xn, np.ones_like(xn)], 1), uv[:, 0], rcond=None)
-        (fy, cy), res_v, *_ = np.linalg.lstsq(np.stack([-yn, np.ones_like(yn)], 1), uv[:, 1], rcond=None)
+        (fx, cx), *_ = np.linalg.lstsq(np.stack([xn, np.ones_like(xn)], 1), uv[:, 0], rcond=None)
+        (fy, cy), *_ = np.linalg.lstsq(np.stack([-yn, np.ones_like(yn)], 1), uv[:, 1], rcond=None)
         if fx <= 0 or fy <= 0:
             continue
         err = np.concatenate([cx + fx * xn - uv[:, 0], cy - fy * yn - uv[:, 1]])
