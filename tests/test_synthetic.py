@@ -23,6 +23,7 @@ from common.data.synthetic import (
 from common.data.synthetic.parts import Builder
 from common.data.synthetic.render import Background, Camera, Light, get_renderer, project
 from common.errors import ViewsslError
+from common.eval.boxes import box_corners, project_points
 from common.geometry import angles_to_matrix, geodesic_distance
 
 # A benchmark small enough to render in a second or two.
@@ -250,6 +251,13 @@ def test_sequence_boxes_agree_with_the_images(tiny):
         centre = project(np.array([col["box_cx"][i], col["box_cy"][i], col["box_cz"][i]]), cam)
         u, v = np.floor(centre).astype(int)
         assert mask[max(v - 1, 0):v + 2, max(u - 1, 0):u + 2].max() > 0.5, i  # the box centre lies on the object
+        # the 2D box is the bounds of the 8 projected box corners, with the row's own intrinsics
+        R = angles_to_matrix(*table.angles[i]).numpy()
+        corners = box_corners(np.array([col["box_cx"][i], col["box_cy"][i], col["box_cz"][i]]),
+                              np.array([col["box_sx"][i], col["box_sy"][i], col["box_sz"][i]]), R)
+        uv = project_points(corners, col["fx"][i], col["fy"][i], col["cx"][i], col["cy"][i])
+        np.testing.assert_allclose([col[c][i] for c in ("bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1")],
+                                   [*uv.min(0), *uv.max(0)], atol=1e-3)
         vs, us = np.nonzero(mask > 0)
         assert us.min() >= col["bbox_x0"][i] - 1 and us.max() + 1 <= col["bbox_x1"][i] + 1
         assert vs.min() >= col["bbox_y0"][i] - 1 and vs.max() + 1 <= col["bbox_y1"][i] + 1
@@ -285,6 +293,24 @@ def test_head_sequences_turn_at_constant_speed(tiny):
     steps = geodesic_distance(R[:-1], R[1:])
     assert torch.allclose(steps, steps.mean().expand_as(steps), atol=1e-5)
     assert geodesic_distance(R[0], R[-1]) >= math.radians(BenchmarkConfig().head_turn_min) - 1e-6
+
+
+def test_head_turn_min_is_kept_or_refused():
+    """Ranges too narrow for head_turn_min used to give shorter turns silently."""
+    with pytest.raises(ViewsslError, match="no end pose 40 deg from its start in 100 draws"):
+        SyntheticDataset("head_sequences", "train", scale="small", yaw_range=20, pitch_range=10, roll_range=10)
+    ds = SyntheticDataset("head_sequences", "train", scale="small", yaw_range=30, pitch_range=20, roll_range=10,
+                          head_turn_min=25)  # the loop has to retry often here
+    R = angles_to_matrix(*torch.tensor([[r["azimuth"], r["elevation"], r["tilt"]] for r in ds.rows]).T)
+    starts = [i for i, r in enumerate(ds.rows) if r["frame"] == 0]
+    ends = starts[1:] + [len(ds.rows)]
+    for a, b in zip(starts, ends):
+        assert geodesic_distance(R[a], R[b - 1]) >= math.radians(25) - 1e-6
+
+
+def test_sequences_of_unseen_categories_do_not_take_ood_test_meshes():
+    with pytest.raises(ViewsslError, match="ood_train_instances"):
+        BenchmarkConfig.preset("small", sequence_train_instances=2)
 
 
 def test_head_poses_respect_ranges():

@@ -202,6 +202,11 @@ class BenchmarkConfig:
             raise ViewsslError(f"sequence_train_instances ({self.sequence_train_instances}) must not exceed "
                                f"train_instances ({self.train_instances}): training sequences would use the object "
                                "val / test meshes")
+        if (set(self.sequence_categories) & set(self.ood_categories)
+                and self.sequence_train_instances > self.ood_train_instances):
+            raise ViewsslError(f"sequence_train_instances ({self.sequence_train_instances}) must not exceed "
+                               f"ood_train_instances ({self.ood_train_instances}): training sequences of the unseen "
+                               "categories would use the objects' ood_test meshes")
         if self.train_instances + self.val_instances + self.test_instances > SEQUENCE_TEST_OFFSET:
             raise ViewsslError(f"at most {SEQUENCE_TEST_OFFSET} object instances per category (the test sequences' "
                                "instances are numbered from there)")
@@ -422,6 +427,9 @@ def _plan_head_sequences(config: BenchmarkConfig, split: str) -> list[ViewSpec]:
             R1 = torch.from_numpy(_rotation(*_head_pose(config, rng)))
             if math.degrees(float(geodesic_distance(R0, R1))) >= config.head_turn_min:
                 break
+        else:
+            raise ViewsslError(f"head sequence {k} ({split}): no end pose {config.head_turn_min:g} deg from its start "
+                               f"in 100 draws; widen yaw_range / pitch_range / roll_range or lower head_turn_min")
         t, light, background = _head_translation(config, rng), _random_light(rng), _random_background(rng, (0.1, 0.8))
         name = f"head{k:04d}"
         for frame in range(config.frames):
