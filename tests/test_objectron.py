@@ -8,7 +8,6 @@ import logging
 import cv2
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 from scipy.spatial.transform import Rotation
 

@@ -51,7 +51,7 @@ import torch
 from ..errors import ViewsslError
 from ..geometry import axis_rotation, matrix_to_angles
 from .faces import crop_square, square_origin
-from .folders import ImageItems, _ids, natural_key, require_folder
+from .folders import ImageItems, _ids, natural_key
 
 log = logging.getLogger("viewssl.data.objectron")
 
