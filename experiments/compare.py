@@ -133,7 +133,7 @@ def run_compare(bench: str | Path, out: str | Path, quick: bool = False, seeds: 
             fitted = fit(trainer, run_dir, steps=steps, checkpoint_every=max(steps // 4, 1),
                          log_every=max(steps // 20, 1), resume="auto", progress=True,
                          force_hint=RETRAIN_HINT)
-            train_seconds = fitted["train_seconds"]  # the run's, over every resume (NaN: kept from before it was kept)
+            train_seconds = fitted["train_seconds"]  # the run's, over every resume (NaN: a checkpoint from before)
             model = _load_model(run_dir, method.family, dev)
             figs, protocol, ctx = _evaluate(model, bench, dev, seed + s)
             rows.setdefault(name, []).append({"seed": seed + s, "steps": steps, "train_seconds": train_seconds, **figs})

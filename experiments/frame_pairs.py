@@ -45,7 +45,7 @@ import torch
 from common.cli import ViewsslCommand, comma_list, int_list, invocation, resolve_device
 from common.io import atomic_write_bytes, atomic_write_json
 
-from .traj_objects import _fmt, _stats, encoder_options, paired_deltas, train_and_evaluate
+from .traj_objects import _fmt, _stats, encoder_options, ensure_benchmark, paired_deltas, train_and_evaluate
 
 log = logging.getLogger("viewssl.experiments.frame_pairs")
 
@@ -84,27 +84,6 @@ def variant_title(method: str, pairs: str, traj_weight: float) -> str:
     name = {"same": "same frame", "nearby": "nearby frames", "distant": "distant frames",
             "dual": "dual: nearby + distant heads"}[pairs]
     return f"{method}, {name}" + (f" + traj {traj_weight:g}" if traj_weight > 0 else "")
-
-
-NEEDS = "sequences/train and sequences/test (labels.csv)"
-
-
-def ensure_benchmark(data: Path, quick: bool, size: int) -> Path:
-    """Use ``data`` if it holds sequences; otherwise render them there."""
-    if ((data / "sequences" / "train" / "labels.csv").is_file()
-            and (data / "sequences" / "test" / "labels.csv").is_file()):
-        return data
-    from common.data.synthetic import render_benchmark
-    from common.errors import ViewsslError
-
-    if data.is_dir() and any(data.iterdir()) and not (data / "meta.json").is_file():
-        raise ViewsslError(f"--data has no {NEEDS} and is not a synthetic benchmark root (no meta.json): pass a "
-                           "benchmark root, or a new folder to render one into", data)
-
-    log.info("rendering the %s sequences into %s", "quick" if quick else "full", data)
-    render_benchmark(data, kinds=("sequences",), size=size, scale="small" if quick else "full", seed=0,
-                     progress=not quick, **(QUICK_BENCH if quick else {}))
-    return data
 
 
 class HeadTaps:
@@ -340,7 +319,8 @@ def main(data, out, methods, modes, dual_traj_weight, seeds, steps, batch_size, 
     methods = comma_list(methods, "--methods", KNOWN)
     modes = comma_list(modes, "--modes", MODES)
     device = resolve_device(device)
-    bench = ensure_benchmark(data, q, render_size)
+    bench = ensure_benchmark(data, q, render_size, kinds=("sequences",), needs=("sequences/train", "sequences/test"),
+                             quick_bench=QUICK_BENCH)
     eval_options = {"box_queries": box_queries}
     t0 = time.perf_counter()
     plan = []

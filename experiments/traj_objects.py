@@ -65,23 +65,23 @@ def run_name(method: str, traj_weight: float, seed: int) -> str:
     return f"{method}-traj{traj_weight:g}-s{seed}"
 
 
-NEEDS = "objects/train and triplets/train (labels.csv)"
-
-
-def ensure_benchmark(data: Path, quick: bool, size: int) -> Path:
-    """Use ``data`` if it holds objects and triplets; otherwise render them there."""
-    if (data / "objects" / "train" / "labels.csv").is_file() and (data / "triplets" / "train" / "labels.csv").is_file():
+def ensure_benchmark(data: Path, quick: bool, size: int, kinds: tuple[str, ...] = ("objects", "triplets"),
+                     needs: tuple[str, ...] = ("objects/train", "triplets/train"),
+                     quick_bench: dict = QUICK_BENCH) -> Path:
+    """Use ``data`` if it holds every ``needs`` split (``labels.csv``); otherwise render ``kinds`` there, if it is a
+    new or empty folder or a benchmark root (never into a folder of other files). Shared with frame_pairs."""
+    if all((data / n / "labels.csv").is_file() for n in needs):
         return data
     from common.data.synthetic import render_benchmark
     from common.errors import ViewsslError
 
     if data.is_dir() and any(data.iterdir()) and not (data / "meta.json").is_file():
-        raise ViewsslError(f"--data has no {NEEDS} and is not a synthetic benchmark root (no meta.json): pass a "
-                           "benchmark root, or a new folder to render one into", data)
+        raise ViewsslError(f"--data has no {' and '.join(needs)} (labels.csv) and is not a synthetic benchmark root "
+                           "(no meta.json): pass a benchmark root, or a new folder to render one into", data)
 
-    log.info("rendering the %s benchmark (objects, triplets) into %s", "quick" if quick else "full", data)
-    render_benchmark(data, kinds=("objects", "triplets"), size=size, scale="small" if quick else "full", seed=0,
-                     progress=not quick, **(QUICK_BENCH if quick else {}))
+    log.info("rendering the %s benchmark (%s) into %s", "quick" if quick else "full", ", ".join(kinds), data)
+    render_benchmark(data, kinds=kinds, size=size, scale="small" if quick else "full", seed=0, progress=not quick,
+                     **(quick_bench if quick else {}))
     return data
 
 

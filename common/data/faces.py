@@ -439,6 +439,12 @@ def read_biwi_calibration(path: str | os.PathLike) -> dict:
 MIN_HEAD_DEPTH_MM = 100.0  # a head centre nearer the camera than this is a broken pose file, not a pose
 
 
+def _check_head_depth(z: float, path: Path, camera: str = "") -> None:
+    if z < MIN_HEAD_DEPTH_MM:
+        raise ViewsslError(f"head centre z = {z:g} mm{camera}: a head is at least {MIN_HEAD_DEPTH_MM:g} mm in front "
+                           "of the camera", path)
+
+
 def read_biwi_pose(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """BIWI ``frame_XXXXX_pose.txt``: a 3x3 rotation (head -> depth camera, rows as written) then the head centre
     (mm, depth camera). Returns (R, centre)."""
@@ -452,9 +458,7 @@ def read_biwi_pose(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     centre = np.array(rows[3], dtype=np.float64)
     if not np.isfinite(centre).all():
         raise ViewsslError("head centre is not finite", path)
-    if centre[2] < MIN_HEAD_DEPTH_MM:
-        raise ViewsslError(f"head centre z = {centre[2]:g} mm: a head is at least {MIN_HEAD_DEPTH_MM:g} mm in front "
-                           "of the camera", path)
+    _check_head_depth(centre[2], path)
     return R, centre
 
 
@@ -696,10 +700,8 @@ class BIWI(ImageItems):
                 try:
                     R_pose, c = read_biwi_pose(pose_file)
                     centre_rgb = cal["R"].T @ (c - cal["t"])
-                    if centre_rgb[2] < MIN_HEAD_DEPTH_MM:
-                        raise ViewsslError(f"head centre z = {centre_rgb[2]:g} mm in the RGB camera ({CALIBRATION_FILE}"
-                                           f"'s extrinsic applied): a head is at least {MIN_HEAD_DEPTH_MM:g} mm in "
-                                           "front of the camera", pose_file)
+                    _check_head_depth(centre_rgb[2], pose_file, f" in the RGB camera ({CALIBRATION_FILE}'s extrinsic "
+                                                                 "applied)")
                 except ViewsslError as e:
                     if not self.skip_bad:
                         raise
