@@ -28,6 +28,11 @@ LABELS_FILE = "labels.csv"
 REQUIRED_COLUMNS = ("path", "azimuth", "elevation", "tilt")
 OPTIONAL_COLUMNS = ("category", "instance", "sequence", "frame")
 ANGLE_COLUMNS = ("azimuth", "elevation", "tilt")
+#: extra columns of a folder that box fitting can run on (common.eval.boxes): intrinsics (pixels), the 3D box in the
+#: camera frame (centre, size), the ground plane n . x + d = 0 and the 2D box; the synthetic sequences and an exported
+#: Objectron folder have them
+BOX_COLUMNS = ("fx", "fy", "cx", "cy", "box_cx", "box_cy", "box_cz", "box_sx", "box_sy", "box_sz", "plane_nx",
+               "plane_ny", "plane_nz", "plane_d", "bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1")
 
 __all__ = ["LABELS_FILE", "LabelTable", "read_labels", "write_labels", "LabeledFolder", "resolve_inside"]
 

@@ -30,7 +30,7 @@ Conventions and what is derived
 - Everything is then in the project's camera convention (``common/eval/boxes.py``): ``u = cx + fx X / (-Z)``,
   ``v = cy - fy Y / (-Z)``; the viewpoint is ``matrix_to_angles`` of the box rotation (object y up, as Objectron's
   boxes); the ground plane ``n . x + d = 0`` with n pointing to the object; the 2D box is the bounds of the 9 projected
-  keypoints. These are the synthetic sequences' columns (:data:`common.eval.boxes.BOX_COLUMNS`), in the pixels of the
+  keypoints. These are the synthetic sequences' columns (:data:`common.data.labels.BOX_COLUMNS`), in the pixels of the
   item's image (after the crop and resize), so ``viewssl data export`` followed by ``viewssl eval --metrics box_fit``
   runs SiamPose's zero-shot box fitting on real Objectron frames.
 - Ids: ``category`` = the class folder (not ``Object.category``, wrong for some videos: Objectron issue #62),
@@ -52,15 +52,13 @@ from ..errors import ViewsslError
 from ..geometry import axis_rotation, matrix_to_angles
 from .faces import crop_square, square_origin
 from .folders import ImageItems, _ids, natural_key
+from .labels import BOX_COLUMNS
 
 log = logging.getLogger("viewssl.data.objectron")
 
 __all__ = ["Objectron", "message_classes", "read_sequence", "fit_box_keypoints", "fit_camera", "is_objectron",
            "BOX_COLUMNS"]
 
-#: the per-item geometry columns, in this order (the same names as common.eval.boxes.BOX_COLUMNS)
-BOX_COLUMNS = ("fx", "fy", "cx", "cy", "box_cx", "box_cy", "box_cz", "box_sx", "box_sy", "box_sz", "plane_nx",
-               "plane_ny", "plane_nz", "plane_d", "bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1")
 SIGNS = np.array([[sx, sy, sz] for sx in (-0.5, 0.5) for sy in (-0.5, 0.5) for sz in (-0.5, 0.5)])
 MAX_RMS = 0.01  # keypoint reprojection error allowed, as a fraction of the frame's side
 _PACKAGE = "xeno.pursuit.proto"

@@ -40,6 +40,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..data.labels import BOX_COLUMNS
+
 __all__ = [
     "box_corners",
     "box_volume",
@@ -261,10 +263,6 @@ def fit_box(neighbor: BoxFrame, query: BoxFrame, iterations: int = 4, smoothing:
             depth *= s
             center = _snap(pixel, query.intrinsics, query.plane_normal, query.plane_d, height, depth)
     return center, size, rotation
-
-
-BOX_COLUMNS = ("fx", "fy", "cx", "cy", "box_cx", "box_cy", "box_cz", "box_sx", "box_sy", "box_sz", "plane_nx",
-               "plane_ny", "plane_nz", "plane_d", "bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1")
 
 
 def box_frames_from_table(table) -> list[BoxFrame]:

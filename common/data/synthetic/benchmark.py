@@ -59,7 +59,7 @@ from ...errors import ViewsslError
 from ...geometry import (angles_to_matrix, fibonacci_sphere, geodesic_distance, look_at_rotation, matrix_to_angles,
                          slerp)
 from ...io import atomic_write_json
-from ..labels import LABELS_FILE, _index, write_labels
+from ..labels import BOX_COLUMNS, LABELS_FILE, _index, write_labels
 from .heads import build_head
 from .meshes import CATEGORIES, IN_DOMAIN, OUT_OF_DOMAIN, build_object, instance_rng
 from .parts import TriangleMesh, hsv
@@ -81,8 +81,7 @@ SPLITS = {
     "head_triplets": ("train",),
     "head_sequences": ("train", "test"),
 }
-SEQUENCE_COLUMNS = ("fx", "fy", "cx", "cy", "box_cx", "box_cy", "box_cz", "box_sx", "box_sy", "box_sz", "plane_nx",
-                    "plane_ny", "plane_nz", "plane_d", "bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1")
+SEQUENCE_COLUMNS = BOX_COLUMNS
 EXTRA_COLUMNS = {"objects": ("view",), "heads": (), "triplets": ("triplet", "position", "view"),
                  "sequences": SEQUENCE_COLUMNS, "head_triplets": ("triplet", "position"), "head_sequences": ()}
 #: Sequence test instances are numbered from here, so they are disjoint from every object split's instances.
