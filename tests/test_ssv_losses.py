@@ -135,6 +135,15 @@ def test_style_and_cycle_loss():
     assert got.item() == pytest.approx(0.8 * 2 + 0.5 * 3)
 
 
+def test_style_loss_stops_the_gradient_at_the_target():
+    # the target code z is a constant: only z_hat learns, d/dz_hat = 2 (z_hat - z) / numel
+    z = torch.tensor([[1.0, 2.0], [0.0, 0.0]], requires_grad=True)
+    z_hat = torch.tensor([[1.0, 0.0], [1.0, 1.0]], requires_grad=True)
+    losses.style_loss(z_hat, z).backward()
+    assert z.grad is None
+    assert torch.allclose(z_hat.grad, 2 * (z_hat - z).detach() / 4)
+
+
 def test_image_consistency_loss_formula():
     gen = _gen(4)
     a = torch.randn(3, 4, 5, 5, generator=gen)
