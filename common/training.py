@@ -24,6 +24,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import random
 import re
 import signal
@@ -350,12 +351,21 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+#: config keys holding a file or folder: two configs agree on one if both name the same place from here (a run started
+#: with a relative ``--data`` resumes with the absolute path, or through a symlink, and the other way round)
+PATH_KEYS = ("data", "eval_data")
+
+
 def config_diff(old: dict, new: dict, ignore: tuple[str, ...] = ()) -> list[str]:
     """Human-readable differences ``key: old -> new`` between two configs, ignoring ``ignore`` keys."""
     a, b = _flatten(json.loads(json.dumps(old))), _flatten(json.loads(json.dumps(new)))
     keys = sorted((set(a) | set(b)) - set(ignore))
     return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in keys
-            if a.get(k, "<absent>") != b.get(k, "<absent>")]
+            if a.get(k, "<absent>") != b.get(k, "<absent>") and not _same_place(k, a.get(k), b.get(k))]
+
+
+def _same_place(key: str, a: Any, b: Any) -> bool:
+    return key in PATH_KEYS and isinstance(a, str) and isinstance(b, str) and os.path.realpath(a) == os.path.realpath(b)
 
 
 def _set_aside_after(run_dir: Path, step: int) -> None:

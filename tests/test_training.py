@@ -287,3 +287,17 @@ def test_config_diff():
     assert config_diff({"a": 1, "b": {"c": 2}},
                        {"a": 1, "b": {"c": 3}, "d": 4}) == ["b.c: 2 -> 3", "d: '<absent>' -> 4"]
     assert config_diff({"steps": 1}, {"steps": 2}, ignore=("steps",)) == []
+
+
+def test_config_diff_compares_paths_by_place(tmp_path, monkeypatch):
+    # a run started with a relative --data resumes with the absolute path, or through a symlink to the folder
+    (tmp_path / "bench" / "heads").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "bench")
+    monkeypatch.chdir(tmp_path)
+    absolute = str(tmp_path / "bench" / "heads")
+    for same in ("bench/heads", "./bench/heads/", str(tmp_path / "link" / "heads")):
+        assert config_diff({"data": absolute}, {"data": same}) == []
+        assert config_diff({"eval_data": same}, {"eval_data": absolute}) == []
+    assert config_diff({"data": absolute}, {"data": "bench"}) == [f"data: {absolute!r} -> 'bench'"]
+    # only path keys: another string key is compared as written
+    assert config_diff({"method": "bench/heads"}, {"method": absolute}) != []
