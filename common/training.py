@@ -361,10 +361,11 @@ def config_diff(old: dict, new: dict, ignore: tuple[str, ...] = ()) -> list[str]
     a, b = _flatten(json.loads(json.dumps(old))), _flatten(json.loads(json.dumps(new)))
     keys = sorted((set(a) | set(b)) - set(ignore))
     return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in keys
-            if a.get(k, "<absent>") != b.get(k, "<absent>") and not _same_place(k, a.get(k), b.get(k))]
+            if a.get(k, "<absent>") != b.get(k, "<absent>") and not same_place(k, a.get(k), b.get(k))]
 
 
-def _same_place(key: str, a: Any, b: Any) -> bool:
+def same_place(key: str, a: Any, b: Any) -> bool:
+    """Whether ``a`` and ``b``, values of config key ``key``, are one folder or file named two ways (path keys only)."""
     return key in PATH_KEYS and isinstance(a, str) and isinstance(b, str) and os.path.realpath(a) == os.path.realpath(b)
 
 

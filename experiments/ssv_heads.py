@@ -41,6 +41,7 @@ import torch
 
 from common.cli import ViewsslCommand, comma_list, invocation, resolve_device
 from common.errors import ViewsslError
+from common.training import same_place
 from ssv.cli import PRESET_CHOICES
 from ssv.trainer import SSVTrainer, default_config, lr_multiplier, lr_schedule, sample_styles, sample_viewpoints
 
@@ -421,7 +422,8 @@ def settings_diff(config: dict, row: str, other: dict, other_row: str, steps: in
     if "supervised" in (row, other_row):
         ignore |= set(SSVTrainer.GAN_ONLY_KEYS)
     config, other = ({**SSVTrainer.resume_defaults, **c} for c in (config, other))
-    diff = [k for k in (set(config) | set(other)) - ignore if config.get(k) != other.get(k)]
+    diff = [k for k in (set(config) | set(other)) - ignore
+            if config.get(k) != other.get(k) and not same_place(k, config.get(k), other.get(k))]
     lr = [k for k in SSVTrainer.LR_DECAY_KEYS if config.get(k) != other.get(k)]
     if lr and steps is not None:
         schedules = [lr_schedule(c) for c in (config, other)]

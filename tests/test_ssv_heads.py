@@ -71,6 +71,16 @@ def test_goals_are_not_compared_across_rows_trained_with_other_settings():
     assert ordering["met"] is None and "full and no_imc_sym were trained with other lr_decay" in ordering["detail"]
 
 
+def test_rows_whose_data_is_one_folder_named_two_ways_are_compared(tmp_path, monkeypatch):
+    from experiments.ssv_heads import settings_diff
+
+    (tmp_path / "bench" / "heads" / "train").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    base = {"preset": "cpu64", "data": str(tmp_path / "bench" / "heads" / "train")}
+    assert settings_diff(base, "full", {**base, "data": "bench/heads/train"}, "no_imc") == []
+    assert settings_diff(base, "full", {**base, "data": "other/heads/train"}, "no_imc") == ["data"]
+
+
 def test_goals_met_when_ssv_learned_and_is_close_to_supervised():
     goals = check_goals(_rows(full=12.0, no_imc=14.0, no_imc_sym=13.0, supervised=10.0, random=31.1))
     assert goals["SSV full learned (at least 10% below the random floor)"]["met"] is True
