@@ -14,13 +14,15 @@ runs its own loss phases) and hands it to :func:`fit`, which owns everything tha
   the new config's; their state and a scheduled lr are the checkpoint's);
 - the run folder is locked for the run (:func:`common.io.folder_lock`): a second process resuming it is refused;
 - SIGINT / SIGTERM: the current step finishes, a checkpoint is written, then :class:`TrainingInterrupted` is raised;
-- a non-finite loss term stops the run with the step and the terms named; the last good checkpoint is kept.
+- a non-finite loss term stops the run with the step and the terms named, and so do non-finite weights at a
+  checkpoint (not saved); the last good checkpoint is kept.
 
 On CPU with a fixed seed, N steps == N/2 steps + resume + N/2 steps, bit for bit (tests check it per family).
 """
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -131,8 +133,8 @@ class Trainer:
                         # from the step alone set it again at the next step)
                         for g, mine_ in zip(obj.param_groups, settings):
                             g.update(mine_)
-                except (RuntimeError, ValueError, KeyError) as e:
-                    first = str(e).strip().splitlines()[0][:200]
+                except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+                    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
                     raise ViewsslError(f"{group[:-1]} {name!r} does not match this config ({first})", source) from e
 
 
@@ -181,7 +183,10 @@ def restore_rng(state: dict) -> None:
     p = state["python"]
     random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda, n = state["cuda"], torch.cuda.device_count()
+        if len(cuda) != n:
+            log.warning("checkpoint has CUDA RNG states for %d devices, this process sees %d", len(cuda), n)
+        torch.cuda.set_rng_state_all(cuda[:n])
     if "mps" in state and torch.backends.mps.is_available():
         torch.mps.set_rng_state(state["mps"])
 
@@ -230,8 +235,17 @@ def batch_iterator(dataset: Dataset, batch_size: int, seed: int, start_step: int
     sampler = _ResumableBatchSampler(len(dataset), batch_size, seed, start_step, shuffle, where)
     # A private generator: creating the loader's iterator must not draw from the global RNG (exact resume).
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_fn,
-                        persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed))
+                        persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed),
+                        worker_init_fn=_ignore_stop_signals if num_workers > 0 else None)
     return iter(loader)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """In a loader worker: SIGINT/SIGTERM sent to the whole process group (Ctrl-C, ``kill -- -PGID``, a scheduler's
+    pre-emption) are the main process's to handle (it finishes the step and writes a checkpoint); a worker killed by
+    one would make the main process fail mid-step without it. Workers still end with the loader (or their parent)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 # --- run folders and checkpoints -------------------------------------------------------------------------------
@@ -369,37 +383,44 @@ def same_place(key: str, a: Any, b: Any) -> bool:
     return key in PATH_KEYS and isinstance(a, str) and isinstance(b, str) and os.path.realpath(a) == os.path.realpath(b)
 
 
-def _set_aside_after(run_dir: Path, step: int) -> None:
+def _set_aside_after(run_dir: Path, step: int | None) -> None:
     """A run resumed at ``step`` goes on from there: what its folder holds from later steps (newer checkpoints, left by
     a resume from an older one, and ``metrics.jsonl`` records logged after the last checkpoint of a killed run) is
-    moved aside, not deleted: checkpoints to ``checkpoints/set-aside-<step>/``, records to ``metrics-set-aside.jsonl``.
-    Otherwise ``--resume auto`` would later pick an abandoned checkpoint, and the records of those steps would appear
-    twice."""
+    moved aside, not deleted: checkpoints to ``checkpoints/set-aside-<step>[-N]/`` (a new folder each time), records
+    to ``metrics-set-aside.jsonl``. Otherwise ``--resume auto`` would later pick an abandoned checkpoint, and the
+    records of those steps would appear twice. ``step`` None: a run starting from scratch in a used folder (killed
+    before its first checkpoint), so every record and checkpoint there is set aside."""
+    first = -1 if step is None else step
+    what = "starting from scratch in a used folder" if step is None else f"resumed at step {step}"
     ckpt_dir = run_dir / "checkpoints"
-    newer = [p for p in _checkpoints(ckpt_dir) if int(_CKPT_RE.match(p.name).group(1)) > step]
+    newer = [p for p in _checkpoints(ckpt_dir) if int(_CKPT_RE.match(p.name).group(1)) > first]
     if newer:
-        aside = ckpt_dir / f"set-aside-{step:08d}"
-        aside.mkdir(exist_ok=True)
+        aside = ckpt_dir / f"set-aside-{'start' if step is None else f'{step:08d}'}"
+        aside = next(a for a in itertools.chain([aside], (Path(f"{aside}-{n}") for n in itertools.count(2)))
+                     if not a.exists())
+        aside.mkdir()
         for p in newer:
             p.replace(aside / p.name)
-        log.warning("resumed at step %d: moved %d newer checkpoint(s) to %s", step, len(newer), aside)
+        log.warning("%s: moved %d newer checkpoint(s) to %s", what, len(newer), aside)
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file():
         return
+    lines = metrics.read_text().splitlines(keepends=True)
     keep, later = [], []
-    for line in metrics.read_text().splitlines(keepends=True):
+    for line in lines:
         try:
             record_step = int(json.loads(line)["step"])
         except (ValueError, KeyError, TypeError):
             record_step = None  # an unreadable line (a killed write) is kept where it is
-        (later if record_step is not None and record_step > step else keep).append(line if line.endswith("\n")
-                                                                                 else line + "\n")
+        (later if record_step is not None and record_step > first else keep).append(line if line.endswith("\n")
+                                                                                  else line + "\n")
     if later:
         with open(run_dir / "metrics-set-aside.jsonl", "a") as f:
             f.writelines(later)
+    if later or (lines and not lines[-1].endswith("\n")):  # a line cut short would swallow the next record
         atomic_write_bytes(metrics, "".join(keep).encode())
-        log.info("resumed at step %d: moved %d later record(s) of metrics.jsonl to metrics-set-aside.jsonl", step,
-                 len(later))
+    if later:
+        log.info("%s: moved %d later record(s) of metrics.jsonl to metrics-set-aside.jsonl", what, len(later))
 
 
 class _SignalFlag:
@@ -475,7 +496,10 @@ def _fit(trainer: Trainer, run_dir: Path, steps: int, *, checkpoint_every: int, 
             prior_seconds = float(ckpt.get("train_seconds", math.nan))
             rng = ckpt.get("rng") or []
             if len(rng) == dist_utils.world_size():
-                restore_rng(rng[dist_utils.rank()])
+                try:
+                    restore_rng(rng[dist_utils.rank()])
+                except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
+                    raise ViewsslError(f"its RNG state is malformed ({type(e).__name__}: {e})", resumed_from) from e
             else:
                 log.warning("checkpoint has RNG states for %d processes, this run has %d: RNG not restored",
                             len(rng), dist_utils.world_size())
@@ -484,8 +508,7 @@ def _fit(trainer: Trainer, run_dir: Path, steps: int, *, checkpoint_every: int, 
     writer = None
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        if resumed_from is not None:
-            _set_aside_after(run_dir, start_step)
+        _set_aside_after(run_dir, start_step if resumed_from is not None else None)
         # a checkpoint half-written when a run was killed (SIGKILL, power): its temp file is garbage (we hold the lock)
         for stale in ckpt_dir.glob(".ckpt-*.pt.*.tmp") if ckpt_dir.is_dir() else ():
             log.info("removing %s, a checkpoint left half-written by a killed run", stale)
@@ -493,16 +516,24 @@ def _fit(trainer: Trainer, run_dir: Path, steps: int, *, checkpoint_every: int, 
         atomic_write_json({"family": trainer.family, **trainer.config}, run_dir / "config.json")
         from torch.utils.tensorboard import SummaryWriter
 
-        # events of steps after the checkpoint are dropped; those of its own step were logged before it was written
-        writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+        # events of steps after the checkpoint are dropped (those of its own step were logged before it was written);
+        # a run from scratch drops every event an earlier start in this folder logged
+        writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if resumed_from is not None else 0)
 
     last_ckpt: Path | None = resumed_from
     saved_step = start_step if resumed_from is not None else -1
 
     def save(step: int) -> Path:
         nonlocal last_ckpt, saved_step
-        saved_step = step
         state = trainer.state_dict()
+        # an update can make weights non-finite while the loss it was computed from was not: never save those
+        bad = [f"{name}.{k}" for name, sd in state["modules"].items() for k, v in sd.items()
+               if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if dist_utils.any_true(bool(bad)):
+            where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+            raise NonFiniteLoss(f"non-finite weights after step {step} ({', '.join(bad[:3]) or 'on another process'}"
+                                f"{', ...' if len(bad) > 3 else ''}); not saved; {where}")
+        saved_step = step
         rng = dist_utils.all_gather_objects(capture_rng())
         if main:
             path = ckpt_dir / f"ckpt-{step:08d}.pt"

@@ -5,6 +5,7 @@ import logging
 import os
 import random
 import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -188,11 +189,42 @@ def test_other_family_checkpoint_is_refused(tmp_path):
         fit(Other({"seed": 0, "lr": 0.01}), tmp_path, steps=4, resume="auto", progress=False)
 
 
+@pytest.mark.parametrize("damage, message", [
+    (lambda c: c["rng"][0].pop("numpy"), r"its RNG state is malformed \(KeyError"),
+    (lambda c: c["rng"][0].update(python={"version": 3, "state": "x", "gauss_next": None}), "its RNG state is malformed"),
+    (lambda c: c["optimizers"].update(opt={"state": {}, "param_groups": 7}), "optimizer 'opt' does not match"),
+])
+def test_a_loadable_but_malformed_checkpoint_is_a_one_line_error(tmp_path, damage, message):
+    fit(ToyTrainer({"seed": 0, "lr": 0.01}), tmp_path, steps=2, progress=False)
+    path = tmp_path / "checkpoints" / "ckpt-00000002.pt"
+    ckpt = load_checkpoint(path)
+    damage(ckpt)
+    atomic_save(ckpt, path)
+    with pytest.raises(ViewsslError, match=message) as err:
+        fit(ToyTrainer({"seed": 0, "lr": 0.01}), tmp_path, steps=4, resume="auto", progress=False)
+    assert "ckpt-00000002.pt" in str(err.value)
+
+
 def test_non_finite_loss_names_step_and_terms(tmp_path):
     t = ToyTrainer({"seed": 0, "lr": 0.01, "fail_at": 5})
     with pytest.raises(NonFiniteLoss, match=r"step 5: loss=nan.*ckpt-00000004.pt"):
         fit(t, tmp_path, steps=10, checkpoint_every=2, progress=False)
     assert (tmp_path / "checkpoints" / "ckpt-00000004.pt").is_file()
+
+
+def test_non_finite_weights_are_not_saved_as_a_good_checkpoint(tmp_path):
+    """An update that makes a weight NaN while its own loss was finite: the next checkpoint would be poisoned."""
+    t = ToyTrainer({"seed": 0, "lr": 0.01})
+
+    def poison(step):
+        if step == 4:  # the update of step 5 (index 4) leaves a NaN weight behind; its loss was computed before
+            with torch.no_grad():
+                t.net[2].bias.fill_(float("nan"))
+    t.on_step = poison
+    with pytest.raises(NonFiniteLoss, match=r"non-finite weights after step 5 \(net\.2\.bias\); not saved; "
+                                            r"last good checkpoint: .*ckpt-00000004.pt"):
+        fit(t, tmp_path, steps=10, checkpoint_every=1, progress=False)
+    assert find_checkpoint(tmp_path)[1].name == "ckpt-00000004.pt"
 
 
 def test_sigterm_writes_checkpoint(tmp_path):
@@ -236,6 +268,76 @@ def test_resume_from_an_older_checkpoint_sets_later_checkpoints_and_records_asid
     assert [s for s, _ in _records(tmp_path / "metrics.jsonl")] == [1, 2, 3]
     assert [s for s, _ in _records(tmp_path / "metrics-set-aside.jsonl")] == [3, 4, 5, 6]
     assert find_checkpoint(tmp_path)[1].name == "ckpt-00000003.pt"
+
+
+def test_resuming_twice_from_one_step_keeps_both_set_aside_branches(tmp_path):
+    fit(ToyTrainer({"seed": 0, "lr": 0.01}), tmp_path, steps=4, checkpoint_every=2, progress=False)
+    ckpts = tmp_path / "checkpoints"
+    first = load_checkpoint(ckpts / "ckpt-00000004.pt")
+    for lr in (0.02, 0.03):  # two branches from step 2, each to step 4
+        fit(ToyTrainer({"seed": 0, "lr": lr}), tmp_path, steps=4, checkpoint_every=2, progress=False, force=True,
+            resume=ckpts / "ckpt-00000002.pt")
+    assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == ["set-aside-00000002", "set-aside-00000002-2"]
+    kept = load_checkpoint(ckpts / "set-aside-00000002" / "ckpt-00000004.pt")
+    assert torch.equal(kept["modules"]["net"]["0.weight"], first["modules"]["net"]["0.weight"])
+    assert (ckpts / "set-aside-00000002-2" / "ckpt-00000004.pt").is_file()
+
+
+def test_a_run_started_again_from_scratch_sets_the_earlier_start_aside(tmp_path):
+    """Killed before its first checkpoint, then run again (``resume="auto"`` finds nothing): the first start's records
+    must not be mixed with the new ones, in metrics.jsonl or in tensorboard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    fit(ToyTrainer({"seed": 0, "lr": 0.01}), tmp_path, steps=3, checkpoint_every=0, log_every=1, progress=False)
+    (tmp_path / "checkpoints" / "ckpt-00000003.pt").unlink()  # as if killed before its first checkpoint
+    fit(ToyTrainer({"seed": 1, "lr": 0.01}), tmp_path, steps=4, checkpoint_every=0, log_every=1, progress=False,
+        resume="auto")
+    assert [s for s, _ in _records(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert [s for s, _ in _records(tmp_path / "metrics-set-aside.jsonl")] == [1, 2, 3]
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert sorted(e.step for e in events.Scalars("train/loss")) == [1, 2, 3, 4]
+    # a run from scratch in a folder whose checkpoints were not meant to be resumed: set aside, not pruned
+    fit(ToyTrainer({"seed": 2, "lr": 0.01}), tmp_path, steps=2, checkpoint_every=1, progress=False)
+    assert sorted(p.name for p in (tmp_path / "checkpoints" / "set-aside-start").iterdir()) == ["ckpt-00000004.pt"]
+    assert find_checkpoint(tmp_path)[1].name == "ckpt-00000002.pt"
+
+
+def test_a_record_cut_short_does_not_swallow_the_resumed_runs_first(tmp_path):
+    fit(ToyTrainer({"seed": 0, "lr": 0.01}), tmp_path, steps=2, checkpoint_every=2, log_every=1, progress=False)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "kind": "tr')  # killed while writing the record of step 3, before its checkpoint
+    fit(ToyTrainer({"seed": 0, "lr": 0.01}), tmp_path, steps=4, checkpoint_every=2, log_every=1, progress=False,
+        resume="auto")
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert lines[2] == '{"step": 3, "kind": "tr'  # kept where it was, on its own line
+    assert [json.loads(x)["step"] for x in lines[:2] + lines[3:]] == [1, 2, 3, 4]
+
+
+class _Squares(torch.utils.data.Dataset):
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, i):
+        return torch.tensor([float(i)])
+
+
+def test_loader_workers_leave_a_group_sigterm_to_the_main_process():
+    """``kill -- -PGID`` (a scheduler's pre-emption) reaches the loader's workers too: they must survive it, so that
+    the main process can finish its step and write the checkpoint."""
+    it = batch_iterator(_Squares(), 8, seed=0, start_step=0, num_workers=1)
+    next(it)
+    workers = [w.pid for w in it._workers]
+    old = signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the main process: as fit's handler, it does not die
+    try:
+        for pid in workers:
+            os.kill(pid, signal.SIGTERM)
+        time.sleep(0.5)
+        assert all(w.is_alive() for w in it._workers)
+        assert [next(it).shape for _ in range(10)] == [torch.Size([8, 1])] * 10
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        del it
 
 
 def test_tensorboard_keeps_the_resume_steps_own_point(tmp_path):
