@@ -36,15 +36,22 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def init_from_env(device: torch.device) -> None:
-    """Join the process group that torchrun describes in the environment (WORLD_SIZE > 1); otherwise do nothing."""
-    if is_distributed() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return
+def init_from_env(device: torch.device) -> torch.device:
+    """Join the process group that torchrun describes in the environment (WORLD_SIZE > 1); otherwise do nothing.
+    Returns the device this process trains on: under torchrun on GPUs, its own one (``cuda:LOCAL_RANK``, whatever
+    index ``device`` named), else ``device``."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and not is_distributed():
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if is_distributed():
+        return device
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
     dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
     log.info("joined process group: rank %d of %d (%s)", rank(), world_size(), backend)
+    return device
 
 
 def destroy() -> None:

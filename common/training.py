@@ -252,16 +252,19 @@ def _ignore_stop_signals(worker_id: int) -> None:
 def new_run_dir(out_root: str | Path, tag: str) -> Path:
     """Create ``out_root/NNNNN-tag`` with the next free number (stylegan2-ada style)."""
     out_root = Path(out_root)
+    run_dir = None
     if dist_utils.is_main():
         out_root.mkdir(parents=True, exist_ok=True)
-    numbers = [int(m.group(1)) for p in out_root.glob("*") if (m := re.match(r"^(\d{5})-", p.name))]
-    run_dir = out_root / f"{(max(numbers) + 1 if numbers else 0):05d}-{tag}"
+        while run_dir is None:  # two runs started at once in one --out: the second takes the next number
+            numbers = [int(m.group(1)) for p in out_root.glob("*") if (m := re.match(r"^(\d{5})-", p.name))]
+            candidate = out_root / f"{(max(numbers) + 1 if numbers else 0):05d}-{tag}"
+            try:
+                candidate.mkdir()
+                run_dir = candidate
+            except FileExistsError:
+                continue
     # Every rank must agree on the folder: rank 0 decides.
-    run_dir = Path(dist_utils.all_gather_objects(str(run_dir))[0])
-    if dist_utils.is_main():
-        run_dir.mkdir(parents=True, exist_ok=False)
-    dist_utils.barrier()
-    return run_dir
+    return Path(dist_utils.all_gather_objects(str(run_dir))[0])
 
 
 def resolve_run_dir(out_root: str | Path, tag: str, resume: str | None, trainer: Trainer,
@@ -283,7 +286,10 @@ def resolve_run_dir(out_root: str | Path, tag: str, resume: str | None, trainer:
     if not p.exists():
         raise ViewsslError("--resume: no such run folder or checkpoint", p)
     if p.is_file():
-        return (p.parent.parent if p.parent.name == "checkpoints" else p.parent), str(p)
+        folder = p.parent
+        if folder.name.startswith("set-aside-") and folder.parent.name == "checkpoints":
+            folder = folder.parent  # a checkpoint set aside by an earlier resume: its run goes on from it
+        return (folder.parent if folder.name == "checkpoints" else folder), str(p)
     if p.name == "checkpoints":
         return p.parent, str(p.parent)
     return p, str(p)

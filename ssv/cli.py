@@ -264,20 +264,24 @@ def train_ssv(data, preset, out, steps, resume, force, device, seed, batch_size,
         weights={"w_imc": w_imc, "w_sym": w_sym, "w_gsym": w_gsym, "w_style": w_style, "w_view": w_view},
         num_workers=num_workers, steps=steps,
     )
-    dev = resolve_device(device)
-    dist_utils.init_from_env(dev)
-    tag = run_tag(data, supervised, no_imc=config["w_imc"] == 0,
-                  no_sym=config["w_sym"] == 0 and config["w_gsym"] == 0)
-    trainer = SSVTrainer(config, dev)
-    run_dir, resume_from = resolve_run_dir(out, tag, resume, trainer, force)
     if eval_every is None:
         eval_every = 500 if eval_data else 0
     elif eval_every == 0 and eval_data:
         eval_every = steps  # 0 = only at the end
-    log.info("training SSV (%s preset%s) in %s", preset, ", supervised" if supervised else "", run_dir)
-    result = fit(trainer, run_dir, steps, checkpoint_every=checkpoint_every, eval_every=eval_every,
-                 log_every=log_every, media_every=0 if supervised else media_every, resume=resume_from, force=force)
-    if dist_utils.is_main():
+    dev = dist_utils.init_from_env(resolve_device(device))
+    try:
+        tag = run_tag(data, supervised, no_imc=config["w_imc"] == 0,
+                      no_sym=config["w_sym"] == 0 and config["w_gsym"] == 0)
+        trainer = SSVTrainer(config, dev)
+        run_dir, resume_from = resolve_run_dir(out, tag, resume, trainer, force)
+        log.info("training SSV (%s preset%s) in %s", preset, ", supervised" if supervised else "", run_dir)
+        result = fit(trainer, run_dir, steps, checkpoint_every=checkpoint_every, eval_every=eval_every,
+                     log_every=log_every, media_every=0 if supervised else media_every, resume=resume_from,
+                     force=force)
+        main = dist_utils.is_main()
+    finally:
+        dist_utils.destroy()
+    if main:
         click.echo(f"run folder: {run_dir}")
         click.echo(f"checkpoint: {result['checkpoint']}")
         for k, v in sorted((result.get("metrics") or {}).items()):

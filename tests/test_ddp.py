@@ -115,3 +115,17 @@ def test_dist_batchnorm_is_plain_batchnorm_in_one_process():
     ref = torch.nn.BatchNorm2d(3)
     torch.testing.assert_close(conv[0](x), ref(x))
     torch.testing.assert_close(conv[0].running_var, ref.running_var)
+
+
+def test_each_process_of_a_gpu_launch_trains_on_its_own_gpu(monkeypatch):
+    """Under torchrun, ``--device cuda:0`` (or ``cuda``) on every process means each its own GPU, cuda:LOCAL_RANK
+    (both CLIs take the device from ``init_from_env``); a single process keeps the device it was given."""
+    from common import distributed as dist_utils
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert dist_utils.init_from_env(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    monkeypatch.setattr(dist_utils, "is_distributed", lambda: True)  # already joined: nothing to initialise
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert dist_utils.init_from_env(torch.device("cuda", 0)) == torch.device("cuda", 3)
+    assert dist_utils.init_from_env(torch.device("cpu")) == torch.device("cpu")

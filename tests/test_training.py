@@ -377,12 +377,27 @@ def test_resume_auto_takes_the_newest_run_of_the_same_config(tmp_path, caplog):
     ckpt = seed1 / "checkpoints" / "ckpt-00000002.pt"
     assert resolve_run_dir(tmp_path, "toy", str(ckpt), ToyTrainer({"seed": 0, "lr": 0.01})) == (seed1, str(ckpt))
     assert resolve_run_dir(tmp_path, "toy", str(seed1 / "checkpoints"), None) == (seed1, str(seed1))
+    aside = seed1 / "checkpoints" / "set-aside-00000001" / "ckpt-00000002.pt"  # set aside by a resume from step 1
+    aside.parent.mkdir()
+    aside.write_bytes(ckpt.read_bytes())
+    assert resolve_run_dir(tmp_path, "toy", str(aside), None) == (seed1, str(aside))
 
 
 def test_new_run_dir_numbers(tmp_path):
     a = new_run_dir(tmp_path, "ssv")
     b = new_run_dir(tmp_path, "encoder")
     assert a.name == "00000-ssv" and b.name == "00001-encoder"
+
+
+def test_new_run_dir_takes_the_next_number_when_another_run_took_its_own(tmp_path, monkeypatch):
+    (tmp_path / "00000-ssv").mkdir()  # made by a run started at the same time, after this one listed the folder
+    real_glob, calls = Path.glob, []
+
+    def stale_once(self, pattern):
+        calls.append(pattern)
+        return iter(()) if len(calls) == 1 else real_glob(self, pattern)
+    monkeypatch.setattr(Path, "glob", stale_once)
+    assert new_run_dir(tmp_path, "ssv").name == "00001-ssv" and len(calls) == 2
 
 
 def test_config_diff():

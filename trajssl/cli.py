@@ -102,13 +102,7 @@ def train_encoder(data, method, traj_weight, traj_layer, pairs, steps, batch_siz
     if not data.exists():
         raise ViewsslError("--data: no such folder", data)
     dev = resolve_device(device)
-    dist_utils.init_from_env(dev)
-    if dev.type == "cuda" and dist_utils.world_size() > 1:
-        import os
-
-        import torch
-
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    dev = dist_utils.init_from_env(dev)
     config = {
         "method": method, "traj_weight": traj_weight, "traj_layer": traj_layer, "pairs": pairs, "data": str(data),
         "image_size": image_size, "batch_size": batch_size, "optimizer": optimizer, "lr": lr,
