@@ -1,7 +1,7 @@
 """Safe, atomic file I/O: checkpoints, JSON, images.
 
-- :func:`atomic_save` writes to a temporary file in the same folder, fsyncs it and renames it over the target, so a
-  crash leaves either the old file or the new one, never half of one.
+- :func:`atomic_save` writes to a temporary file in the same folder, fsyncs it, renames it over the target and fsyncs
+  the folder, so a crash leaves either the old file or the new one, never half of one.
 - :func:`load_checkpoint` always uses ``torch.load(..., weights_only=True)``: no pickle of anything a user passes in.
 - :func:`folder_lock` keeps a second process from writing into a folder another one is writing.
 """
@@ -38,6 +38,22 @@ def _atomic_write(path: Path, write) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """A rename is on disk only once its folder is: without this a power cut can bring back the old file (POSIX; a
+    system that cannot open or sync a folder keeps the file's own fsync)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:

@@ -137,6 +137,19 @@ def test_atomic_writes_respect_the_umask(tmp_path):
     assert (tmp_path / "a.bin").stat().st_mode & 0o777 == 0o644
 
 
+def test_atomic_writes_sync_the_file_and_then_its_folder(tmp_path, monkeypatch):
+    import os
+    import stat
+
+    from common.io import atomic_write_bytes
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(stat.S_ISDIR(os.fstat(fd).st_mode)), real(fd)))
+    atomic_write_bytes(tmp_path / "a.bin", b"x")
+    assert synced == [False, True]  # the data before the rename, the folder's entry after it
+
+
 def test_id_order_is_numeric_then_text_and_nan_is_text():
     """A "nan" id used to get a NaN sort key, so the order (and every int id) changed with the hash seed."""
     from common.data.labels import _index
