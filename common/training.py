@@ -6,7 +6,8 @@ runs its own loss phases) and hands it to :func:`fit`, which owns everything tha
 - a numbered run folder (``runs/00003-ssv-heads``) with ``config.json``, tensorboard logs (``tb/``), ``metrics.jsonl``
   and ``checkpoints/ckpt-00001000.pt``;
 - checkpoints with the full state (modules, optimisers, schedulers, step, RNG states of torch / numpy / python for
-  every rank, config, family) and ``train_seconds`` (the run's training time so far, over every resume), written
+  every rank, config, family) and ``train_seconds`` (the run's training time so far, over every resume, without the time of
+  its evaluations and sample images), written
   atomically; the data order needs no state because :func:`batch_iterator`
   derives it from (seed, step);
 - ``resume="auto"``: the newest *readable* checkpoint (a truncated one is reported and the previous one used);
@@ -529,8 +530,10 @@ def _fit(trainer: Trainer, run_dir: Path, steps: int, *, checkpoint_every: int, 
     last_ckpt: Path | None = resumed_from
     saved_step = start_step if resumed_from is not None else -1
 
+    saved_seconds = prior_seconds  # the train_seconds of the newest checkpoint: what the result reports
+
     def save(step: int) -> Path:
-        nonlocal last_ckpt, saved_step
+        nonlocal last_ckpt, saved_step, saved_seconds
         state = trainer.state_dict()
         # an update can make weights non-finite while the loss it was computed from was not: never save those
         bad = [f"{name}.{k}" for name, sd in state["modules"].items() for k, v in sd.items()
@@ -539,12 +542,12 @@ def _fit(trainer: Trainer, run_dir: Path, steps: int, *, checkpoint_every: int, 
             where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
             raise NonFiniteLoss(f"non-finite weights after step {step} ({', '.join(bad[:3]) or 'on another process'}"
                                 f"{', ...' if len(bad) > 3 else ''}); not saved; {where}")
-        saved_step = step
+        saved_step, saved_seconds = step, prior_seconds + trained_seconds()
         rng = dist_utils.all_gather_objects(capture_rng())
         if main:
             path = ckpt_dir / f"ckpt-{step:08d}.pt"
             atomic_save({"family": trainer.family, "version": CHECKPOINT_VERSION, "config": trainer.config,
-                         "step": step, "rng": rng, "train_seconds": prior_seconds + time.perf_counter() - t0,
+                         "step": step, "rng": rng, "train_seconds": saved_seconds,
                          **state}, path)
             for old in _checkpoints(ckpt_dir)[:-keep_checkpoints]:
                 old.unlink(missing_ok=True)
@@ -571,6 +574,19 @@ def _fit(trainer: Trainer, run_dir: Path, steps: int, *, checkpoint_every: int, 
 
         bar = tqdm(total=steps, initial=start_step, desc=f"train {trainer.family}", unit="step", dynamic_ncols=True)
     t0 = time.perf_counter()
+    side_seconds = 0.0  # of this call, in evaluations and sample images: not training time
+
+    def trained_seconds() -> float:
+        return time.perf_counter() - t0 - side_seconds
+
+    def evaluate(step: int) -> dict[str, float]:
+        nonlocal side_seconds
+        t = time.perf_counter()
+        values = trainer.evaluate(step)
+        log_scalars(step, values, "eval")
+        side_seconds += time.perf_counter() - t
+        return values
+
     try:
         with _SignalFlag() as flag:
             batches = trainer.batches(start_step)
@@ -587,15 +603,16 @@ def _fit(trainer: Trainer, run_dir: Path, steps: int, *, checkpoint_every: int, 
                 if bar is not None:
                     bar.update(1)
                 if log_every and step % log_every == 0:
-                    elapsed = time.perf_counter() - t0
-                    log_scalars(step, {**terms_f, "sec_per_step": elapsed / max(step - start_step, 1)}, "train")
+                    log_scalars(step, {**terms_f, "sec_per_step": trained_seconds() / max(step - start_step, 1)},
+                                "train")
                     if bar is not None:
                         bar.set_postfix({k: f"{v:.3g}" for k, v in list(terms_f.items())[:4]})
                 if eval_every and step % eval_every == 0:
-                    metrics = trainer.evaluate(step)
-                    log_scalars(step, metrics, "eval")
+                    metrics = evaluate(step)
                 if media_every and step % media_every == 0 and main:
+                    t = time.perf_counter()
                     trainer.log_media(step, writer, run_dir)
+                    side_seconds += time.perf_counter() - t
                 if checkpoint_every and step % checkpoint_every == 0:
                     save(step)
                 if dist_utils.any_true(flag.signum is not None):
@@ -605,8 +622,7 @@ def _fit(trainer: Trainer, run_dir: Path, steps: int, *, checkpoint_every: int, 
             if saved_step != step:
                 save(step)
             if eval_every and step % eval_every != 0:
-                metrics = trainer.evaluate(step)
-                log_scalars(step, metrics, "eval")
+                metrics = evaluate(step)
     finally:
         if bar is not None:
             bar.close()
@@ -614,5 +630,5 @@ def _fit(trainer: Trainer, run_dir: Path, steps: int, *, checkpoint_every: int, 
             writer.close()
     result.update({"step": step, "terms": terms_f, "metrics": metrics,
                    "checkpoint": str(ckpt_dir / f"ckpt-{step:08d}.pt"), "seconds": time.perf_counter() - t0,
-                   "train_seconds": prior_seconds + time.perf_counter() - t0})
+                   "eval_seconds": side_seconds, "train_seconds": saved_seconds})
     return result

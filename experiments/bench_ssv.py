@@ -28,14 +28,17 @@ def _rss_mb() -> float:
 
 @click.command(cls=ViewsslCommand, context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
 @click.option("--preset", type=click.Choice(PRESET_CHOICES), default="paper")
-@click.option("--batch-size", type=click.IntRange(min=1), default=2, help="Real images per step.")
-@click.option("--g-group", type=click.IntRange(min=1), default=None, help="S-step group size (default: batch size).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Real images per step (default: the preset's, as training uses; paper: 2).")
+@click.option("--g-group", type=click.IntRange(min=1), default=None, help="S-step group size (default: the preset's).")
+@click.option("--highpass", type=click.FloatRange(min=0), default=None,
+              help="High-pass sigma of V's input, as `viewssl train ssv --highpass` (default: the preset's).")
 @click.option("--iters", type=click.IntRange(min=1), default=3, help="Timed iterations after the warm-up.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch intra-op threads.")
 @click.option("--device", default="auto")
 @click.option("--phi", type=click.Choice(("auto", "alexnet", "vgg", "critic", "random")), default="auto")
 @click.option("--json-out", type=click.Path(), default=None, help="Also write the figures as JSON here.")
-def main(preset, batch_size, g_group, iters, threads, device, phi, json_out):
+def main(preset, batch_size, g_group, highpass, iters, threads, device, phi, json_out):
     """Seconds per SSV training iteration and peak memory."""
     from ssv.cli import build_config
     from ssv.trainer import SSVTrainer
@@ -43,7 +46,8 @@ def main(preset, batch_size, g_group, iters, threads, device, phi, json_out):
     if threads:
         torch.set_num_threads(threads)
     dev = resolve_device(device)
-    config = build_config(preset, None, batch_size=batch_size, g_group=g_group or batch_size, phi=phi)
+    config = build_config(preset, None, batch_size=batch_size, g_group=g_group, highpass=highpass, phi=phi)
+    batch_size = config["batch_size"]
     rss0 = _rss_mb()
     trainer = SSVTrainer(config, dev)
     n_g = sum(p.numel() for p in trainer.G.parameters())
@@ -65,6 +69,7 @@ def main(preset, batch_size, g_group, iters, threads, device, phi, json_out):
     peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else _rss_mb()
     figures = {
         "preset": preset, "image_size": size, "batch_size": batch_size, "g_group": config["g_group"],
+        "highpass": config.get("d_highpass", 0.0),
         "device": str(dev), "threads": torch.get_num_threads(), "phi": trainer.phi_name,
         "params_S": n_g, "params_V": n_v,
         "warmup_seconds": times[0], "seconds_per_iteration": statistics.median(times[1:]),
@@ -73,6 +78,7 @@ def main(preset, batch_size, g_group, iters, threads, device, phi, json_out):
         "rss_before_models_mb": rss0 if dev.type != "cuda" else None,
     }
     click.echo(f"SSV --preset {preset}: {size}x{size}, batch {batch_size} (S-step groups of {config['g_group']}), "
+               f"high-pass sigma {figures['highpass']:g}, "
                f"{dev}, {torch.get_num_threads()} thread(s), Phi={trainer.phi_name}")
     click.echo(f"  parameters: S {n_g / 1e6:.2f} M, V {n_v / 1e6:.2f} M")
     click.echo(f"  warm-up iteration: {times[0]:.2f} s")

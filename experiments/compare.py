@@ -16,7 +16,6 @@ SimSiam on nearby / distant frame pairs of ``head_sequences/train`` (a head turn
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -77,9 +76,15 @@ def _trainer(method: Method, bench: Path, seed: int, steps: int, device: torch.d
 
 
 def _head_ranges(bench: Path) -> dict:
-    meta = json.loads((bench / "meta.json").read_text())["config"]
-    return {"az_range": math.radians(meta["yaw_range"]), "el_range": math.radians(meta["pitch_range"]),
-            "tilt_range": math.radians(meta["roll_range"])}
+    """SSV's viewpoint sampling ranges (radians) from the benchmark's meta.json; {} (SSV's 300W-LP ranges) without."""
+    from experiments.ssv_heads import head_ranges
+
+    deg = head_ranges(bench)
+    if deg is None:
+        log.warning("no head pose ranges in %s/meta.json: using SSV's 300W-LP ranges", bench)
+        return {}
+    return {"az_range": math.radians(deg["az"]), "el_range": math.radians(deg["el"]),
+            "tilt_range": math.radians(deg["tilt"])}
 
 
 def _load_model(run_dir: Path, family: str, device):
@@ -191,7 +196,8 @@ def format_table(rows: dict[str, list[dict]], quick: bool) -> str:
         r = [f"viewpoint_readout/readout/{k}" for k in ("azimuth_mae", "elevation_mae", "tilt_mae", "mae")]
         c = [f"viewpoint/calibrated/{k}" for k in ("azimuth_mae", "elevation_mae", "tilt_mae", "mae")]
         cells = [_cell(runs, k) for k in r] + [_cell(runs, "viewpoint/raw/mae")] + [_cell(runs, k) for k in c]
-        cells.append(f"{_stat([x['train_seconds'] for x in runs])[0]:.0f}")
+        seconds = _stat([x["train_seconds"] for x in runs])[0]
+        cells.append(f"{seconds:.0f}" if math.isfinite(seconds) else "-")  # runs from checkpoints older than it
         lines.append(f"| {METHODS[name].title} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -63,7 +63,8 @@ ROW_TITLES = {
 KEYS = ("azimuth_mae", "elevation_mae", "tilt_mae", "mae")
 #: issue 4's goal: SSV full's calibrated MAE at most this many times the supervised V's
 GOAL_RATIO = 1.3
-#: config keys in which the rows of one ablation may differ (the seed, and the switches of ROWS)
+#: config keys in which two rows may differ (the switches of ROWS; the seed and the steps, which the ablation
+#: ordering checks on its own: its rows must share them, full and supervised need not)
 ROW_KEYS = {"seed", "steps", "eval_data", "supervised", "w_imc", "w_sym", "w_gsym"}
 #: L_imc's feature network: unused without L_imc (only the seeds of one row must agree on it)
 PHI_KEYS = set(SSVTrainer.PHI_KEYS)
@@ -439,8 +440,15 @@ def check_goals(rows: dict, configs: dict | None = None) -> dict:
     def cal(row):
         return rows.get(row, {}).get("metrics", {}).get("calibrated/mae")
 
-    def incomparable(names) -> str:
+    def incomparable(names, one_run_length: bool = False) -> str:
         configs_ = configs or {}
+        if one_run_length:  # the rows of an ablation: same steps, same seed (full and supervised train apart)
+            steps = [rows.get(r, {}).get("steps") for r in names]
+            seeds = [configs_.get(r, {}).get("seed") for r in names if r in configs_]
+            for what, values in (("steps", steps), ("seed", seeds)):
+                if len(set(values)) > 1:
+                    return (f"not compared: trained with other {what} ("
+                            + ", ".join(f"{r} {v}" for r, v in zip(names, values)) + ")")
         for a, b in itertools.combinations(names, 2):
             if a in configs_ and b in configs_:
                 trained = [rows.get(r, {}).get("steps") for r in (a, b)]
@@ -471,11 +479,13 @@ def check_goals(rows: dict, configs: dict | None = None) -> dict:
     chain = [(r, cal(r)) for r in ("full", "no_imc", "no_imc_sym")]
     if all(v is not None for _, v in chain):
         ok = chain[0][1] < chain[1][1] < chain[2][1]
+        at = rows.get("full", {}).get("steps")
         goals["ablation ordering full < no_imc < no_imc_sym"] = {
-            "met": bool(ok), "detail": " < ".join(f"{r} {v:.2f}" for r, v in chain)}
+            "met": bool(ok), "detail": " < ".join(f"{r} {v:.2f}" for r, v in chain)
+            + (f" (at {at} steps)" if isinstance(at, int) else "")}
     for name, g in goals.items():
-        why = incomparable(("full", "supervised") if "supervised" in name else
-                           ("full", "no_imc", "no_imc_sym") if "ordering" in name else ())
+        why = (incomparable(("full", "supervised")) if "supervised" in name else
+               incomparable(("full", "no_imc", "no_imc_sym"), one_run_length=True) if "ordering" in name else "")
         if why:
             g.update(met=None, detail=f"{g['detail']}; {why}")
     return goals
@@ -575,11 +585,10 @@ def run(data, out, preset, steps, sup_steps, row_names: list[str], batch_size, s
                               eval_data=str(test_dir) if eval_every else None, **ROWS[row])
         trainer = SSVTrainer(config, dev)
         log.info("row %s: %d steps in %s", row, n_steps, out / row)
-        t0 = time.perf_counter()
         res = fit(trainer, out / row, n_steps, checkpoint_every=500, log_every=20, eval_every=eval_every,
                   media_every=0 if row == "supervised" or quick else 500, resume="auto", progress=True,
                   force_hint=RETRAIN_HINT)
-        train_seconds = time.perf_counter() - t0
+        train_seconds = res["seconds"] - res["eval_seconds"]  # this command's, without the in-training evaluations
         done = n_steps - res["start_step"]
         # fit's own evaluation at the last step when it made one (with --eval-every: training ended on a multiple
         # of it, or the last step is off its multiples, even on a rerun with nothing to train), else one here
@@ -599,7 +608,12 @@ def run(data, out, preset, steps, sup_steps, row_names: list[str], batch_size, s
             "phi": getattr(trainer, "phi_name", None), "command": results["command"],
         }
         old = previous.get(row, {})
-        if done == 0 and old.get("steps") == n_steps and old.get("sec_per_step"):
+        if math.isfinite(res["train_seconds"]) and res["train_seconds"] > 0:
+            # the run's own training time over every resume (checkpoints keep it since 2026-12-04)
+            results["rows"][row]["train_seconds"] = res["train_seconds"]
+            if done == 0:
+                results["rows"][row].update(sec_per_step=res["train_seconds"] / n_steps, trained_earlier=True)
+        elif done == 0 and old.get("steps") == n_steps and old.get("sec_per_step"):
             # already trained by an earlier run of this command: keep the time it took then
             results["rows"][row].update(train_seconds=old["train_seconds"], sec_per_step=old["sec_per_step"],
                                         trained_earlier=True)

@@ -113,20 +113,24 @@ def train_and_evaluate(bench: Path, run_dir: Path, config: dict, device: torch.d
             return saved
     steps = int(config["steps"])
     trainer = EncoderTrainer(config, device)
-    t0 = time.perf_counter()
     eval_every = max(steps // 5, 1) if eval_during_training and steps >= 50 else 0
     result = fit(trainer, run_dir, steps=steps, checkpoint_every=max(steps // 5, 1),
                  log_every=max(min(steps // 50, 50), 1), eval_every=eval_every, resume="auto", progress=progress,
                  force_hint=RETRAIN_HINT)
     trained = steps - int(result["start_step"])
-    train_seconds = time.perf_counter() - t0
+    # the run's training time over every resume (without its evaluations); NaN from a checkpoint older than that
+    # record: this call's time of its own steps
+    train_seconds = result["train_seconds"] if math.isfinite(result["train_seconds"]) else (
+        result["seconds"] - result["eval_seconds"])
+    per_step = (result["seconds"] - result["eval_seconds"]) / trained if trained else (
+        train_seconds / steps if math.isfinite(result["train_seconds"]) else None)
     ckpt, path = find_checkpoint(run_dir)
     t1 = time.perf_counter()
     metrics, protocol, skipped = evaluate(ckpt, bench, device, int(config["seed"]), eval_options)
     out = {
         "config": config, "eval_options": eval_options, "checkpoint": str(path), "metrics": metrics,
         "skipped": skipped, "protocol": protocol, "train_seconds": train_seconds, "trained_steps": trained,
-        "sec_per_step": train_seconds / trained if trained else None,
+        "sec_per_step": per_step,
         "eval_seconds": time.perf_counter() - t1, "final_terms": result.get("terms", {}),
     }
     atomic_write_json(out, cache)

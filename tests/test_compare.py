@@ -99,3 +99,26 @@ def test_per_angle_bars_draw_a_spread_only_where_seeds_give_one():
     assert [s[1][1] - s[0][1] for s in segments] == pytest.approx([2 * 2 ** 1.5] * 3)
     assert ax.get_title().endswith("mean +- std over the seeds)")
     plt.close(fig)
+
+
+def test_ssv_ranges_come_from_meta_json_or_fall_back_with_a_warning(tmp_path, caplog):
+    import logging
+    import math
+
+    from experiments.compare import _head_ranges
+
+    with caplog.at_level(logging.WARNING):
+        assert _head_ranges(tmp_path) == {}  # no meta.json (a benchmark copied without it): SSV's own ranges
+    assert "no head pose ranges" in caplog.text
+    (tmp_path / "meta.json").write_text(json.dumps({"config": {"yaw_range": 90, "pitch_range": 30, "roll_range": 20}}))
+    assert _head_ranges(tmp_path) == pytest.approx(
+        {"az_range": math.pi / 2, "el_range": math.pi / 6, "tilt_range": math.radians(20)})
+
+
+def test_the_table_shows_an_unknown_train_time_as_a_dash():
+    from experiments.compare import format_table
+
+    runs = [{"seed": 0, "train_seconds": float("nan"), "viewpoint/calibrated/mae": 10.0}]
+    assert format_table({"ssv": runs}, quick=True).splitlines()[-1].endswith("| - |")
+    runs = [{**runs[0], "train_seconds": 61.4}, {**runs[0], "train_seconds": 58.6}]
+    assert format_table({"ssv": runs}, quick=True).splitlines()[-1].endswith("| 60 |")

@@ -1,4 +1,5 @@
 """SSVTrainer: training steps of both presets, exact resume, supervised baseline, media, evaluation, model I/O, CLI."""
+import json
 import math
 
 import pytest
@@ -513,6 +514,18 @@ def test_bench_ssv_errors_are_one_line():
     result = CliRunner().invoke(main, ["--device", "cuda", "--preset", "cpu"])
     assert result.exit_code == 2 and "Error:" in result.output and "cuda" in result.output
     assert "Traceback" not in result.output
+
+
+def test_bench_ssv_times_the_presets_own_batch(tmp_path):
+    from experiments.bench_ssv import main
+
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(main, ["--preset", "cpu", "--iters", "1", "--device", "cpu", "--phi", "critic",
+                                       "--highpass", "1", "--json-out", str(out)])
+    assert result.exit_code == 0, result.output
+    figures = json.loads(out.read_text())
+    assert (figures["batch_size"], figures["g_group"], figures["highpass"]) == (16, 8, 1.0)  # as training uses
+    assert figures["seconds_per_iteration"] > 0 and "batch 16 (S-step groups of 8), high-pass sigma 1" in result.output
 
 
 def test_cli_errors_are_one_line(tmp_path):

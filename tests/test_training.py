@@ -227,6 +227,24 @@ def test_non_finite_weights_are_not_saved_as_a_good_checkpoint(tmp_path):
     assert find_checkpoint(tmp_path)[1].name == "ckpt-00000004.pt"
 
 
+def test_train_seconds_leave_out_evaluations_and_add_up_over_resumes(tmp_path):
+    class SlowEval(ToyTrainer):
+        def evaluate(self, step):
+            time.sleep(0.2)
+            return {"score": 1.0}
+
+    first = fit(SlowEval({"seed": 0, "lr": 0.01}), tmp_path, steps=4, eval_every=2, progress=False)
+    assert first["eval_seconds"] >= 0.4 and first["train_seconds"] < first["seconds"] - 0.4
+    assert load_checkpoint(tmp_path / "checkpoints" / "ckpt-00000004.pt")["train_seconds"] == first["train_seconds"]
+    second = fit(SlowEval({"seed": 0, "lr": 0.01}), tmp_path, steps=6, eval_every=2, resume="auto", progress=False)
+    assert second["eval_seconds"] >= 0.2
+    # the result is the last checkpoint's figure: a later run that reads it reports the same time
+    assert second["train_seconds"] == load_checkpoint(tmp_path / "checkpoints" / "ckpt-00000006.pt")["train_seconds"]
+    assert second["train_seconds"] == pytest.approx(
+        load_checkpoint(tmp_path / "checkpoints" / "ckpt-00000004.pt")["train_seconds"]
+        + second["seconds"] - second["eval_seconds"], abs=0.05)
+
+
 def test_sigterm_writes_checkpoint(tmp_path):
     t = ToyTrainer({"seed": 0, "lr": 0.01})
     t.on_step = lambda step: os.kill(os.getpid(), signal.SIGTERM) if step == 2 else None
