@@ -604,7 +604,7 @@ def run(data, out, preset, steps, sup_steps, row_names: list[str], batch_size, s
         results["rows"][row] = {
             # no step trained and no earlier table to take the time from (killed before it was written): unknown
             "steps": n_steps, "metrics": metrics, "train_seconds": train_seconds if done > 0 else None,
-            "sec_per_step": train_seconds / done if done > 0 else None, "run_dir": str(out / row),
+            "sec_per_step": train_seconds / done if done > 0 else None, "run_dir": str((out / row).resolve()),
             "phi": getattr(trainer, "phi_name", None), "command": results["command"],
         }
         old = previous.get(row, {})

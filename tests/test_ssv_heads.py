@@ -1,5 +1,6 @@
 """The SSV heads experiment: its goal checks, and a smoke run that writes the table."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -135,6 +136,9 @@ def test_quick_run_writes_the_table_with_every_row(tiny_heads, tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads((out / "ssv_heads.json").read_text())
     assert set(data["rows"]) == {"full", "no_imc", "no_imc_sym", "supervised", "random"}
+    # a run folder that a command run from elsewhere (its learning curves, ssv_seeds) still finds
+    assert all(Path(r["run_dir"]).is_absolute() and Path(r["run_dir"]).is_dir()
+               for name, r in data["rows"].items() if name != "random")
     for name, row in data["rows"].items():  # every row has both protocols, each MAE the mean of its three angles
         for proto in ("raw", "calibrated"):
             per_angle = [row["metrics"][f"{proto}/{a}_mae"] for a in ("azimuth", "elevation", "tilt")]
