@@ -568,9 +568,10 @@ def run(data, out, preset, steps, sup_steps, row_names: list[str], batch_size, s
                      "preset": preset, "data": str(Path(data).resolve()), "ranges_deg": ranges, "quick": quick,
                      "threads": torch.get_num_threads(), "rows": {}}
     previous, previous_command = _previous_rows(out)
-    # rows of OUT trained by an earlier command with other --rows stay in the table (and the JSON), with that command
+    # rows of OUT trained by an earlier command stay in the table (and the JSON), with that command: those of other
+    # --rows for good, those of this one until they are run again (a command killed between rows loses none)
     for row, r in previous.items():
-        if row not in row_names and row in ROWS and "metrics" in r:
+        if row in ROWS and "metrics" in r:
             results["rows"][row] = {**r, "earlier_command": r.get("earlier_command") or r.get("command")
                                     or previous_command or "unknown"}
 

@@ -384,7 +384,7 @@ def test_a_row_resumed_with_more_steps_reports_its_total_train_time(tiny_heads, 
     assert 0 < after["train_seconds"] - before["train_seconds"] <= after["sec_per_step"]
 
 
-def test_rows_of_an_earlier_command_stay_in_the_table(tiny_heads, tmp_path):
+def test_rows_of_an_earlier_command_stay_in_the_table(tiny_heads, tmp_path, monkeypatch):
     threads = torch.get_num_threads()
     out = tmp_path / "ssv"
     args = ["--data", str(tiny_heads), "--out", str(out), "--quick", "--threads", "1", "--device", "cpu",
@@ -417,6 +417,23 @@ def test_rows_of_an_earlier_command_stay_in_the_table(tiny_heads, tmp_path):
     within = json.loads((out / "ssv_heads.json").read_text())["goals"]["SSV full within 1.3x of supervised"]
     assert within["met"] is None and "other d_highpass" in within["detail"]
     assert "- SSV full within 1.3x of supervised: not compared (" in (out / "ssv_heads.md").read_text()
+    # a command killed between its rows loses none of the rows it has not reached yet
+    import common.training
+
+    real_fit, calls = common.training.fit, []
+
+    def killed_at_the_second_row(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_fit(*a, **k)
+    monkeypatch.setattr(common.training, "fit", killed_at_the_second_row)
+    try:
+        killed = CliRunner().invoke(main, args + ["--rows", "no_imc_sym,supervised"], catch_exceptions=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert killed.exit_code != 0 and len(calls) == 2  # (click turns the interrupt into "Aborted!")
+    assert set(json.loads((out / "ssv_heads.json").read_text())["rows"]) >= {"full", "no_imc_sym", "supervised"}
 
 
 def _side_folder(root, n, seed):
