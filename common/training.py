@@ -23,7 +23,6 @@ On CPU with a fixed seed, N steps == N/2 steps + resume + N/2 steps, bit for bit
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import logging
 import math
@@ -237,16 +236,17 @@ def batch_iterator(dataset: Dataset, batch_size: int, seed: int, start_step: int
     # A private generator: creating the loader's iterator must not draw from the global RNG (exact resume).
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_fn,
                         persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed),
-                        worker_init_fn=_ignore_stop_signals if num_workers > 0 else None)
+                        worker_init_fn=_leave_process_group if num_workers > 0 else None)
     return iter(loader)
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    """In a loader worker: SIGINT/SIGTERM sent to the whole process group (Ctrl-C, ``kill -- -PGID``, a scheduler's
-    pre-emption) are the main process's to handle (it finishes the step and writes a checkpoint); a worker killed by
-    one would make the main process fail mid-step without it. Workers still end with the loader (or their parent)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def _leave_process_group(worker_id: int) -> None:
+    """In a loader worker: leave the main process's group, so that a signal sent to the whole group (Ctrl-C,
+    ``kill -- -PGID``, a scheduler's pre-emption) is the main process's to handle (it finishes the step and writes a
+    checkpoint); a worker killed by one would make the main process fail mid-step. The loader still stops its workers
+    with a SIGTERM of their own (ignoring SIGTERM instead would hang the exit of a process that fails), and a worker
+    whose parent died exits by itself."""
+    os.setpgid(0, 0)
 
 
 # --- run folders and checkpoints -------------------------------------------------------------------------------
@@ -257,7 +257,7 @@ def new_run_dir(out_root: str | Path, tag: str) -> Path:
     if dist_utils.is_main():
         out_root.mkdir(parents=True, exist_ok=True)
         while run_dir is None:  # two runs started at once in one --out: the second takes the next number
-            numbers = [int(m.group(1)) for p in out_root.glob("*") if (m := re.match(r"^(\d{5})-", p.name))]
+            numbers = [int(m.group(1)) for p in out_root.glob("*") if (m := re.match(r"^(\d{5,})-", p.name))]
             candidate = out_root / f"{(max(numbers) + 1 if numbers else 0):05d}-{tag}"
             try:
                 candidate.mkdir()
@@ -402,9 +402,11 @@ def _set_aside_after(run_dir: Path, step: int | None) -> None:
     ckpt_dir = run_dir / "checkpoints"
     newer = [p for p in _checkpoints(ckpt_dir) if int(_CKPT_RE.match(p.name).group(1)) > first]
     if newer:
-        aside = ckpt_dir / f"set-aside-{'start' if step is None else f'{step:08d}'}"
-        aside = next(a for a in itertools.chain([aside], (Path(f"{aside}-{n}") for n in itertools.count(2)))
-                     if not a.exists())
+        base = ckpt_dir / f"set-aside-{'start' if step is None else f'{step:08d}'}"
+        aside, n = base, 1
+        while aside.exists():  # a second resume from the same step: a folder of its own
+            n += 1
+            aside = Path(f"{base}-{n}")
         aside.mkdir()
         for p in newer:
             p.replace(aside / p.name)

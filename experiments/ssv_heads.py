@@ -443,12 +443,12 @@ def check_goals(rows: dict, configs: dict | None = None) -> dict:
     def incomparable(names, one_run_length: bool = False) -> str:
         configs_ = configs or {}
         if one_run_length:  # the rows of an ablation: same steps, same seed (full and supervised train apart)
-            steps = [rows.get(r, {}).get("steps") for r in names]
-            seeds = [configs_.get(r, {}).get("seed") for r in names if r in configs_]
+            steps = {r: rows.get(r, {}).get("steps") for r in names}
+            seeds = {r: configs_[r].get("seed") for r in names if r in configs_}
             for what, values in (("steps", steps), ("seed", seeds)):
-                if len(set(values)) > 1:
+                if len(set(values.values())) > 1:
                     return (f"not compared: trained with other {what} ("
-                            + ", ".join(f"{r} {v}" for r, v in zip(names, values)) + ")")
+                            + ", ".join(f"{r} {v}" for r, v in values.items()) + ")")
         for a, b in itertools.combinations(names, 2):
             if a in configs_ and b in configs_:
                 trained = [rows.get(r, {}).get("steps") for r in (a, b)]

@@ -51,6 +51,10 @@ def test_goals_are_not_compared_across_rows_trained_with_other_settings():
     ordering = check_goals(rows, {**configs, "no_imc": {**configs["no_imc"], "seed": 1}})[
         "ablation ordering full < no_imc < no_imc_sym"]
     assert ordering["met"] is None and "other seed (full 4, no_imc 1, no_imc_sym 4)" in ordering["detail"]
+    without_config = {k: v for k, v in configs.items() if k != "no_imc"}  # a row whose run folder is gone
+    ordering = check_goals(rows, {**without_config, "no_imc_sym": {**configs["no_imc_sym"], "seed": 1}})[
+        "ablation ordering full < no_imc < no_imc_sym"]
+    assert ordering["met"] is None and "other seed (full 4, no_imc_sym 1)" in ordering["detail"]
     steps = {r: {**v, "steps": n} for (r, v), n in zip(rows.items(), (6000, 3000, 3000, 2000, None))}
     ordering = check_goals(steps, configs)["ablation ordering full < no_imc < no_imc_sym"]
     assert ordering["met"] is None and "other steps (full 6000, no_imc 3000, no_imc_sym 3000)" in ordering["detail"]

@@ -332,30 +332,69 @@ def test_a_record_cut_short_does_not_swallow_the_resumed_runs_first(tmp_path):
     assert [json.loads(x)["step"] for x in lines[:2] + lines[3:]] == [1, 2, 3, 4]
 
 
-class _Squares(torch.utils.data.Dataset):
+_WORKER_RUN = """
+import sys, time, torch
+from common.training import Trainer, batch_iterator, fit
+
+class Slow(torch.utils.data.Dataset):
     def __len__(self):
         return 64
 
     def __getitem__(self, i):
+        time.sleep(0.02)
         return torch.tensor([float(i)])
 
+class Toy(Trainer):
+    family = "toy"
 
-def test_loader_workers_leave_a_group_sigterm_to_the_main_process():
-    """``kill -- -PGID`` (a scheduler's pre-emption) reaches the loader's workers too: they must survive it, so that
-    the main process can finish its step and write the checkpoint."""
-    it = batch_iterator(_Squares(), 8, seed=0, start_step=0, num_workers=1)
-    next(it)
-    workers = [w.pid for w in it._workers]
-    old = signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the main process: as fit's handler, it does not die
+    def __init__(self):
+        super().__init__({"seed": 0}, torch.device("cpu"))
+        self.net = torch.nn.Linear(1, 1)
+
+    def modules(self):
+        return {"net": self.net}
+
+    def batches(self, start_step):
+        return batch_iterator(Slow(), 8, 0, start_step, num_workers=1)
+
+    def train_step(self, batch, step):
+        if step == 2:
+            print("ready", flush=True)
+            if sys.argv[2] == "fail":
+                raise RuntimeError("a bug in the step")
+        return {"loss": self.net(batch).pow(2).mean()}
+
+fit(Toy(), sys.argv[1], steps=10**6, checkpoint_every=0, progress=False)  # what escapes is not caught: --debug
+"""
+
+
+@pytest.mark.parametrize("case", ["group_sigterm", "fail"])
+def test_a_run_with_loader_workers_stops_cleanly(tmp_path, case):
+    """``kill -- -PGID`` (a scheduler's pre-emption) reaches every process of the group: the loader's workers must
+    leave it to the main process, which finishes its step and writes the checkpoint; and a run that fails with its
+    loader alive must exit, not wait for workers forever."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "run.py"
+    script.write_text(_WORKER_RUN)
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "run"), case], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, cwd=Path(__file__).parents[1],
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
     try:
-        for pid in workers:
-            os.kill(pid, signal.SIGTERM)
-        time.sleep(0.5)
-        assert all(w.is_alive() for w in it._workers)
-        assert [next(it).shape for _ in range(10)] == [torch.Size([8, 1])] * 10
+        assert proc.stdout.readline().strip() == "ready"
+        if case == "group_sigterm":
+            os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
     finally:
-        signal.signal(signal.SIGTERM, old)
-        del it
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 1, err
+    if case == "group_sigterm":
+        assert "TrainingInterrupted: interrupted at step" in err, err
+        assert find_checkpoint(tmp_path / "run")[0]["step"] >= 3
+    else:
+        assert "RuntimeError: a bug in the step" in err, err
 
 
 def test_tensorboard_keeps_the_resume_steps_own_point(tmp_path):
