@@ -6,9 +6,8 @@ runs its own loss phases) and hands it to :func:`fit`, which owns everything tha
 - a numbered run folder (``runs/00003-ssv-heads``) with ``config.json``, tensorboard logs (``tb/``), ``metrics.jsonl``
   and ``checkpoints/ckpt-00001000.pt``;
 - checkpoints with the full state (modules, optimisers, schedulers, step, RNG states of torch / numpy / python for
-  every rank, config, family) and ``train_seconds`` (the run's training time so far, over every resume, without the time of
-  its evaluations and sample images), written
-  atomically; the data order needs no state because :func:`batch_iterator`
+  every rank, config, family) and ``train_seconds`` (the run's training time so far, over every resume, without its
+  evaluations and sample images), written atomically; the data order needs no state because :func:`batch_iterator`
   derives it from (seed, step);
 - ``resume="auto"``: the newest *readable* checkpoint (a truncated one is reported and the previous one used);
   a different config is refused with the keys that differ, unless ``force`` (then the optimisers' settings are

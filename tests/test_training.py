@@ -191,7 +191,8 @@ def test_other_family_checkpoint_is_refused(tmp_path):
 
 @pytest.mark.parametrize("damage, message", [
     (lambda c: c["rng"][0].pop("numpy"), r"its RNG state is malformed \(KeyError"),
-    (lambda c: c["rng"][0].update(python={"version": 3, "state": "x", "gauss_next": None}), "its RNG state is malformed"),
+    (lambda c: c["rng"][0].update(python={"version": 3, "state": "x", "gauss_next": None}),
+     "its RNG state is malformed"),
     (lambda c: c["optimizers"].update(opt={"state": {}, "param_groups": 7}), "optimizer 'opt' does not match"),
 ])
 def test_a_loadable_but_malformed_checkpoint_is_a_one_line_error(tmp_path, damage, message):

@@ -104,7 +104,8 @@ def train_encoder(data, method, traj_weight, traj_layer, pairs, steps, batch_siz
     dev = resolve_device(device)
     dev = dist_utils.init_from_env(dev)
     config = {
-        "method": method, "traj_weight": traj_weight, "traj_layer": traj_layer, "pairs": pairs, "data": str(data.resolve()),
+        "method": method, "traj_weight": traj_weight, "traj_layer": traj_layer, "pairs": pairs,
+        "data": str(data.resolve()),
         "image_size": image_size, "batch_size": batch_size, "optimizer": optimizer, "lr": lr,
         "weight_decay": weight_decay, "warmup_steps": warmup_steps,
         "schedule_steps": schedule_steps, "steps": steps, "seed": seed,
