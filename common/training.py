@@ -580,12 +580,19 @@ def _fit(trainer: Trainer, run_dir: Path, steps: int, *, checkpoint_every: int, 
     def trained_seconds() -> float:
         return time.perf_counter() - t0 - side_seconds
 
-    def evaluate(step: int) -> dict[str, float]:
+    @contextlib.contextmanager
+    def off_the_clock():
         nonlocal side_seconds
         t = time.perf_counter()
-        values = trainer.evaluate(step)
-        log_scalars(step, values, "eval")
-        side_seconds += time.perf_counter() - t
+        try:
+            yield
+        finally:
+            side_seconds += time.perf_counter() - t
+
+    def evaluate(step: int) -> dict[str, float]:
+        with off_the_clock():
+            values = trainer.evaluate(step)
+            log_scalars(step, values, "eval")
         return values
 
     try:
@@ -611,9 +618,8 @@ def _fit(trainer: Trainer, run_dir: Path, steps: int, *, checkpoint_every: int, 
                 if eval_every and step % eval_every == 0:
                     metrics = evaluate(step)
                 if media_every and step % media_every == 0 and main:
-                    t = time.perf_counter()
-                    trainer.log_media(step, writer, run_dir)
-                    side_seconds += time.perf_counter() - t
+                    with off_the_clock():
+                        trainer.log_media(step, writer, run_dir)
                 if checkpoint_every and step % checkpoint_every == 0:
                     save(step)
                 if dist_utils.any_true(flag.signum is not None):
@@ -631,5 +637,6 @@ def _fit(trainer: Trainer, run_dir: Path, steps: int, *, checkpoint_every: int, 
             writer.close()
     result.update({"step": step, "terms": terms_f, "metrics": metrics,
                    "checkpoint": str(ckpt_dir / f"ckpt-{step:08d}.pt"), "seconds": time.perf_counter() - t0,
-                   "eval_seconds": side_seconds, "train_seconds": saved_seconds})
+                   "eval_seconds": side_seconds, "call_train_seconds": trained_seconds(),
+                   "train_seconds": saved_seconds})
     return result

@@ -79,9 +79,8 @@ def _head_ranges(bench: Path) -> dict:
     """SSV's viewpoint sampling ranges (radians) from the benchmark's meta.json; {} (SSV's 300W-LP ranges) without."""
     from experiments.ssv_heads import head_ranges
 
-    deg = head_ranges(bench)
+    deg = head_ranges(bench)  # (logs a missing meta.json)
     if deg is None:
-        log.warning("no head pose ranges in %s/meta.json: using SSV's 300W-LP ranges", bench)
         return {}
     return {"az_range": math.radians(deg["az"]), "el_range": math.radians(deg["el"]),
             "tilt_range": math.radians(deg["tilt"])}

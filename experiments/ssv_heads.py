@@ -73,15 +73,15 @@ EVAL_ONLY_KEYS = {"v_ema_decay"}
 
 
 def head_ranges(root: Path) -> dict[str, float] | None:
-    """(yaw, pitch, roll) half-ranges in degrees from the benchmark's meta.json, or None."""
+    """(yaw, pitch, roll) half-ranges in degrees from the benchmark's meta.json, or None (logged: SSV's 300W-LP
+    ranges are used then)."""
     meta = root / "meta.json"
-    if not meta.is_file():
-        return None
     try:
         config = json.loads(meta.read_text())["config"]
         return {"az": float(config["yaw_range"]), "el": float(config["pitch_range"]),
                 "tilt": float(config["roll_range"])}
-    except (KeyError, ValueError, TypeError):
+    except (OSError, KeyError, ValueError, TypeError):
+        log.warning("no head pose ranges in %s: using SSV's 300W-LP ranges", meta)
         return None
 
 
@@ -559,8 +559,6 @@ def run(data, out, preset, steps, sup_steps, row_names: list[str], batch_size, s
     if quick:
         steps, sup_steps = 4, 4
     ranges = head_ranges(Path(data))
-    if ranges is None:
-        log.warning("no head pose ranges in %s/meta.json: using SSV's 300W-LP ranges", data)
     dev = resolve_device(device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -589,7 +587,7 @@ def run(data, out, preset, steps, sup_steps, row_names: list[str], batch_size, s
         res = fit(trainer, out / row, n_steps, checkpoint_every=500, log_every=20, eval_every=eval_every,
                   media_every=0 if row == "supervised" or quick else 500, resume="auto", progress=True,
                   force_hint=RETRAIN_HINT)
-        train_seconds = res["seconds"] - res["eval_seconds"]  # this command's, without the in-training evaluations
+        train_seconds = res["call_train_seconds"]  # this command's, without the in-training evaluations
         done = n_steps - res["start_step"]
         # fit's own evaluation at the last step when it made one (with --eval-every: training ended on a multiple
         # of it, or the last step is off its multiples, even on a rerun with nothing to train), else one here

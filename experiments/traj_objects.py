@@ -120,10 +120,10 @@ def train_and_evaluate(bench: Path, run_dir: Path, config: dict, device: torch.d
     trained = steps - int(result["start_step"])
     # the run's training time over every resume (without its evaluations); NaN from a checkpoint older than that
     # record: this call's time of its own steps
-    train_seconds = result["train_seconds"] if math.isfinite(result["train_seconds"]) else (
-        result["seconds"] - result["eval_seconds"])
-    per_step = (result["seconds"] - result["eval_seconds"]) / trained if trained else (
-        train_seconds / steps if math.isfinite(result["train_seconds"]) else None)
+    total_known = math.isfinite(result["train_seconds"])
+    train_seconds = result["train_seconds"] if total_known else result["call_train_seconds"]
+    per_step = (result["call_train_seconds"] / trained if trained else
+                train_seconds / steps if total_known else None)
     ckpt, path = find_checkpoint(run_dir)
     t1 = time.perf_counter()
     metrics, protocol, skipped = evaluate(ckpt, bench, device, int(config["seed"]), eval_options)

@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from common.data.labels import LabeledFolder, read_labels
+from common.data.labels import BOX_COLUMNS, LabeledFolder, read_labels
 from common.data.synthetic import (
     CATEGORIES,
     IN_DOMAIN,
     OUT_OF_DOMAIN,
-    SEQUENCE_COLUMNS,
     BenchmarkConfig,
     SyntheticDataset,
     fib_rotations,
@@ -185,7 +184,7 @@ def test_layout_meta_and_summary(tiny):
     # 2 categories x 2 instances x views 0, 17, 34 of Fib(50)
     assert s["kinds"]["objects"]["splits"]["train"]["images"] == 2 * 2 * 3
     seq = read_labels(tiny / "sequences" / "train")
-    assert seq.columns[-len(SEQUENCE_COLUMNS):] == list(SEQUENCE_COLUMNS)
+    assert seq.columns[-len(BOX_COLUMNS):] == list(BOX_COLUMNS)
     for column in ("fx", "fy", "cx", "cy", "box_cx", "box_cy", "box_cz", "box_sx", "box_sy", "box_sz", "plane_nx",
                    "plane_ny", "plane_nz", "plane_d", "bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1"):
         assert np.isfinite(seq.numeric(column)).all()
@@ -244,7 +243,7 @@ def test_labels_reproduce_the_images(tiny):
 def test_sequence_boxes_agree_with_the_images(tiny):
     ds = SyntheticDataset.from_root(tiny, "sequences", "test")
     table = read_labels(tiny / "sequences" / "test")
-    col = {c: table.numeric(c) for c in SEQUENCE_COLUMNS}
+    col = {c: table.numeric(c) for c in BOX_COLUMNS}
     for i in range(len(ds)):
         image, mask = ds.render(i, with_mask=True)
         cam = Camera(col["fx"][i], col["fy"][i], col["cx"][i], col["cy"][i], 64, 64)

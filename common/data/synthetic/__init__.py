@@ -14,7 +14,6 @@ Quick start::
 """
 from .benchmark import (
     KINDS,
-    SEQUENCE_COLUMNS,
     SPLITS,
     BenchmarkConfig,
     SyntheticDataset,
@@ -30,7 +29,7 @@ from .meshes import CATEGORIES, IN_DOMAIN, OUT_OF_DOMAIN, build_object
 from .render import Background, Camera, Light, get_renderer, project
 
 __all__ = [
-    "KINDS", "SPLITS", "SEQUENCE_COLUMNS", "BenchmarkConfig", "SyntheticDataset", "ViewSpec", "fib_rotations",
-    "format_summary", "load_config", "render_benchmark", "summarize", "build_head", "build_object", "CATEGORIES",
+    "KINDS", "SPLITS", "BenchmarkConfig", "SyntheticDataset", "ViewSpec", "fib_rotations", "format_summary",
+    "load_config", "render_benchmark", "summarize", "build_head", "build_object", "CATEGORIES",
     "IN_DOMAIN", "OUT_OF_DOMAIN", "Background", "Camera", "Light", "get_renderer", "project",
 ]

@@ -68,7 +68,7 @@ from .render import Background, Camera, Light, get_renderer, project
 log = logging.getLogger("viewssl.data.synthetic")
 
 __all__ = [
-    "KINDS", "SPLITS", "SEQUENCE_COLUMNS", "BenchmarkConfig", "SyntheticDataset", "ViewSpec", "render_benchmark",
+    "KINDS", "SPLITS", "BenchmarkConfig", "SyntheticDataset", "ViewSpec", "render_benchmark",
     "summarize", "format_summary", "fib_rotations", "load_config",
 ]
 
@@ -81,9 +81,8 @@ SPLITS = {
     "head_triplets": ("train",),
     "head_sequences": ("train", "test"),
 }
-SEQUENCE_COLUMNS = BOX_COLUMNS
 EXTRA_COLUMNS = {"objects": ("view",), "heads": (), "triplets": ("triplet", "position", "view"),
-                 "sequences": SEQUENCE_COLUMNS, "head_triplets": ("triplet", "position"), "head_sequences": ()}
+                 "sequences": BOX_COLUMNS, "head_triplets": ("triplet", "position"), "head_sequences": ()}
 #: Sequence test instances are numbered from here, so they are disjoint from every object split's instances.
 SEQUENCE_TEST_OFFSET = 1000
 META_FILE = "meta.json"
