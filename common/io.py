@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import ViewsslError
+from .errors import ViewsslError, error_summary
 
 __all__ = ["atomic_write_bytes", "atomic_save", "atomic_write_json", "folder_lock", "load_checkpoint", "load_rgb",
            "read_image", "to_rgb_uint8", "to_tensor", "write_image"]
@@ -127,8 +127,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
                 raise
             obj = torch.load(path, map_location=map_location, weights_only=True)  # not a zip file: no mmap
     except Exception as e:  # truncated zip, pickle with forbidden globals, not a torch file at all
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ViewsslError(f"not a readable viewssl checkpoint ({first[:200]})", path) from e
+        raise ViewsslError(f"not a readable viewssl checkpoint ({error_summary(e, with_type=True)})", path) from e
     if not isinstance(obj, dict):
         raise ViewsslError(f"not a viewssl checkpoint (holds a {type(obj).__name__}, expected a dict)", path)
     return obj

@@ -39,7 +39,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from . import distributed as dist_utils
-from .errors import ViewsslError
+from .errors import ViewsslError, error_summary
 from .io import atomic_save, atomic_write_bytes, atomic_write_json, folder_lock, load_checkpoint
 
 log = logging.getLogger("viewssl.training")
@@ -133,8 +133,8 @@ class Trainer:
                         for g, mine_ in zip(obj.param_groups, settings):
                             g.update(mine_)
                 except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
-                    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-                    raise ViewsslError(f"{group[:-1]} {name!r} does not match this config ({first})", source) from e
+                    raise ViewsslError(f"{group[:-1]} {name!r} does not match this config ({error_summary(e)})",
+                                       source) from e
 
 
 def _optimizer_settings(optimizer) -> list[dict]:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.errors import ViewsslError
+from common.errors import ViewsslError, error_summary
 
 log = logging.getLogger("viewssl.ssv.features")
 
@@ -158,9 +158,7 @@ def _imagenet_phi(name: str, weights_path, input_size) -> nn.Module:
     try:
         model.load_state_dict(state, assign=True)
     except RuntimeError as e:  # "Error(s) in loading state_dict for VGG:" then the missing / unexpected / misfit keys
-        lines = str(e).strip().splitlines()
-        detail = " ".join(" ".join(lines[1:] or lines).split())
-        raise ViewsslError(f"--phi {name}: not {title} state dict ({detail[:240]})",
+        raise ViewsslError(f"--phi {name}: not {title} state dict ({error_summary(e, 240)})",
                            _weights_file(name, weights_path)) from None
     return _ImageNetPhi(model.features[:n_layers], input_size)
 

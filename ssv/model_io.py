@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.errors import ViewsslError
+from common.errors import ViewsslError, error_summary
 from common.eval import register_family
 
 from .networks import build_viewpoint, to_model_range
@@ -92,8 +92,7 @@ def load_pose_model(ckpt: dict, device: torch.device | str = "cpu", ema: bool = 
     try:
         V.load_state_dict(state)
     except RuntimeError as e:
-        first = str(e).splitlines()[0][:160]
-        raise ViewsslError(f"SSV checkpoint's {name} does not match its config ({first})") from None
+        raise ViewsslError(f"SSV checkpoint's {name} does not match its config ({error_summary(e)})") from None
     V.to(device).eval()
     return SSVPoseModel(V, config, device)
 

@@ -592,3 +592,29 @@ def test_checkpoint_with_code_in_its_pickle_is_refused_unrun(tmp_path, monkeypat
     with pytest.raises(ViewsslError, match=r"ckpt-00000001\.pt: not a readable viewssl checkpoint"):
         load_checkpoint(tmp_path / "ckpt-00000001.pt")
     assert not (tmp_path / "pwned.txt").exists()
+
+
+def test_error_summary_keeps_what_is_wrong():
+    """The one line of a wrapped library error: torch's load_state_dict header gives way to its details, a bare key
+    gets its type, long text is cut."""
+    from common.errors import error_summary
+
+    net = torch.nn.Linear(2, 3)
+    with pytest.raises(RuntimeError) as info:
+        net.load_state_dict({"weight": torch.zeros(3, 4)})
+    text = error_summary(info.value)
+    assert text.startswith("Missing key(s) in state_dict: \"bias\". size mismatch for weight: copying a param with "
+                           "shape torch.Size([3, 4])"), text
+    assert error_summary(KeyError(101)) == "KeyError: 101"
+    assert error_summary(ValueError("")) == "ValueError"
+    assert error_summary(ValueError("bad value\nsecond line")) == "bad value"
+    assert error_summary(TypeError("string indices"), with_type=True) == "TypeError: string indices"
+    assert error_summary(ValueError("x" * 300), limit=50) == "x" * 47 + "..."
+
+
+def test_a_file_that_is_no_checkpoint_says_what_it_is(tmp_path):
+    from common.io import load_checkpoint
+
+    (tmp_path / "notes.pt").write_text("hello, not a checkpoint\n")
+    with pytest.raises(ViewsslError, match=r"notes\.pt: not a readable viewssl checkpoint \(\w+Error: "):
+        load_checkpoint(tmp_path / "notes.pt")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from common.eval import FAMILIES, register_family
@@ -56,7 +57,7 @@ def test_eval_on_a_benchmark_with_selected_metrics_and_default_output(tmp_path, 
     res = CliRunner().invoke(cli, ["eval", "--checkpoint", str(run / "checkpoints" / "ckpt-00000010.pt"), "--data",
                                    str(bench), "--metrics", "knn_class,box_fit", "--device", "cpu"])
     assert res.exit_code == 0, res.output
-    written = run / "eval-bench-test.json"
+    written = run / "eval-bench-test-step10.json"
     payload = json.loads(written.read_text())
     assert set(k.split("/")[0] for k in payload["metrics"]) == {"knn_class", "box_fit"}
     assert payload["metrics"]["box_fit/mean_iou"] == pytest.approx(1.0, abs=1e-6)
@@ -127,7 +128,7 @@ def test_eval_flip_average(tmp_path, oracle_family):
     res = CliRunner().invoke(cli, ["eval", "--checkpoint", str(run), "--data", str(folder), "--metrics", "viewpoint",
                                    "--device", "cpu", "--flip-average"])
     assert res.exit_code == 0, res.output
-    payload = json.loads((run / "eval-mine-all-flip.json").read_text())
+    payload = json.loads((run / "eval-mine-all-step10-flip.json").read_text())
     assert payload["flip_average"] is True
     true = read_labels(folder).angles.double().numpy()
     mirrored = true * np.array([-1.0, 1.0, -1.0])
@@ -166,8 +167,8 @@ def test_eval_ema_asks_the_familys_loader_for_its_average(tmp_path, oracle_famil
         for extra in ([], ["--ema"]):
             res = CliRunner().invoke(cli, args + extra)
             assert res.exit_code == 0, res.output
-        plain = json.loads((run / "eval-mine-all.json").read_text())
-        ema = json.loads((run / "eval-mine-all-ema.json").read_text())
+        plain = json.loads((run / "eval-mine-all-step10.json").read_text())
+        ema = json.loads((run / "eval-mine-all-step10-ema.json").read_text())
         assert ema["ema"] is True and plain["ema"] is False
         assert plain["metrics"]["viewpoint/raw/azimuth_mae"] == pytest.approx(0.0, abs=1e-3)
         assert ema["metrics"]["viewpoint/raw/azimuth_mae"] > 1.0
@@ -196,3 +197,35 @@ def test_eval_retrieval_per_sequence(tmp_path, oracle_family):
     assert res.exit_code == 0, res.output
     payload = json.loads(out.read_text())
     assert "retrieval/r@50" not in payload["metrics"] and payload["protocol"]["retrieval"]["unit"] == "frame"
+
+
+def test_too_little_data_for_a_fit_skips_the_metric_and_keeps_the_others(tmp_path, oracle_family):
+    """With one frame per split (--limit 1) the readout has too few training samples and no instance has a pair for
+    the relative-pose probe: both are skipped with the reason, the others run, the JSON is written (was a
+    ValueError traceback that lost every figure)."""
+    bench = make_benchmark(tmp_path / "bench")
+    run = tmp_path / "run"
+    _checkpoint(run, bench)
+    out = tmp_path / "m.json"
+    res = CliRunner().invoke(cli, ["eval", "--checkpoint", str(run), "--data", str(bench), "--device", "cpu",
+                                   "--metrics", "viewpoint_readout,relative_pose,knn_class", "--limit", "1",
+                                   "--output", str(out)])
+    assert res.exit_code == 0, res.output
+    payload = json.loads(out.read_text())
+    assert "at least 10 training samples" in payload["skipped"]["viewpoint_readout"]
+    assert "two or more items" in payload["skipped"]["relative_pose"]
+    assert any(k.startswith("knn_class/") for k in payload["metrics"])
+
+
+def test_the_default_output_is_one_file_per_checkpoint(tmp_path, oracle_family):
+    folder = make_folder(tmp_path / "mine")
+    run = tmp_path / "run"
+    first = _checkpoint(run, folder)
+    ckpt = torch.load(first, weights_only=True)
+    atomic_save({**ckpt, "step": 20}, run / "checkpoints" / "ckpt-00000020.pt")
+    for name in ("ckpt-00000010.pt", "ckpt-00000020.pt"):
+        res = CliRunner().invoke(cli, ["eval", "--checkpoint", str(run / "checkpoints" / name), "--data", str(folder),
+                                       "--metrics", "viewpoint", "--device", "cpu"])
+        assert res.exit_code == 0, res.output
+    steps = {json.loads((run / f"eval-mine-all-step{s}.json").read_text())["step"] for s in (10, 20)}
+    assert steps == {10, 20}

@@ -1,6 +1,7 @@
 """SSVTrainer: training steps of both presets, exact resume, supervised baseline, media, evaluation, model I/O, CLI."""
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -502,8 +503,69 @@ def test_checkpoint_errors_name_the_file(folder, tmp_path):
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "ckpt-00000001.pt")
     ckpt["config"]["d_feature"] = 16  # V's weights no longer fit its config
     atomic_save(ckpt, tmp_path / "bad.pt")
-    with pytest.raises(ViewsslError, match=r"bad.pt: SSV checkpoint's V does not match its config"):
+    # the message names the misfit weights (torch's first line is only a header)
+    with pytest.raises(ViewsslError, match=r"bad.pt: SSV checkpoint's V does not match its config \(size mismatch "
+                                           r"for \S+\.weight"):
         load_model(tmp_path / "bad.pt")
+
+
+_FRESH_INTERPRETER = r"""
+import importlib, pkgutil, sys
+import common
+for info in pkgutil.walk_packages(common.__path__, "common."):
+    importlib.import_module(info.name)
+families = sorted(m for m in sys.modules if m.split(".")[0] in ("ssv", "trajssl", "experiments"))
+assert not families, f"common imports {families}"
+if sys.argv[2] == "broken":
+    sys.modules["ssv.networks"] = None  # a module the family needs cannot be imported
+from common.errors import ViewsslError
+from common.eval import load_model
+try:
+    print(load_model(sys.argv[1]).family)
+except ViewsslError as e:
+    print(e)
+"""
+
+
+def test_common_imports_no_family_and_eval_loads_one_on_demand(folder, tmp_path):
+    """In a fresh interpreter: every module of common imports without ssv, trajssl or experiments; load_model then
+    imports the checkpoint's family itself; a module the family needs that is missing is named (was "unknown model
+    family")."""
+    import subprocess
+    import sys
+
+    fit(SSVTrainer(tiny_config(folder)), tmp_path / "run", steps=1, progress=False, log_every=0)
+    ckpt = str(tmp_path / "run" / "checkpoints" / "ckpt-00000001.pt")
+    outs = [subprocess.run([sys.executable, "-c", _FRESH_INTERPRETER, ckpt, case], capture_output=True, text=True,
+                           timeout=120) for case in ("plain", "broken")]
+    assert [o.returncode for o in outs] == [0, 0], [o.stderr[-2000:] for o in outs]
+    assert outs[0].stdout.strip().splitlines()[-1] == "ssv"
+    assert "cannot load family 'ssv': ssv.model_io needs the missing module 'ssv.networks'" in outs[1].stdout
+
+
+@pytest.mark.parametrize("damage,detail", [
+    (lambda c: c["config"].update(image_size=60), "ValueError: .*power of two"),
+    (lambda c: c["config"].update(d_norm="batch"), "ValueError: .*norm"),
+    (lambda c: c["config"].update(d_channels=None), "TypeError"),
+    (lambda c: c.update(config="oops"), "TypeError"),
+    (lambda c: c.update(modules=["V"]), "AttributeError"),
+    (lambda c: c["modules"].update(V=torch.zeros(3)), "TypeError"),
+])
+def test_a_loadable_but_malformed_checkpoint_is_a_one_line_error_for_eval(folder, tmp_path, damage, detail):
+    """`viewssl eval` of a checkpoint file that loads but holds the wrong things: exit code 2 and one line naming the
+    file, the family and the exception (was a traceback)."""
+    from experiments.cli import cli
+    from common.io import atomic_save
+
+    fit(SSVTrainer(tiny_config(folder)), tmp_path / "run", steps=1, progress=False, log_every=0)
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "ckpt-00000001.pt")
+    damage(ckpt)
+    atomic_save(ckpt, tmp_path / "bad.pt")
+    res = CliRunner().invoke(cli, ["eval", "--checkpoint", str(tmp_path / "bad.pt"), "--data", str(folder),
+                                   "--device", "cpu"])
+    assert res.exit_code == 2, res.output
+    assert re.search(r"Error: \S*bad\.pt: malformed 'ssv' checkpoint \(" + detail, res.output), res.output
+    assert "Traceback" not in res.output
 
 
 def test_bench_ssv_errors_are_one_line():

@@ -7,17 +7,15 @@ are the taps ``pooled`` (512-d), ``layer3`` and ``layer4`` (maps average-pooled 
 """
 from __future__ import annotations
 
-import logging
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from common.errors import ViewsslError
+from common.errors import ViewsslError, error_summary
+from common.eval import register_family
 
 from .encoders import TAPS, build_encoder, tap_vector
-
-log = logging.getLogger("viewssl.trajssl.model_io")
 
 EVAL_TAPS = ["pooled", "layer3", "layer4"]
 
@@ -71,18 +69,8 @@ def load_encoder_model(ckpt: dict, device: torch.device) -> EncoderPoseModel:
     try:
         encoder.load_state_dict(state)
     except RuntimeError as e:
-        raise ViewsslError("encoder weights do not match the checkpoint's config "
-                           f"({str(e).splitlines()[0][:200]})") from e
+        raise ViewsslError(f"encoder weights do not match the checkpoint's config ({error_summary(e)})") from e
     return EncoderPoseModel(encoder, int(config.get("image_size", 32)), int(config.get("tap_grid", 4)), device, config)
 
 
-def _register() -> None:
-    try:
-        from common.eval import register_family
-    except ImportError:  # the evaluation module is not there yet: nothing to register with
-        log.debug("common.eval.register_family not available; family 'encoder' not registered")
-        return
-    register_family("encoder", load_encoder_model)
-
-
-_register()
+register_family("encoder", load_encoder_model)

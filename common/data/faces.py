@@ -63,7 +63,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..errors import ViewsslError
+from ..errors import ViewsslError, error_summary
 from ..geometry import axis_rotation, matrix_to_angles
 from .folders import ImageItems, _ids, _inside_only, list_images, load_rgb, natural_key
 
@@ -154,8 +154,7 @@ def _loadmat(path: Path) -> dict:
     except NotImplementedError:
         raise ViewsslError("MATLAB v7.3 (HDF5) .mat files are not supported; save it with -v7", path) from None
     except Exception as e:  # truncated file, not a .mat at all
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ViewsslError(f"not a readable MATLAB .mat file ({first[:160]})", path) from None
+        raise ViewsslError(f"not a readable MATLAB .mat file ({error_summary(e, 160)})", path) from None
 
 
 def _numeric(value, name: str, path: Path) -> np.ndarray:

@@ -38,11 +38,14 @@ def format_table(results) -> str:
 
 
 def _default_output(model, data: Path, split: str, suffix: str = "") -> Path:
+    """<run folder>/eval-<data>-<split>-step<N><suffix>.json: one file per checkpoint evaluated."""
     ckpt = getattr(model, "checkpoint_path", None)
     run_dir = Path(ckpt).parent if ckpt else Path.cwd()
     if run_dir.name == "checkpoints":
         run_dir = run_dir.parent
-    return run_dir / f"eval-{data.resolve().name}-{split or 'all'}{suffix}.json"
+    step = getattr(model, "checkpoint_step", None)
+    step = f"-step{step}" if isinstance(step, int) else ""
+    return run_dir / f"eval-{data.resolve().name}-{split or 'all'}{step}{suffix}.json"
 
 
 def _list_metrics(ctx: click.Context, _param, value: bool) -> None:
@@ -76,7 +79,7 @@ def _finite(obj):
 @click.option("--metrics", "metrics", default=None,
               help="Comma-separated metric names (default: all that apply). See --list-metrics.")
 @click.option("--output", type=click.Path(path_type=Path), default=None,
-              help="JSON file to write (default: <run folder>/eval-<data>-<split>.json).")
+              help="JSON file to write (default: <run folder>/eval-<data>-<split>-step<N>.json).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, mps.")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1),
               help="Images per forward pass when extracting features (memory and speed).")

@@ -203,6 +203,12 @@ def _ids(*lists: Sequence[str] | None) -> list[np.ndarray | None]:
     return out
 
 
+def _has_pair(groups: np.ndarray) -> bool:
+    """Whether some group id >= 0 occurs twice (a same-instance pair exists)."""
+    g = groups[groups >= 0]
+    return len(np.unique(g)) < len(g)
+
+
 def _instance_keys(o) -> list[str] | None:
     inst = o.strings("instance")
     if inst is None:
@@ -393,6 +399,10 @@ def relative_pose_metric(model, ctx: EvalContext) -> dict[str, float]:
         if tk is None or qk is None:
             continue
         gt, gq = _ids(tk, qk)
+        lonely = [ctx.name(kind, sp) for sp, g in ((tr_split, gt), (q_split, gq)) if not _has_pair(g)]
+        if lonely:
+            log.info("relative_pose: skipping %s: no instance of %s has two or more items", name, " or ".join(lonely))
+            continue
         tr_f, tr_r = ctx.features(model, kind, tr_split), _rotations(tr_o, ctx.device)
         if tr_split not in probes:
             probe = RelativePoseProbe(steps=ctx.probe_steps, hidden=ctx.probe_hidden, seed=ctx.seed).fit(tr_f, tr_r, gt)
@@ -408,7 +418,7 @@ def relative_pose_metric(model, ctx: EvalContext) -> dict[str, float]:
                      f"{ctx.probe_steps} steps x 256 pairs, seed {ctx.seed}", "test_pairs": ctx.probe_pairs}})
     if not out:
         raise SkipMetric("needs an 'instance' column and train/test splits with viewpoints (objects/train + "
-                         "objects/test)")
+                         "objects/test), with an instance of two or more items in each")
     return out
 
 

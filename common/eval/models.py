@@ -5,7 +5,7 @@ names of its feature taps, ``predict_angles`` (or None) and ``features``. Each f
 one from a checkpoint dict::
 
     from common.eval import register_family
-    register_family("ssv", lambda ckpt, device: SSVPoseModel(ckpt, device))
+    register_family("ssv", load_pose_model)   # ssv/model_io.py: (ckpt: dict, device, ema=False) -> PoseModel
 
 Registration happens when the family's ``model_io`` module is imported. :func:`load_model` reads a checkpoint (or
 the newest readable one of a run folder, via :func:`common.training.find_checkpoint`) and dispatches on
@@ -23,7 +23,7 @@ from typing import Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 
-from ..errors import ViewsslError
+from ..errors import ViewsslError, error_summary
 
 __all__ = ["PoseModel", "FlipAveraged", "FAMILIES", "FAMILY_MODULES", "register_family", "load_model"]
 
@@ -106,10 +106,14 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu", ema:
     if not isinstance(family, str):
         raise ViewsslError("not a viewssl checkpoint (no 'family' entry)", ckpt_path)
     if family not in FAMILIES and family in FAMILY_MODULES:
+        module = FAMILY_MODULES[family]
         try:
-            importlib.import_module(FAMILY_MODULES[family])
+            importlib.import_module(module)
         except ModuleNotFoundError as e:
-            log.debug("could not import %s for family %r: %s", FAMILY_MODULES[family], family, e)
+            if e.name is None or not (module == e.name or module.startswith(e.name + ".")):
+                raise ViewsslError(f"cannot load family {family!r}: {module} needs the missing module {e.name!r}",
+                                   ckpt_path) from e
+            log.debug("could not import %s for family %r: %s", module, family, e)
     if family not in FAMILIES:
         known = ", ".join(sorted(FAMILIES)) or "none registered"
         raise ViewsslError(f"checkpoint of unknown model family {family!r} (known: {known})", ckpt_path)
@@ -122,6 +126,10 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu", ema:
         if str(e).startswith(str(ckpt_path)):
             raise
         raise ViewsslError(str(e), ckpt_path) from None
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as e:
+        # a file that loads but holds the wrong things (a config value of the wrong type, a list for a dict, ...)
+        raise ViewsslError(f"malformed {family!r} checkpoint ({error_summary(e, with_type=True)})",
+                           ckpt_path) from e
     missing = [a for a in ("input_size", "taps", "predict_angles", "features") if not hasattr(model, a)]
     if missing:
         raise TypeError(f"family {family!r} loader returned an object without {', '.join(missing)}")

@@ -8,6 +8,8 @@ of the training split from a fixed grid, then the probe is refitted on all of it
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from .context import EvalContext, SkipMetric
@@ -17,6 +19,8 @@ from .pose import viewpoint_errors
 __all__ = ["angles_to_targets", "targets_to_angles", "fit_ridge", "readout_angles"]
 
 RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+log = logging.getLogger("viewssl.eval")
+MIN_TRAIN = 10  # samples the readout needs: a fifth of them choose alpha, the rest fit
 
 
 def angles_to_targets(angles: torch.Tensor) -> torch.Tensor:
@@ -61,8 +65,8 @@ def readout_angles(train_features: torch.Tensor, train_angles: torch.Tensor, que
     train_angles = train_angles.to(train_features.device, torch.float64)  # labels come from the CPU
     y = angles_to_targets(train_angles)
     n = train_features.shape[0]
-    if n < 10:
-        raise ValueError(f"the readout needs at least 10 training samples, got {n}")
+    if n < MIN_TRAIN:
+        raise ValueError(f"the readout needs at least {MIN_TRAIN} training samples, got {n}")
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(n, generator=g).to(train_features.device)
     n_val = max(2, n // 5)
@@ -88,9 +92,14 @@ def viewpoint_readout_metric(model, ctx: EvalContext) -> dict[str, float]:
     if not kinds:
         raise SkipMetric(f"no train and {ctx.split} splits with viewpoints")
     out: dict[str, float] = {}
+    too_few: list[str] = []
     for kind in kinds:
         train = ctx.outputs(model, kind, "train")
         query = ctx.outputs(model, kind, ctx.split)
+        if train.true_angles.shape[0] < MIN_TRAIN:
+            too_few.append(f"{ctx.name(kind, 'train')} has {train.true_angles.shape[0]}")
+            log.info("viewpoint_readout: skipping %s: %s", kind or "the data", too_few[-1])
+            continue
         pred, alpha = readout_angles(ctx.features(model, kind, "train"), train.true_angles,
                                      ctx.features(model, kind, ctx.split), seed=ctx.seed)
         errs = viewpoint_errors(pred, query.true_angles.to(pred.device))
@@ -102,4 +111,6 @@ def viewpoint_readout_metric(model, ctx: EvalContext) -> dict[str, float]:
             f"(alpha {alpha} chosen on a seeded 20% hold-out of train from {list(RIDGE_GRID)})",
             "n_train": int(train.true_angles.shape[0]), "n_scored": int(query.true_angles.shape[0]),
             "tap": ctx.tap or ctx.default_tap(model)}})
+    if not out:
+        raise SkipMetric(f"the readout needs at least {MIN_TRAIN} training samples: {'; '.join(too_few)}")
     return out
