@@ -69,14 +69,16 @@ def _no_repeats(items: list, option: str) -> None:
         raise ViewsslError(f"{option}: {', '.join(twice)} given more than once")
 
 
-def int_list(value: str, option: str) -> list[int]:
-    """The comma-separated integers of an option's ``value`` (``"0,1,2"``), not empty."""
+def int_list(value: str, option: str, minimum: int | None = None) -> list[int]:
+    """The comma-separated integers of an option's ``value`` (``"0,1,2"``), not empty, none below ``minimum``."""
     try:
         items = [int(v) for v in value.split(",") if v.strip()]
     except ValueError:
         raise ViewsslError(f"{option}: not comma-separated integers: {value!r}") from None
     if not items:
         raise ViewsslError(f"{option}: empty list")
+    if minimum is not None and min(items) < minimum:
+        raise ViewsslError(f"{option}: {min(items)} is below {minimum}")
     _no_repeats(items, option)
     return items
 

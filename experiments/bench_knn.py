@@ -93,7 +93,7 @@ def numpy_vote(sims: np.ndarray, neighbor_labels: np.ndarray, classes: int, temp
 @click.option("--k", type=click.IntRange(min=1), default=20, help="Neighbours.")
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=0.07, help="Vote temperature.")
 @click.option("--classes", type=click.IntRange(min=2), default=100, help="Classes (one Gaussian centre each).")
-@click.option("--seed", type=int, default=0)
+@click.option("--seed", type=click.IntRange(min=0), default=0)
 @click.option("--repeat", type=click.IntRange(min=1), default=3,
               help="Interleaved repeats; the best time of each side is used.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,

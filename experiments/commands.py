@@ -16,7 +16,7 @@ log = logging.getLogger("viewssl.experiments")
 @cli.command("demo")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"), show_default=True,
               help="Folder for the benchmark, the runs and the comparison.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Benchmark and training seed.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Benchmark and training seed.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, mps.")
 @click.option("--render-only", is_flag=True, help="Only render and summarise the benchmark.")
 def demo(out: Path, seed: int, device: str, render_only: bool) -> None:
@@ -48,7 +48,7 @@ def demo(out: Path, seed: int, device: str, render_only: bool) -> None:
               help="Output folder  [default: runs/compare-quick or runs/compare-full]")
 @click.option("--quick", is_flag=True, help="Short schedules and the small benchmark (minutes on 2 cores).")
 @click.option("--seeds", type=click.IntRange(1, 20), default=1, show_default=True, help="Seeds per method.")
-@click.option("--seed", type=int, default=0, show_default=True, help="First seed.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="First seed.")
 @click.option("--methods", default=None, help="Comma-separated subset of: " + "ssv, vicreg, vicreg_traj, "
               "simsiam_nearby, simsiam_distant, supervised.")
 @click.option("--steps-scale", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,

@@ -13,9 +13,9 @@ splits (``BENCH/sequences`` as a train/test split folder; the test sequences are
 categories):
 
 - pose-informed: SiamPose's zero-shot 9-DoF box fitting (``box_fit``: 1-NN train frame by cosine, oracle 2D box,
-  ground plane and intrinsics of the query; AP@0.5 = share of test frames with 3D IoU > 0.5, and the mean IoU), the
-  pose of that same 1-NN (median geodesic error of its rotation, computed here from the evaluation's cached
-  features), and a ridge readout of the viewpoint angles (``viewpoint_readout``, MAE);
+  ground plane and intrinsics of the query; AP@0.5 = share of the scored test frames with 3D IoU > 0.5, and the mean
+  IoU; a seeded ``--box-queries`` of them when there are more), the pose of the 1-NN train frame of every test frame
+  (median geodesic error of its rotation, computed here from the evaluation's cached features), and a ridge readout of the viewpoint angles (``viewpoint_readout``, MAE);
 - instance-invariant: kNN category top-1 (``knn_class``, train -> test) and sequence re-identification mAP
   (``reid``, within the test frames, the query itself excluded).
 
@@ -51,7 +51,8 @@ log = logging.getLogger("viewssl.experiments.frame_pairs")
 
 MODES = ("same", "nearby", "distant", "dual")
 TRUNK_TAPS = ("pooled", "layer3")
-TAP_TITLES = {"pooled": "trunk, final layer (pooled, 512-d)", "layer3": "trunk, mid layer (layer3 map pooled to 4x4)",
+TAP_TITLES = {"pooled": "trunk, final layer (pooled, 512-d)",
+              "layer3": "trunk, mid layer (layer3 map pooled to at most 4x4)",
               "head": "projector heads (each model's projector output; dual: head A = nearby, head B = distant)"}
 #: (column title, result key with {tap}, scale, higher is better, kind)
 COLUMNS = [
@@ -271,13 +272,13 @@ def format_markdown(runs: list[dict], agg: dict, args: dict) -> str:
     secs = {}
     for r in runs:
         if r.get("sec_per_step"):
-            secs.setdefault(r["config"]["pairs"] + (" + traj" if r["config"]["traj_weight"] > 0 else ""), []).append(
-                r["sec_per_step"])
+            secs.setdefault(_variant(r["config"]), []).append(r["sec_per_step"])
     if secs:
         lines.append("Training s/step (median): " + ", ".join(f"{k} {np.median(v):.2f}" for k, v in secs.items())
                      + f"; evaluation median {np.median([r['eval_seconds'] for r in runs]):.0f} s per run.")
     if args.get("command"):
-        lines.append(f"Command: `{args['command']}`; wall time {args.get('wall_seconds', 0):.0f} s.")
+        lines.append(f"Command: `{args['command']}`; wall time of this invocation {args.get('wall_seconds', 0):.0f} s "
+                     "(runs it found finished cost none).")
     return "\n".join(lines) + "\n"
 
 
@@ -311,7 +312,7 @@ def main(data, out, methods, modes, dual_traj_weight, seeds, steps, batch_size, 
     from trajssl.methods import METHODS as KNOWN
 
     q = quick
-    seeds = int_list(seeds or ("0,1" if q else "0,1,2"), "--seeds")
+    seeds = int_list(seeds or ("0,1" if q else "0,1,2"), "--seeds", minimum=0)
     steps = steps or (2 if q else 1500)
     batch = batch_size or (8 if q else 32)
     out = out or Path("runs/frame_pairs-quick" if q else "runs/frame_pairs")

@@ -501,7 +501,7 @@ def check_goals(rows: dict, configs: dict | None = None) -> dict:
 @click.option("--sup-steps", type=click.IntRange(min=1), default=2000, help="Training steps of the supervised row.")
 @click.option("--rows", default="full,no_imc,no_imc_sym,supervised", help="Rows to train (comma-separated).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Real images per step (preset default).")
-@click.option("--seed", type=int, default=0)
+@click.option("--seed", type=click.IntRange(min=0), default=0)
 @click.option("--device", default="auto")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch intra-op threads (1 is faster when other jobs share the cores).")

@@ -42,7 +42,7 @@ from common.io import atomic_write_bytes, atomic_write_json
 log = logging.getLogger("viewssl.experiments.traj_objects")
 
 TAPS = ("pooled", "layer3")
-TAP_TITLES = {"pooled": "final layer (pooled, 512-d)", "layer3": "mid layer (layer3 map pooled to 4x4)"}
+TAP_TITLES = {"pooled": "final layer (pooled, 512-d)", "layer3": "mid layer (layer3 map pooled to at most 4x4)"}
 #: (column title, result key with {tap}, scale, higher is better)
 COLUMNS = [
     ("class linear %", "linear_probe/{tap}/top1", 100.0, True),
@@ -68,14 +68,17 @@ def run_name(method: str, traj_weight: float, seed: int) -> str:
 def ensure_benchmark(data: Path, quick: bool, size: int, kinds: tuple[str, ...] = ("objects", "triplets"),
                      needs: tuple[str, ...] = ("objects/train", "triplets/train"),
                      quick_bench: dict = QUICK_BENCH) -> Path:
-    """Use ``data`` if it holds every ``needs`` split (``labels.csv``); otherwise render ``kinds`` there, if it is a
-    new or empty folder or a benchmark root (never into a folder of other files). Shared with frame_pairs."""
-    if all((data / n / "labels.csv").is_file() for n in needs):
+    """Use ``data`` if it holds every ``needs`` split (``labels.csv``); otherwise render the ``kinds`` that lack one
+    there, if it is a new or empty folder or a benchmark root (never into a folder of other files). Shared with
+    frame_pairs."""
+    missing = [n for n in needs if not (data / n / "labels.csv").is_file()]
+    if not missing:
         return data
-    from common.data.synthetic import render_benchmark
+    from common.data.synthetic import holds_other_files, render_benchmark
     from common.errors import ViewsslError
 
-    if data.is_dir() and any(data.iterdir()) and not (data / "meta.json").is_file():
+    kinds = tuple(k for k in kinds if any(n.split("/")[0] == k for n in missing)) or kinds
+    if holds_other_files(data) and not (data / "meta.json").is_file():
         raise ViewsslError(f"--data has no {' and '.join(needs)} (labels.csv) and is not a synthetic benchmark root "
                            "(no meta.json): pass a benchmark root, or a new folder to render one into", data)
 
@@ -181,7 +184,8 @@ def format_markdown(runs: list[dict], agg: dict, args: dict) -> str:
              f"seeds {', '.join(map(str, seeds))}; {args['steps']} steps, batch {args['batch_size']}, "
              f"{args['image_size']} px, {args.get('stem', 'small')} stem, {args.get('optimizer', 'lars')}"
              f"{' (QUICK smoke run: numbers are meaningless)' if args['quick'] else ''}.",
-             *([f"Command: `{args['command']}`; wall time {args.get('wall_seconds', 0):.0f} s."]
+             *([f"Command: `{args['command']}`; wall time of this invocation {args.get('wall_seconds', 0):.0f} s "
+                "(runs it found finished cost none)."]
                if args.get("command") else []),
              "Mean ± std over seeds. Pose accuracies: kNN = exact Fib view index (per category); rel = relative-pose "
              "probe within 30 deg. Median errors in degrees (lower is better).", ""]
@@ -286,7 +290,7 @@ def main(data, out, methods, traj_weight, seeds, steps, batch_size, image_size, 
     from trajssl.methods import METHODS as KNOWN
 
     q = quick
-    seeds = int_list(seeds or ("0,1" if q else "0,1,2"), "--seeds")
+    seeds = int_list(seeds or ("0,1" if q else "0,1,2"), "--seeds", minimum=0)
     steps = steps or (2 if q else 1500)
     batch = batch_size or (8 if q else 64)
     probe_steps = probe_steps or (20 if q else 300)

@@ -159,7 +159,8 @@ def build_config(
 @click.option("--force", is_flag=True, help="Resume even if the config differs from the checkpoint's (with --resume "
                                             "auto: the newest run of this data and row, whatever its config).")
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps.")
-@click.option("--seed", type=int, default=0, help="Seed of initial weights, data order and all sampling.")
+@click.option("--seed", type=click.IntRange(min=0), default=0,
+              help="Seed of initial weights, data order and all sampling.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Real images per step [default: cpu 16, paper 2].")
 @click.option("--g-group", type=click.IntRange(min=1), default=None,

@@ -117,6 +117,8 @@ def test_quick_mode_writes_well_formed_tables(tiny_sequences, tmp_path, capsys):
     data = json.loads((out / "results.json").read_text())
     variants = ["simsiam-same", "simsiam-nearby", "simsiam-distant", "simsiam-dual", "simsiam-dual-traj0.2"]
     assert sorted(data["aggregate"]) == sorted(variants) and len(data["runs"]) == 5
+    rates = (out / "results.md").read_text().split("Training s/step (median): ")[1].split(";")[0]
+    assert [part.split()[0] for part in rates.split(", ")] == variants  # one rate per method and pair mode
     for run in data["runs"]:
         assert run["trained_steps"] == 2 and run["config"]["steps"] == 2
         m = run["metrics"]

@@ -47,6 +47,10 @@ def test_list_options():
     # a repeat would run twice and count as two seeds (a spread of 0 over copies of one run)
     with pytest.raises(ViewsslError, match="^--seeds: 0 given more than once$"):
         int_list("0,1,0", "--seeds")
+    # numpy refuses a negative seed: the experiments' evaluation died with a traceback after the training
+    assert int_list("-1,2", "--seeds") == [-1, 2]
+    with pytest.raises(ViewsslError, match="^--seeds: -1 is below 0$"):
+        int_list("2,-1", "--seeds", minimum=0)
     with pytest.raises(ViewsslError, match="^--methods: vicreg given more than once$"):
         comma_list("vicreg,vicreg", "--methods", ("vicreg",))
 
@@ -86,3 +90,28 @@ def test_bench_encoder_tiny_run_returns_its_figures():
         torch.set_num_threads(threads)
     assert figures["batch_size"] == 2 and figures["full_step_s"] > 0 and figures["bare_backbone_s"] > 0
     assert figures["ratio"] == pytest.approx(figures["full_step_s"] / figures["bare_backbone_s"])
+
+
+def test_every_seed_option_refuses_a_negative_seed():
+    """numpy's generators refuse a negative seed (the evaluation's subsets and box queries use them): every --seed of
+    the CLI and of the experiment scripts says so before anything runs, and --seeds too."""
+    import click
+
+    from experiments import bench_knn, frame_pairs, ssv_heads, traj_objects
+    from experiments.cli import cli
+
+    def seed_options(command, path):
+        for p in command.params:
+            if p.name == "seed":
+                yield path, p
+        for name, sub in getattr(command, "commands", {}).items():
+            yield from seed_options(sub, path + [name])
+
+    found = list(seed_options(cli, [])) + [([m.__name__], p) for m in (ssv_heads, bench_knn)
+                                           for p in m.main.params if p.name == "seed"]
+    assert len(found) >= 9, [path for path, _ in found]
+    for path, option in found:
+        assert isinstance(option.type, click.IntRange) and option.type.min == 0, path
+    for script in (traj_objects, frame_pairs):
+        res = CliRunner().invoke(script.main, ["--quick", "--seeds", "0,-1"])
+        assert res.exit_code == 2 and "--seeds: -1 is below 0" in res.output, res.output

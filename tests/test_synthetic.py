@@ -420,3 +420,32 @@ def test_render_refuses_a_folder_of_other_files(tmp_path):
     with pytest.raises(ViewsslError, match="holds files but no meta.json"):
         render_benchmark(mine, kinds=("sequences",), progress=False, **TINY)
     assert (mine / "sequences" / "keep.txt").read_text() == "mine"
+
+
+def test_a_render_killed_before_its_meta_json_renders_again(tmp_path):
+    """The first kind is written into root/.<kind>.partial before meta.json exists: a folder holding only that (a
+    killed first render) is rendered into again, by render_benchmark and by the experiments' ensure_benchmark (both
+    refused it as a folder of other files); a user's file beside it is still refused."""
+    from common.data.synthetic import holds_other_files
+    from experiments.traj_objects import ensure_benchmark
+
+    killed = tmp_path / "killed"
+    (killed / ".sequences.partial" / "train").mkdir(parents=True)
+    assert not holds_other_files(killed)
+    render_benchmark(killed, kinds=("sequences",), size=32, progress=False, **TINY)
+    assert (killed / "sequences" / "train" / "labels.csv").is_file() and not (killed / ".sequences.partial").exists()
+    before = (killed / "sequences" / "train" / "labels.csv").stat().st_mtime_ns
+    ensure_benchmark(killed, True, 32, kinds=("sequences", "triplets"), needs=("sequences/train", "triplets/train"),
+                     quick_bench=TINY)  # renders the kind that is missing only
+    assert (killed / "triplets" / "train" / "labels.csv").is_file()
+    assert (killed / "sequences" / "train" / "labels.csv").stat().st_mtime_ns == before
+
+    again = tmp_path / "again"
+    (again / ".sequences.partial" / "train").mkdir(parents=True)
+    assert ensure_benchmark(again, True, 32, kinds=("sequences",), needs=("sequences/train",),
+                            quick_bench=TINY) == again
+    assert (again / "sequences" / "train" / "labels.csv").is_file()
+
+    (again / ".sequences.partial").mkdir()
+    (again / "notes.txt").write_text("mine")
+    assert holds_other_files(again)

@@ -63,7 +63,7 @@ def run_tag(method: str, traj_weight: float, traj_layer: str, pairs: str) -> str
               help="Local torchvision resnet18 state dict to start from (default: random initialisation).")
 @click.option("--augment", type=click.Choice(["full", "none"]), default="full", show_default=True,
               help="Semantic-view augmentations (crop, flip, colour jitter, grayscale, blur) or none.")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of initialisation, data order and augmentation.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, mps.")
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,

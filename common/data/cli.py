@@ -30,7 +30,8 @@ __all__ = ["render", "show", "export", "make_grid"]
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Benchmark folder (created; DIR/<kind>/<split>/labels.csv + images, DIR/meta.json).")
 @click.option("--size", type=click.IntRange(16, 1024), default=64, show_default=True, help="Image size in pixels.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Benchmark seed (same seed, same bytes).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Benchmark seed (same seed, same bytes).")
 @click.option("--scale", type=click.Choice(["small", "full"]), default="small", show_default=True,
               help="small: ~5k images in seconds (demo); full: what experiments train on (a few minutes).")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
@@ -64,7 +65,7 @@ def render(kind: str, out: Path, size: int, seed: int, scale: str, settings: tup
               help="PNG to write  [default: FOLDER/grid.png]")
 @click.option("--n", "n", type=click.IntRange(1, 400), default=36, show_default=True,
               help="Number of images in the grid.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Which images are picked.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Which images are picked.")
 def show(folder: Path, out: Path | None, n: int, seed: int) -> None:
     """Write an image grid of FOLDER with each image's labels (degrees).
 

@@ -83,7 +83,8 @@ def _finite(obj):
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, mps.")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1),
               help="Images per forward pass when extracting features (memory and speed).")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of every subset, split and probe.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Seed of every subset, split and probe.")
 @click.option("--tap", "taps", multiple=True, help="Feature tap(s) to evaluate (repeatable; default: pooled).")
 @click.option("--compress", default=None, help="Compress features to a width, e.g. pca:512 or random:512.")
 @click.option("--calibration", default=0.1, show_default=True,

@@ -20,6 +20,7 @@ from .benchmark import (
     ViewSpec,
     fib_rotations,
     format_summary,
+    holds_other_files,
     load_config,
     render_benchmark,
     summarize,
@@ -30,6 +31,6 @@ from .render import Background, Camera, Light, get_renderer, project
 
 __all__ = [
     "KINDS", "SPLITS", "BenchmarkConfig", "SyntheticDataset", "ViewSpec", "fib_rotations", "format_summary",
-    "load_config", "render_benchmark", "summarize", "build_head", "build_object", "CATEGORIES",
+    "holds_other_files", "load_config", "render_benchmark", "summarize", "build_head", "build_object", "CATEGORIES",
     "IN_DOMAIN", "OUT_OF_DOMAIN", "Background", "Camera", "Light", "get_renderer", "project",
 ]

@@ -688,7 +688,7 @@ def render_benchmark(out: str | os.PathLike, kinds: Iterable[str] = KINDS, size:
     if root.exists() and not root.is_dir():
         raise ViewsslError("exists and is not a folder", root)
     meta = _read_meta(root) if root.is_dir() else None
-    if meta is None and root.is_dir() and any(root.iterdir()):
+    if meta is None and holds_other_files(root):
         # rendering replaces root/<kind>: never into a folder of someone's files
         raise ViewsslError(f"holds files but no {META_FILE}, so it is not a synthetic benchmark; render into a new or "
                            "empty folder", root)
@@ -713,6 +713,14 @@ def render_benchmark(out: str | os.PathLike, kinds: Iterable[str] = KINDS, size:
             pool.close()
             pool.join()
     return summarize(root)
+
+
+def holds_other_files(root: str | os.PathLike) -> bool:
+    """Whether ``root`` is a folder with entries other than a killed render's ``.<kind>.partial`` folders (the first
+    kind of a benchmark is written before its meta.json: such a folder is a benchmark to render into again)."""
+    root = Path(root)
+    return root.is_dir() and any(not (p.name.startswith(".") and p.name.endswith(".partial") and p.is_dir())
+                                 for p in root.iterdir())
 
 
 def _render_kind(root: Path, kind: str, config: BenchmarkConfig, meta: dict, pool, workers: int,
