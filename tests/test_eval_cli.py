@@ -50,6 +50,18 @@ def test_eval_on_a_labels_folder(tmp_path, oracle_family):
     assert "relative_pose" in payload["skipped"]
 
 
+def test_eval_says_that_a_labels_folder_has_no_splits(tmp_path, oracle_family, caplog):
+    folder = make_folder(tmp_path / "mine")
+    run = tmp_path / "run"
+    _checkpoint(run, folder)
+    args = ["eval", "--checkpoint", str(run), "--data", str(folder), "--metrics", "viewpoint", "--device", "cpu"]
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    assert "ignored" not in caplog.text
+    res = CliRunner().invoke(cli, args + ["--split", "val"])
+    assert res.exit_code == 0, res.output
+    assert "--split val ignored" in caplog.text and "labels.csv folder" in caplog.text
+
+
 def test_eval_on_a_benchmark_with_selected_metrics_and_default_output(tmp_path, oracle_family):
     bench = make_benchmark(tmp_path / "bench")
     run = tmp_path / "run"

@@ -227,6 +227,9 @@ def test_model_io_features(bench, tmp_path):
     with torch.no_grad():
         ref = tr.encoder(torch.rand(1, 3, 16, 16).clamp(0.5, 0.5))["pooled"]
     assert torch.allclose(model.features(torch.full((1, 3, 16, 16), 0.5), ["pooled"])["pooled"], ref, atol=1e-5)
+    model.encoder.train()  # a model shared with training: features are still the eval-mode ones, the mode stays
+    assert torch.allclose(model.features(torch.full((1, 3, 16, 16), 0.5), ["pooled"])["pooled"], ref, atol=1e-5)
+    assert model.encoder.training
     ckpt = load_checkpoint(r["checkpoint"])
     ckpt["config"]["small_stem"] = False  # the weights are the small stem's: the error names the misfit weights
     with pytest.raises(ViewsslError, match=r"encoder weights do not match the checkpoint's config \((size mismatch "

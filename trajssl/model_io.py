@@ -48,13 +48,18 @@ class EncoderPoseModel:
             raise ViewsslError(f"unknown feature tap(s) {', '.join(unknown)} for an encoder "
                                f"(available: {', '.join(self.taps)})")
         outs: dict[str, list[torch.Tensor]] = {t: [] for t in taps}
-        for i in range(0, len(images), self.batch_size):
-            x = images[i:i + self.batch_size].to(self.device, torch.float32)
-            if x.shape[-2:] != (self.input_size, self.input_size):
-                x = F.interpolate(x, size=(self.input_size, self.input_size), mode="area")
-            f = self.encoder(x, taps=tuple(taps))
-            for t in taps:
-                outs[t].append(tap_vector(f[t], self.tap_grid).float())
+        was = self.encoder.training  # eval mode for this call (batch norm's running statistics), as it was after
+        self.encoder.eval()
+        try:
+            for i in range(0, len(images), self.batch_size):
+                x = images[i:i + self.batch_size].to(self.device, torch.float32)
+                if x.shape[-2:] != (self.input_size, self.input_size):
+                    x = F.interpolate(x, size=(self.input_size, self.input_size), mode="area")
+                f = self.encoder(x, taps=tuple(taps))
+                for t in taps:
+                    outs[t].append(tap_vector(f[t], self.tap_grid).float())
+        finally:
+            self.encoder.train(was)
         return {t: torch.cat(v) if v else torch.empty(0, device=self.device) for t, v in outs.items()}
 
 

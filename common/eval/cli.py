@@ -125,6 +125,9 @@ def eval_command(checkpoint, data, split, metrics, output, device, batch_size, s
     if source.layout != "folder" and split not in source.splits():
         raise ViewsslError(f"--split {split!r}: no such split (splits here: {', '.join(source.splits())})",
                            source.root)
+    if source.layout == "folder" and click.get_current_context().get_parameter_source("split") == \
+            click.core.ParameterSource.COMMANDLINE:
+        log.warning("--split %s ignored: %s is one labels.csv folder (all of it is evaluated)", split, source.root)
     dev = resolve_device(device)
     model = load_model(checkpoint, dev, ema=ema)
     if flip_average:
