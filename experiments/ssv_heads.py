@@ -531,6 +531,10 @@ def main(data, out, preset, steps, sup_steps, rows, batch_size, seed, device, th
     from common.io import folder_lock
 
     row_names = check_inputs(data, rows)  # before --out is made (the lock creates it)
+    ssv_only = [o for o, v in (("--augment-gain", augment_gain), ("--ball-mask", ball_mask)) if v is not None]
+    if ssv_only and row_names == ["supervised"]:
+        raise ViewsslError(f"{' and '.join(ssv_only)} act{'s' if len(ssv_only) == 1 else ''} on the SSV rows only, "
+                           "and --rows is supervised alone")
     # two runs on one --out would train the same rows twice, and each would rewrite ssv_heads.json without the other's
     with folder_lock(out, "experiments.ssv_heads run"):
         run(data, out, preset, steps, sup_steps, row_names, batch_size, seed, device, threads, phi, quick,

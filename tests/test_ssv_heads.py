@@ -230,6 +230,10 @@ def test_an_unknown_row_is_refused_before_out_is_made(tiny_heads, tmp_path):
                                        "--rows", "full,nope"])
     assert result.exit_code == 2 and "--rows: unknown nope (choose from full," in result.output
     assert not (tmp_path / "out").exists()
+    result = CliRunner().invoke(main, ["--data", str(tiny_heads), "--out", str(tmp_path / "out"),
+                                       "--rows", "supervised", "--ball-mask"])  # would do nothing
+    assert result.exit_code == 2 and "--ball-mask acts on the SSV rows only" in result.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_second_run_on_the_same_out_is_refused_in_one_line(tiny_heads, tmp_path):
