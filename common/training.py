@@ -466,10 +466,10 @@ def fit(trainer: Trainer, run_dir: str | Path, steps: int, checkpoint_every: int
     ``force_hint``: what the error for a checkpoint of another config tells the user to do (a script without
     ``--force`` says so its own way).
 
-    Returns a dict with ``run_dir``, ``step``, ``start_step``, the last ``terms`` and ``metrics``, the last ``checkpoint``, and times
-    in seconds: ``seconds`` (this call's wall time), ``side_seconds`` (this call's evaluations and sample images),
-    ``call_train_seconds`` (this call's training: the rest) and ``train_seconds`` (the run's training over every
-    resume, as the last checkpoint keeps it; NaN from a checkpoint older than that record)."""
+    Returns a dict with ``run_dir``, ``step``, ``start_step``, the last ``terms`` and ``metrics``, the last
+    ``checkpoint``, and times in seconds: ``seconds`` (this call's wall time), ``side_seconds`` (this call's
+    evaluations and sample images), ``call_train_seconds`` (this call's training: the rest) and ``train_seconds`` (the
+    run's training over every resume, as the last checkpoint keeps it; NaN from a checkpoint older than that record)."""
     # the main process holds the run folder: a second run resuming it at the same time is refused
     lock = folder_lock(run_dir, "training run") if dist_utils.is_main() else contextlib.nullcontext()
     with lock:
