@@ -16,8 +16,8 @@ import torch.distributed as dist
 
 log = logging.getLogger("viewssl.distributed")
 
-__all__ = ["init_from_env", "is_distributed", "rank", "world_size", "is_main", "barrier", "gather_with_grad",
-           "all_gather_objects", "any_true", "destroy"]
+__all__ = ["init_from_env", "is_distributed", "rank", "world_size", "is_main", "gather_with_grad",
+           "all_gather_objects", "any_true", "on_main", "destroy"]
 
 
 def is_distributed() -> bool:
@@ -57,11 +57,6 @@ def init_from_env(device: torch.device) -> torch.device:
 def destroy() -> None:
     if is_distributed():
         dist.destroy_process_group()
-
-
-def barrier() -> None:
-    if is_distributed():
-        dist.barrier()
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -105,3 +100,21 @@ def any_true(flag: bool) -> bool:
         t = t.cuda()
     dist.all_reduce(t)
     return bool(t.item() > 0)
+
+
+def on_main(fn, what: str):
+    """``fn()`` on the main process only (its result there, None elsewhere). An exception it raises is raised on every
+    process: the others would otherwise wait in their next collective until the process group's timeout."""
+    from .errors import ViewsslError
+
+    error, result = None, None
+    if is_main():
+        try:
+            result = fn()
+        except Exception as e:  # re-raised below, after every process knows
+            error = e
+    if any_true(error is not None):
+        if error is not None:
+            raise error
+        raise ViewsslError(f"{what} failed on the main process (rank 0); its error says why")
+    return result

@@ -470,9 +470,9 @@ def fit(trainer: Trainer, run_dir: str | Path, steps: int, checkpoint_every: int
     ``checkpoint``, and times in seconds: ``seconds`` (this call's wall time), ``side_seconds`` (this call's
     evaluations and sample images), ``call_train_seconds`` (this call's training: the rest) and ``train_seconds`` (the
     run's training over every resume, as the last checkpoint keeps it; NaN from a checkpoint older than that record)."""
-    # the main process holds the run folder: a second run resuming it at the same time is refused
-    lock = folder_lock(run_dir, "training run") if dist_utils.is_main() else contextlib.nullcontext()
-    with lock:
+    # the main process holds the run folder: a second run resuming it at the same time is refused (on every process)
+    with contextlib.ExitStack() as held:
+        dist_utils.on_main(lambda: held.enter_context(folder_lock(run_dir, "training run")), "locking the run folder")
         return _fit(trainer, Path(run_dir), steps, checkpoint_every=checkpoint_every, eval_every=eval_every,
                     log_every=log_every, media_every=media_every, resume=resume, force=force, progress=progress,
                     keep_checkpoints=keep_checkpoints, force_hint=force_hint)
@@ -518,8 +518,7 @@ def _fit(trainer: Trainer, run_dir: Path, steps: int, *, checkpoint_every: int, 
                             len(rng), dist_utils.world_size())
             log.info("resumed from %s at step %d", resumed_from, start_step)
 
-    writer = None
-    if main:
+    def prepare_folder():  # the main process's (an error there stops every process)
         run_dir.mkdir(parents=True, exist_ok=True)
         _set_aside_after(run_dir, start_step if resumed_from is not None else None)
         # a checkpoint half-written when a run was killed (SIGKILL, power): its temp file is garbage (we hold the lock)
@@ -531,7 +530,9 @@ def _fit(trainer: Trainer, run_dir: Path, steps: int, *, checkpoint_every: int, 
 
         # events of steps after the checkpoint are dropped (those of its own step were logged before it was written);
         # a run from scratch drops every event an earlier start in this folder logged
-        writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if resumed_from is not None else 0)
+        return SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if resumed_from is not None else 0)
+
+    writer = dist_utils.on_main(prepare_folder, "preparing the run folder")
 
     last_ckpt: Path | None = resumed_from
     saved_step = start_step if resumed_from is not None else -1
@@ -539,7 +540,7 @@ def _fit(trainer: Trainer, run_dir: Path, steps: int, *, checkpoint_every: int, 
     saved_seconds = prior_seconds  # the train_seconds of the newest checkpoint: what the result reports
 
     def save(step: int) -> Path:
-        nonlocal last_ckpt, saved_step, saved_seconds
+        nonlocal saved_step, saved_seconds
         state = trainer.state_dict()
         # an update can make weights non-finite while the loss it was computed from was not: never save those
         bad = [f"{name}.{k}" for name, sd in state["modules"].items() for k, v in sd.items()
@@ -550,16 +551,19 @@ def _fit(trainer: Trainer, run_dir: Path, steps: int, *, checkpoint_every: int, 
                                 f"{', ...' if len(bad) > 3 else ''}); not saved; {where}")
         saved_step, saved_seconds = step, prior_seconds + trained_seconds()
         rng = dist_utils.all_gather_objects(capture_rng())
-        if main:
-            path = ckpt_dir / f"ckpt-{step:08d}.pt"
+        path = ckpt_dir / f"ckpt-{step:08d}.pt"
+
+        def write():  # the main process's; the others wait for it (and stop with it: a full disk)
+            nonlocal last_ckpt
             atomic_save({"family": trainer.family, "version": CHECKPOINT_VERSION, "config": trainer.config,
                          "step": step, "rng": rng, "train_seconds": saved_seconds,
                          **state}, path)
             for old in _checkpoints(ckpt_dir)[:-keep_checkpoints]:
                 old.unlink(missing_ok=True)
             last_ckpt = path
-        dist_utils.barrier()
-        return ckpt_dir / f"ckpt-{step:08d}.pt"
+
+        dist_utils.on_main(write, f"writing checkpoint {path.name}")
+        return path
 
     def log_scalars(step: int, values: dict[str, float], prefix: str) -> None:
         if not main:

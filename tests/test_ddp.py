@@ -13,8 +13,10 @@ agree to ~1e-11, which shows the gradients are the same computation, not merely 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -129,3 +131,51 @@ def test_each_process_of_a_gpu_launch_trains_on_its_own_gpu(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "3")
     assert dist_utils.init_from_env(torch.device("cuda", 0)) == torch.device("cuda", 3)
     assert dist_utils.init_from_env(torch.device("cpu")) == torch.device("cpu")
+
+
+def _fit_worker(rank: int, world: int, port: int, run_dir: str, out: str) -> None:
+    """fit of a toy trainer on two processes; each writes how its call ended."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from common.training import fit
+    from tests.test_training import ToyTrainer
+
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=30))
+    try:
+        fit(ToyTrainer({"seed": 0, "lr": 0.01}), run_dir, steps=2, checkpoint_every=2, progress=False)
+        outcome = "finished"
+    except Exception as e:
+        outcome = f"{type(e).__name__}: {e}"
+    finally:
+        dist.destroy_process_group()
+    Path(out, f"rank{rank}.txt").write_text(outcome)
+
+
+@pytest.mark.parametrize("case", ["folder locked", "checkpoint unwritable"])
+def test_an_error_on_the_main_process_stops_every_process(tmp_path, case):
+    """What only rank 0 does (lock the run folder, write config.json and checkpoints) can fail there alone; every
+    process then stops with an error at once (the others waited in their next collective until the timeout)."""
+    from common.io import folder_lock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    if case == "checkpoint unwritable":
+        (run / "checkpoints").write_text("a file where the checkpoints folder goes")
+    held = folder_lock(run, "test") if case == "folder locked" else contextlib.nullcontext()
+    t0 = time.perf_counter()
+    with held:
+        mp.spawn(_fit_worker, args=(2, _free_port(), str(run), str(tmp_path)), nprocs=2, join=True)
+    assert time.perf_counter() - t0 < 25  # not the 30 s timeout
+    main, other = (tmp_path / "rank0.txt").read_text(), (tmp_path / "rank1.txt").read_text()
+    if case == "folder locked":
+        assert main.startswith("ViewsslError") and "another training run is writing to this folder" in main
+        assert other == "ViewsslError: locking the run folder failed on the main process (rank 0); its error says why"
+    else:
+        assert main.startswith(("FileExistsError", "NotADirectoryError")), main
+        assert other == ("ViewsslError: writing checkpoint ckpt-00000002.pt failed on the main process (rank 0); its "
+                         "error says why")
