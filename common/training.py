@@ -97,6 +97,7 @@ class Trainer:
         raise NotImplementedError
 
     def evaluate(self, step: int) -> dict[str, float]:
+        """Figures of the model at ``step`` (fit calls it on the main process only)."""
         return {}
 
     def resume_ignored(self, saved_config: dict, step: int) -> tuple[str, ...]:
@@ -104,6 +105,7 @@ class Trainer:
         return self.resume_ignore_keys
 
     def log_media(self, step: int, writer, run_dir: Path) -> None:
+        """Sample images into tensorboard / the run folder (fit calls it on the main process only)."""
         return None
 
     # --- state -----------------------------------------------------------------------------------------------
@@ -252,18 +254,20 @@ def _leave_process_group(worker_id: int) -> None:
 def new_run_dir(out_root: str | Path, tag: str) -> Path:
     """Create ``out_root/NNNNN-tag`` with the next free number (stylegan2-ada style)."""
     out_root = Path(out_root)
-    run_dir = None
-    if dist_utils.is_main():
+
+    def make() -> Path:
         out_root.mkdir(parents=True, exist_ok=True)
-        while run_dir is None:  # two runs started at once in one --out: the second takes the next number
+        while True:  # two runs started at once in one --out: the second takes the next number
             numbers = [int(m.group(1)) for p in out_root.glob("*") if (m := re.match(r"^(\d{5,})-", p.name))]
             candidate = out_root / f"{(max(numbers) + 1 if numbers else 0):05d}-{tag}"
             try:
                 candidate.mkdir()
-                run_dir = candidate
+                return candidate
             except FileExistsError:
                 continue
-    # Every rank must agree on the folder: rank 0 decides.
+
+    # Every rank must agree on the folder: rank 0 decides (and a failure there stops every rank)
+    run_dir = dist_utils.on_main(make, f"making a run folder in {out_root}")
     return Path(dist_utils.all_gather_objects(str(run_dir))[0])
 
 
@@ -566,13 +570,14 @@ def _fit(trainer: Trainer, run_dir: Path, steps: int, *, checkpoint_every: int, 
         return path
 
     def log_scalars(step: int, values: dict[str, float], prefix: str) -> None:
-        if not main:
-            return
-        for k, v in values.items():
-            if isinstance(v, (int, float)) and math.isfinite(v):
-                writer.add_scalar(f"{prefix}/{k}", v, step)
-        with open(run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, "kind": prefix, "time": time.time(), **values}) + "\n")
+        def write():
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    writer.add_scalar(f"{prefix}/{k}", v, step)
+            with open(run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, "kind": prefix, "time": time.time(), **values}) + "\n")
+
+        dist_utils.on_main(write, f"logging step {step}")
 
     result: dict[str, Any] = {"run_dir": str(run_dir), "start_step": start_step}
     terms_f: dict[str, float] = {}
@@ -600,7 +605,7 @@ def _fit(trainer: Trainer, run_dir: Path, steps: int, *, checkpoint_every: int, 
 
     def evaluate(step: int) -> dict[str, float]:
         with off_the_clock():
-            values = trainer.evaluate(step)
+            values = dist_utils.on_main(lambda: trainer.evaluate(step), f"the evaluation at step {step}") or {}
             log_scalars(step, values, "eval")
         return values
 
@@ -626,9 +631,10 @@ def _fit(trainer: Trainer, run_dir: Path, steps: int, *, checkpoint_every: int, 
                         bar.set_postfix({k: f"{v:.3g}" for k, v in list(terms_f.items())[:4]})
                 if eval_every and step % eval_every == 0:
                     metrics = evaluate(step)
-                if media_every and step % media_every == 0 and main:
+                if media_every and step % media_every == 0:
                     with off_the_clock():
-                        trainer.log_media(step, writer, run_dir)
+                        dist_utils.on_main(lambda: trainer.log_media(step, writer, run_dir),
+                                           f"the sample images at step {step}")
                 if checkpoint_every and step % checkpoint_every == 0:
                     save(step)
                 if dist_utils.any_true(flag.signum is not None):

@@ -14,6 +14,7 @@ agree to ~1e-11, which shows the gradients are the same computation, not merely 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import time
@@ -133,21 +134,31 @@ def test_each_process_of_a_gpu_launch_trains_on_its_own_gpu(monkeypatch):
     assert dist_utils.init_from_env(torch.device("cpu")) == torch.device("cpu")
 
 
-def _fit_worker(rank: int, world: int, port: int, run_dir: str, out: str) -> None:
+def _toy_trainer(failing_evaluation: bool):
+    from tests.test_training import ToyTrainer
+
+    class FailingEvaluation(ToyTrainer):
+        def evaluate(self, step):
+            raise RuntimeError("the evaluation data went away")
+
+    return (FailingEvaluation if failing_evaluation else ToyTrainer)({"seed": 0, "lr": 0.01})
+
+
+def _fit_worker(rank: int, world: int, port: int, run_dir: str, out: str, case: str) -> None:
     """fit of a toy trainer on two processes; each writes how its call ended."""
     from datetime import timedelta
 
     import torch.distributed as dist
 
     from common.training import fit
-    from tests.test_training import ToyTrainer
 
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=30))
     try:
-        fit(ToyTrainer({"seed": 0, "lr": 0.01}), run_dir, steps=2, checkpoint_every=2, progress=False)
+        fit(_toy_trainer(case == "evaluation fails"), run_dir, steps=2, checkpoint_every=2, eval_every=1,
+            progress=False)
         outcome = "finished"
     except Exception as e:
         outcome = f"{type(e).__name__}: {e}"
@@ -156,10 +167,10 @@ def _fit_worker(rank: int, world: int, port: int, run_dir: str, out: str) -> Non
     Path(out, f"rank{rank}.txt").write_text(outcome)
 
 
-@pytest.mark.parametrize("case", ["folder locked", "checkpoint unwritable"])
+@pytest.mark.parametrize("case", ["fine", "folder locked", "checkpoint unwritable", "evaluation fails"])
 def test_an_error_on_the_main_process_stops_every_process(tmp_path, case):
-    """What only rank 0 does (lock the run folder, write config.json and checkpoints) can fail there alone; every
-    process then stops with an error at once (the others waited in their next collective until the timeout)."""
+    """What only rank 0 does (lock the run folder, write config.json and checkpoints, evaluate) can fail there alone;
+    every process then stops with an error at once (the others waited in their next collective until the timeout)."""
     from common.io import folder_lock
 
     run = tmp_path / "run"
@@ -169,13 +180,22 @@ def test_an_error_on_the_main_process_stops_every_process(tmp_path, case):
     held = folder_lock(run, "test") if case == "folder locked" else contextlib.nullcontext()
     t0 = time.perf_counter()
     with held:
-        mp.spawn(_fit_worker, args=(2, _free_port(), str(run), str(tmp_path)), nprocs=2, join=True)
+        mp.spawn(_fit_worker, args=(2, _free_port(), str(run), str(tmp_path), case), nprocs=2, join=True)
     assert time.perf_counter() - t0 < 25  # not the 30 s timeout
     main, other = (tmp_path / "rank0.txt").read_text(), (tmp_path / "rank1.txt").read_text()
-    if case == "folder locked":
+    if case == "fine":  # the same calls when nothing fails: one run folder, written by rank 0
+        assert main == other == "finished"
+        assert [p.name for p in (run / "checkpoints").iterdir()] == ["ckpt-00000002.pt"]
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records if r["kind"] == "eval"] == [1, 2]
+    elif case == "folder locked":
         assert main.startswith("ViewsslError") and "another training run is writing to this folder" in main
         assert other == "ViewsslError: locking the run folder failed on the main process (rank 0); its error says why"
-    else:
+    elif case == "checkpoint unwritable":
         assert main.startswith(("FileExistsError", "NotADirectoryError")), main
         assert other == ("ViewsslError: writing checkpoint ckpt-00000002.pt failed on the main process (rank 0); its "
                          "error says why")
+    else:
+        assert main == "RuntimeError: the evaluation data went away"
+        assert other == ("ViewsslError: the evaluation at step 1 failed on the main process (rank 0); its error says "
+                         "why")
