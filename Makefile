@@ -32,4 +32,4 @@ bench: $(STAMP)
 	$(PY) -m experiments.bench_ssv --preset paper --batch-size 2
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .pytest_cache  # not runs/: training runs are kept (remove them by hand)

@@ -133,6 +133,17 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return obj
 
 
+def opencv():
+    """The ``cv2`` module. An OpenCV that cannot load (``opencv-python`` needs the system's libGL and GLib) is a
+    one-line error naming the packages to install, instead of an ImportError deep in a data loader."""
+    try:
+        import cv2
+    except ImportError as e:
+        raise ViewsslError(f"cannot import OpenCV ({error_summary(e)}); on Debian/Ubuntu install libgl1 and "
+                           "libglib2.0-0") from e
+    return cv2
+
+
 def _jpeg_complete(data: np.ndarray, path: Path) -> bool:
     """A JPEG ends with the EOI marker (FF D9), possibly followed by padding. When it does not, ask Pillow (which
     accepts trailing junk after a complete image but refuses a truncated one)."""
@@ -160,7 +171,7 @@ def to_rgb_uint8(img: np.ndarray, path: str | os.PathLike) -> np.ndarray:
     Not convertible (error): other integer types (e.g. 32-bit), non-finite or out-of-range floats, other channel
     counts, empty images.
     """
-    import cv2
+    cv2 = opencv()
 
     if img.size == 0 or img.ndim not in (2, 3):
         raise ViewsslError(f"unsupported image shape {tuple(img.shape)}", path)
@@ -199,7 +210,7 @@ def to_rgb_uint8(img: np.ndarray, path: str | os.PathLike) -> np.ndarray:
 def load_rgb(path: str | os.PathLike) -> np.ndarray:
     """Read an image file as (H, W, 3) uint8 RGB; a missing, empty, unreadable, truncated or unconvertible file is a
     :class:`ViewsslError` naming it."""
-    import cv2
+    cv2 = opencv()
 
     path = Path(path)
     if not path.is_file():
@@ -221,7 +232,7 @@ def load_rgb(path: str | os.PathLike) -> np.ndarray:
 def to_tensor(img: np.ndarray, size: int | None) -> torch.Tensor:
     """(H, W, 3) uint8 RGB -> (3, S, S) float32 in [0, 1], resized to ``size`` x ``size`` (area filter when shrinking)
     unless ``size`` is None."""
-    import cv2
+    cv2 = opencv()
 
     if size is not None and (img.shape[0] != size or img.shape[1] != size):
         shrink = img.shape[0] > size or img.shape[1] > size
@@ -240,7 +251,7 @@ def read_image(path: str | os.PathLike, size: int | None = None) -> torch.Tensor
 
 def write_image(path: str | os.PathLike, image: torch.Tensor | np.ndarray) -> None:
     """Write (3, H, W) float in [0, 1] or (H, W, 3) uint8 RGB as PNG/JPEG (by suffix), atomically."""
-    import cv2
+    cv2 = opencv()
 
     if isinstance(image, torch.Tensor):
         arr = image.detach().cpu()

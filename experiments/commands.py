@@ -22,9 +22,12 @@ log = logging.getLogger("viewssl.experiments")
 def demo(out: Path, seed: int, device: str, render_only: bool) -> None:
     """The README's `make demo`: render the small synthetic benchmark, summarise it, write an image grid, then run
     `viewssl compare --quick` on it and print the comparison table."""
+    from common.cli import resolve_device
     from common.data.cli import make_grid
     from common.data.synthetic import format_summary, render_benchmark
 
+    if not render_only:
+        resolve_device(device)  # a device that is not there: said before minutes of rendering
     t0 = time.perf_counter()
     bench = out / "benchmark"
     summary = render_benchmark(bench, scale="small", seed=seed)
@@ -48,7 +51,8 @@ def demo(out: Path, seed: int, device: str, render_only: bool) -> None:
               help="Output folder  [default: runs/compare-quick or runs/compare-full]")
 @click.option("--quick", is_flag=True, help="Short schedules and the small benchmark (minutes on 2 cores).")
 @click.option("--seeds", type=click.IntRange(1, 20), default=1, show_default=True, help="Seeds per method.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="First seed.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="First training seed (the benchmark rendered without --data has seed 0 whatever it is).")
 @click.option("--methods", default=None, help="Comma-separated subset of: " + "ssv, vicreg, vicreg_traj, "
               "simsiam_nearby, simsiam_distant, supervised.")
 @click.option("--steps-scale", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
@@ -61,7 +65,7 @@ def compare(bench: Path | None, out: Path | None, quick: bool, seeds: int, seed:
     plots."""
     from common.data.synthetic import render_benchmark
 
-    from common.cli import comma_list
+    from common.cli import comma_list, resolve_device
     from common.errors import ViewsslError
 
     from .compare import METHODS, run_compare
@@ -70,9 +74,10 @@ def compare(bench: Path | None, out: Path | None, quick: bool, seeds: int, seed:
         raise ViewsslError(f"--steps-scale must be a finite number > 0, not {steps_scale}")
     names = comma_list(methods, "--methods", list(METHODS)) if methods is not None else None
     out = out or Path(f"runs/compare-{'quick' if quick else 'full'}")
+    resolve_device(device)  # before minutes of rendering
     if bench is None:
-        bench = out / "benchmark"
-        render_benchmark(bench, scale="small" if quick else "full", seed=seed)
+        bench = out / "benchmark"  # one benchmark for every --seed: a series can be extended in the same OUT
+        render_benchmark(bench, scale="small" if quick else "full", seed=0)
     result = run_compare(bench, out, quick=quick, seeds=seeds, device=device, seed=seed, methods=names,
                          steps_scale=steps_scale)
     click.echo(result["table"])

@@ -618,3 +618,17 @@ def test_a_file_that_is_no_checkpoint_says_what_it_is(tmp_path):
     (tmp_path / "notes.pt").write_text("hello, not a checkpoint\n")
     with pytest.raises(ViewsslError, match=r"notes\.pt: not a readable viewssl checkpoint \(\w+Error: "):
         load_checkpoint(tmp_path / "notes.pt")
+
+
+def test_an_opencv_that_cannot_load_names_the_system_packages(tmp_path, monkeypatch):
+    """opencv-python (what face-alignment requires) needs libGL and GLib from the system; without them reading an
+    image is a one-line error naming the packages (was an ImportError traceback)."""
+    import sys
+
+    from common.io import read_image, write_image
+
+    write_image(tmp_path / "a.png", np.zeros((4, 4, 3), np.uint8))
+    monkeypatch.setitem(sys.modules, "cv2", None)  # as an import that fails: libGL.so.1 not found
+    with pytest.raises(ViewsslError, match=r"cannot import OpenCV \(.*\); on Debian/Ubuntu install libgl1 and "
+                                           r"libglib2\.0-0"):
+        read_image(tmp_path / "a.png")

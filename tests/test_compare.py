@@ -122,3 +122,43 @@ def test_the_table_shows_an_unknown_train_time_as_a_dash():
     assert format_table({"ssv": runs}, quick=True).splitlines()[-1].endswith("| - |")
     runs = [{**runs[0], "train_seconds": 61.4}, {**runs[0], "train_seconds": 58.6}]
     assert format_table({"ssv": runs}, quick=True).splitlines()[-1].endswith("| 60 |")
+
+
+def test_demo_runs_end_to_end_and_a_second_demo_reuses_everything(tmp_path, monkeypatch):
+    """`viewssl demo` (the README's `make demo`) on a shrunken small preset with two steps per method: the summary,
+    the grid and the table; run again, it renders nothing and trains nothing (the benchmark's files and the runs'
+    checkpoints are the same files); a device that is not there is said before any rendering."""
+    import dataclasses
+
+    import common.data.synthetic.benchmark as bm
+    import experiments.compare as compare
+    from tests.test_synthetic import TINY as TINY_ALL
+
+    monkeypatch.setitem(bm.PRESETS, "small", {**TINY_ALL, **TINY})
+    for name, method in compare.METHODS.items():
+        monkeypatch.setitem(compare.METHODS, name, dataclasses.replace(method, steps=(2, 2)))
+    out = tmp_path / "demo"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        first = CliRunner().invoke(cli, ["--quiet", "demo", "--out", str(out), "--device", "cpu"],
+                                   catch_exceptions=False)
+        assert first.exit_code == 0, first.output
+        labels = out / "benchmark" / "heads" / "train" / "labels.csv"
+        ckpts = sorted((out / "compare" / "runs").glob("*/checkpoints/*.pt"))
+        before = [(p.stat().st_ino, p.stat().st_mtime_ns) for p in [labels, *ckpts]]
+        second = CliRunner().invoke(cli, ["--quiet", "demo", "--out", str(out), "--device", "cpu"],
+                                    catch_exceptions=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert second.exit_code == 0, second.output
+    assert len(ckpts) >= 6 and sorted((out / "compare" / "runs").glob("*/checkpoints/*.pt")) == ckpts
+    assert [(p.stat().st_ino, p.stat().st_mtime_ns) for p in [labels, *ckpts]] == before
+    for result in (first, second):
+        assert "image grid:" in result.output and "| SSV (cpu preset) |" in result.output
+    assert (out / "benchmark_grid.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "compare" / "results.md").is_file()
+
+    absent = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path / "nodevice"), "--device", "cuda:7"])
+    assert absent.exit_code == 2 and "--device cuda:7" in absent.output
+    assert not (tmp_path / "nodevice").exists()

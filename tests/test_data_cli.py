@@ -65,6 +65,9 @@ def test_show_writes_a_grid(rendered, tmp_path):
     (["data", "render", "--out", "{tmp}/x", "--set", "frames=many"], "frames must be an integer"),
     (["data", "render", "--out", "{tmp}/x", "--set", "categories=car,spaceship"], "unknown categories spaceship"),
     (["data", "render", "--out", "{tmp}/x", "--set", "seed=3"], "use --seed"),
+    (["data", "render", "--out", "{tmp}/x", "--set", "object_fov=inf"], "object_fov must be a finite number >= 0"),
+    (["data", "render", "--out", "{tmp}/x", "--set", "object_distance=nan"], "object_distance must be a finite"),
+    (["data", "render", "--out", "{tmp}/x", "--set", "head_fov=180"], "head_fov must be in (0, 180) degrees"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
@@ -142,6 +145,19 @@ def test_export_max_abs_deg_and_options_a_kind_does_not_take(tmp_path):
 def test_show_rejects_a_folder_without_labels(tmp_path):
     result = CliRunner().invoke(cli, ["data", "show", str(tmp_path)])
     assert result.exit_code == 2 and "no labels.csv" in result.output
+
+
+def test_show_leaves_out_a_killed_renders_hidden_folder(rendered, tmp_path):
+    import shutil
+
+    out, _ = rendered
+    bench = tmp_path / "bench"
+    shutil.copytree(out, bench)
+    shutil.copytree(bench / "heads", bench / ".heads.partial")  # as a render killed halfway leaves it
+    from common.data.cli import _find_tables
+
+    assert ".heads.partial" not in {name for name, _ in _find_tables(bench)}
+    assert "heads" in {name for name, _ in _find_tables(bench)}
 
 
 def test_render_refuses_other_settings_in_the_same_folder(rendered):

@@ -449,3 +449,35 @@ def test_a_render_killed_before_its_meta_json_renders_again(tmp_path):
     (again / ".sequences.partial").mkdir()
     (again / "notes.txt").write_text("mine")
     assert holds_other_files(again)
+
+
+def test_a_second_render_keeps_the_kinds_it_finds_and_names_settings_an_older_version_lacks(tmp_path, monkeypatch):
+    """Rendering kinds a benchmark already holds with the same settings keeps them (it deleted and rewrote them, under
+    any reader); meta.json is written before the first kind, so a render killed at any point leaves a benchmark
+    root; a setting an older version did not record is named as such (the message listed nothing)."""
+    import json
+
+    import common.data.synthetic.benchmark as bm
+
+    root = tmp_path / "b"
+
+    def killed(root_, kind, *args):
+        assert (root_ / "meta.json").is_file()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bm, "_render_kind", killed)
+    with pytest.raises(KeyboardInterrupt):
+        render_benchmark(root, kinds=("sequences",), progress=False, **TINY)
+    monkeypatch.undo()
+    render_benchmark(root, kinds=("sequences",), progress=False, **TINY)
+    labels = root / "sequences" / "train" / "labels.csv"
+    first = labels.stat().st_ino, labels.stat().st_mtime_ns
+    render_benchmark(root, kinds=("sequences", "triplets"), progress=False, **TINY)
+    assert (labels.stat().st_ino, labels.stat().st_mtime_ns) == first
+    assert (root / "triplets" / "train" / "labels.csv").is_file()
+
+    meta = json.loads((root / "meta.json").read_text())
+    del meta["config"]["frames"]
+    (root / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ViewsslError, match=r"other settings \(frames \(not recorded: an older version\) differ\)"):
+        render_benchmark(root, kinds=("heads",), progress=False, **TINY)

@@ -28,7 +28,8 @@ __all__ = ["render", "show", "export", "make_grid"]
                                            "head_sequences", "all"]), default="all",
               show_default=True, help="Which part of the benchmark to render.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Benchmark folder (created; DIR/<kind>/<split>/labels.csv + images, DIR/meta.json).")
+              help="Benchmark folder (created; DIR/<kind>/<split>/labels.csv + images, DIR/meta.json). Kinds it "
+                   "already holds with these settings are kept.")
 @click.option("--size", type=click.IntRange(16, 1024), default=64, show_default=True, help="Image size in pixels.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Benchmark seed (same seed, same bytes).")
@@ -139,6 +140,8 @@ def _find_tables(folder: Path) -> list[tuple[str, LabelTable]]:
     if (folder / LABELS_FILE).is_file():
         return [("", read_labels(folder))]
     found = sorted(folder.glob(f"*/{LABELS_FILE}")) + sorted(folder.glob(f"*/*/{LABELS_FILE}"))
+    # not a hidden folder's (a killed render's .<kind>.partial)
+    found = [p for p in found if not any(part.startswith(".") for part in p.relative_to(folder).parts)]
     if not found:
         raise ViewsslError(f"no {LABELS_FILE} in this folder or its subfolders (expected a labels folder or a "
                            "rendered benchmark)", folder)
@@ -226,7 +229,8 @@ def make_grid(folder: str | os.PathLike, out: str | os.PathLike | None = None, n
     folder = Path(folder)
     tiles = _select(_find_tables(folder), n, seed)
     if not tiles:
-        raise ViewsslError("nothing to show", folder)
+        raise ViewsslError(f"nothing to show (no images, or every group of frames here, a triplet or a sequence, has "
+                           f"more than --n {n})", folder)
     out = Path(out) if out is not None else folder / "grid.png"
     if out.suffix.lower() != ".png":
         raise ViewsslError("--out must be a .png file", out)

@@ -65,6 +65,7 @@ import torch
 
 from ..errors import ViewsslError, error_summary
 from ..geometry import axis_rotation, matrix_to_angles
+from ..io import opencv
 from .folders import ImageItems, _ids, _inside_only, list_images, load_rgb, natural_key
 
 log = logging.getLogger("viewssl.data.faces")
@@ -111,7 +112,7 @@ def crop_square(image: np.ndarray, cx: float, cy: float, side: float) -> np.ndar
     """The axis-aligned square of ``side`` px about (cx, cy) from an (H, W, 3) image, reflect-padded (mirror without
     repeating the edge pixel) where it leaves the image. Returns (s, s, 3) with s = round(side), whose pixel (0, 0) is
     the image's pixel :func:`square_origin` (x0, y0)."""
-    import cv2
+    cv2 = opencv()
 
     x0, y0, s = square_origin(cx, cy, side)
     h, w = image.shape[:2]
@@ -501,7 +502,7 @@ def face_alignment_weights() -> tuple[dict[str, Path] | None, str]:
 
 def haar_cascade() -> tuple[Path | None, str]:
     """Path of OpenCV's frontal-face Haar cascade, or (None, reason)."""
-    import cv2
+    cv2 = opencv()
 
     if not hasattr(cv2, "CascadeClassifier"):
         return None, f"OpenCV {cv2.__version__} has no cv2.CascadeClassifier (Haar cascades left OpenCV in 5.0)"
@@ -549,7 +550,7 @@ class HaarDetector:
         return {"_cascade": None}
 
     def detect(self, image: np.ndarray, prior=None):
-        import cv2
+        cv2 = opencv()
 
         if self._cascade is None:
             path, reason = haar_cascade()

@@ -50,6 +50,7 @@ import torch
 
 from ..errors import ViewsslError
 from ..geometry import axis_rotation, matrix_to_angles
+from ..io import opencv
 from .faces import crop_square, square_origin
 from .folders import ImageItems, _ids, natural_key
 from .labels import BOX_COLUMNS
@@ -195,7 +196,7 @@ class _VideoReader:
         return {"path": None, "cap": None, "next": 0}
 
     def read(self, path: Path, n: int) -> np.ndarray:
-        import cv2
+        cv2 = opencv()
 
         if self.path != path or n < self.next:
             if self.cap is not None:
@@ -219,7 +220,7 @@ class _VideoReader:
 
 
 def _frame_size(path: Path) -> tuple[int, int]:
-    import cv2
+    cv2 = opencv()
 
     cap = cv2.VideoCapture(str(path))
     try:

@@ -58,7 +58,7 @@ from tqdm import tqdm
 from ...errors import ViewsslError
 from ...geometry import (angles_to_matrix, fibonacci_sphere, geodesic_distance, look_at_rotation, matrix_to_angles,
                          slerp)
-from ...io import atomic_write_json
+from ...io import atomic_write_json, opencv
 from ..labels import BOX_COLUMNS, LABELS_FILE, _index, write_labels
 from .heads import build_head
 from .meshes import CATEGORIES, IN_DOMAIN, OUT_OF_DOMAIN, build_object, instance_rng
@@ -184,8 +184,11 @@ class BenchmarkConfig:
                                    f"{', '.join(sorted(CATEGORIES))})")
         for f in fields(self):
             v = getattr(self, f.name)
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
-                raise ViewsslError(f"{f.name} must not be negative, got {v}")
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not (math.isfinite(v) and v >= 0):
+                raise ViewsslError(f"{f.name} must be a finite number >= 0, got {v}")
+        for name in ("object_fov", "head_fov"):
+            if not 0 < getattr(self, name) < 180:
+                raise ViewsslError(f"{name} must be in (0, 180) degrees, got {getattr(self, name)}")
         if not 0 < self.triplet_step < 90:
             raise ViewsslError(f"triplet_step must be in (0, 90) degrees, got {self.triplet_step}")
         if self.view_stride < 1 or self.views < 1 or self.unseen_views < 1 or self.frames < 1:
@@ -630,6 +633,9 @@ def _csv_text(v) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # Rendering to disk
 # ---------------------------------------------------------------------------------------------------------------
+_ABSENT = object()
+
+
 def _read_meta(root: Path) -> dict | None:
     path = root / META_FILE
     if not path.is_file():
@@ -644,7 +650,7 @@ def _read_meta(root: Path) -> dict | None:
 
 
 def _encode_png(image: np.ndarray) -> bytes:
-    import cv2
+    cv2 = opencv()
 
     ok, buf = cv2.imencode(".png", np.ascontiguousarray(image[..., ::-1]))
     if not ok:  # pragma: no cover - cv2 always encodes uint8 images
@@ -677,7 +683,8 @@ def render_benchmark(out: str | os.PathLike, kinds: Iterable[str] = KINDS, size:
     ``"full"`` (what experiments train on); ``workers``: processes rendering in parallel (0 = one per CPU; the
     bytes do not depend on it); ``overrides``: any :class:`BenchmarkConfig` field (tests use tiny counts). Each
     kind is written to a temporary folder and moved into place when complete; ``meta.json`` records the
-    configuration and the counts. Adding a kind to an existing benchmark requires the same configuration.
+    configuration and the counts. Adding a kind to an existing benchmark requires the same configuration; a kind it
+    already holds (rendered by this version) is kept as it is.
     """
     kinds = tuple(kinds)
     bad = [k for k in kinds if k not in KINDS]
@@ -693,13 +700,20 @@ def render_benchmark(out: str | os.PathLike, kinds: Iterable[str] = KINDS, size:
         raise ViewsslError(f"holds files but no {META_FILE}, so it is not a synthetic benchmark; render into a new or "
                            "empty folder", root)
     if meta is not None and meta["config"] != config.to_json():
-        old = {k: v for k, v in meta["config"].items() if config.to_json().get(k) != v}
-        raise ViewsslError(f"holds a benchmark rendered with other settings ({', '.join(sorted(old))} differ); "
-                           "render into an empty folder", root)
+        saved, wanted = meta["config"], config.to_json()
+        differ = [k if k in saved else f"{k} (not recorded: an older version)" for k in sorted(set(saved) | set(wanted))
+                  if saved.get(k, _ABSENT) != wanted.get(k, _ABSENT)]
+        raise ViewsslError(f"holds a benchmark rendered with other settings ({', '.join(differ)} differ); render "
+                           "into an empty folder", root)
     root.mkdir(parents=True, exist_ok=True)
-    meta = meta or {"generator": "viewssl.synthetic", "version": META_VERSION, "seed": config.seed,
-                    "size": config.size, "scale": scale, "config": config.to_json(), "convention": CONVENTION,
-                    "kinds": {}}
+    if meta is None:  # written before the first kind: a render killed at any point leaves a benchmark root
+        meta = {"generator": "viewssl.synthetic", "version": META_VERSION, "seed": config.seed, "size": config.size,
+                "scale": scale, "config": config.to_json(), "convention": CONVENTION, "kinds": {}}
+        atomic_write_json(meta, root / META_FILE)
+    done = [k for k in kinds if k in meta["kinds"] and (root / k).is_dir() and meta.get("version") == META_VERSION]
+    if done:  # same settings, same bytes: rendering them again would only delete and rewrite them
+        log.info("%s: %s already rendered with these settings", root, ", ".join(done))
+    kinds = tuple(k for k in kinds if k not in done)
     workers = (os.cpu_count() or 1) if workers == 0 else max(1, int(workers))
     pool = None
     if workers > 1:

@@ -272,7 +272,7 @@ class Renderer:
         except Exception as e:  # missing libEGL / Mesa
             raise ViewsslError(
                 f"cannot create a headless OpenGL (EGL) context for the synthetic renderer ({e}); on Debian/Ubuntu "
-                "install libegl1 and libgl1-mesa-dri"
+                "install libegl1, libgl1 and libgl1-mesa-dri"
             ) from e
         self.pid = os.getpid()
         self.program = self.ctx.program(vertex_shader=_VERTEX_SHADER, fragment_shader=_FRAGMENT_SHADER)
