@@ -15,7 +15,8 @@ categories):
 - pose-informed: SiamPose's zero-shot 9-DoF box fitting (``box_fit``: 1-NN train frame by cosine, oracle 2D box,
   ground plane and intrinsics of the query; AP@0.5 = share of the scored test frames with 3D IoU > 0.5, and the mean
   IoU; a seeded ``--box-queries`` of them when there are more), the pose of the 1-NN train frame of every test frame
-  (median geodesic error of its rotation, computed here from the evaluation's cached features), and a ridge readout of the viewpoint angles (``viewpoint_readout``, MAE);
+  (median geodesic error of its rotation, computed here from the evaluation's cached features), and a ridge readout
+  of the viewpoint angles (``viewpoint_readout``, MAE);
 - instance-invariant: kNN category top-1 (``knn_class``, train -> test) and sequence re-identification mAP
   (``reid``, within the test frames, the query itself excluded).
 
