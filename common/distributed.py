@@ -111,7 +111,7 @@ def on_main(fn, what: str):
     if is_main():
         try:
             result = fn()
-        except Exception as e:  # re-raised below, after every process knows
+        except BaseException as e:  # re-raised below, after every process knows (a second Ctrl-C too)
             error = e
     if any_true(error is not None):
         if error is not None:

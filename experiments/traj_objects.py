@@ -68,16 +68,14 @@ def run_name(method: str, traj_weight: float, seed: int) -> str:
 def ensure_benchmark(data: Path, quick: bool, size: int, kinds: tuple[str, ...] = ("objects", "triplets"),
                      needs: tuple[str, ...] = ("objects/train", "triplets/train"),
                      quick_bench: dict = QUICK_BENCH) -> Path:
-    """Use ``data`` if it holds every ``needs`` split (``labels.csv``); otherwise render the ``kinds`` that lack one
-    there, if it is a new or empty folder or a benchmark root (never into a folder of other files). Shared with
-    frame_pairs."""
-    missing = [n for n in needs if not (data / n / "labels.csv").is_file()]
-    if not missing:
+    """Use ``data`` if it holds every ``needs`` split (``labels.csv``); otherwise render ``kinds`` there (the ones it
+    does not hold yet), if it is a new or empty folder or a benchmark root (never into a folder of other files).
+    Shared with frame_pairs."""
+    if all((data / n / "labels.csv").is_file() for n in needs):
         return data
     from common.data.synthetic import holds_other_files, render_benchmark
     from common.errors import ViewsslError
 
-    kinds = tuple(k for k in kinds if any(n.split("/")[0] == k for n in missing)) or kinds
     if holds_other_files(data) and not (data / "meta.json").is_file():
         raise ViewsslError(f"--data has no {' and '.join(needs)} (labels.csv) and is not a synthetic benchmark root "
                            "(no meta.json): pass a benchmark root, or a new folder to render one into", data)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from common.errors import ViewsslError, error_summary
 from common.eval import register_family
+from common.eval.models import MALFORMED, malformed
 
 from .networks import build_viewpoint, to_model_range
 
@@ -78,12 +79,14 @@ def load_pose_model(ckpt: dict, device: torch.device | str = "cpu", ema: bool = 
     config = ckpt.get("config") or {}
     if ckpt.get("family", "ssv") != "ssv":
         raise ViewsslError(f"is a {ckpt.get('family')!r} checkpoint, not 'ssv'")
+    name = "V_ema" if ema else "V"
     try:
         V = build_viewpoint(config)
+        state = (ckpt.get("modules") or {}).get(name)
     except KeyError as e:
         raise ViewsslError(f"SSV checkpoint config lacks {e.args[0]!r}") from None
-    name = "V_ema" if ema else "V"
-    state = (ckpt.get("modules") or {}).get(name)
+    except MALFORMED as e:
+        raise malformed("ssv", e) from e
     if state is None:
         if ema:
             raise ViewsslError("SSV checkpoint has no V_ema (the run kept no EMA of V: v_ema_decay 0, or written "
@@ -93,6 +96,8 @@ def load_pose_model(ckpt: dict, device: torch.device | str = "cpu", ema: bool = 
         V.load_state_dict(state)
     except RuntimeError as e:
         raise ViewsslError(f"SSV checkpoint's {name} does not match its config ({error_summary(e)})") from None
+    except MALFORMED as e:
+        raise malformed("ssv", e) from e
     V.to(device).eval()
     return SSVPoseModel(V, config, device)
 

@@ -159,6 +159,11 @@ def test_demo_runs_end_to_end_and_a_second_demo_reuses_everything(tmp_path, monk
     assert (out / "benchmark_grid.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "compare" / "results.md").is_file()
 
+    # another training seed in the same OUT: the same benchmark (it was refused as "other settings")
+    other = CliRunner().invoke(cli, ["--quiet", "demo", "--out", str(out), "--seed", "1", "--render-only"])
+    assert other.exit_code == 0, other.output
+    assert (labels.stat().st_ino, labels.stat().st_mtime_ns) == before[0]
+
     absent = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path / "nodevice"), "--device", "cuda:7"])
     assert absent.exit_code == 2 and "--device cuda:7" in absent.output
     assert not (tmp_path / "nodevice").exists()

@@ -241,3 +241,20 @@ def test_the_default_output_is_one_file_per_checkpoint(tmp_path, oracle_family):
         assert res.exit_code == 0, res.output
     steps = {json.loads((run / f"eval-mine-all-step{s}.json").read_text())["step"] for s in (10, 20)}
     assert steps == {10, 20}
+
+
+def test_load_model_leaves_a_loaders_other_errors_alone(tmp_path):
+    """Only the family's loader knows which errors mean a malformed file: an out-of-memory (or a bug) while loading is
+    raised as it is, not called a bad checkpoint."""
+    from common.eval import load_model
+
+    def loader(ckpt, device):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    register_family("oom_test", loader)
+    try:
+        path = _checkpoint(tmp_path / "run", tmp_path, family="oom_test")
+        with pytest.raises(torch.cuda.OutOfMemoryError):
+            load_model(path)
+    finally:
+        FAMILIES.pop("oom_test", None)

@@ -475,6 +475,16 @@ def test_a_second_render_keeps_the_kinds_it_finds_and_names_settings_an_older_ve
     render_benchmark(root, kinds=("sequences", "triplets"), progress=False, **TINY)
     assert (labels.stat().st_ino, labels.stat().st_mtime_ns) == first
     assert (root / "triplets" / "train" / "labels.csv").is_file()
+    import shutil
+
+    shutil.rmtree(root / "sequences" / "test")  # a kind missing a split it recorded is rendered again
+    render_benchmark(root, kinds=("sequences",), progress=False, **TINY)
+    assert (root / "sequences" / "test" / "labels.csv").is_file()
+    meta = json.loads((root / "meta.json").read_text())
+    (root / "meta.json").write_text(json.dumps({**meta, "version": 0}))
+    with pytest.raises(ViewsslError, match=r"another version of viewssl \(benchmark version 0, this one"):
+        render_benchmark(root, kinds=("sequences",), progress=False, **TINY)
+    (root / "meta.json").write_text(json.dumps(meta))
 
     meta = json.loads((root / "meta.json").read_text())
     del meta["config"]["frames"]

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from common.errors import ViewsslError, error_summary
 from common.eval import register_family
+from common.eval.models import MALFORMED, malformed
 
 from .encoders import TAPS, build_encoder, tap_vector
 
@@ -70,12 +71,18 @@ def load_encoder_model(ckpt: dict, device: torch.device) -> EncoderPoseModel:
         state = ckpt["modules"]["encoder"]
     except (KeyError, TypeError):
         raise ViewsslError("encoder checkpoint has no 'encoder' weights") from None
-    encoder = build_encoder({**config, "weights": None})
+    try:
+        encoder = build_encoder({**config, "weights": None})
+        size, grid = int(config.get("image_size", 32)), int(config.get("tap_grid", 4))
+    except MALFORMED as e:
+        raise malformed("encoder", e) from e
     try:
         encoder.load_state_dict(state)
     except RuntimeError as e:
         raise ViewsslError(f"encoder weights do not match the checkpoint's config ({error_summary(e)})") from e
-    return EncoderPoseModel(encoder, int(config.get("image_size", 32)), int(config.get("tap_grid", 4)), device, config)
+    except MALFORMED as e:
+        raise malformed("encoder", e) from e
+    return EncoderPoseModel(encoder, size, grid, device, config)
 
 
 register_family("encoder", load_encoder_model)

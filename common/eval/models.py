@@ -25,7 +25,17 @@ import torch
 
 from ..errors import ViewsslError, error_summary
 
-__all__ = ["PoseModel", "FlipAveraged", "FAMILIES", "FAMILY_MODULES", "register_family", "load_model"]
+#: what a family loader catches around reading a checkpoint's config and weights: a file that loads but holds the
+#: wrong things (a config value of the wrong type, a list for a dict, a tensor for a state dict)
+MALFORMED = (KeyError, TypeError, ValueError, AttributeError, IndexError)
+
+
+def malformed(family: str, e: Exception) -> ViewsslError:
+    """The one-line error of a family loader for a checkpoint whose contents are not what they should be."""
+    return ViewsslError(f"malformed {family!r} checkpoint ({error_summary(e, with_type=True)})")
+
+__all__ = ["PoseModel", "FlipAveraged", "FAMILIES", "FAMILY_MODULES", "register_family", "load_model", "MALFORMED",
+           "malformed"]
 
 log = logging.getLogger("viewssl.eval.models")
 
@@ -126,10 +136,6 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu", ema:
         if str(e).startswith(str(ckpt_path)):
             raise
         raise ViewsslError(str(e), ckpt_path) from None
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as e:
-        # a file that loads but holds the wrong things (a config value of the wrong type, a list for a dict, ...)
-        raise ViewsslError(f"malformed {family!r} checkpoint ({error_summary(e, with_type=True)})",
-                           ckpt_path) from e
     missing = [a for a in ("input_size", "taps", "predict_angles", "features") if not hasattr(model, a)]
     if missing:
         raise TypeError(f"family {family!r} loader returned an object without {', '.join(missing)}")

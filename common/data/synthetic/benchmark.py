@@ -699,6 +699,9 @@ def render_benchmark(out: str | os.PathLike, kinds: Iterable[str] = KINDS, size:
         # rendering replaces root/<kind>: never into a folder of someone's files
         raise ViewsslError(f"holds files but no {META_FILE}, so it is not a synthetic benchmark; render into a new or "
                            "empty folder", root)
+    if meta is not None and meta.get("version") != META_VERSION:
+        raise ViewsslError(f"holds a benchmark written by another version of viewssl (benchmark version "
+                           f"{meta.get('version')}, this one {META_VERSION}); render into an empty folder", root)
     if meta is not None and meta["config"] != config.to_json():
         saved, wanted = meta["config"], config.to_json()
         differ = [k if k in saved else f"{k} (not recorded: an older version)" for k in sorted(set(saved) | set(wanted))
@@ -710,7 +713,8 @@ def render_benchmark(out: str | os.PathLike, kinds: Iterable[str] = KINDS, size:
         meta = {"generator": "viewssl.synthetic", "version": META_VERSION, "seed": config.seed, "size": config.size,
                 "scale": scale, "config": config.to_json(), "convention": CONVENTION, "kinds": {}}
         atomic_write_json(meta, root / META_FILE)
-    done = [k for k in kinds if k in meta["kinds"] and (root / k).is_dir() and meta.get("version") == META_VERSION]
+    done = [k for k in kinds if k in meta["kinds"] and all((root / k / split / LABELS_FILE).is_file()
+                                                           for split in meta["kinds"][k]["splits"])]
     if done:  # same settings, same bytes: rendering them again would only delete and rewrite them
         log.info("%s: %s already rendered with these settings", root, ", ".join(done))
     kinds = tuple(k for k in kinds if k not in done)
