@@ -139,6 +139,18 @@ class Trainer:
                                        source) from e
 
 
+@contextlib.contextmanager
+def eval_mode(module: torch.nn.Module):
+    """``module`` in eval mode for the block (dropout off, batch norm's running statistics), then in the mode it was
+    in before (a network shared with training keeps training)."""
+    was = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was)
+
+
 def _optimizer_settings(optimizer) -> list[dict]:
     """Each param group's settings as built from the config: all but its parameters and the lr a scheduler moves."""
     return [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")} for g in optimizer.param_groups]

@@ -41,7 +41,7 @@ import torch
 
 from common.cli import ViewsslCommand, comma_list, invocation, resolve_device
 from common.errors import ViewsslError
-from common.training import same_place
+from common.training import eval_mode, same_place
 from ssv.cli import PRESET_CHOICES
 from ssv.trainer import SSVTrainer, default_config, lr_multiplier, lr_schedule, sample_styles, sample_viewpoints
 
@@ -263,13 +263,9 @@ def cycle_errors(trainer, n: int = 512, seed: int = 0) -> dict[str, float]:
     gen = torch.Generator().manual_seed(seed)
     z = sample_styles(n, int(trainer.config["code_dim"]), generator=gen)
     v = sample_viewpoints(n, trainer.ranges, generator=gen)
-    was = trainer.V.training
-    trainer.V.eval()
-    try:
+    with eval_mode(trainer.V):
         images = trainer.G_ema(z.to(trainer.device), v.to(trainer.device))
         pred = trainer.V.decode(trainer.V(images)["view"]).cpu()
-    finally:
-        trainer.V.train(was)
     err = torch.rad2deg(angular_difference(pred, v)).mean(dim=0)
     return {"cycle/azimuth_mae": float(err[0]), "cycle/mae": float(err.mean()),
             "cycle/r_az_shading": _pearson(v[:, 0], brightness_asymmetry(images.float().cpu()))}

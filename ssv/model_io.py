@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from common.errors import ViewsslError, error_summary
 from common.eval import register_family
 from common.eval.models import MALFORMED, malformed
+from common.training import eval_mode
 
 from .networks import build_viewpoint, to_model_range
 
@@ -49,13 +50,9 @@ class SSVPoseModel:
     @torch.no_grad()
     def predict_angles(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> (B, 3) (azimuth, elevation, tilt) radians, in V's own frame."""
-        was = self.V.training
-        self.V.eval()
-        try:
+        with eval_mode(self.V):
             out = self.V(self._prepare(images))
             return self.V.decode(out["view"])
-        finally:
-            self.V.train(was)
 
     @torch.no_grad()
     def features(self, images: torch.Tensor, taps: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -63,12 +60,8 @@ class SSVPoseModel:
         if unknown:
             raise ViewsslError(f"unknown feature tap(s) {', '.join(unknown)} for an SSV model "
                                f"(has {', '.join(self.taps)})")
-        was = self.V.training
-        self.V.eval()
-        try:
+        with eval_mode(self.V):
             _, maps = self.V.trunk(self._prepare(images), taps=True)
-        finally:
-            self.V.train(was)
         return {t: maps[t] if maps[t].dim() == 2 else maps[t].mean(dim=(2, 3)) for t in taps}
 
 

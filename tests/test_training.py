@@ -476,3 +476,22 @@ def test_config_diff_compares_paths_by_place(tmp_path, monkeypatch):
     assert config_diff({"data": absolute}, {"data": "bench"}) == [f"data: {absolute!r} -> 'bench'"]
     # only path keys: another string key is compared as written
     assert config_diff({"method": "bench/heads"}, {"method": absolute}) != []
+
+
+def test_eval_mode_sets_eval_for_the_block_and_restores_the_mode_even_on_error():
+    from common.training import eval_mode
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5))
+    with eval_mode(net) as m:
+        assert m is net and not net.training and not net[1].training
+    assert net.training
+    net.eval()
+    with pytest.raises(RuntimeError):
+        with eval_mode(net):
+            raise RuntimeError("boom")
+    assert not net.training  # it was in eval mode before: it stays there
+    net.train()
+    with pytest.raises(RuntimeError):
+        with eval_mode(net):
+            raise RuntimeError("boom")
+    assert net.training

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from common.errors import ViewsslError, error_summary
 from common.eval import register_family
 from common.eval.models import MALFORMED, malformed
+from common.training import eval_mode
 
 from .encoders import TAPS, build_encoder, tap_vector
 
@@ -49,9 +50,7 @@ class EncoderPoseModel:
             raise ViewsslError(f"unknown feature tap(s) {', '.join(unknown)} for an encoder "
                                f"(available: {', '.join(self.taps)})")
         outs: dict[str, list[torch.Tensor]] = {t: [] for t in taps}
-        was = self.encoder.training  # eval mode for this call (batch norm's running statistics), as it was after
-        self.encoder.eval()
-        try:
+        with eval_mode(self.encoder):
             for i in range(0, len(images), self.batch_size):
                 x = images[i:i + self.batch_size].to(self.device, torch.float32)
                 if x.shape[-2:] != (self.input_size, self.input_size):
@@ -59,8 +58,6 @@ class EncoderPoseModel:
                 f = self.encoder(x, taps=tuple(taps))
                 for t in taps:
                     outs[t].append(tap_vector(f[t], self.tap_grid).float())
-        finally:
-            self.encoder.train(was)
         return {t: torch.cat(v) if v else torch.empty(0, device=self.device) for t, v in outs.items()}
 
 

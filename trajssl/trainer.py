@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from common import distributed as dist_utils
 from common.errors import ViewsslError
-from common.training import Trainer, batch_iterator, seed_everything
+from common.training import Trainer, batch_iterator, eval_mode, seed_everything
 
 from .augment import SemanticViews
 from .data import PAIR_MODES, ImageFolder, SequenceFrames, TripletFolder, find_split
@@ -347,14 +347,12 @@ class EncoderTrainer(Trainer):
     @torch.no_grad()
     def features(self, images: torch.Tensor, taps=("pooled",), batch_size: int = 256) -> dict[str, torch.Tensor]:
         """Eval-mode features of images (B, 3, S, S) as (B, D) vectors per tap (no gradient, no BN update)."""
-        was = self.encoder.training
-        self.encoder.eval()
         outs: dict[str, list] = {t: [] for t in taps}
-        for i in range(0, len(images), batch_size):
-            f = self.encoder(images[i:i + batch_size].to(self.device), taps=tuple(taps))
-            for t in taps:
-                outs[t].append(tap_vector(f[t], int(self.config["tap_grid"])).float().cpu())
-        self.encoder.train(was)
+        with eval_mode(self.encoder):
+            for i in range(0, len(images), batch_size):
+                f = self.encoder(images[i:i + batch_size].to(self.device), taps=tuple(taps))
+                for t in taps:
+                    outs[t].append(tap_vector(f[t], int(self.config["tap_grid"])).float().cpu())
         return {t: torch.cat(v) for t, v in outs.items()}
 
     def evaluate(self, step: int) -> dict[str, float]:

@@ -25,6 +25,11 @@ import torch
 
 from ..errors import ViewsslError, error_summary
 
+__all__ = ["PoseModel", "FlipAveraged", "FAMILIES", "FAMILY_MODULES", "register_family", "load_model", "MALFORMED",
+           "malformed"]
+
+log = logging.getLogger("viewssl.eval.models")
+
 #: what a family loader catches around reading a checkpoint's config and weights: a file that loads but holds the
 #: wrong things (a config value of the wrong type, a list for a dict, a tensor for a state dict)
 MALFORMED = (KeyError, TypeError, ValueError, AttributeError, IndexError)
@@ -33,11 +38,6 @@ MALFORMED = (KeyError, TypeError, ValueError, AttributeError, IndexError)
 def malformed(family: str, e: Exception) -> ViewsslError:
     """The one-line error of a family loader for a checkpoint whose contents are not what they should be."""
     return ViewsslError(f"malformed {family!r} checkpoint ({error_summary(e, with_type=True)})")
-
-__all__ = ["PoseModel", "FlipAveraged", "FAMILIES", "FAMILY_MODULES", "register_family", "load_model", "MALFORMED",
-           "malformed"]
-
-log = logging.getLogger("viewssl.eval.models")
 
 
 @runtime_checkable
