@@ -531,11 +531,16 @@ def main(data, out, preset, steps, sup_steps, rows, batch_size, seed, device, th
     if ssv_only and row_names == ["supervised"]:
         raise ViewsslError(f"{' and '.join(ssv_only)} act{'s' if len(ssv_only) == 1 else ''} on the SSV rows only, "
                            "and --rows is supervised alone")
+    if quick:
+        steps, sup_steps = 4, 4
+    # every row's config and the device before --out exists (the lock creates it): a bad value leaves no folder
+    dev = resolve_device(device)
+    configs = row_configs(data, preset, row_names, steps, sup_steps, batch_size=batch_size, seed=seed, phi=phi,
+                          augment_gain=augment_gain, highpass=highpass, ball_mask=ball_mask,
+                          viewpoint_head=viewpoint_head, lr_decay=lr_decay, lr_final=lr_final, eval_every=eval_every)
     # two runs on one --out would train the same rows twice, and each would rewrite ssv_heads.json without the other's
     with folder_lock(out, "experiments.ssv_heads run"):
-        run(data, out, preset, steps, sup_steps, row_names, batch_size, seed, device, threads, phi, quick,
-            augment_gain=augment_gain, highpass=highpass, ball_mask=ball_mask, eval_every=eval_every,
-            viewpoint_head=viewpoint_head, lr_decay=lr_decay, lr_final=lr_final)
+        run(data, out, preset, configs, dev, threads, quick, eval_every=eval_every)
 
 
 def check_inputs(data, rows: str) -> list[str]:
@@ -546,20 +551,35 @@ def check_inputs(data, rows: str) -> list[str]:
     return comma_list(rows, "--rows", ROWS)
 
 
-def run(data, out, preset, steps, sup_steps, row_names: list[str], batch_size, seed, device, threads, phi, quick,
-        augment_gain=None, highpass=None, ball_mask=None, eval_every=0, viewpoint_head="spherical", lr_decay=None,
-        lr_final=None) -> dict:
-    from common.training import RETRAIN_HINT, fit
+def row_configs(data, preset, row_names: list[str], steps: int, sup_steps: int, *, batch_size=None, seed=0,
+                phi="auto", augment_gain=None, highpass=None, ball_mask=None, viewpoint_head="spherical",
+                lr_decay=None, lr_final=None, eval_every=0) -> dict[str, dict]:
+    """The trainer config of each row of ``row_names`` (in order), on ``data``'s heads and their pose ranges."""
     from ssv.cli import build_config
+
+    train_dir, test_dir = Path(data) / "heads" / "train", Path(data) / "heads" / "test"
+    ranges = head_ranges(Path(data))
+    return {row: build_config(preset, str(train_dir), seed=seed, batch_size=batch_size, phi=phi,
+                              az_range_deg=ranges and ranges["az"], el_range_deg=ranges and ranges["el"],
+                              tilt_range_deg=ranges and ranges["tilt"],
+                              steps=sup_steps if row == "supervised" else steps,
+                              augment_gain=None if row == "supervised" else augment_gain, highpass=highpass,
+                              ball_mask=None if row == "supervised" else ball_mask, viewpoint_head=viewpoint_head,
+                              lr_decay=lr_decay, lr_final=lr_final,
+                              eval_data=str(test_dir) if eval_every else None, **ROWS[row])
+            for row in row_names}
+
+
+def run(data, out, preset, configs: dict[str, dict], dev: torch.device, threads, quick, eval_every=0) -> dict:
+    """Train (or resume) each row of ``configs`` (:func:`row_configs`) in ``out/<row>``, evaluate it on the test
+    heads, and write the tables; returns what ``ssv_heads.json`` holds."""
+    from common.training import RETRAIN_HINT, fit
 
     t_start = time.perf_counter()
     if threads:
         torch.set_num_threads(threads)
     train_dir, test_dir = Path(data) / "heads" / "train", Path(data) / "heads" / "test"
-    if quick:
-        steps, sup_steps = 4, 4
     ranges = head_ranges(Path(data))
-    dev = resolve_device(device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {"command": invocation("python -m experiments.ssv_heads"),
@@ -573,15 +593,8 @@ def run(data, out, preset, steps, sup_steps, row_names: list[str], batch_size, s
             results["rows"][row] = {**r, "earlier_command": r.get("earlier_command") or r.get("command")
                                     or previous_command or "unknown"}
 
-    for row in row_names:
-        n_steps = sup_steps if row == "supervised" else steps
-        config = build_config(preset, str(train_dir), seed=seed, batch_size=batch_size, phi=phi,
-                              az_range_deg=ranges and ranges["az"], el_range_deg=ranges and ranges["el"],
-                              tilt_range_deg=ranges and ranges["tilt"], steps=n_steps,
-                              augment_gain=None if row == "supervised" else augment_gain, highpass=highpass,
-                              ball_mask=None if row == "supervised" else ball_mask, viewpoint_head=viewpoint_head,
-                              lr_decay=lr_decay, lr_final=lr_final,
-                              eval_data=str(test_dir) if eval_every else None, **ROWS[row])
+    for row, config in configs.items():
+        n_steps = config["steps"]
         trainer = SSVTrainer(config, dev)
         log.info("row %s: %d steps in %s", row, n_steps, out / row)
         res = fit(trainer, out / row, n_steps, checkpoint_every=500, log_every=20, eval_every=eval_every,
@@ -598,8 +611,8 @@ def run(data, out, preset, steps, sup_steps, row_names: list[str], batch_size, s
             metrics.update({f"ema/{k}": v for k, v in ema.items()})
         metrics.update(shading_shortcut(trainer.pose_model(), test_dir, plot=out / f"{row}_azimuth_scatter.png",
                                         title=f"{ROW_TITLES.get(row, row)}, {n_steps} steps: V on the test heads"))
-        metrics.update(cycle_errors(trainer, seed=seed))
-        metrics.update(side_probes(trainer, train_dir, test_dir, seed=seed, n_fake=256 if quick else 4000))
+        metrics.update(cycle_errors(trainer, seed=config["seed"]))
+        metrics.update(side_probes(trainer, train_dir, test_dir, seed=config["seed"], n_fake=256 if quick else 4000))
         results["rows"][row] = {
             # no step trained and no earlier table to take the time from (killed before it was written): unknown
             "steps": n_steps, "metrics": metrics, "train_seconds": train_seconds if done > 0 else None,

@@ -234,6 +234,11 @@ def test_an_unknown_row_is_refused_before_out_is_made(tiny_heads, tmp_path):
                                        "--rows", "supervised", "--ball-mask"])  # would do nothing
     assert result.exit_code == 2 and "--ball-mask acts on the SSV rows only" in result.output
     assert not (tmp_path / "out").exists()
+    for args, message in ((["--augment-gain", "2"], "--augment-gain: 2.0 is not in [0, 1]"),
+                          (["--lr-decay", "9", "5"], "--lr-decay"), (["--device", "tpu"], "--device")):
+        result = CliRunner().invoke(main, ["--data", str(tiny_heads), "--out", str(tmp_path / "out"), *args])
+        assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+        assert not (tmp_path / "out").exists()  # a row's config and the device are checked before the lock
 
 
 def test_a_second_run_on_the_same_out_is_refused_in_one_line(tiny_heads, tmp_path):
