@@ -43,7 +43,7 @@ def test_render_one_kind(tmp_path):
     result = CliRunner().invoke(cli, ["data", "render", "--kind", "heads", "--out", str(out), "--size", "16",
                                       "--no-progress", *TINY])
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) == ["heads", "meta.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "heads", "meta.json"]  # .lock: the render's lock
 
 
 def test_show_writes_a_grid(rendered, tmp_path):

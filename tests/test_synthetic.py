@@ -420,6 +420,31 @@ def test_render_refuses_a_folder_of_other_files(tmp_path):
     with pytest.raises(ViewsslError, match="holds files but no meta.json"):
         render_benchmark(mine, kinds=("sequences",), progress=False, **TINY)
     assert (mine / "sequences" / "keep.txt").read_text() == "mine"
+    assert not (mine / ".lock").exists()  # refused before the lock would add its file
+
+
+def test_a_second_render_into_a_folder_being_rendered_is_refused(tmp_path, monkeypatch):
+    """Two renders into one folder would write over each other's kinds and meta.json: the second is refused while the
+    first holds the folder; the lock's file left afterwards does not make the folder one of other files."""
+    import common.data.synthetic.benchmark as bm
+
+    root = tmp_path / "b"
+    real = bm._render_kind
+
+    def second_render_meanwhile(*args):
+        with pytest.raises(ViewsslError, match="another benchmark render is writing to this folder"):
+            render_benchmark(root, kinds=("triplets",), size=32, progress=False, **TINY)
+        real(*args)
+
+    monkeypatch.setattr(bm, "_render_kind", second_render_meanwhile)
+    render_benchmark(root, kinds=("sequences",), size=32, progress=False, **TINY)
+    monkeypatch.setattr(bm, "_render_kind", real)
+    assert (root / "sequences" / "train" / "labels.csv").is_file() and not (root / "triplets").exists()
+    lock_only = tmp_path / "lock_only"
+    lock_only.mkdir()
+    (lock_only / ".lock").touch()
+    assert not bm.holds_other_files(lock_only)
+    render_benchmark(lock_only, kinds=("sequences",), size=32, progress=False, **TINY)
 
 
 def test_a_render_killed_before_its_meta_json_renders_again(tmp_path):

@@ -58,7 +58,7 @@ from tqdm import tqdm
 from ...errors import ViewsslError
 from ...geometry import (angles_to_matrix, fibonacci_sphere, geodesic_distance, look_at_rotation, matrix_to_angles,
                          slerp)
-from ...io import atomic_write_json, opencv
+from ...io import atomic_write_json, folder_lock, opencv
 from ..labels import BOX_COLUMNS, LABELS_FILE, _index, write_labels
 from .heads import build_head
 from .meshes import CATEGORIES, IN_DOMAIN, OUT_OF_DOMAIN, build_object, instance_rng
@@ -694,51 +694,52 @@ def render_benchmark(out: str | os.PathLike, kinds: Iterable[str] = KINDS, size:
     root = Path(out)
     if root.exists() and not root.is_dir():
         raise ViewsslError("exists and is not a folder", root)
-    meta = _read_meta(root) if root.is_dir() else None
-    if meta is None and holds_other_files(root):
-        # rendering replaces root/<kind>: never into a folder of someone's files
+    if not (root / META_FILE).is_file() and holds_other_files(root):
+        # rendering replaces root/<kind>: never into a folder of someone's files (checked before the lock adds one)
         raise ViewsslError(f"holds files but no {META_FILE}, so it is not a synthetic benchmark; render into a new or "
                            "empty folder", root)
-    if meta is not None and meta.get("version") != META_VERSION:
-        raise ViewsslError(f"holds a benchmark written by another version of viewssl (benchmark version "
-                           f"{meta.get('version')}, this one {META_VERSION}); render into an empty folder", root)
-    if meta is not None and meta["config"] != config.to_json():
-        saved, wanted = meta["config"], config.to_json()
-        differ = [k if k in saved else f"{k} (not recorded: an older version)" for k in sorted(set(saved) | set(wanted))
-                  if saved.get(k, _ABSENT) != wanted.get(k, _ABSENT)]
-        raise ViewsslError(f"holds a benchmark rendered with other settings ({', '.join(differ)} differ); render "
-                           "into an empty folder", root)
-    root.mkdir(parents=True, exist_ok=True)
-    if meta is None:  # written before the first kind: a render killed at any point leaves a benchmark root
-        meta = {"generator": "viewssl.synthetic", "version": META_VERSION, "seed": config.seed, "size": config.size,
-                "scale": scale, "config": config.to_json(), "convention": CONVENTION, "kinds": {}}
-        atomic_write_json(meta, root / META_FILE)
-    done = [k for k in kinds if k in meta["kinds"] and all((root / k / split / LABELS_FILE).is_file()
-                                                           for split in meta["kinds"][k]["splits"])]
-    if done:  # same settings, same bytes: rendering them again would only delete and rewrite them
-        log.info("%s: %s already rendered with these settings", root, ", ".join(done))
-    kinds = tuple(k for k in kinds if k not in done)
-    workers = (os.cpu_count() or 1) if workers == 0 else max(1, int(workers))
-    pool = None
-    if workers > 1:
-        methods = multiprocessing.get_all_start_methods()
-        pool = multiprocessing.get_context("fork" if "fork" in methods else "spawn").Pool(workers)
-    try:
-        for kind in kinds:
-            _render_kind(root, kind, config, meta, pool, workers, progress)
-    finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
+    with folder_lock(root, "benchmark render"):  # two renders into one folder would write over each other's kinds
+        meta = _read_meta(root)  # read under the lock: another render may have finished since
+        if meta is not None and meta.get("version") != META_VERSION:
+            raise ViewsslError(f"holds a benchmark written by another version of viewssl (benchmark version "
+                               f"{meta.get('version')}, this one {META_VERSION}); render into an empty folder", root)
+        if meta is not None and meta["config"] != config.to_json():
+            saved, wanted = meta["config"], config.to_json()
+            differ = [k if k in saved else f"{k} (not recorded: an older version)"
+                      for k in sorted(set(saved) | set(wanted)) if saved.get(k, _ABSENT) != wanted.get(k, _ABSENT)]
+            raise ViewsslError(f"holds a benchmark rendered with other settings ({', '.join(differ)} differ); render "
+                               "into an empty folder", root)
+        if meta is None:  # written before the first kind: a render killed at any point leaves a benchmark root
+            meta = {"generator": "viewssl.synthetic", "version": META_VERSION, "seed": config.seed,
+                    "size": config.size, "scale": scale, "config": config.to_json(), "convention": CONVENTION,
+                    "kinds": {}}
+            atomic_write_json(meta, root / META_FILE)
+        done = [k for k in kinds if k in meta["kinds"] and all((root / k / split / LABELS_FILE).is_file()
+                                                               for split in meta["kinds"][k]["splits"])]
+        if done:  # same settings, same bytes: rendering them again would only delete and rewrite them
+            log.info("%s: %s already rendered with these settings", root, ", ".join(done))
+        kinds = tuple(k for k in kinds if k not in done)
+        workers = (os.cpu_count() or 1) if workers == 0 else max(1, int(workers))
+        pool = None
+        if workers > 1:
+            methods = multiprocessing.get_all_start_methods()
+            pool = multiprocessing.get_context("fork" if "fork" in methods else "spawn").Pool(workers)
+        try:
+            for kind in kinds:
+                _render_kind(root, kind, config, meta, pool, workers, progress)
+        finally:
+            if pool is not None:
+                pool.close()
+                pool.join()
     return summarize(root)
 
 
 def holds_other_files(root: str | os.PathLike) -> bool:
-    """Whether ``root`` is a folder with entries other than a killed render's ``.<kind>.partial`` folders (the first
-    kind of a benchmark is written before its meta.json: such a folder is a benchmark to render into again)."""
+    """Whether ``root`` is a folder with entries other than a killed render's ``.<kind>.partial`` folders and its
+    ``.lock`` file (a render killed before its meta.json leaves a benchmark to render into again)."""
     root = Path(root)
     return root.is_dir() and any(not (p.name.startswith(".") and p.name.endswith(".partial") and p.is_dir())
-                                 for p in root.iterdir())
+                                 and not (p.name == ".lock" and p.is_file()) for p in root.iterdir())
 
 
 def _render_kind(root: Path, kind: str, config: BenchmarkConfig, meta: dict, pool, workers: int,
