@@ -176,8 +176,6 @@ HEADS = {"spherical": SphericalHead, "6d": Rotation6DHead}
 
 
 def build_head(kind: str, in_dim: int, hidden: int, dropout: float = 0.5) -> nn.Module:
-    if kind not in HEADS:
-        from common.errors import ViewsslError
-
-        raise ViewsslError(f"--viewpoint-head: unknown head {kind!r} (choose from {', '.join(HEADS)})")
+    if kind not in HEADS:  # the command line offers HEADS only: a config written by hand or a malformed checkpoint
+        raise ValueError(f"unknown viewpoint head {kind!r} (choose from {', '.join(HEADS)})")
     return HEADS[kind](in_dim, hidden, dropout=dropout)

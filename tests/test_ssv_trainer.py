@@ -546,6 +546,7 @@ def test_common_imports_no_family_and_eval_loads_one_on_demand(folder, tmp_path)
 @pytest.mark.parametrize("damage,detail", [
     (lambda c: c["config"].update(image_size=60), "ValueError: .*power of two"),
     (lambda c: c["config"].update(d_norm="batch"), "ValueError: .*norm"),
+    (lambda c: c["config"].update(viewpoint_head="x"), r"ValueError: unknown viewpoint head 'x' \(choose from"),
     (lambda c: c["config"].update(d_channels=None), "TypeError"),
     (lambda c: c.update(config="oops"), "TypeError"),
     (lambda c: c.update(modules=["V"]), "AttributeError"),
