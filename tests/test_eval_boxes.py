@@ -84,6 +84,15 @@ def test_batched_and_torch_inputs():
         shared = box_iou_3d(c[:n], s[:n], rots[0], c[3:3 + n], s[3:3 + n], rots[3])
         np.testing.assert_allclose(shared, [box_iou_3d(c[i], s[i], rots[0], c[i + 3], s[i + 3], rots[3])
                                             for i in range(n)])
+    # a shared box A against a batch of boxes B (only B batched) and a batched rotation alone
+    one_a = box_iou_3d(c[0], s[0], rots[0], c[3:], s[3:], rots[3:])
+    np.testing.assert_allclose(one_a, [box_iou_3d(c[0], s[0], rots[0], c[i], s[i], rots[i]) for i in range(3, 6)])
+    turned = box_iou_3d(np.zeros(3), np.ones(3), np.eye(3), np.zeros(3), np.ones(3),
+                        Rotation.from_euler("z", [[0], [45]], degrees=True).as_matrix())
+    assert turned.shape == (2,) and turned[0] == pytest.approx(1.0)
+    assert turned[1] == pytest.approx(box_iou_3d(np.zeros(3), np.ones(3), np.eye(3), np.zeros(3), np.ones(3),
+                                                 Rotation.from_euler("z", 45, degrees=True).as_matrix()))
+    assert math.isnan(box_iou_3d(c[0], s[0] * np.nan, rots[0], c[3], s[3], rots[3]))  # not 0: not a miss
     t = box_iou_3d(torch.tensor(c[0]), torch.tensor(s[0]), torch.tensor(rots[0]), torch.tensor(c[3]),
                    torch.tensor(s[3]), torch.tensor(rots[3]))
     assert t == pytest.approx(single[0])

@@ -211,6 +211,11 @@ def test_accumulators_batched_equal_one_shot():
     assert batched[2].compute() == one[2].compute()
     assert batched[3].compute() == one[3].compute()
     assert one[3].compute()["ap_50"] == float((values / 90 > 0.5).double().mean())
+    acc = AccuracyAccumulator()
+    acc.update(pred[:4, None], pred[:4])  # (N, 1) against (N,): flattened, not broadcast to N x N
+    assert (acc.correct, acc.count) == (4, 4)
+    with pytest.raises(ValueError, match="3 predictions for 4 targets"):
+        acc.update(pred[:3], pred[:4])
 
     true = torch.rand(57, 3, generator=g, dtype=torch.float64) * 2 - 1
     p = true * 0.8 + 0.1
@@ -282,6 +287,45 @@ def test_features_computed_once_per_split(bench):
     run_metrics(model, bench, ["knn_class", "retrieval", "linear_probe"], batch_size=100)
     # objects/train (36 rows) and objects/test (24 rows): one batch each, shared by the three metrics.
     assert model.calls == 2
+
+
+def test_a_reused_context_computes_what_a_later_call_needs_and_refuses_other_settings(bench):
+    """A context cached each split with what its first call needed: a later call needing angles (or a tap) it had not
+    computed got "the model does not predict angles"; settings passed beside ``context=`` were silently ignored."""
+    from common.eval.context import DataSource, EvalContext
+
+    model = OracleModel(bench)
+    ctx = EvalContext(source=DataSource.detect(bench), device=torch.device("cpu"))
+    assert "knn_class/top1" in run_metrics(model, metrics=["knn_class"], context=ctx)
+    res = run_metrics(model, metrics=["viewpoint"], context=ctx)
+    assert not res.skipped and dict(res) == dict(run_metrics(OracleModel(bench), bench, ["viewpoint"]))
+    both = run_metrics(model, metrics=["knn_class", "viewpoint"], context=ctx)
+    calls = model.calls
+    assert dict(run_metrics(model, metrics=["knn_class", "viewpoint"], context=ctx)) == dict(both)
+    assert model.calls == calls and not both.skipped  # cached: every split holds what both need
+    with pytest.raises(TypeError, match=r"seed, knn_k cannot be set with context="):
+        run_metrics(model, metrics=["knn_class"], context=ctx, seed=7, knn_k=1)
+    run_metrics(model, metrics=["knn_class"], context=ctx, seed=0, split="test")  # the context's own values
+
+
+def test_linear_probe_without_any_category_is_skipped(bench, tmp_path):
+    import shutil
+
+    root = tmp_path / "b"
+    shutil.copytree(bench, root)
+    labels = root / "objects" / "test" / "labels.csv"
+    lines = labels.read_text().splitlines()
+    col = lines[0].split(",").index("category")
+    rows = [line.split(",") for line in lines[1:]]
+    for r in rows:
+        r[col] = ""
+    labels.write_text("\n".join([lines[0], *(",".join(r) for r in rows)]) + "\n")
+    res = run_metrics(OracleModel(root), root, ["linear_probe"])
+    assert res.skipped["linear_probe"] == "no row of objects/test has a category"
+    from common.eval.probes import linear_probe
+
+    x = torch.randn(6, 3)
+    assert math.isnan(linear_probe(x, torch.tensor([0, 1, 0, 1, 0, 1]), x[:0], torch.zeros(0))["top1"])
 
 
 def test_skips_and_unknown_metric(bench):

@@ -117,6 +117,26 @@ def test_the_calibrated_error_does_not_depend_on_where_the_model_puts_its_zero(s
     assert out["center_elevation"] is None and out["center_tilt"] is None
 
 
+def test_the_calibrated_error_does_not_depend_on_how_the_labels_are_written():
+    """Azimuth labels covering 150..210 deg, written in [0, 360) or in (-180, 180]: one arc of 60 deg, so a linear
+    fit either way (the span was max - min, 360 deg for the second, which made it circular and a slope of 0.5 could
+    not be mapped)."""
+    rng = np.random.default_rng(5)
+    n = 400
+    az = np.radians(rng.uniform(150, 210, n))
+    true = np.stack([az, rng.uniform(-0.5, 0.5, n), rng.uniform(-0.3, 0.3, n)], 1)
+    pred = true.copy()
+    pred[:, 0] = 0.5 * (az - np.pi)  # a model at half the scale, its zero at 180 deg
+    wrapped = true.copy()
+    wrapped[:, 0] = np.angle(np.exp(1j * az))  # the same labels in (-pi, pi]
+    assert (wrapped[:, 0] < 0).any() and (wrapped[:, 0] > 0).any()
+    for labels in (true, wrapped):
+        out = calibrated_viewpoint_errors(torch.from_numpy(pred), torch.from_numpy(labels), fraction=0.1, seed=0)
+        assert out["fit_azimuth"] == "linear"
+        assert out["azimuth_mae"] == pytest.approx(0.0, abs=1e-9)
+        assert out["slope_azimuth"] == pytest.approx(2.0, abs=1e-9)
+
+
 def test_calibration_of_an_angle_all_around_the_circle_is_circular():
     """Objects seen from every azimuth: a model exact but for its own zero (57 deg) and direction. A straight line
     fitted to wrapped angles cannot map that (the wrap breaks it); the circular fit does, exactly. Checked against a

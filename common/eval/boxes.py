@@ -120,6 +120,8 @@ def _iou_pair(ca, sa, ra, cb, sb, rb) -> float:
     from scipy.spatial import ConvexHull
     from scipy.spatial import QhullError
 
+    if not all(np.isfinite(x).all() for x in (ca, sa, ra, cb, sb, rb)):
+        return math.nan  # a NaN box has no IoU (0 would count it as a miss)
     va, vb = box_volume(sa), box_volume(sb)
     if va <= 0 or vb <= 0:
         return 0.0
@@ -159,11 +161,13 @@ def box_iou_3d(center_a, size_a, rotation_a, center_b, size_b, rotation_b):
     ((N, 3), (N, 3), (N, 3, 3)) give an (N,) float64 array. Accepts NumPy arrays or torch tensors."""
     ca, sa, ra = _np(center_a), _np(size_a), _np(rotation_a)
     cb, sb, rb = _np(center_b), _np(size_b), _np(rotation_b)
-    if ca.ndim == 1:
+    batched = [(x, unbatched) for x, unbatched in ((ca, 1), (sa, 1), (ra, 2), (cb, 1), (sb, 1), (rb, 2))
+               if x.ndim > unbatched]
+    if not batched:
         return _iou_pair(ca, sa, ra, cb, sb, rb)
     # the batch size: of the batched arguments ((N, 3) centres and sizes, (N, 3, 3) rotations); a shared (3, 3)
     # rotation is not a batch of 3
-    n = max(x.shape[0] for x, unbatched in ((ca, 1), (sa, 1), (ra, 2), (cb, 1), (sb, 1), (rb, 2)) if x.ndim > unbatched)
+    n = max(x.shape[0] for x, _ in batched)
 
     def row(x, i, ndim):  # unbatched arguments are shared by every pair
         return x if x.ndim == ndim else x[i]

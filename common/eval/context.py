@@ -97,6 +97,7 @@ class SplitOutputs:
     true_angles: torch.Tensor  # (N, 3) float64 radians, on the CPU
     angles: torch.Tensor | None  # (N, 3) float64 predicted (CPU), or None
     features: dict[str, torch.Tensor]  # tap -> (N, D) on the context's device
+    angles_asked: bool = False  # whether the model was asked for angles (``angles`` is None if it had none)
 
     def column(self, name: str) -> np.ndarray | None:
         """A numeric extra column restricted to the evaluated rows, or None if absent."""
@@ -210,14 +211,20 @@ class EvalContext:
             return []
 
     def outputs(self, model, kind: str, split: str) -> SplitOutputs:
-        """Run the model over a dataset once (cached): predicted angles where needed, features of every tap."""
+        """Run the model over a dataset once (cached): predicted angles where needed, features of every tap. A cached
+        run that lacks what the current metrics need (angles, a tap) is run again for everything both need."""
         key = (kind, split)
-        if key in self._outputs:
-            return self._outputs[key]
         table = self.table(kind, split)
-        idx = self.subset(kind, split)
         taps = self.requested_taps(model) if self.needs_features else []
         want_angles = self.needs_angles and split == self.eval_split and table.has_angles
+        cached = self._outputs.get(key)
+        if cached is not None:
+            if (cached.angles_asked or not want_angles) and all(t in cached.features for t in taps):
+                return cached
+            want_angles = want_angles or cached.angles_asked
+            taps = list(dict.fromkeys([*cached.features, *taps]))
+        asked = want_angles
+        idx = self.subset(kind, split)
         ds = LabeledFolder(self.source.path(kind, split), size=int(model.input_size))
         subset = torch.utils.data.Subset(ds, idx.tolist())
         loader = torch.utils.data.DataLoader(
@@ -250,6 +257,7 @@ class EvalContext:
             true_angles=table.angles[idx].to(torch.float64),
             angles=torch.cat(angles) if want_angles and angles else None,
             features={t: torch.cat(v) for t, v in feats.items() if v},
+            angles_asked=asked,
         )
         self._outputs[key] = result
         return result

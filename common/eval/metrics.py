@@ -95,8 +95,14 @@ class AccuracyAccumulator:
         self.correct, self.count = 0, 0
 
     def update(self, pred, target=None) -> None:
-        c = torch.as_tensor(pred) if target is None else torch.as_tensor(pred) == torch.as_tensor(target)
-        c = c.flatten().bool()
+        pred = torch.as_tensor(pred).detach().cpu().flatten()
+        if target is None:
+            c = pred.bool()
+        else:
+            target = torch.as_tensor(target).detach().cpu().flatten()
+            if pred.numel() != target.numel():  # (N, 1) against (N,) would broadcast to N x N comparisons
+                raise ValueError(f"AccuracyAccumulator: {pred.numel()} predictions for {target.numel()} targets")
+            c = pred == target
         self.correct += int(c.sum())
         self.count += c.numel()
 
@@ -446,6 +452,9 @@ def linear_probe_metric(model, ctx: EvalContext) -> dict[str, float]:
     kind, trs, qs, tr_o, q_o, _ = _train_query(ctx, model, "category")
     yt, yq = _ids(tr_o.strings("category"), q_o.strings("category"))
     keep_t, keep_q = yt >= 0, yq >= 0
+    for keep, split in ((keep_t, trs), (keep_q, qs)):
+        if not keep.any():
+            raise SkipMetric(f"no row of {ctx.name(kind, split)} has a category")
     figs = linear_probe(ctx.features(model, kind, trs)[torch.from_numpy(keep_t).to(ctx.device)],
                         torch.from_numpy(yt[keep_t]),
                         ctx.features(model, kind, qs)[torch.from_numpy(keep_q).to(ctx.device)],
@@ -661,14 +670,27 @@ def run_metrics(
     ``data_root``: a benchmark root, a folder of split folders, or a ``labels.csv`` folder. ``options`` set any other
     :class:`EvalContext` field (``calibration``, ``calibration_count``, ``knn_k``, ``knn_temperature``,
     ``probe_steps``, ``limit``, ``box_queries``, ``exclude_same_instance``, ``progress``...). Pass ``context`` to
-    reuse a context (and its cached model outputs) across calls with the same model.
+    reuse a context (and its cached model outputs) across calls with the same model; its fields are the settings
+    then, and any other given here is a ``TypeError``.
 
     Metrics the model or the data cannot serve are skipped with a logged reason (``results.skipped``); an unknown
     metric name is a :class:`ViewsslError`. The global RNG state is saved and restored, so calling this during
     training does not change what the training run does next.
     """
     names = _check_names(metrics)
-    if context is None:
+    if context is not None:
+        # the context holds the evaluation's settings (and outputs computed under them): another value here would be
+        # silently ignored
+        given = [k for k, v in (("data_root", data_root), ("taps", taps), ("compress", compress)) if v is not None]
+        given += [k for k, v, default, held in (("split", split, "test", context.split),
+                                                ("batch_size", batch_size, 64, context.batch_size),
+                                                ("seed", seed, 0, context.seed)) if v != default and v != held]
+        if device is not None and torch.device(device) not in (context.device, context.model_device):
+            given.append("device")
+        if given or options:
+            raise TypeError(f"run_metrics: {', '.join([*given, *options])} cannot be set with context= (set them "
+                            "on the EvalContext)")
+    else:
         if data_root is None:
             raise ViewsslError("run_metrics needs data_root (or a context)")
         dev = torch.device(device) if device is not None else torch.device(getattr(model, "device", "cpu"))

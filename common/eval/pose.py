@@ -127,9 +127,13 @@ def circular_fit(pred: np.ndarray, true: np.ndarray) -> tuple[float, float]:
 
 
 def circular_angles(true_angles) -> list[bool]:
-    """Per angle, whether its labels span more than :data:`CIRCULAR_SPAN` (then it is calibrated on the circle)."""
+    """Per angle, whether its labels cover more than :data:`CIRCULAR_SPAN` of the circle (then it is calibrated on
+    the circle): 2 pi minus the widest gap between them, so labels written in [0, 2 pi) or in (-pi, pi] agree."""
     t = _angles(true_angles, "true_angles")
-    return [bool(t[:, j].max() - t[:, j].min() > CIRCULAR_SPAN) if t.shape[0] else False for j in range(3)]
+    if t.shape[0] == 0:
+        return [False] * 3
+    gap, _ = _widest_gaps(t)
+    return [bool(2 * math.pi - float(gap[j]) > CIRCULAR_SPAN) for j in range(3)]
 
 
 def fit_angle_calibration(pred_angles, true_angles, circular=None, return_kinds: bool = False):
@@ -145,12 +149,15 @@ def fit_angle_calibration(pred_angles, true_angles, circular=None, return_kinds:
         raise ValueError("the calibration fit needs at least 2 frames")
     circular = circular_angles(true_angles) if circular is None else list(circular)
     slope, intercept, kinds = np.zeros(3), np.zeros(3), []
+    label_center = prediction_center(true)
     for j in range(3):
         p, t = pred[:, j], true[:, j]
         if circular[j]:
             slope[j], intercept[j] = circular_fit(p, t)
             kinds.append("circular")
             continue
+        # the labels as one run of numbers (150..210 deg, not 150..180 and -180..-150): they may be written either way
+        t = t + 2 * math.pi * np.round((float(label_center[j]) - t) / (2 * math.pi))  # whole turns: others unchanged
         pc = p - p.mean()
         denom = float(pc @ pc)
         slope[j] = float(pc @ (t - t.mean())) / denom if denom > 1e-24 else 0.0
@@ -164,16 +171,24 @@ def prediction_center(pred_angles) -> torch.Tensor:
     """Per angle, the point of the circle opposite the middle of the widest gap between the predictions: (N, 3)
     radians -> (3,) float64. Unwrapped around it (:func:`unwrap_around`), predictions that wrap across +-pi inside
     their own range become one run of numbers again, and predictions that do not wrap stay as they are."""
-    p = torch.remainder(_angles(pred_angles, "pred_angles"), 2 * math.pi)
-    center = torch.zeros(3, dtype=torch.float64)
+    p = _angles(pred_angles, "pred_angles")
     if p.shape[0] == 0:
-        return center
+        return torch.zeros(3, dtype=torch.float64)
+    _, middle = _widest_gaps(p)
+    return wrap_angle(middle + math.pi)
+
+
+def _widest_gaps(angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per angle of (N >= 1, 3) radians, the widest gap between consecutive values around the circle and its middle:
+    two (3,) float64 tensors (radians; the middle in [0, 4 pi))."""
+    p = torch.remainder(angles, 2 * math.pi)
+    gap, middle = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
     for j in range(3):
         a = torch.sort(p[:, j]).values
-        gaps = torch.diff(torch.cat([a, a[:1] + 2 * math.pi]))  # the gap after each prediction, around the circle
+        gaps = torch.diff(torch.cat([a, a[:1] + 2 * math.pi]))  # the gap after each value, around the circle
         i = int(torch.argmax(gaps))
-        center[j] = wrap_angle(a[i] + gaps[i] / 2 + math.pi)
-    return center
+        gap[j], middle[j] = gaps[i], a[i] + gaps[i] / 2
+    return gap, middle
 
 
 def unwrap_around(pred_angles, center: torch.Tensor) -> torch.Tensor:
@@ -224,7 +239,7 @@ def calibrated_viewpoint_errors(
         slope, intercept, kinds = fit_angle_calibration(pred[cal], true[cal], circular, return_kinds=True)
         mapped = apply_angle_calibration(pred[cal], slope, intercept)
         fits.append((pred, slope, intercept, kinds, angular_difference(mapped, true[cal]).mean(0)))
-    unwrapped = [bool(fits[1][4][j] < fits[0][4][j]) for j in range(3)]
+    unwrapped = [bool(fits[1][4][j] < fits[0][4][j] - 1e-12) for j in range(3)]  # not on a rounding difference
     pick = torch.tensor(unwrapped)
     pred = torch.where(pick, fits[1][0], fits[0][0])
     slope, intercept = torch.where(pick, fits[1][1], fits[0][1]), torch.where(pick, fits[1][2], fits[0][2])

@@ -51,12 +51,17 @@ def linear_probe(
     max_iter: int = 100,
     num_classes: int | None = None,
 ) -> dict[str, float]:
-    """Top-1 accuracy of a full-batch L-BFGS logistic-regression probe; ``{"top1", "train_top1"}``."""
+    """Top-1 accuracy of a full-batch L-BFGS logistic-regression probe; ``{"top1", "train_top1"}``.
+
+    Features (N, D) with integer labels (N,); an empty test set has ``top1`` NaN, an empty training set is a
+    ``ValueError`` (nothing to fit)."""
+    if len(train_labels) == 0:
+        raise ValueError("linear_probe: no training sample")
     device = train_features.device
     x_tr, x_te = standardize(train_features.float(), test_features.float().to(device))
     y_tr = torch.as_tensor(train_labels, device=device).long()
     y_te = torch.as_tensor(test_labels, device=device).long()
-    c = num_classes or int(max(int(y_tr.max()), int(y_te.max()))) + 1
+    c = num_classes or int(torch.cat([y_tr, y_te]).max()) + 1
     w = torch.zeros(x_tr.shape[1], c, device=device, requires_grad=True)
     b = torch.zeros(c, device=device, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe")
@@ -71,7 +76,7 @@ def linear_probe(
     with torch.enable_grad(), small:
         opt.step(closure)
     with torch.no_grad():
-        top1 = float(((x_te @ w + b).argmax(1) == y_te).double().mean())
+        top1 = float(((x_te @ w + b).argmax(1) == y_te).double().mean()) if len(y_te) else float("nan")
         train_top1 = float(((x_tr @ w + b).argmax(1) == y_tr).double().mean())
     return {"top1": top1, "train_top1": train_top1}
 
