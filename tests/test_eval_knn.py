@@ -150,6 +150,23 @@ def test_no_admissible_neighbour_predicts_minus_one():
     g = torch.zeros(4, dtype=torch.long)
     pred = knn_classify(x, torch.tensor([0, 1, 0, 1]), x, k=2, train_groups=g, query_groups=g)
     assert (pred == -1).all()
+    empty = knn_classify(x[:0], torch.zeros(0, dtype=torch.long), x, k=2)  # an empty gallery (was an IndexError)
+    assert empty.tolist() == [-1] * 4
+
+
+def test_non_finite_features_are_refused():
+    """A NaN row has no cosine: it lost every comparison and pushed -1 into other queries' neighbours."""
+    x = torch.randn(5, 4)
+    bad = x.clone()
+    bad[2, 1] = float("nan")
+    with pytest.raises(ValueError, match="1 gallery feature row"):
+        knn_search(bad, x, k=3)
+    with pytest.raises(ValueError, match="1 query feature row"):
+        knn_search(x, bad.clone().fill_(float("inf"))[:1], k=3)
+    from common.eval import knn_pose
+
+    with pytest.raises(ValueError, match="knn_pose: the gallery is empty"):
+        knn_pose(x[:0], torch.zeros(0), torch.zeros(0, 3, 3), x, torch.eye(3).expand(5, 3, 3))
 
 
 @pytest.mark.parametrize("coarse", [torch.bfloat16, torch.float16, torch.float32])

@@ -308,6 +308,15 @@ def test_a_reused_context_computes_what_a_later_call_needs_and_refuses_other_set
     run_metrics(model, metrics=["knn_class"], context=ctx, seed=0, split="test")  # the context's own values
 
 
+def test_non_finite_features_skip_the_feature_metrics_only(bench):
+    model = OracleModel(bench)
+    features = model.features
+    model.features = lambda images, taps: {t: f * float("nan") for t, f in features(images, taps).items()}
+    res = run_metrics(model, bench, ["viewpoint", "knn_class", "linear_probe"])
+    assert res.skipped["knn_class"] == "the features of tap 'pooled' on objects/train hold NaN or inf"
+    assert "NaN or inf" in res.skipped["linear_probe"] and res["viewpoint/objects/raw/mae"] == pytest.approx(0.0)
+
+
 def test_linear_probe_without_any_category_is_skipped(bench, tmp_path):
     import shutil
 

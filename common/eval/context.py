@@ -269,12 +269,16 @@ class EvalContext:
         if tap not in out.features:
             raise SkipMetric(f"no features for tap {tap!r}")
         x = out.features[tap]
+        if not bool(torch.isfinite(x).all()):  # a diverged model: no neighbour, probe or readout means anything
+            raise SkipMetric(f"the features of tap {tap!r} on {self.name(kind, split)} hold NaN or inf")
         if self.compress is None:
             return x
         ref_split = self._reference_split(kind, split)
         ckey = (kind, ref_split, tap)
         if ckey not in self._compressors:
             ref = self.outputs(model, kind, ref_split).features[tap]
+            if not bool(torch.isfinite(ref).all()):
+                raise SkipMetric(f"the features of tap {tap!r} on {self.name(kind, ref_split)} hold NaN or inf")
             self._compressors[ckey] = Compressor(*self.compress, seed=self.seed).fit(ref)
         return self._compressors[ckey].transform(x)
 

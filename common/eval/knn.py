@@ -267,6 +267,10 @@ def knn_search(
         raise ValueError(f"feature widths differ: {train_features.shape[1]} vs {query_features.shape[1]}")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    for name, x in (("gallery", train_features), ("query", query_features)):
+        bad = int((~torch.isfinite(x)).any(dim=1).sum())
+        if bad:  # a NaN row has no similarity: it would lose every comparison and push -1 into the neighbours
+            raise ValueError(f"knn_search: {bad} {name} feature row(s) hold NaN or inf")
     device = query_features.device
     n, d = train_features.shape
     m = query_features.shape[0]
@@ -417,6 +421,9 @@ def knn_classify(
     res = knn_search(
         train_features, query_features, k, train_groups=train_groups, query_groups=query_groups, **search_kwargs
     )
+    if train_labels.numel() == 0:  # an empty gallery: no query has a neighbour
+        pred = torch.full((query_features.shape[0],), -1, dtype=torch.long, device=query_features.device)
+        return (pred, torch.zeros(len(pred), max(1, num_classes), device=pred.device)) if return_scores else pred
     labels = torch.where(res.indices >= 0, train_labels[res.indices.clamp_min(0)], torch.full_like(res.indices, -1))
     scores = weighted_vote(res.similarities, labels, max(1, num_classes), temperature)
     pred = scores.argmax(dim=1)

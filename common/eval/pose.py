@@ -300,6 +300,8 @@ def knn_pose(
     """
     device = query_features.device
     views = torch.as_tensor(train_views, device=device).long()
+    if views.numel() == 0:
+        raise ValueError("knn_pose: the gallery is empty")
     n_views = int(views.max()) + 1
     pred = knn_classify(train_features, views, query_features, k=k, temperature=temperature, num_classes=n_views,
                         train_groups=train_groups, query_groups=query_groups)
