@@ -137,6 +137,8 @@ def build_config(
         config["phi"] = resolve_phi(phi, phi_weights)
     elif phi not in PHI_CHOICES:
         raise ViewsslError(f"--phi: unknown feature network {phi!r} (choose from {', '.join(PHI_CHOICES)})")
+    else:
+        config["phi"] = phi
     return config
 
 

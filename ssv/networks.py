@@ -487,7 +487,7 @@ def ramped_decay(decay: float, t: int) -> float:
 
 @torch.no_grad()
 def ema_update(ema: nn.Module, module: nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * module, parameters and buffers."""
+    """ema <- decay * ema + (1 - decay) * module for the parameters; buffers (S's constant ball window) are copied."""
     for pe, p in zip(ema.parameters(), module.parameters()):
         pe.lerp_(p.detach(), 1.0 - decay)
     for be, b in zip(ema.buffers(), module.buffers()):

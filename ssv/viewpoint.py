@@ -69,7 +69,8 @@ def encode_spherical(angles: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def decode_spherical(logp: torch.Tensor, sign_logits: torch.Tensor) -> torch.Tensor:
-    """(B, K, 2) log(cos^2, sin^2) and (B, K, 4) quadrant logits -> (B, K) angles in (-pi, pi].
+    """(B, K, 2) log(cos^2, sin^2) and (B, K, 4) quadrant logits -> (B, K) angles in [-pi, pi] (atan2's range: -pi
+    where a sin magnitude underflows to -0.0; the same angle as pi).
 
     ``sqrt(p) = exp(logp / 2)`` keeps the gradient finite where a magnitude is 0.
     """

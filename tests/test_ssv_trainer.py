@@ -100,14 +100,19 @@ def test_critic_step_uses_the_papers_gp_weight_and_drift(folder, monkeypatch):
         return critic_loss(real, fake, drift=drift)
 
     def penalty_spy(critic, real, fake):
-        seen["gp"] = penalty(critic, real, fake)
+        seen["gp"], seen["gp_images"] = penalty(critic, real, fake), (real, fake)
         return seen["gp"]
 
     monkeypatch.setattr(trainer_module.losses, "wgan_critic_loss", critic_spy)
     monkeypatch.setattr(trainer_module.losses, "gradient_penalty", penalty_spy)
     t = SSVTrainer({**config, "drift": 0.5})
-    t.train_step(next(t.batches(0)), 0)
+    batch = next(t.batches(0))
+    t.train_step(batch, 0)
     assert seen["drift"] == 0.5 and seen["gp"].item() > 0
+    # the penalty interpolates between the step's real batch and its fakes (not fakes and fakes)
+    real, fake = seen["gp_images"]
+    assert torch.equal(real, trainer_module.to_model_range(batch["image"]))
+    assert fake.shape == real.shape and not torch.equal(fake, real)
 
 
 def test_cpu_preset_two_steps(folder):
@@ -630,6 +635,17 @@ def test_augment_gain_is_checked(folder):
         build_config("cpu", str(folder), supervised=True, augment_gain=0.5)
     with pytest.raises(ViewsslError, match=r"not in \[0, 1\]"):
         build_config("cpu", str(folder), augment_gain=1.5)
+
+
+def test_phi_is_recorded_as_given_when_l_imc_is_off(folder):
+    """Without L_imc Phi is never built: config.json records the --phi given (it said 'auto' whatever was given)."""
+    from common.errors import ViewsslError
+    from ssv.cli import build_config
+
+    assert build_config("cpu", str(folder), phi="vgg", no_imc=True)["phi"] == "vgg"
+    assert build_config("cpu", str(folder), phi="random")["phi"] == "random"  # with L_imc: the resolved network
+    with pytest.raises(ViewsslError, match="--phi: unknown feature network 'nope'"):
+        build_config("cpu", str(folder), phi="nope", no_imc=True)
 
 
 def test_v_ema_decay_is_checked(folder):
