@@ -180,7 +180,7 @@ def prediction_center(pred_angles) -> torch.Tensor:
 
 def _widest_gaps(angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per angle of (N >= 1, 3) radians, the widest gap between consecutive values around the circle and its middle:
-    two (3,) float64 tensors (radians; the middle in [0, 4 pi))."""
+    two (3,) float64 tensors (radians; the middle in [0, 3 pi))."""
     p = torch.remainder(angles, 2 * math.pi)
     gap, middle = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
     for j in range(3):
