@@ -535,12 +535,13 @@ def main(data, out, preset, steps, sup_steps, rows, batch_size, seed, device, th
         steps, sup_steps = 4, 4
     # every row's config and the device before --out exists (the lock creates it): a bad value leaves no folder
     dev = resolve_device(device)
-    configs = row_configs(data, preset, row_names, steps, sup_steps, batch_size=batch_size, seed=seed, phi=phi,
-                          augment_gain=augment_gain, highpass=highpass, ball_mask=ball_mask,
+    ranges = head_ranges(Path(data))
+    configs = row_configs(data, ranges, preset, row_names, steps, sup_steps, batch_size=batch_size, seed=seed,
+                          phi=phi, augment_gain=augment_gain, highpass=highpass, ball_mask=ball_mask,
                           viewpoint_head=viewpoint_head, lr_decay=lr_decay, lr_final=lr_final, eval_every=eval_every)
     # two runs on one --out would train the same rows twice, and each would rewrite ssv_heads.json without the other's
     with folder_lock(out, "experiments.ssv_heads run"):
-        run(data, out, preset, configs, dev, threads, quick, eval_every=eval_every)
+        run(data, ranges, out, preset, configs, dev, threads, quick, eval_every=eval_every)
 
 
 def check_inputs(data, rows: str) -> list[str]:
@@ -551,14 +552,14 @@ def check_inputs(data, rows: str) -> list[str]:
     return comma_list(rows, "--rows", ROWS)
 
 
-def row_configs(data, preset, row_names: list[str], steps: int, sup_steps: int, *, batch_size=None, seed=0,
-                phi="auto", augment_gain=None, highpass=None, ball_mask=None, viewpoint_head="spherical",
-                lr_decay=None, lr_final=None, eval_every=0) -> dict[str, dict]:
-    """The trainer config of each row of ``row_names`` (in order), on ``data``'s heads and their pose ranges."""
+def row_configs(data, ranges: dict | None, preset, row_names: list[str], steps: int, sup_steps: int, *,
+                batch_size=None, seed=0, phi="auto", augment_gain=None, highpass=None, ball_mask=None,
+                viewpoint_head="spherical", lr_decay=None, lr_final=None, eval_every=0) -> dict[str, dict]:
+    """The trainer config of each row of ``row_names`` (in order), on ``data``'s heads and their pose ``ranges``
+    (:func:`head_ranges`)."""
     from ssv.cli import build_config
 
     train_dir, test_dir = Path(data) / "heads" / "train", Path(data) / "heads" / "test"
-    ranges = head_ranges(Path(data))
     return {row: build_config(preset, str(train_dir), seed=seed, batch_size=batch_size, phi=phi,
                               az_range_deg=ranges and ranges["az"], el_range_deg=ranges and ranges["el"],
                               tilt_range_deg=ranges and ranges["tilt"],
@@ -570,7 +571,8 @@ def row_configs(data, preset, row_names: list[str], steps: int, sup_steps: int, 
             for row in row_names}
 
 
-def run(data, out, preset, configs: dict[str, dict], dev: torch.device, threads, quick, eval_every=0) -> dict:
+def run(data, ranges: dict | None, out, preset, configs: dict[str, dict], dev: torch.device, threads, quick,
+        eval_every=0) -> dict:
     """Train (or resume) each row of ``configs`` (:func:`row_configs`) in ``out/<row>``, evaluate it on the test
     heads, and write the tables; returns what ``ssv_heads.json`` holds."""
     from common.training import RETRAIN_HINT, fit
@@ -579,7 +581,6 @@ def run(data, out, preset, configs: dict[str, dict], dev: torch.device, threads,
     if threads:
         torch.set_num_threads(threads)
     train_dir, test_dir = Path(data) / "heads" / "train", Path(data) / "heads" / "test"
-    ranges = head_ranges(Path(data))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {"command": invocation("python -m experiments.ssv_heads"),

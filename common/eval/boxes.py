@@ -161,13 +161,12 @@ def box_iou_3d(center_a, size_a, rotation_a, center_b, size_b, rotation_b):
     ((N, 3), (N, 3), (N, 3, 3)) give an (N,) float64 array. Accepts NumPy arrays or torch tensors."""
     ca, sa, ra = _np(center_a), _np(size_a), _np(rotation_a)
     cb, sb, rb = _np(center_b), _np(size_b), _np(rotation_b)
-    batched = [(x, unbatched) for x, unbatched in ((ca, 1), (sa, 1), (ra, 2), (cb, 1), (sb, 1), (rb, 2))
-               if x.ndim > unbatched]
+    batched = [x for x, unbatched in ((ca, 1), (sa, 1), (ra, 2), (cb, 1), (sb, 1), (rb, 2)) if x.ndim > unbatched]
     if not batched:
         return _iou_pair(ca, sa, ra, cb, sb, rb)
     # the batch size: of the batched arguments ((N, 3) centres and sizes, (N, 3, 3) rotations); a shared (3, 3)
     # rotation is not a batch of 3
-    n = max(x.shape[0] for x, _ in batched)
+    n = max(x.shape[0] for x in batched)
 
     def row(x, i, ndim):  # unbatched arguments are shared by every pair
         return x if x.ndim == ndim else x[i]

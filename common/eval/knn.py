@@ -418,12 +418,12 @@ def knn_classify(
         raise ValueError(f"{train_labels.shape[0]} labels for {train_features.shape[0]} gallery features")
     if num_classes is None:
         num_classes = int(train_labels.max()) + 1 if train_labels.numel() else 1
-    res = knn_search(
-        train_features, query_features, k, train_groups=train_groups, query_groups=query_groups, **search_kwargs
-    )
     if train_labels.numel() == 0:  # an empty gallery: no query has a neighbour
         pred = torch.full((query_features.shape[0],), -1, dtype=torch.long, device=query_features.device)
         return (pred, torch.zeros(len(pred), max(1, num_classes), device=pred.device)) if return_scores else pred
+    res = knn_search(
+        train_features, query_features, k, train_groups=train_groups, query_groups=query_groups, **search_kwargs
+    )
     labels = torch.where(res.indices >= 0, train_labels[res.indices.clamp_min(0)], torch.full_like(res.indices, -1))
     scores = weighted_vote(res.similarities, labels, max(1, num_classes), temperature)
     pred = scores.argmax(dim=1)
