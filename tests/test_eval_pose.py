@@ -58,6 +58,19 @@ def test_known_geodesic_errors():
     assert out["acc_pi_6"] == 0.5
 
 
+def test_an_unknown_prediction_makes_every_summary_unknown():
+    from common.eval.pose import geodesic_summary
+
+    true = torch.zeros(4, 3, dtype=torch.float64)
+    pred = torch.tensor([[0, 0, R(10)], [0, 0, R(20)], [0, 0, math.nan], [0, 0, R(50)]], dtype=torch.float64)
+    out = viewpoint_errors(pred, true)
+    assert math.isnan(out["mae"]) and math.isnan(out["median_geodesic"])
+    assert math.isnan(out["acc_pi_6"])  # not 0.5: the NaN frame is neither a hit nor a miss
+    summary = geodesic_summary(torch.tensor([10.0, math.nan, 50.0]))
+    assert all(math.isnan(v) for v in summary.values()), summary
+    assert geodesic_summary(torch.tensor([10.0, 50.0]))["acc_30"] == 0.5
+
+
 def test_calibration_split_is_seeded_and_disjoint():
     cal, scored = calibration_split(50, 0.2, seed=3)
     assert len(cal) == 10 and len(scored) == 40

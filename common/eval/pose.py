@@ -73,6 +73,12 @@ def _median(x: torch.Tensor) -> float:
     return float(torch.quantile(x.double(), 0.5)) if x.numel() else math.nan
 
 
+def _share_below(x: torch.Tensor, threshold: float) -> float:
+    """Share of ``x`` strictly below ``threshold``; NaN when ``x`` is empty or holds a NaN (as its mean and median:
+    an unknown error is neither a hit nor a miss)."""
+    return float((x < threshold).double().mean()) if x.numel() and not x.isnan().any() else math.nan
+
+
 def geodesic_errors_deg(pred_rot: torch.Tensor, true_rot: torch.Tensor) -> torch.Tensor:
     """Geodesic angle between rotations in degrees; (N, 3, 3) x (N, 3, 3) -> (N,) float64."""
     return torch.rad2deg(geodesic_distance(pred_rot.double(), true_rot.double()))
@@ -86,7 +92,7 @@ def geodesic_summary(errors_deg: torch.Tensor, threshold_deg: float = 30.0, pref
     return {
         f"{prefix}median_geodesic": _median(e),
         f"{prefix}mean_geodesic": float(e.mean()) if e.numel() else math.nan,
-        f"{prefix}{acc_key}": float((e < threshold_deg).double().mean()) if e.numel() else math.nan,
+        f"{prefix}{acc_key}": _share_below(e, threshold_deg),
     }
 
 
@@ -109,7 +115,7 @@ def viewpoint_errors(pred_angles, true_angles) -> dict[str, float]:
     out = {f"{name}_mae": float(per_angle[i]) for i, name in enumerate(ANGLE_NAMES)}
     out["mae"] = float(per_angle.mean())
     out["median_geodesic"] = _median(geo)
-    out["acc_pi_6"] = float((geo < 30.0).double().mean())
+    out["acc_pi_6"] = _share_below(geo, 30.0)
     return out
 
 
