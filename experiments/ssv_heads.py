@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 import numpy as np
 import torch
 
@@ -368,7 +369,7 @@ def markdown(results: dict, command: str, wall: float) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     if results.get("quick"):
-        lines[2:2] = ["**Quick smoke run (4 steps per row): the numbers below mean nothing.**", ""]
+        lines[2:2] = ["**Quick smoke run (a few steps per row, small probes): the numbers below mean nothing.**", ""]
     for row, r in results["rows"].items():
         m = r["metrics"]
 
@@ -518,7 +519,9 @@ def check_goals(rows: dict, configs: dict | None = None) -> dict:
 @click.option("--lr-final", type=float, default=None, help="Learning-rate factor at the end of --lr-decay [0.1].")
 @click.option("--eval-every", type=click.IntRange(min=0), default=500,
               help="Evaluate V on the test heads every N training steps, for the learning curves (0 = off).")
-@click.option("--quick", is_flag=True, help="Smoke test: 4 steps per row (numbers meaningless).")
+@click.option("--quick", is_flag=True,
+              help="Smoke test: 4 steps per row unless --steps / --sup-steps are given, and small post-training "
+                   "probes (numbers meaningless).")
 def main(data, out, preset, steps, sup_steps, rows, batch_size, seed, device, threads, phi, augment_gain, highpass,
          ball_mask, viewpoint_head, lr_decay, lr_final, eval_every, quick):
     """Train SSV (full and ablations) and the supervised baseline on the synthetic heads; report MAE tables."""
@@ -531,8 +534,10 @@ def main(data, out, preset, steps, sup_steps, rows, batch_size, seed, device, th
     if ssv_only and row_names == ["supervised"]:
         raise ViewsslError(f"{' and '.join(ssv_only)} act{'s' if len(ssv_only) == 1 else ''} on the SSV rows only, "
                            "and --rows is supervised alone")
-    if quick:
-        steps, sup_steps = 4, 4
+    if quick:  # 4 steps where the command gave no number of its own
+        given = click.get_current_context().get_parameter_source
+        steps, sup_steps = (n if given(name) != ParameterSource.DEFAULT else 4
+                            for name, n in (("steps", steps), ("sup_steps", sup_steps)))
     # every row's config and the device before --out exists (the lock creates it): a bad value leaves no folder
     dev = resolve_device(device)
     ranges = head_ranges(Path(data))
@@ -612,7 +617,7 @@ def run(data, ranges: dict | None, out, preset, configs: dict[str, dict], dev: t
             metrics.update({f"ema/{k}": v for k, v in ema.items()})
         metrics.update(shading_shortcut(trainer.pose_model(), test_dir, plot=out / f"{row}_azimuth_scatter.png",
                                         title=f"{ROW_TITLES.get(row, row)}, {n_steps} steps: V on the test heads"))
-        metrics.update(cycle_errors(trainer, seed=config["seed"]))
+        metrics.update(cycle_errors(trainer, n=64 if quick else 512, seed=config["seed"]))
         metrics.update(side_probes(trainer, train_dir, test_dir, seed=config["seed"], n_fake=256 if quick else 4000))
         results["rows"][row] = {
             # no step trained and no earlier table to take the time from (killed before it was written): unknown

@@ -382,7 +382,7 @@ def test_a_row_resumed_with_more_steps_reports_its_total_train_time(tiny_heads, 
     threads = torch.get_num_threads()
     out = tmp_path / "ssv"
     args = ["--data", str(tiny_heads), "--out", str(out), "--threads", "1", "--device", "cpu", "--phi", "critic",
-            "--rows", "no_imc_sym", "--batch-size", "4"]
+            "--rows", "no_imc_sym", "--batch-size", "4", "--quick"]  # small probes; --steps still counts
     try:
         first = CliRunner().invoke(main, args + ["--steps", "2"], catch_exceptions=False)
         before = json.loads((out / "ssv_heads.json").read_text())["rows"]["no_imc_sym"]
