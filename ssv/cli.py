@@ -128,6 +128,8 @@ def build_config(
         overrides["w_gsym"] = 0.0
     if steps is not None:
         overrides["steps"] = steps
+    if phi_weights and phi in ("critic", "random"):  # recorded, it would refuse a resume with another file
+        raise ViewsslError(f"--phi-weights is read by --phi auto, alexnet or vgg; --phi {phi} reads no file")
     overrides["phi_weights"] = str(Path(phi_weights).resolve()) if phi_weights else None
     config = default_config(preset, **overrides)
     if config["batch_size"] < 1 or config["g_group"] < 1:
