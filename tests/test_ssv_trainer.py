@@ -607,9 +607,10 @@ def test_cli_errors_are_one_line(tmp_path):
     assert result.exit_code == 2 and "--phi-weights" in result.output
     weights = tmp_path / "alexnet.pth"
     weights.write_bytes(b"")
-    result = CliRunner().invoke(cli, ["train", "ssv", "--data", str(tmp_path), "--phi", "critic", "--phi-weights",
-                                      str(weights)])  # a file nothing reads
+    result = CliRunner().invoke(cli, ["train", "ssv", "--data", str(tmp_path), "--out", str(tmp_path / "runs"),
+                                      "--phi", "critic", "--phi-weights", str(weights)])  # a file nothing reads
     assert result.exit_code == 2 and "--phi critic reads no file" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "runs").exists()
 
 
 def test_cli_refuses_a_benchmark_root_a_file_and_eval_every_alone(tmp_path):
