@@ -210,7 +210,16 @@ def test_accumulators_batched_equal_one_shot():
     assert batched[1].compute() == one[1].compute() == float((pred == target).double().mean())
     assert batched[2].compute() == one[2].compute()
     assert batched[3].compute() == one[3].compute()
-    assert one[3].compute()["ap_50"] == float((values / 90 > 0.5).double().mean())
+    # both summaries against numpy, with values exactly on their thresholds (30 deg / IoU 0.5: neither counts)
+    values[:3] = torch.tensor([30.0, 45.0, 0.0], dtype=torch.float64)
+    for acc in (one[2], one[3]):
+        acc.reset()
+    one[2].update(values), one[3].update(values / 90)
+    v, iou = values.numpy(), values.numpy() / 90
+    assert one[2].compute() == pytest.approx({"median_geodesic": np.median(v), "mean_geodesic": np.mean(v),
+                                             "acc_30": np.mean(v < 30)}, rel=1e-12)
+    assert one[3].compute() == pytest.approx({"mean_iou": np.mean(iou), "median_iou": np.median(iou),
+                                             "ap_50": np.mean(iou > 0.5)}, rel=1e-12)
     acc = AccuracyAccumulator()
     acc.update(pred[:4, None], pred[:4])  # (N, 1) against (N,): flattened, not broadcast to N x N
     assert (acc.correct, acc.count) == (4, 4)
@@ -264,6 +273,48 @@ def test_run_metrics_on_fake_benchmark(bench):
     assert all(isinstance(v, float) for v in res.values())
     json.dumps(res.to_json())
     assert res.context["taps"] == ["pooled"] and res.context["layout"] == "benchmark"
+
+
+def test_category_and_box_figures_on_random_features_match_an_independent_computation(bench):
+    """On the oracle's random features ("noise" tap) neighbours are not twins, so k, the vote and which frame's box is
+    fitted into which all show: kNN top-1 (k=20, exp(cos/T) votes) and 1-NN against numpy / scikit-learn, box fitting
+    against fitting the cosine nearest neighbour's box into each query by hand."""
+    from sklearn.neighbors import KNeighborsClassifier
+
+    from common.eval.boxes import box_frames_from_table, box_iou_3d, fit_box
+
+    ids = {name: int(i) for i, name in json.loads((bench / "manifest.json").read_text()).items()}
+
+    def feats(split):  # what OracleModel's "noise" tap gives the rows of ``split``
+        n = len(read_labels(bench / split))
+        return np.stack([torch.randn(16, generator=torch.Generator().manual_seed(ids[split] * 100003 + i)).numpy()
+                         for i in range(n)])
+
+    def cos(a, b):
+        a, b = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in (a, b))
+        return b @ a.T  # (queries, gallery)
+
+    res = run_metrics(OracleModel(bench), bench, ["knn_class", "box_fit"], taps=["noise"], batch_size=16)
+    f_tr, f_q = feats("objects/train"), feats("objects/test")
+    y_tr = np.array(read_labels(bench / "objects/train").raw["category"])
+    y_q = np.array(read_labels(bench / "objects/test").raw["category"])
+    sim = cos(f_tr, f_q)
+    top = np.argsort(-sim, axis=1)[:, :20]
+    votes = [{c: np.exp(sim[q, top[q]][y_tr[top[q]] == c] / 0.07).sum() for c in ("car", "chair")}
+             for q in range(len(y_q))]
+    weighted = np.array([max(v, key=v.get) for v in votes])
+    one_nn = KNeighborsClassifier(n_neighbors=1, metric="cosine").fit(f_tr, y_tr).predict(f_q)
+    assert np.mean(weighted == y_q) != np.mean(one_nn == y_q)  # the two figures tell k apart on these features
+    assert res["knn_class/top1"] == pytest.approx(np.mean(weighted == y_q), abs=1e-12)
+    assert res["knn_class/top1_1nn"] == pytest.approx(np.mean(one_nn == y_q), abs=1e-12)
+
+    gallery = box_frames_from_table(read_labels(bench / "sequences/train"))
+    queries = box_frames_from_table(read_labels(bench / "sequences/test"))
+    nearest = cos(feats("sequences/train"), feats("sequences/test")).argmax(axis=1)
+    ious = [box_iou_3d(*fit_box(gallery[n], q), q.center, q.size, q.rotation) for n, q in zip(nearest, queries)]
+    assert not np.allclose(ious, 1.0)  # random neighbours: not the twins
+    assert res["box_fit/mean_iou"] == pytest.approx(np.mean(ious), rel=1e-6)
+    assert res["box_fit/median_iou"] == pytest.approx(np.median(ious), rel=1e-6)
 
 
 def test_objects_all_around_are_calibrated_on_the_circle(bench):
@@ -386,6 +437,33 @@ def test_single_folder(tmp_path):
     assert res2["viewpoint/raw/mae"] == res["viewpoint/raw/mae"]
 
 
+def test_knn_pose_accuracy_over_frames_and_over_categories(tmp_path):
+    """acc counts frames, acc_macro averages the categories' accuracies: on 15 frames of one category and 10 of the
+    other, with random features (the "noise" tap), the two differ; each category is knn_pose on its own rows,
+    leave-one-out with the frames of the query's instance excluded."""
+    from common.eval import knn_pose
+
+    folder = make_folder(tmp_path / "mine", n=25)
+    res = run_metrics(OracleModel(folder), folder, ["knn_pose"], taps=["noise"])
+    table = read_labels(folder)
+    cats, inst = np.array(table.raw["category"]), np.array(table.raw["instance"])
+    views = torch.tensor([int(v) for v in table.raw["view"]])
+    rot = angles_to_matrix(*table.angles.double().unbind(-1))
+    f = torch.stack([torch.randn(16, generator=torch.Generator().manual_seed(100003 + i)) for i in range(25)])
+    per_cat = {}
+    for c in ("a", "b"):
+        i = torch.from_numpy(np.nonzero(cats == c)[0])
+        groups = torch.from_numpy(np.unique(inst[i.numpy()], return_inverse=True)[1])
+        _, correct, _ = knn_pose(f[i], views[i], rot[i], f[i], rot[i], views[i], train_groups=groups,
+                                 query_groups=groups)
+        per_cat[c] = correct
+    assert [len(v) for v in per_cat.values()] == [15, 10]
+    acc = float(torch.cat(list(per_cat.values())).double().mean())
+    macro = float(np.mean([v.double().mean() for v in per_cat.values()]))
+    assert acc != pytest.approx(macro)
+    assert res["knn_pose/acc"] == pytest.approx(acc) and res["knn_pose/acc_macro"] == pytest.approx(macro)
+
+
 def test_leave_one_out_rows_without_instance_exclude_themselves():
     from types import SimpleNamespace
 
@@ -419,9 +497,10 @@ def test_leave_one_out_without_other_instances_is_skipped(tmp_path):
     folder = tmp_path / "one"
     write_split(folder, _object_rows(["a", "b"], 1, 5), 1, ("view",))
     (folder / "manifest.json").write_text(json.dumps({"1": "."}))
-    res = run_metrics(OracleModel(folder), folder, ["knn_pose", "knn_class"])
+    res = run_metrics(OracleModel(folder), folder, ["knn_pose", "knn_class", "retrieval"])
     assert "no query has an admissible neighbour" in res.skipped["knn_pose"]
     assert res["knn_class/top1"] == 0.0  # the only other items belong to the other category
+    assert res["retrieval/r@1"] == 0.0  # (a query finding itself or its own instance would score 1)
 
 
 def test_bad_data_root(tmp_path):

@@ -218,3 +218,18 @@ def test_knn_pose_perfect_and_geodesic():
     figs2, _, errs2 = knn_pose(feats, gallery_views, gallery_rot, off.reshape(-1, 9), off, None, k=1)
     assert "acc" not in figs2
     np.testing.assert_allclose(errs2.numpy(), 5.0, atol=1e-6)
+
+
+def test_knn_pose_predicts_the_mean_rotation_of_a_view_s_copies():
+    """Copies of one view index with different rotations (real captures, not Fibonacci renders): the predicted
+    rotation is their mean, as scipy's Rotation.mean computes it (the chordal L2 mean), not one of them."""
+    copies = Rotation.from_euler("xyz", [[10, 0, 0], [0, 25, 0], [0, 0, -15]], degrees=True)
+    other = Rotation.from_euler("xyz", [[90, 0, 0]], degrees=True)
+    rot = torch.from_numpy(np.concatenate([copies.as_matrix(), other.as_matrix()]))
+    views = torch.tensor([0, 0, 0, 1])
+    feats = torch.tensor([[1.0, 0.0], [1.0, 0.1], [1.0, -0.1], [0.0, 1.0]], dtype=torch.float64)
+    query = torch.eye(3, dtype=torch.float64)[None]
+    figs, correct, errs = knn_pose(feats, views, rot, feats[:1], query, views[:1], k=3)
+    assert correct.all()
+    expected = np.degrees(copies.mean().magnitude())  # geodesic angle from the identity to the mean
+    assert errs.item() == pytest.approx(expected, abs=1e-6) and expected > 1
