@@ -55,6 +55,35 @@ def test_dual_trains_two_steps(bench, method, traj_weight):
         assert any(not torch.equal(v, before[name][k]) for k, v in after.items() if v.is_floating_point()), name
 
 
+@pytest.mark.parametrize("pairs", ["nearby", "distant", "dual"])
+def test_each_partner_is_the_frame_its_mode_draws(bench, pairs):
+    """The batch's partner images are the rows that ``partners`` drew for the batch's frames in the right mode:
+    --pairs nearby / distant one partner of that mode; dual a nearby partner and a distant one."""
+    tr = EncoderTrainer({**TINY, "data": str(bench), "steps": 2, "pairs": pairs, "traj_weight": 0.0}, CPU)
+    drawn, partners = [], tr.frames.partners
+
+    def spy(indices, mode):
+        rows = partners(indices, mode)
+        drawn.append((mode, [int(i) for i in indices], rows))
+        return rows
+
+    tr.frames.partners = spy
+    batch = next(tr.batches(0))
+    index = [int(i) for i in batch["index"]]
+    by_mode = {mode: rows for mode, idx, rows in drawn if idx == index}
+    expected = {"nearby": ["nearby"], "distant": ["distant"], "dual": ["nearby", "distant"]}[pairs]
+    assert sorted(by_mode) == sorted(expected) and len(drawn) == len(expected)
+    assert torch.equal(batch["partner"], tr.frames.load(by_mode[expected[0]]))
+    if pairs == "dual":
+        assert torch.equal(batch["partner_distant"], tr.frames.load(by_mode["distant"]))
+    seq = tr.frames.table.sequence_index
+    rank = {i: r for i, r in enumerate(tr.frames.table.frame)}
+    for mode, rows in by_mode.items():  # the rows are of the mode: 1-2 frames away, or any other frame
+        gaps = [abs(rank[r] - rank[i]) for i, r in zip(index, rows)]
+        assert all(seq[r] == seq[i] for i, r in zip(index, rows)), mode
+        assert all(1 <= g <= 2 for g in gaps) if mode == "nearby" else all(g >= 1 for g in gaps) and max(gaps) > 2
+
+
 def test_consecutive_frames(bench):
     from trajssl.data import SequenceFrames
 
