@@ -317,3 +317,20 @@ def test_triplet_folder_rejects_incomplete_triplets(tmp_path):
     write_labels(folder / "labels.csv", rows, extra_columns=("triplet", "position"))
     with pytest.raises(ViewsslError, match="triplet 7"):
         TripletFolder(folder)
+
+
+@pytest.mark.parametrize("sync_flip", [True, False])
+def test_a_frame_pair_shares_its_flip_when_asked(sync_flip):
+    """SemanticViews with ``sync_flip``: both views of a pair are mirrored or neither (crops and colours, left out
+    here, stay independent); without it each view draws its own flip."""
+    from trajssl.augment import SemanticViews
+
+    torch.manual_seed(0)
+    views = SemanticViews(8)
+    views.pipeline = torch.nn.Identity()  # the flip alone
+    x = torch.zeros(64, 3, 8, 8)
+    x[..., :4] = 1.0  # left half bright: a mirrored view is told apart
+    v1, v2 = views(x, x.clone(), sync_flip=sync_flip)
+    flipped1, flipped2 = v1[:, 0, 0, -1] == 1, v2[:, 0, 0, -1] == 1
+    assert 0 < int(flipped1.sum()) < 64 and 0 < int(flipped2.sum()) < 64  # p 0.5: some of each
+    assert torch.equal(flipped1, flipped2) == sync_flip
