@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -205,11 +206,40 @@ def test_resume_with_more_steps_does_not_stretch_the_schedule(bench, tmp_path):
 
 
 def test_online_monitors(bench):
+    """The kNN monitors on features that hold each image's category (weighted 3) and rotation: every query's category
+    is found, and its pose error is the geodesic distance to the closest rotation of its category in the gallery
+    (scipy), summarised by numpy."""
+    from scipy.spatial.transform import Rotation
+
+    from common.geometry import angles_to_matrix
+
     tr = EncoderTrainer({**TINY, "method": "vicreg", "data": str(bench), "steps": 1}, CPU)
     m = tr.evaluate(1)
-    for tap in ("pooled", "layer3"):
+    for tap in ("pooled", "layer3"):  # the encoder's own features: figures in range
         assert 0.0 <= m[f"knn_category_acc/{tap}"] <= 1.0
         assert 0.0 <= m[f"knn_pose_median_deg/{tap}"] <= 180.0
+    gallery, queries = tr._eval_data()
+    # queries turned 3 to 17 deg off the gallery's views, each by another angle: the nearest rotation is no exact match
+    turn = torch.linspace(0.05, 0.3, len(queries["angles"]))[:, None] * torch.tensor([1.0, 0.5, 0.0])
+    queries = {**queries, "angles": queries["angles"] + turn}
+    tr._eval_cache = (gallery, queries)
+
+    def oracle(s):
+        rot = angles_to_matrix(*s["angles"].double().unbind(1))
+        onehot = torch.nn.functional.one_hot(s["category"], 4).double() * 3
+        return torch.cat([onehot, rot.reshape(-1, 9)], 1).float(), Rotation.from_matrix(rot.numpy())
+
+    (fg, rg), (fq, rq) = oracle(gallery), oracle(queries)
+    tr.features = lambda images, taps: {t: fg if images is gallery["image"] else fq for t in taps}
+    m = tr.evaluate(1)
+    cats = gallery["category"].numpy()
+    err = np.array([np.degrees(min((rg[j].inv() * rq[i]).magnitude() for j in np.nonzero(cats == c)[0]))
+                    for i, c in enumerate(queries["category"].tolist())])
+    assert err.max() > 1  # the queries' views are not all in the gallery: the errors tell rows apart
+    for tap in ("pooled", "layer3"):
+        assert m[f"knn_category_acc/{tap}"] == 1.0
+        assert m[f"knn_pose_median_deg/{tap}"] == pytest.approx(np.median(err), abs=1e-3)
+        assert m[f"knn_pose_acc30/{tap}"] == pytest.approx(np.mean(err < 30))
 
 
 def test_model_io_features(bench, tmp_path):
