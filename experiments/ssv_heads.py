@@ -36,9 +36,9 @@ import time
 from pathlib import Path
 
 import click
-from click.core import ParameterSource
 import numpy as np
 import torch
+from click.core import ParameterSource
 
 from common.cli import ViewsslCommand, comma_list, invocation, resolve_device
 from common.errors import ViewsslError
