@@ -183,6 +183,11 @@ def test_view_symmetry_loss_formula_and_minimum():
     assert losses.view_symmetry_loss(SphericalHead.loss, flipped, target, z_off, z).item() == pytest.approx(
         expected.item() + 1.0, rel=1e-5
     )
+    # sg z: the style of the real image is the target, only the mirrored image's style is pulled
+    z_leaf, z_f = z.clone().requires_grad_(True), z_off.clone().requires_grad_(True)
+    fixed = {k: v.detach() for k, v in flipped.items()}
+    losses.view_symmetry_loss(SphericalHead.loss, fixed, target, z_f, z_leaf).backward()
+    assert z_leaf.grad is None and torch.allclose(z_f.grad, 2.0 * (z_off - z) / z.numel())
 
 
 def test_generator_symmetry_loss():

@@ -885,3 +885,85 @@ def test_gradients_are_averaged_over_ranks_not_summed(monkeypatch):
     assert not pending  # every gradient was reduced in place
     for p, g, h in zip(net.parameters(), grads, others):
         assert torch.allclose(p.grad, (g + h) / 2)
+
+
+def test_each_term_and_gradient_of_a_step_replays_from_its_own_samples(folder):
+    """One step's reported terms, and the gradients each optimiser steps with, recomputed here from the step's own
+    samples (z, v) with the networks as they were and the functions of ``ssv.losses``, written out term by term:
+    which image is compared with which, which side is the target (no gradient), what reaches V and what reaches S.
+    (The gradient penalty is off: its interpolation draws are tested on their own.)"""
+    import copy
+
+    from ssv import losses
+    from ssv.networks import to_model_range
+    from ssv.viewpoint import flip_angles
+
+    t = SSVTrainer(tiny_config(folder, **{**WEIGHTS, "gp_weight": 0.0}))
+    c, head = t.config, t.head
+    G0, V0 = copy.deepcopy(t.G).train(), copy.deepcopy(t.V).train()
+    draws = []
+    for name in ("sample_z", "sample_v"):
+        def spy(n, sample=getattr(t, name)):
+            draws.append(sample(n))
+            return draws[-1]
+        setattr(t, name, spy)
+    grads = {}
+    for key, opt, module in (("V", t.opt_V, t.V), ("G", t.opt_G, t.G)):
+        def spy_step(*a, step=opt.step, key=key, module=module, **k):
+            grads[key] = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+            return step(*a, **k)
+        opt.step = spy_step
+    batch = next(t.batches(0))
+    terms = {k: float(v) for k, v in t.train_step(batch, 0).items()}
+    z1, v1, z2, z3, v2, v3 = draws  # the V step's z and v, then the S step's z2, z3, v2, v3
+
+    # ---- V step: S as it was (frozen), V as it was
+    x = to_model_range(batch["image"])
+    with torch.no_grad():
+        fake = G0(z1, v1)
+    real, mirrored, seen = V0(x), V0(losses.hflip(x)), V0(fake)
+    d = {"d_critic": losses.wgan_critic_loss(real["score"], seen["score"], drift=c["drift"]),
+         "d_style": losses.style_loss(seen["z"], z1),
+         "d_view": head.loss(seen["view"], head.encode(v1)),
+         # the mirrored real image: the real one's viewpoint mirrored (no gradient through the target), its style
+         "d_sym": losses.view_symmetry_loss(head.loss, mirrored["view"], head.pseudo_target(real["view"], flip=True),
+                                            mirrored["z"], real["z"])}
+    for p in G0.parameters():
+        p.requires_grad_(False)
+    recon = G0(real["z"], V0.decode(real["view"]))  # L_imc reaches V through the predicted style and viewpoint
+    with torch.no_grad():
+        feat_real = t.phi(x)
+    d["d_imc"] = losses.image_consistency_loss(feat_real, t.phi(recon))
+    for k, v in d.items():
+        assert terms[k] == pytest.approx(float(v.detach()), rel=1e-4, abs=1e-6), k
+    total = d["d_critic"] + c["w_style"] * d["d_style"] + c["w_view"] * d["d_view"] + c["w_sym"] * d["d_sym"] \
+        + c["w_imc"] * d["d_imc"]
+    names = [n for n, _ in V0.named_parameters()]
+    expected = dict(zip(names, torch.autograd.grad(total, list(V0.parameters()), allow_unused=True)))
+    for n in names:
+        if expected[n] is None:
+            assert n not in grads["V"] or not grads["V"][n].any(), n
+            continue
+        torch.testing.assert_close(grads["V"][n], expected[n], rtol=1e-3, atol=1e-6, msg=n)
+
+    # ---- S step: S as it was, V after its step (frozen)
+    for p in G0.parameters():
+        p.requires_grad_(True)
+    V1 = t.V
+    zs, vs = torch.cat([z2, z2, z3]), torch.cat([v2, v3, v2])
+    images = G0(zs, vs)
+    out = V1(images)
+    n_g = len(z2)
+    g = {"g_adv": -out["score"].mean(),
+         "g_style": losses.style_loss(out["z"], zs),
+         "g_view": head.loss(out["view"], head.encode(vs)),
+         # S(z, flipped v) against the mirrored S(z, v): only the flipped-view render is pulled
+         "g_sym": losses.generator_symmetry_loss(G0(z2, flip_angles(v2)), images[:n_g])}
+    for k, v in g.items():
+        assert terms[k] == pytest.approx(float(v.detach()), rel=1e-4, abs=1e-6), k
+    total_g = g["g_adv"] + c["w_style"] * g["g_style"] + c["w_view"] * g["g_view"] + c["w_gsym"] * g["g_sym"]
+    names = [n for n, _ in G0.named_parameters()]
+    expected = dict(zip(names, torch.autograd.grad(total_g, list(G0.parameters()), allow_unused=True)))
+    for n in names:
+        if expected[n] is not None:
+            torch.testing.assert_close(grads["G"][n], expected[n], rtol=1e-3, atol=1e-6, msg=n)
