@@ -150,6 +150,25 @@ def test_atomic_writes_sync_the_file_and_then_its_folder(tmp_path, monkeypatch):
     assert synced == [False, True]  # the data before the rename, the folder's entry after it
 
 
+def test_a_write_that_fails_midway_leaves_the_old_file_whole_and_no_temp_file(tmp_path, monkeypatch):
+    import torch
+
+    from common.io import atomic_save
+
+    path = tmp_path / "ckpt.pt"
+    atomic_save({"step": 1}, path)
+    before = path.read_bytes()
+
+    def half_then_fail(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", half_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_save({"step": 2}, path)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
+
+
 def test_id_order_is_numeric_then_text_and_nan_is_text():
     """A "nan" id used to get a NaN sort key, so the order (and every int id) changed with the hash seed."""
     from common.data.labels import _index
