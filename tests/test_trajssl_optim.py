@@ -51,6 +51,39 @@ def test_lars_first_step_matches_its_formula(weight_decay):
     assert (w - before["0.weight"]).norm() / before["0.weight"].norm() <= eta * (1 + 1e-4)
 
 
+@pytest.mark.parametrize("name", ["lars", "sgd"])
+def test_the_second_step_carries_the_momentum(name):
+    """Step 2 moves by lr x (momentum x buffer + this step's (trust-scaled, decayed) gradient): the first step alone
+    cannot tell momentum 0.9 from none."""
+    lr, eta, wd, m = 0.5, 0.02, 1e-3, 0.9
+    model = _model()
+    opt = build_optimizer({"encoder": model}, name, lr=lr, weight_decay=wd, trust_coeff=eta)
+    buffers = {}
+    for _ in range(2):
+        before, grads = _step(model, opt)
+        for key, p in model.named_parameters():
+            w, g = before[key], grads[key]
+            decay = wd if w.ndim > 1 else 0.0
+            update = g + decay * w
+            if name == "lars" and w.ndim > 1:
+                update = update * min(eta * w.norm() / (g.norm() + wd * w.norm() + 1e-8) / lr, 1.0)
+            buffers[key] = update if key not in buffers else m * buffers[key] + update
+            torch.testing.assert_close(p.detach(), w - lr * buffers[key], rtol=1e-5, atol=1e-7, msg=key)
+
+
+def test_adamw_decays_the_weights_only():
+    """AdamW's first step: w (1 - lr wd) - lr g / (|g| + eps) on the weights, no decay on biases and norms."""
+    lr, wd = 0.01, 0.1
+    model = _model()
+    opt = build_optimizer({"encoder": model}, "adamw", lr=lr, weight_decay=wd)
+    before, grads = _step(model, opt)
+    for key, p in model.named_parameters():
+        w, g = before[key], grads[key]
+        decay = wd if w.ndim > 1 else 0.0
+        torch.testing.assert_close(p.detach(), w * (1 - lr * decay) - lr * g / (g.abs() + 1e-8), rtol=1e-5,
+                                   atol=1e-7, msg=key)
+
+
 def test_schedule_warmup_cosine_and_fixed_lr_groups():
     assert warmup_cosine(0, 100, 10) == 0.0
     assert warmup_cosine(5, 100, 10) == pytest.approx(0.5)
