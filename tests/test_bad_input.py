@@ -149,6 +149,12 @@ def test_image_modes_convertible(tmp_path):
     assert len(ds) == 5 and ds.verify(progress=False) == []
     # 2-channel arrays straight from a decoder are gray + alpha
     assert to_rgb_uint8(np.full((2, 2, 2), 255, np.uint8), "x.png").shape == (2, 2, 3)
+    # half-transparent pixels of three distinct colours, composited on black, in RGB order
+    Image.fromarray(np.array([[[200, 100, 50, 128]]], np.uint8), "RGBA").save(tmp_path / "half.png")
+    Image.fromarray(np.array([[[200, 64]]], np.uint8), "LA").save(tmp_path / "half_la.png")
+    assert load_rgb(tmp_path / "half.png")[0, 0].tolist() == [round(v * 128 / 255) for v in (200, 100, 50)]
+    assert load_rgb(tmp_path / "half_la.png")[0, 0].tolist() == [round(200 * 64 / 255)] * 3  # (decoded as BGRA)
+    assert to_rgb_uint8(np.array([[[200, 64]]], np.uint8), "x.png")[0, 0].tolist() == [round(200 * 64 / 255)] * 3
 
 
 def test_image_modes_not_convertible(tmp_path):
