@@ -165,6 +165,13 @@ def test_look_at_rotation_points_camera_at_object():
     # the world up (+y) stays in the upper half of the image (positive camera y)
     up_cam = R @ torch.tensor([0.0, 1.0, 0.0], dtype=R.dtype)
     assert (up_cam[:, 1] >= -1e-9).all()
+    assert torch.allclose(up_cam[:, 0], torch.zeros(50, dtype=R.dtype), atol=1e-9)  # ... straight up: no roll
+    # at the north pole R_x(90 deg), the limit of cameras in front of the object (+z) rising over the top
+    pole = Rotation.from_euler("x", 90, degrees=True).as_matrix()
+    np.testing.assert_allclose(look_at_rotation(torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64)).numpy(), pole,
+                               atol=1e-12)
+    near = torch.nn.functional.normalize(torch.tensor([0.0, 1.0, 1e-7], dtype=torch.float64), dim=0)
+    np.testing.assert_allclose(look_at_rotation(near).numpy(), pole, atol=1e-6)
 
 
 def test_slerp_matches_scipy_and_builds_symmetric_triplets():
