@@ -362,7 +362,8 @@ class EncoderTrainer(Trainer):
         if data is None:
             return {}
         from common.eval.knn import knn_classify, knn_search
-        from common.geometry import angles_to_matrix, geodesic_distance
+        from common.eval.pose import geodesic_errors_deg, geodesic_summary
+        from common.geometry import angles_to_matrix
 
         gallery, queries = data
         fg = self.features(gallery["image"], ("pooled", "layer3"))
@@ -375,7 +376,7 @@ class EncoderTrainer(Trainer):
             nn_idx = knn_search(fg[tap], fq[tap], 1).indices[:, 0]
             rg = angles_to_matrix(*gallery["angles"][nn_idx].double().unbind(1))
             rq = angles_to_matrix(*queries["angles"].double().unbind(1))
-            err = torch.rad2deg(geodesic_distance(rg, rq))
-            metrics[f"knn_pose_median_deg/{tap}"] = float(torch.quantile(err, 0.5))  # numpy's median, as common.eval
-            metrics[f"knn_pose_acc30/{tap}"] = float((err < 30).float().mean())
+            pose = geodesic_summary(geodesic_errors_deg(rg, rq))  # as common.eval scores it
+            metrics[f"knn_pose_median_deg/{tap}"] = pose["median_geodesic"]
+            metrics[f"knn_pose_acc30/{tap}"] = pose["acc_30"]
         return metrics
