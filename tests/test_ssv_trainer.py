@@ -913,6 +913,15 @@ def test_each_term_and_gradient_of_a_step_replays_from_its_own_samples(folder):
             grads[key] = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
             return step(*a, **k)
         opt.step = spy_step
+
+    def stepped_with(recorded, total, module):  # the optimiser's gradients == autograd of the replayed total
+        params = dict(module.named_parameters())
+        for n, expected in zip(params, torch.autograd.grad(total, list(params.values()), allow_unused=True)):
+            if expected is None:
+                assert n not in recorded or not recorded[n].any(), n
+            else:
+                torch.testing.assert_close(recorded[n], expected, rtol=1e-3, atol=1e-6, msg=n)
+
     batch = next(t.batches(0))
     terms = {k: float(v) for k, v in t.train_step(batch, 0).items()}
     z1, v1, z2, z3, v2, v3 = draws  # the V step's z and v, then the S step's z2, z3, v2, v3
@@ -938,13 +947,7 @@ def test_each_term_and_gradient_of_a_step_replays_from_its_own_samples(folder):
         assert terms[k] == pytest.approx(float(v.detach()), rel=1e-4, abs=1e-6), k
     total = d["d_critic"] + c["w_style"] * d["d_style"] + c["w_view"] * d["d_view"] + c["w_sym"] * d["d_sym"] \
         + c["w_imc"] * d["d_imc"]
-    names = [n for n, _ in V0.named_parameters()]
-    expected = dict(zip(names, torch.autograd.grad(total, list(V0.parameters()), allow_unused=True)))
-    for n in names:
-        if expected[n] is None:
-            assert n not in grads["V"] or not grads["V"][n].any(), n
-            continue
-        torch.testing.assert_close(grads["V"][n], expected[n], rtol=1e-3, atol=1e-6, msg=n)
+    stepped_with(grads["V"], total, V0)
 
     # ---- S step: S as it was, V after its step (frozen)
     for p in G0.parameters():
@@ -962,8 +965,4 @@ def test_each_term_and_gradient_of_a_step_replays_from_its_own_samples(folder):
     for k, v in g.items():
         assert terms[k] == pytest.approx(float(v.detach()), rel=1e-4, abs=1e-6), k
     total_g = g["g_adv"] + c["w_style"] * g["g_style"] + c["w_view"] * g["g_view"] + c["w_gsym"] * g["g_sym"]
-    names = [n for n, _ in G0.named_parameters()]
-    expected = dict(zip(names, torch.autograd.grad(total_g, list(G0.parameters()), allow_unused=True)))
-    for n in names:
-        if expected[n] is not None:
-            torch.testing.assert_close(grads["G"][n], expected[n], rtol=1e-3, atol=1e-6, msg=n)
+    stepped_with(grads["G"], total_g, G0)
