@@ -88,6 +88,8 @@ def test_schedule_warmup_cosine_and_fixed_lr_groups():
     assert warmup_cosine(0, 100, 10) == 0.0
     assert warmup_cosine(5, 100, 10) == pytest.approx(0.5)
     assert warmup_cosine(10, 100, 10) == pytest.approx(1.0)
+    assert warmup_cosine(0, 100, 10, start=0.2) == pytest.approx(0.2)  # the warm-up from a given start
+    assert warmup_cosine(5, 100, 10, start=0.2) == pytest.approx(0.6)
     assert warmup_cosine(55, 100, 10) == pytest.approx(0.5)  # half way through the cosine
     assert warmup_cosine(100, 100, 10) == pytest.approx(0.0, abs=1e-12)
     assert warmup_cosine(150, 100, 10, final=0.1) == pytest.approx(0.1)
