@@ -15,7 +15,8 @@ but the seed, the steps, the loss switches of the rows and L_imc's feature netwo
 are refused (``ssv_heads.settings_diff``, every pair of rows): a learning-rate decay only where it changed a step both
 rows trained up to the last step they count at; the supervised row's settings of S, which it never uses, not at all.
 Writes ``OUT/ssv_seeds.md``, ``OUT/ssv_seeds.json`` and ``OUT/ssv_seeds.png`` (thin lines: seeds; thick: the mean where
-every seed of the row was evaluated). ``--ema`` does all this for V_ema, the moving average of V's weights that runs
+every seed of the row was evaluated; the full row's title names L_imc's feature network, ``--phi``, as
+``settings.full_phi`` in the JSON). ``--ema`` does all this for V_ema, the moving average of V's weights that runs
 keep since it exists (rows without it are left out; of a run resumed from before it, only the evaluations from
 3/(1-decay) steps after V_ema started on, as ``ssv_heads`` scores it).
 
@@ -118,7 +119,10 @@ def collect(folders: list[Path], ema: bool = False) -> tuple[dict[str, dict[int,
                 curve[int(r["steps"])] = float(final)
     if not curves:
         raise ViewsslError(f"no SSV rows in {', '.join(map(str, folders))}")
-    return curves, shared or {}
+    shared = dict(shared or {})
+    if "full" in phi:  # the one row of the ablation that builds L_imc's feature network
+        shared["full_phi"] = phi["full"][0]["phi"]
+    return curves, shared
 
 
 def _refuse(diff: list[str], reference_path: Path, path: Path, who: str) -> None:
@@ -217,8 +221,16 @@ def goal_line(g: dict, ema: bool = False) -> str:
             + ("**met**" if g["met"] else "**not met**") + ".")
 
 
-def markdown(records: list[dict], rows: list[str]) -> str:
-    head = ("| step | " + " | ".join(ROW_TITLES.get(r, r) for r in rows)
+def row_titles(shared: dict) -> dict[str, str]:
+    """The rows' titles; the full row's names L_imc's feature network Phi (``--phi``), which its seeds share."""
+    titles = dict(ROW_TITLES)
+    if shared.get("full_phi"):
+        titles["full"] = f"{ROW_TITLES['full']} (Phi: {shared['full_phi']})"
+    return titles
+
+
+def markdown(records: list[dict], rows: list[str], titles: dict[str, str] = ROW_TITLES) -> str:
+    head = ("| step | " + " | ".join(titles.get(r, r) for r in rows)
             + " | ordering on means (seeds) | seeds in order | " + " | ".join(GAP_NAMES) + " |")
     lines = [head, "|" + "---|" * (len(rows) + 3 + len(GAP_NAMES))]
     for rec in records:
@@ -244,7 +256,8 @@ def markdown(records: list[dict], rows: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(curves: dict[str, dict[int, dict[int, float]]], path: Path, title: str = "", g: dict | None = None) -> None:
+def plot(curves: dict[str, dict[int, dict[int, float]]], path: Path, title: str = "", g: dict | None = None,
+         titles: dict[str, str] = ROW_TITLES) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -260,7 +273,7 @@ def plot(curves: dict[str, dict[int, dict[int, float]]], path: Path, title: str 
         if common:
             ax.plot(common, [statistics.fmean(c[k] for c in by_seed.values()) for k in common], color=color,
                     linewidth=2, marker="o", markersize=3,
-                    label=f"{ROW_TITLES.get(row, row)} (mean of {len(by_seed)})")
+                    label=f"{titles.get(row, row)} (mean of {len(by_seed)})")
     if g is not None:
         draw_goal(ax, g["supervised"]["mean"], f"C{list(curves).index('supervised')}",
                   f" at {g['supervised']['step']}")
@@ -285,17 +298,18 @@ def main(folders, out, only_step, ema):
     records = summarize(curves)
     g = goal(records)
     rows = [r for r in (*ORDER, "supervised") if r in curves]
+    titles = row_titles(shared)
     atomic_write_json({"folders": [str(f) for f in folders], "settings": shared, "ema": ema, "records": records,
                        "goal": g}, out / "ssv_seeds.json")
     tail = "" if g is None else "\n" + goal_line(g, ema) + "\n"
-    atomic_write_bytes(out / "ssv_seeds.md", (markdown(records, rows) + tail).encode())
+    atomic_write_bytes(out / "ssv_seeds.md", (markdown(records, rows, titles) + tail).encode())
     plot(curves, out / "ssv_seeds.png",
          title=f"SSV ablation over seeds ({shared.get('preset', '?')}, {shared.get('image_size', '?')} px"
-               + (", V EMA)" if ema else ")"), g=g)
+               + (", V EMA)" if ema else ")"), g=g, titles=titles)
     shown = [r for r in records if only_step is None or r["step"] == only_step]
     if only_step is not None and not shown:
         raise click.UsageError(f"no row was evaluated at step {only_step}")
-    click.echo(markdown(shown, rows) + tail, nl=False)
+    click.echo(markdown(shown, rows, titles) + tail, nl=False)
     click.echo(f"tables in {out / 'ssv_seeds.md'} and {out / 'ssv_seeds.json'}; plot {out / 'ssv_seeds.png'}")
 
 

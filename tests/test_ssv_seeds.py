@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from common.errors import ViewsslError
 from experiments.ssv_heads import draw_goal
-from experiments.ssv_seeds import collect, gap_test, goal, goal_line, main, summarize
+from experiments.ssv_seeds import collect, gap_test, goal, goal_line, main, row_titles, summarize
 
 CONFIG = {"preset": "cpu64", "image_size": 64, "d_highpass": 2.0, "phi": "auto", "w_imc": 1.0, "w_sym": 1.0}
 SWITCHES = {"full": {"phi": "critic"}, "no_imc": {"w_imc": 0.0}, "no_imc_sym": {"w_imc": 0.0, "w_sym": 0.0},
@@ -99,6 +99,23 @@ def test_folders_of_different_settings_are_refused(tmp_path):
     e = _folder(tmp_path / "e", 1, {"no_imc": (1000, 19.0, {})}, v_ema_decay=0.998)
     curves, _ = collect([a, e])
     assert curves["no_imc"][1][1000] == 19.0
+
+
+def test_the_full_rows_title_names_its_phi_and_the_rows_without_l_imc_name_none(tmp_path):
+    a = _folder(tmp_path / "a", 0, {"full": (1000, 18.0, {}), "no_imc": (1000, 19.0, {})}, phi="random")
+    b = _folder(tmp_path / "b", 1, {"full": (1000, 17.0, {})}, phi="random")
+    shared = collect([a, b])[1]
+    titles = row_titles(shared)
+    assert shared["full_phi"] == "random" and titles["full"] == "SSV full (Phi: random)"
+    assert titles["no_imc"] == "SSV w/o L_imc"
+    # without a full row, or with one from a run before --phi existed, no Phi is named
+    c = _folder(tmp_path / "c", 0, {"no_imc": (1000, 19.0, {})})
+    assert "full_phi" not in collect([c])[1]
+    d = _folder(tmp_path / "d", 0, {"full": (1000, 18.0, {})})
+    config = json.loads((d / "full" / "config.json").read_text())
+    del config["phi"]
+    (d / "full" / "config.json").write_text(json.dumps(config))
+    assert row_titles(collect([d])[1])["full"] == "SSV full"
 
 
 def test_a_supervised_row_may_leave_off_the_augmentations_of_s_and_nothing_else(tmp_path):
@@ -236,10 +253,11 @@ def test_cli_writes_table_json_and_plot(two_seeds, tmp_path):
     assert "| 1000 | **22.7** ± 6.4: 18.0 (s0), 20.0 (s1), 30.0 (s2) |" in result.output
     assert ("| yes (2) | 1 of 2 | +3.0 (s0), -1.0 (s1); mean +1.0, p 0.35 | +1.0 (s0), +6.0 (s1); mean +3.5, p 0.2 |"
             in result.output)
+    assert "| step | SSV full (Phi: critic) | SSV w/o L_imc | SSV w/o L_imc and L_sym |" in result.output
     assert "| 500 |" not in result.output
     assert "| 500 |" in (out / "ssv_seeds.md").read_text()
     data = json.loads((out / "ssv_seeds.json").read_text())
-    assert [r["step"] for r in data["records"]] == [500, 1000, 1500]
+    assert [r["step"] for r in data["records"]] == [500, 1000, 1500] and data["settings"]["full_phi"] == "critic"
     assert (out / "ssv_seeds.png").stat().st_size > 0
     bad = CliRunner().invoke(main, [str(tmp_path / "nowhere"), "--out", str(out)])
     assert bad.exit_code == 2 and "nowhere/ssv_heads.json" in bad.output and "Traceback" not in bad.output
