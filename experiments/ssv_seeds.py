@@ -8,9 +8,9 @@ the row folders it has, at the steps evaluated so far); a row's seed is its run'
 has a calibrated MAE at every step V was evaluated during training (``--eval-every``, from ``metrics.jsonl``) and at its
 table step. For every step, the table gives each row's mean and standard deviation over the seeds evaluated there (the
 values seed by seed beside them), and checks the paper's ordering full < no_imc < no_imc_sym on the seeds that have all
-three rows at that step: on their means, and seed by seed, with each step of it seed by seed (``no_imc-full``,
-``no_imc_sym-no_imc``: how much worse the row without the loss is; > 0 is in order), with their mean and the one-sided p
-of a paired t-test over the seeds (small p: the loss helps beyond the seed noise). Folders whose runs differ in anything
+three rows at that step: on their means, and seed by seed; and each step of it seed by seed, on the seeds that have
+both of its rows (``no_imc-full``, ``no_imc_sym-no_imc``: how much worse the row without the loss is; > 0 is in order),
+with their mean and the one-sided p of a paired t-test over the seeds (small p: the loss helps beyond the seed noise). Folders whose runs differ in anything
 but the seed, the steps, the loss switches of the rows and L_imc's feature network (preset, image size, high-pass, ...)
 are refused (``ssv_heads.settings_diff``, every pair of rows): a learning-rate decay only where it changed a step both
 rows trained up to the last step they count at; the supervised row's settings of S, which it never uses, not at all.
@@ -166,9 +166,16 @@ def summarize(curves: dict[str, dict[int, dict[int, float]]]) -> list[dict]:
             rec["ordering_on_means"] = _ordered([statistics.fmean(v[i] for v in by_seed.values())
                                                  for i in range(len(ORDER))])
             rec["ordering_by_seed"] = {s: _ordered(v) for s, v in by_seed.items()}
-            # each step of the ordering, seed by seed: how much worse the row without the loss is (> 0: in order)
-            rec["gaps"] = {name: {s: v[i + 1] - v[i] for s, v in by_seed.items()} for i, name in enumerate(GAP_NAMES)}
-            rec["gap_tests"] = {name: gap_test(list(g.values())) for name, g in rec["gaps"].items()}
+        # each step of the ordering, seed by seed, on the seeds that have both of its rows at this step: how much
+        # worse the row without the loss is (> 0: in order)
+        gaps = {}
+        for name, better, worse in zip(GAP_NAMES, ORDER, ORDER[1:]):
+            b, w = (rec["rows"].get(r, {}).get("by_seed", {}) for r in (better, worse))
+            if set(b) & set(w):
+                gaps[name] = {s: w[s] - b[s] for s in sorted(set(b) & set(w))}
+        if gaps:
+            rec["gaps"] = gaps
+            rec["gap_tests"] = {name: gap_test(list(g.values())) for name, g in gaps.items()}
         records.append(rec)
     return records
 

@@ -386,3 +386,23 @@ def test_the_goal_line_in_a_plot_is_1_3x_the_supervised_mae():
     (line,) = ax.get_lines()
     assert list(line.get_ydata()) == pytest.approx([5.2, 5.2]) and line.get_label().endswith("at 1600 = 5.2")
     plt.close(fig)
+
+
+def test_a_step_of_the_ordering_is_tested_on_the_seeds_that_have_both_of_its_rows(tmp_path):
+    # full and no_imc only (no no_imc_sym anywhere): no ordering, but the L_imc step seed by seed and its t-test
+    folders = [_folder(tmp_path / f"s{seed}", seed, {"full": (1000, full, {500: 30.0}),
+                                                     "no_imc": (1000, no_imc, {500: 29.0})})
+               for seed, full, no_imc in ((0, 17.0, 15.5), (3, 18.2, 19.0), (1, 14.0, 16.0))]
+    records = {r["step"]: r for r in summarize(collect(folders)[0])}
+    at = records[1000]
+    assert "ordering_on_means" not in at and set(at["gaps"]) == {"no_imc-full"}
+    assert at["gaps"]["no_imc-full"] == pytest.approx({0: -1.5, 1: 2.0, 3: 0.8})
+    gaps = [-1.5, 2.0, 0.8]
+    t = statistics.fmean(gaps) / (statistics.stdev(gaps) / math.sqrt(3))
+    p = 0.5 - t / (2 * math.sqrt(2 + t * t))  # Student's t with 2 degrees of freedom, as above
+    assert at["gap_tests"]["no_imc-full"]["p"] == pytest.approx(p)
+    assert records[500]["gaps"]["no_imc-full"] == pytest.approx({0: -1.0, 1: -1.0, 3: -1.0})
+    assert records[500]["gap_tests"]["no_imc-full"]["p"] is None  # gaps without spread
+    md = CliRunner().invoke(main, [*map(str, folders), "--out", str(tmp_path / "out"), "--step", "1000"])
+    assert md.exit_code == 0, md.output
+    assert "+2.0 (s1), +0.8 (s3); mean +0.4" in md.output
