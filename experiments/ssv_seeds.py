@@ -10,10 +10,11 @@ table step. For every step, the table gives each row's mean and standard deviati
 values seed by seed beside them), and checks the paper's ordering full < no_imc < no_imc_sym on the seeds that have all
 three rows at that step: on their means, and seed by seed; and each step of it seed by seed, on the seeds that have
 both of its rows (``no_imc-full``, ``no_imc_sym-no_imc``: how much worse the row without the loss is; > 0 is in order),
-with their mean and the one-sided p of a paired t-test over the seeds (small p: the loss helps beyond the seed noise). Folders whose runs differ in anything
-but the seed, the steps, the loss switches of the rows and L_imc's feature network (preset, image size, high-pass, ...)
-are refused (``ssv_heads.settings_diff``, every pair of rows): a learning-rate decay only where it changed a step both
-rows trained up to the last step they count at; the supervised row's settings of S, which it never uses, not at all.
+with their mean and the one-sided p of a paired t-test over the seeds (small p: the loss helps beyond the seed noise).
+Folders whose runs differ in anything but the seed, the steps, the loss switches of the rows and L_imc's feature
+network (preset, image size, high-pass, ...) are refused (``ssv_heads.settings_diff``, every pair of rows): a
+learning-rate decay only where it changed a step both rows trained up to the last step they count at; the supervised
+row's settings of S, which it never uses, not at all.
 Writes ``OUT/ssv_seeds.md``, ``OUT/ssv_seeds.json`` and ``OUT/ssv_seeds.png`` (thin lines: seeds; thick: the mean where
 every seed of the row was evaluated; the full row's title names L_imc's feature network, ``--phi``, as
 ``settings.full_phi`` in the JSON). ``--ema`` does all this for V_ema, the moving average of V's weights that runs
@@ -160,9 +161,10 @@ def summarize(curves: dict[str, dict[int, dict[int, float]]]) -> list[dict]:
                 v = list(vals.values())
                 rec["rows"][row] = {"by_seed": vals, "mean": statistics.fmean(v),
                                     "std": statistics.stdev(v) if len(v) > 1 else 0.0}
-        seeds = sorted(set.intersection(*(set(rec["rows"].get(r, {}).get("by_seed", {})) for r in ORDER)))
+        values = {r: rec["rows"].get(r, {}).get("by_seed", {}) for r in ORDER}  # {row: {seed: value}} at this step
+        seeds = sorted(set.intersection(*(set(values[r]) for r in ORDER)))
         if seeds:  # compared on the seeds that have all three rows at this step
-            by_seed = {s: [rec["rows"][r]["by_seed"][s] for r in ORDER] for s in seeds}
+            by_seed = {s: [values[r][s] for r in ORDER] for s in seeds}
             rec["ordering_on_means"] = _ordered([statistics.fmean(v[i] for v in by_seed.values())
                                                  for i in range(len(ORDER))])
             rec["ordering_by_seed"] = {s: _ordered(v) for s, v in by_seed.items()}
@@ -170,9 +172,9 @@ def summarize(curves: dict[str, dict[int, dict[int, float]]]) -> list[dict]:
         # worse the row without the loss is (> 0: in order)
         gaps = {}
         for name, better, worse in zip(GAP_NAMES, ORDER, ORDER[1:]):
-            b, w = (rec["rows"].get(r, {}).get("by_seed", {}) for r in (better, worse))
-            if set(b) & set(w):
-                gaps[name] = {s: w[s] - b[s] for s in sorted(set(b) & set(w))}
+            both = sorted(values[better].keys() & values[worse].keys())
+            if both:
+                gaps[name] = {s: values[worse][s] - values[better][s] for s in both}
         if gaps:
             rec["gaps"] = gaps
             rec["gap_tests"] = {name: gap_test(list(g.values())) for name, g in gaps.items()}
