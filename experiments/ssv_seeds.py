@@ -121,7 +121,7 @@ def collect(folders: list[Path], ema: bool = False) -> tuple[dict[str, dict[int,
     if not curves:
         raise ViewsslError(f"no SSV rows in {', '.join(map(str, folders))}")
     shared = dict(shared or {})
-    if "full" in phi:  # the one row of the ablation that builds L_imc's feature network
+    if "full" in curves:  # the one row of the ablation that builds L_imc's feature network (--ema: if it has V_ema)
         shared["full_phi"] = phi["full"][0]["phi"]
     return curves, shared
 

@@ -284,6 +284,14 @@ def test_ema_scores_v_ema_and_leaves_out_runs_without_it(tmp_path):
     assert "| 1000 | 17.0 (s0) | 20.5 (s0) |" in result.output
     with pytest.raises(ViewsslError, match="no SSV rows"):
         collect([b], ema=True)
+    # a full row left out (no V_ema) names no Phi: the table it writes has no full row to title
+    assert collect([a, b], ema=True)[1]["full_phi"] == "critic"
+    d = _folder(tmp_path / "d", 2, {"full": (1000, 19.0, {500: 26.0}), "no_imc": (1000, 21.0, {500: 24.0})})
+    table = json.loads((d / "ssv_heads.json").read_text())
+    table["rows"]["no_imc"]["metrics"]["ema/calibrated/mae"] = 20.0
+    (d / "ssv_heads.json").write_text(json.dumps(table))
+    curves, shared = collect([d], ema=True)
+    assert set(curves) == {"no_imc"} and "full_phi" not in shared
 
 
 def test_ema_of_a_run_resumed_from_before_v_ema_counts_only_once_it_averaged_something(tmp_path):
