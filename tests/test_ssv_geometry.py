@@ -101,7 +101,10 @@ def test_mirror_symmetric_volume_flip_equivariance():
     R = angles_to_matrix(angles[:, 0], angles[:, 1], angles[:, 2])
     Rf = angles_to_matrix(*flip_angles(angles).unbind(-1))
     vols = vol.expand(2, -1, -1, -1, -1)
-    assert torch.allclose(rotate_volume(vols, Rf), torch.flip(rotate_volume(vols, R), dims=[-1]), atol=1e-5)
+    view, view_flipped = rotate_volume(vols, R), rotate_volume(vols, Rf)
+    assert torch.allclose(view_flipped, torch.flip(view, dims=[-1]), atol=1e-5)
+    # not true of a rotation that did nothing, or gave the two viewpoints one view
+    assert (view - vols).abs().max() > 0.1 and (view_flipped - view).abs().max() > 0.1
 
 
 def test_rotation_passes_gradient_to_angles():

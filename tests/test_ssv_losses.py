@@ -211,14 +211,26 @@ def _leaf(*shape, seed):
 
 
 def test_loss_gradients_match_finite_differences():
-    """Every term reaches its inputs: a detached real term, drift, generator loss, reconstruction feature or
-    predicted rotation passes the value tests above but not this (torch.autograd.gradcheck, float64)."""
+    """Every term reaches the inputs it trains: a detached real term, drift, generator loss, reconstruction feature,
+    predicted rotation, magnitude or sign logit, style code, cycle weight or flipped-view image passes the value tests
+    above but not this (torch.autograd.gradcheck, float64). view_symmetry_loss is checked through the trainer's replay
+    (test_ssv_trainer.py)."""
     from torch.autograd import gradcheck
 
     assert gradcheck(lambda r, f: losses.wgan_critic_loss(r, f, drift=0.3), (_leaf(5, seed=1), _leaf(4, seed=2)))
     assert gradcheck(losses.generator_adversarial_loss, (_leaf(4, seed=3),))
     assert gradcheck(losses.image_consistency_loss, (_leaf(3, 2, 4, seed=4), _leaf(3, 2, 4, seed=5)))
     assert gradcheck(losses.rotation_matrix_loss, (_leaf(2, 3, 3, seed=6), _leaf(2, 3, 3, seed=7)))
+    # L_v of the spherical head, through its magnitude log-probabilities and its sign logits (targets are constants)
+    ccss = torch.softmax(torch.randn(3, 2, 2, generator=_gen(12), dtype=torch.float64), -1)
+    sign = torch.tensor([[0, 3], [1, 2], [2, 0]])
+    assert gradcheck(lambda logp, s: losses.spherical_viewpoint_loss(logp, s, ccss, sign),
+                     (_leaf(3, 2, 2, seed=13), _leaf(3, 2, 4, seed=14)))
+    assert gradcheck(lambda z_hat: losses.style_loss(z_hat, _leaf(3, 5, seed=15)), (_leaf(3, 5, seed=16),))
+    assert gradcheck(lambda s, v: losses.cycle_loss(s, v, 0.7, 1.3), (_leaf(1, seed=17), _leaf(1, seed=18)))
+    # L_sym on S trains the flipped-view image; its mirrored target is a constant
+    target = torch.randn(2, 3, 4, 4, generator=_gen(19), dtype=torch.float64)
+    assert gradcheck(lambda img: losses.generator_symmetry_loss(img, target), (_leaf(2, 3, 4, 4, seed=20),))
 
 
 def test_gradient_penalty_draws_one_eps_per_sample():

@@ -90,7 +90,8 @@ def test_trunk_taps_and_tap():
     assert set(taps) == {"block0", "block1", "pooled"}
     assert taps["block0"].shape == (2, 8, 8, 8) and taps["block1"].shape == (2, 8, 4, 4)
     assert torch.allclose(V.tap(x, "block1"), taps["block1"])
-    assert torch.allclose(taps["pooled"], feat)
+    assert torch.equal(feat, V.trunk(x))  # taps change nothing of the features
+    assert torch.allclose(taps["pooled"], V(x)["feat"])
 
 
 def test_image_gradient_reaches_predicted_angles_and_style():

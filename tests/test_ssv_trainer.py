@@ -118,10 +118,14 @@ def test_critic_step_uses_the_papers_gp_weight_and_drift(folder, monkeypatch):
 def test_cpu_preset_two_steps(folder):
     t = SSVTrainer(default_config("cpu", data=str(folder), batch_size=4, g_group=2))
     assert t.config["image_size"] == 32
+    before = {k: v.clone() for k, v in all_params(t).items()}
     it = t.batches(0)
     for step in range(2):
         terms = t.train_step(next(it), step)
-    assert all(torch.isfinite(v) for v in terms.values())
+        assert all(torch.isfinite(v) for v in terms.values()), step
+    after = all_params(t)
+    for net in ("V.", "G."):  # both phases stepped their networks
+        assert any(not torch.equal(before[k], after[k]) for k in after if k.startswith(net)), net
 
 
 @pytest.mark.slow
@@ -132,11 +136,13 @@ def test_paper_preset_two_steps(folder):
     t = SSVTrainer(default_config("paper", data=str(folder), phi="critic"))
     assert t.config["batch_size"] == 2 and t.config["image_size"] == 128
     before = {k: v.clone() for k, v in t.G.state_dict().items()}
+    before_V = {k: v.clone() for k, v in t.V.state_dict().items()}
     it = t.batches(0)
     for step in range(2):
         terms = t.train_step(next(it), step)
         assert all(torch.isfinite(v) for v in terms.values()), step
     assert any(not torch.equal(before[k], v) for k, v in t.G.state_dict().items())  # S learned
+    assert any(not torch.equal(before_V[k], v) for k, v in t.V.state_dict().items())  # V learned
 
 
 @pytest.mark.parametrize("gain", [0.0, 0.5])
@@ -145,8 +151,8 @@ def test_resume_equals_uninterrupted(folder, tmp_path, gain):
     fit(full, tmp_path / "full", steps=4, checkpoint_every=0, progress=False, log_every=0)
     first = SSVTrainer(tiny_config(folder, augment_gain=gain))
     fit(first, tmp_path / "half", steps=2, checkpoint_every=2, progress=False, log_every=0)
-    torch.manual_seed(1234)  # a fresh process would be in another RNG state: the checkpoint must restore it
     second = SSVTrainer(tiny_config(folder, steps=4, augment_gain=gain))
+    torch.manual_seed(1234)  # a fresh process would be in another RNG state: the checkpoint must restore it
     out = fit(second, tmp_path / "half", steps=4, resume="auto", progress=False, log_every=0)
     assert out["start_step"] == 2
     a, b = all_params(full), all_params(second)
