@@ -33,7 +33,8 @@ def bench(tmp_path_factory) -> Path:
 
 
 def _params(module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+    """The module's parameters (not its buffers: batch-norm statistics move on any forward pass in train mode)."""
+    return {k: v.detach().clone() for k, v in module.named_parameters()}
 
 
 @pytest.mark.parametrize("method,traj_weight", [("simsiam", 0.2), ("vicreg", 0.0)])

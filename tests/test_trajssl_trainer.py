@@ -66,7 +66,8 @@ def bench(tmp_path_factory) -> Path:
 
 
 def _params(module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+    """The module's parameters (not its buffers: batch-norm statistics move on any forward pass in train mode)."""
+    return {k: v.detach().clone() for k, v in module.named_parameters()}
 
 
 @pytest.mark.parametrize("method,traj_weight,traj_layer", [
@@ -76,27 +77,33 @@ def _params(module) -> dict[str, torch.Tensor]:
 def test_every_method_trains_two_steps(bench, method, traj_weight, traj_layer):
     tr = EncoderTrainer({**TINY, "method": method, "data": str(bench), "steps": 2, "traj_weight": traj_weight,
                          "traj_layer": traj_layer}, CPU)
-    before = _params(tr.encoder)
+    before = {name: _params(m) for name, m in tr.modules().items()}
     batches = tr.batches(0)
     for step in range(2):
         terms = tr.train_step(next(batches), step)
         assert all(torch.isfinite(v) for v in terms.values())
     assert ("trajectory" in terms) == (traj_weight > 0)
-    changed = [k for k, v in _params(tr.encoder).items() if not torch.equal(v, before[k])]
+    changed = [k for k, v in _params(tr.encoder).items() if not torch.equal(v, before["encoder"][k])]
     assert any("layer4" in k for k in changed) and any("layer1" in k for k in changed)
+    for name, module in tr.modules().items():  # the heads learn too
+        assert any(not torch.equal(v, before[name][k]) for k, v in _params(module).items()), name
 
 
 def test_trajectory_term_gets_left_centre_right_and_its_weight(bench, monkeypatch):
     """The trajectory loss receives the tap features of (left, centre, right) in that order, and the step's loss is
-    semantic + traj_weight * trajectory (a swapped call or a dropped weight passes every loss-formula test)."""
+    semantic + traj_weight * trajectory, gradients included (a swapped call, a dropped weight or a detached term
+    passes every loss-formula test)."""
     import trajssl.trainer as trainer_module
     from trajssl.encoders import tap_vector
 
-    seen, original = [], trainer_module.trajectory_loss
+    seen, grads, original = [], [], trainer_module.trajectory_loss
 
     def spy(z_l, z_c, z_r):
         seen.append((z_l.detach(), z_c.detach(), z_r.detach()))
-        return original(z_l, z_c, z_r)
+        assert z_l.requires_grad and z_c.requires_grad and z_r.requires_grad  # the encoder is trained through it
+        out = original(z_l, z_c, z_r)
+        out.register_hook(lambda g: grads.append(g.item()))  # d loss / d trajectory
+        return out
 
     tr = EncoderTrainer({**TINY, "method": "simclr", "data": str(bench), "steps": 1, "traj_weight": 0.3}, CPU)
     batch = next(tr.batches(0))
@@ -109,6 +116,7 @@ def test_trajectory_term_gets_left_centre_right_and_its_weight(bench, monkeypatc
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     assert terms["loss"].item() == pytest.approx(terms["semantic"].item() + 0.3 * terms["trajectory"].item(),
                                                  rel=1e-6)
+    assert grads == [pytest.approx(0.3)]
 
 
 def test_simclr_uses_its_configured_temperature():
@@ -121,6 +129,19 @@ def test_simclr_uses_its_configured_temperature():
     got = method.loss({"z": z1}, {"z": z2})["semantic"]
     torch.testing.assert_close(got, info_nce_loss(z1, z2, 0.5))
     assert not torch.allclose(got, info_nce_loss(z1, z2, 0.2))
+
+
+def test_vicreg_uses_its_configured_weights():
+    from trajssl.losses import vicreg_loss
+    from trajssl.methods import METHODS
+
+    weights = {"sim_weight": 2.0, "var_weight": 3.0, "cov_weight": 5.0}
+    method = METHODS["vicreg"](8, {**weights, "proj_hidden_dim": 16, "proj_dim": 8})
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g)
+    got = method.loss({"z": z1}, {"z": z2})["semantic"]
+    torch.testing.assert_close(got, vicreg_loss(z1, z2, **weights))
+    assert not torch.allclose(got, vicreg_loss(z1, z2))
 
 
 @pytest.mark.parametrize("pairs", ["same", "nearby", "distant"])
