@@ -132,8 +132,15 @@ def test_k_larger_than_gallery_and_zero_vectors():
     res = knn_search(xt, xq, 8)
     assert (res.indices[:, 5:] == -1).all() and torch.isinf(res.similarities[:, 5:]).all()
     assert set(res.indices[0, :5].tolist()) == set(range(5))
-    pred = knn_classify(xt, torch.tensor([0, 1, 1, 2, 2]), xq, k=8)
-    assert pred.shape == (3,) and (pred >= 0).all()
+    # the zero vector is a neighbour of similarity 0 (not NaN), and the vote runs over the 5 that exist
+    unit = lambda v: v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)  # noqa: E731
+    sims = unit(xq) @ unit(xt).T
+    assert sims[:, 2].eq(0).all()
+    torch.testing.assert_close(res.similarities[:, :5], torch.gather(sims, 1, res.indices[:, :5]))
+    labels = torch.tensor([0, 1, 1, 2, 2])
+    pred = knn_classify(xt, labels, xq, k=8)
+    expected = _numpy_vote(sims.numpy(), labels.expand(3, 5).numpy(), 3, 0.07)
+    assert pred.tolist() == expected.tolist()
 
 
 def test_vote_with_tiny_temperature_does_not_overflow():

@@ -315,6 +315,11 @@ def test_category_and_box_figures_on_random_features_match_an_independent_comput
     assert not np.allclose(ious, 1.0)  # random neighbours: not the twins
     assert res["box_fit/mean_iou"] == pytest.approx(np.mean(ious), rel=1e-6)
     assert res["box_fit/median_iou"] == pytest.approx(np.median(ious), rel=1e-6)
+    # --box-queries: a subset of the query frames drawn with --seed (SiamPose scores 1,000 of them)
+    sub = run_metrics(OracleModel(bench), bench, ["box_fit"], taps=["noise"], batch_size=16, box_queries=5, seed=7)
+    chosen = np.sort(np.random.default_rng(7).choice(len(queries), size=5, replace=False))
+    assert sub["box_fit/n_queries"] == 5 and len(queries) > 5
+    assert sub["box_fit/mean_iou"] == pytest.approx(np.mean(np.asarray(ious)[chosen]), rel=1e-6)
 
 
 def test_objects_all_around_are_calibrated_on_the_circle(bench):
@@ -413,10 +418,16 @@ def test_multiple_taps_and_compression(bench):
 
 
 def test_limit_subsets_are_seeded(bench):
-    model = OracleModel(bench, slope=(1.0, 1.0, 1.0))
+    """--limit draws its rows with --seed: one seed, one subset; another seed, other rows (an oracle with a wrong
+    slope and offset, so that every row has its own error and the subset shows in the MAE)."""
+    model = OracleModel(bench, slope=(-0.5, 2.0, 1.0), offset=(0.2, 0.0, 0.0))
     a = run_metrics(model, bench, ["viewpoint"], limit=10, seed=3)
     b = run_metrics(model, bench, ["viewpoint"], limit=10, seed=3)
-    assert a == b and a["viewpoint/objects/raw/n"] == 10
+    c = run_metrics(model, bench, ["viewpoint"], limit=10, seed=4)
+    full = run_metrics(model, bench, ["viewpoint"])
+    assert a == b and a["viewpoint/objects/raw/n"] == 10 and full["viewpoint/objects/raw/n"] > 10
+    assert a["viewpoint/objects/raw/mae"] != c["viewpoint/objects/raw/mae"]
+    assert a["viewpoint/objects/raw/mae"] != full["viewpoint/objects/raw/mae"]
 
 
 def test_single_folder(tmp_path):

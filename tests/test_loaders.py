@@ -75,7 +75,7 @@ def write_300wlp(root) -> dict:
                           ("HELEN/HELEN_3_1_0", lm0, 0.2)]:
         write_rgb(root / f"{rel}.jpg", img)
         pose_mat(root / f"{rel}.mat", yaw=yaw, pt2d=pts.T.copy())
-    own = landmarks68(eye_l=(70.0, 50.0), eye_r=(110.0, 50.0), mouth_y=90.0)
+    own = landmarks68(eye_l=(50.0, 50.0), eye_r=(90.0, 50.0), mouth_y=90.0)  # off the middle: mirroring moves it
     (root / "landmarks/AFW").mkdir(parents=True, exist_ok=True)
     scipy.io.savemat(str(root / "landmarks/AFW/AFW_7_1_1_pts.mat"), {"pts_2d": own, "pts_3d": own})
     return {"lm0": lm0, "own": own}
@@ -247,14 +247,14 @@ def test_300wlp_items_landmark_sources_and_angles(tmp_path):
     assert item["angles"].tolist() == pytest.approx(pose_para_to_angles(0.1, -0.4, 0.05), abs=1e-6)
     assert item["category"] == -1 and item["sequence"] == -1 and item["frame"] == -1 and item["instance"] == 0
 
-    item = ds[1]  # landmarks/AFW/AFW_7_1_1_pts.mat wins over pt2d: eyes (70, 50) (110, 50) -> centre (90, 54)
+    item = ds[1]  # landmarks/AFW/AFW_7_1_1_pts.mat wins over pt2d: eyes (50, 50) (90, 50) -> centre (70, 54)
     cx, cy, side = face_box_from_landmarks(lm["own"])
-    assert (cx, cy, side) == pytest.approx((90, 54, 120))
-    # the square starts at (30, -6): row -6 is the reflection of row 6
-    assert (item["image"][:2, 0, 0] * 255).round().tolist() == pytest.approx([30, 6], abs=3)
+    assert (cx, cy, side) == pytest.approx((70, 54, 120))
+    # the square starts at (10, -6): row -6 is the reflection of row 6
+    assert (item["image"][:2, 0, 0] * 255).round().tolist() == pytest.approx([10, 6], abs=3)
 
-    item = ds[2]  # _Flip: no own landmarks file -> the AFW one mirrored (x -> W - x): centre x = 180 - 90 = 90
-    assert (item["image"][0, 0, 0] * 255).round().item() == pytest.approx(30, abs=3)
+    item = ds[2]  # _Flip: no own landmarks file -> the AFW one mirrored (x -> W - x): centre x = 180 - 70 = 110
+    assert (item["image"][0, 0, 0] * 255).round().item() == pytest.approx(50, abs=3)  # unmirrored 10, pt2d's 20
 
     # angles property reads all .mat files; batches collate
     assert ds.angles.shape == (4, 3) and torch.isfinite(ds.angles).all()
@@ -412,8 +412,9 @@ def test_biwi_detector_no_face_falls_back_and_logs_once(tmp_path, caplog, monkey
 
 
 def test_biwi_haar_path(tmp_path, caplog):
-    """Real Haar cascade where this OpenCV has it (a synthetic frame may show no face: then the fallback is logged);
-    otherwise an explicit request is a clear error."""
+    """Real Haar cascade where this OpenCV has it (a synthetic frame may show no face, so either outcome is right;
+    what is checked is that a fallback is counted and logged together); otherwise an explicit request is a clear
+    error (the only branch that runs with OpenCV 5.1, which has no CascadeClassifier)."""
     write_biwi(tmp_path, sessions=("01",), yaws_deg=(0.0,))
     ok, reason = faces.HaarDetector.available()
     if not ok:
@@ -423,7 +424,7 @@ def test_biwi_haar_path(tmp_path, caplog):
     ds = BIWI(tmp_path, size=16, detector="haar")
     with caplog.at_level(logging.WARNING, logger="viewssl.data.faces"):
         assert ds[0]["image"].shape == (3, 16, 16)
-    assert ds.fallbacks == 0 or "found no face" in caplog.text
+    assert ds.fallbacks in (0, 1) and (ds.fallbacks == 1) == ("found no face" in caplog.text)
 
 
 def test_face_alignment_never_downloads(tmp_path, monkeypatch):
