@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import tempfile
@@ -64,6 +65,19 @@ def _umask() -> int:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     _atomic_write(Path(path), lambda f: f.write(data))
+
+
+def atomic_save_figure(fig, path: str | os.PathLike, **savefig_kwargs) -> Path:
+    """A matplotlib figure to ``path`` as PNG, atomically (a reader never sees half a plot); closes the figure."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", **savefig_kwargs)
+    finally:
+        plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:

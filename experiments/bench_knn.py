@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from common.cli import ViewsslCommand
+from common.errors import ViewsslError
 
 
 def _rss_kib(field: str) -> int | None:
@@ -102,6 +103,8 @@ def numpy_vote(sims: np.ndarray, neighbor_labels: np.ndarray, classes: int, temp
 def main(**options) -> None:
     """kNN evaluation, common.eval.knn_classify against scikit-learn brute force."""
     args = SimpleNamespace(**options)
+    if args.k > args.n:  # scikit-learn's kneighbors would stop with a traceback
+        raise ViewsslError(f"--k {args.k}: more neighbours than the {args.n} gallery vectors of --n")
     limits = contextlib.nullcontext()
     if args.threads:
         from threadpoolctl import threadpool_limits

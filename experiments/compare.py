@@ -27,7 +27,7 @@ import torch
 
 from common.cli import invocation, resolve_device
 from common.errors import ViewsslError
-from common.io import atomic_write_bytes, atomic_write_json
+from common.io import atomic_save_figure, atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger("viewssl.experiments.compare")
 
@@ -296,12 +296,4 @@ def make_plots(keep: dict, rows: dict, bench: Path, out: Path, device) -> list[P
 
 
 def _save(fig, path: Path) -> Path:
-    import io
-
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    return atomic_save_figure(fig, path, dpi=110)

@@ -42,6 +42,7 @@ from click.core import ParameterSource
 
 from common.cli import ViewsslCommand, comma_list, invocation, resolve_device
 from common.errors import ViewsslError
+from common.io import atomic_save_figure
 from common.training import eval_mode, same_place
 from ssv.cli import PRESET_CHOICES
 from ssv.trainer import SSVTrainer, default_config, lr_multiplier, lr_schedule, sample_styles, sample_viewpoints
@@ -174,8 +175,7 @@ def _scatter(path: Path, y, panels, title: str) -> None:
     fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    atomic_save_figure(fig, path, dpi=110)
 
 
 def eval_history(run_dir: Path, key: str = "viewpoint/calibrated/mae") -> tuple[list[int], list[float]]:
@@ -238,8 +238,6 @@ def draw_goal(ax, supervised: float, color=None, at: str = "") -> None:
 
 def save_mae_plot(fig, ax, path: Path, title: str = "") -> None:
     """Label the axes of a calibrated-MAE-against-step plot, write it to ``path`` and close it."""
-    import matplotlib.pyplot as plt
-
     ax.set_xlabel("training step")
     ax.set_ylabel("calibrated MAE on the test heads (deg)")
     ax.grid(alpha=0.3)
@@ -247,8 +245,7 @@ def save_mae_plot(fig, ax, path: Path, title: str = "") -> None:
     ax.set_title(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    atomic_save_figure(fig, path, dpi=110)
 
 
 @torch.no_grad()

@@ -169,6 +169,28 @@ def test_a_write_that_fails_midway_leaves_the_old_file_whole_and_no_temp_file(tm
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
 
 
+def test_a_figure_is_written_whole_or_not_at_all(tmp_path):
+    """atomic_save_figure: the PNG appears in one rename (the old plot stays if drawing fails) and the figure is
+    closed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from common.io import atomic_save_figure
+
+    path = tmp_path / "plot.png"
+    fig, ax = plt.subplots(figsize=(2, 2))
+    ax.plot([0, 1], [1, 0])
+    assert atomic_save_figure(fig, path, dpi=50) == path
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not plt.fignum_exists(fig.number)
+    before = path.read_bytes()
+    fig, ax = plt.subplots(figsize=(2, 2))
+    with pytest.raises(ValueError):
+        atomic_save_figure(fig, path, dpi=-1)  # matplotlib refuses to draw: nothing is written
+    assert not plt.fignum_exists(fig.number) and path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["plot.png"]
+
+
 def test_id_order_is_numeric_then_text_and_nan_is_text():
     """A "nan" id used to get a NaN sort key, so the order (and every int id) changed with the hash seed."""
     from common.data.labels import _index

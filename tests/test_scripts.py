@@ -75,6 +75,9 @@ def test_bench_knn_tiny_run_agrees_with_scikit_learn():
                                        "--threads", "1"])
     assert result.exit_code == 0, result.output
     assert "predictions identical: True (0 of 200 differ)" in result.output
+    result = CliRunner().invoke(main, ["--n", "10"])  # k defaults to 20
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == "Error: --k 20: more neighbours than the 10 gallery vectors of --n"
 
 
 def test_bench_encoder_tiny_run_returns_its_figures():
@@ -89,7 +92,9 @@ def test_bench_encoder_tiny_run_returns_its_figures():
     finally:
         torch.set_num_threads(threads)
     assert figures["batch_size"] == 2 and figures["full_step_s"] > 0 and figures["bare_backbone_s"] > 0
-    assert figures["ratio"] == pytest.approx(figures["full_step_s"] / figures["bare_backbone_s"])
+    assert figures["ratio_cpu"] > 0 and figures["traj_weight"] == 0.2
+    # each training image costs five backbone passes: its two views and the trajectory's (left, centre, right)
+    assert figures["backbone_passes_per_s"] == pytest.approx(5 * 2 / figures["full_step_s"])
 
 
 def test_every_seed_option_refuses_a_negative_seed():

@@ -30,8 +30,12 @@ def test_paired_deltas_by_seed():
     key = "knn_pose/pooled/in_domain/acc"
     d = paired_deltas(RUNS, key, key, lambda c: c["traj_weight"] == 0, lambda c: c["traj_weight"] == 0.2)
     assert d["n"] == 2 and d["mean"] == pytest.approx(0.05) and d["std"] == pytest.approx(math.sqrt(2 * 0.01**2))
-    mid = paired_deltas(RUNS, key, key.replace("pooled", "layer3"), lambda c: True, lambda c: True)
-    assert mid["mean"] == pytest.approx(0.1)
+    # one run per seed on each side, keys differ: pooled against layer3 of the same runs, a bonus of its own per seed
+    runs = [_run("vicreg", 0.0, 0, 0.40, 0.8), _run("vicreg", 0.0, 1, 0.50, 0.8)]
+    runs[1]["metrics"]["knn_pose/layer3/in_domain/acc"] = 0.80
+    plain = lambda c: c["traj_weight"] == 0  # noqa: E731
+    mid = paired_deltas(runs, key, key.replace("pooled", "layer3"), plain, plain)
+    assert mid["n"] == 2 and mid["mean"] == pytest.approx(0.2) and mid["std"] == pytest.approx(math.sqrt(0.02))
 
 
 def test_markdown_has_both_taps_and_effect_tables():

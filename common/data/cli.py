@@ -5,7 +5,6 @@ The commands attach to the ``data`` group of :mod:`common.cli`; ``experiments/cl
 """
 from __future__ import annotations
 
-import io
 import math
 import os
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ import numpy as np
 
 from ..cli import data
 from ..errors import ViewsslError
-from ..io import atomic_write_bytes, atomic_write_json, read_image
+from ..io import atomic_save_figure, atomic_write_json, read_image
 from .labels import LABELS_FILE, LabelTable, read_labels
 
 EXPORT_FILE = "export.json"  # how `viewssl data export` made a folder: source, options, the BIWI detector used
@@ -250,8 +249,5 @@ def make_grid(folder: str | os.PathLike, out: str | os.PathLike | None = None, n
         ax.set_axis_off()
         ax.text(0.5, -0.03, t.caption, transform=ax.transAxes, ha="center", va="top", fontsize=5.5,
                 linespacing=1.1)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", facecolor="white")
-    plt.close(fig)
-    atomic_write_bytes(out, buf.getvalue())
+    atomic_save_figure(fig, out, facecolor="white")
     return out, len(tiles)
