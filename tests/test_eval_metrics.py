@@ -430,6 +430,23 @@ def test_limit_subsets_are_seeded(bench):
     assert a["viewpoint/objects/raw/mae"] != full["viewpoint/objects/raw/mae"]
 
 
+def test_category_knn_scores_only_queries_with_a_neighbour(tmp_path):
+    """One instance in the folder: leave-one-out with same-instance neighbours excluded leaves no query a neighbour,
+    so knn_class is skipped with its reason, not reported as 0 % (knn_pose says the same)."""
+    folder = make_folder(tmp_path / "one", n=5)  # instance a/0, views 0-4
+    res = run_metrics(OracleModel(folder), folder, ["knn_class", "knn_pose"])
+    assert not any(k.startswith(("knn_class/", "knn_pose/")) for k in res), dict(res)
+    assert "admissible" in res.skipped["knn_class"] and "admissible" in res.skipped["knn_pose"]
+    res = run_metrics(OracleModel(folder), folder, ["knn_class"], exclude_same_instance=False)
+    assert res["knn_class/top1_1nn"] == 1.0 and res.protocol["knn_class"]["queries_without_neighbour"] == 0
+
+
+def test_iou_summary_of_an_unknown_box_is_unknown():
+    acc = IoUAccumulator()
+    acc.update(torch.tensor([0.7, math.nan, 0.2]))
+    assert all(math.isnan(v) for v in acc.compute().values())  # ap_50 too: NaN is neither a hit nor a miss
+
+
 def test_single_folder(tmp_path):
     folder = make_folder(tmp_path / "mine")
     model = OracleModel(folder)

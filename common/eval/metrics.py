@@ -144,8 +144,8 @@ class IoUAccumulator(_CollectAccumulator):
         v = self.all()
         if not v.numel():
             return {"mean_iou": math.nan, "median_iou": math.nan, "ap_50": math.nan}
-        return {"mean_iou": float(v.mean()), "median_iou": float(torch.quantile(v, 0.5)),
-                "ap_50": float((v > 0.5).double().mean())}
+        hit = float((v > 0.5).double().mean()) if not v.isnan().any() else math.nan  # an unknown IoU: no hit or miss
+        return {"mean_iou": float(v.mean()), "median_iou": float(torch.quantile(v, 0.5)), "ap_50": hit}
 
 
 class ViewpointAccumulator:
@@ -371,7 +371,7 @@ def knn_pose_metric(model, ctx: EvalContext) -> dict[str, float]:
         if geo.all().numel() == 0:
             no_neighbours.append(name or "leave_one_out")
             continue
-        if use_acc:
+        if use_acc and per_cat:  # (no query with a known view: no accuracy, the geodesic figures only)
             out[_join(name, "acc")] = acc.compute()
             out[_join(name, "acc_macro")] = float(np.mean(per_cat))
         for key, v in geo.compute().items():
@@ -466,22 +466,27 @@ def linear_probe_metric(model, ctx: EvalContext) -> dict[str, float]:
 
 @register_metric("knn_class")
 def knn_class_metric(model, ctx: EvalContext) -> dict[str, float]:
-    """Category top-1 of weighted kNN and of 1-NN."""
+    """Category top-1 of weighted kNN and of 1-NN, over the queries with a category and an admissible labelled
+    neighbour (as knn_pose; how many had none is recorded in the protocol)."""
     kind, trs, qs, tr_o, q_o, same = _train_query(ctx, model, "category")
     yt, yq = _ids(tr_o.strings("category"), q_o.strings("category"))
     g_tr, g_q = _groups(ctx, tr_o, q_o, same)
     tr_f, q_f = ctx.features(model, kind, trs), ctx.features(model, kind, qs)
     yt_t, yq_t = torch.from_numpy(yt).to(ctx.device), torch.from_numpy(yq).to(ctx.device)
     nc = int(max(yt.max(), yq.max())) + 1
-    out = {}
+    out, unscored = {}, 0
     for key, k in (("top1", ctx.knn_k), ("top1_1nn", 1)):
         pred = knn_classify(tr_f, yt_t, q_f, k=k, temperature=ctx.knn_temperature, num_classes=nc,
                             train_groups=g_tr, query_groups=g_q)
-        valid = yq_t >= 0
+        valid = (yq_t >= 0) & (pred >= 0)  # -1: every neighbour excluded or without a category
+        if not valid.any():
+            raise SkipMetric(f"no query of {ctx.name(kind, qs)} has a category and an admissible labelled neighbour")
+        unscored = int((yq_t >= 0).sum() - valid.sum())
         out[key] = float((pred[valid] == yq_t[valid]).double().mean())
     ctx.record("knn_class", gallery=ctx.name(kind, trs), queries=ctx.name(kind, qs), k=ctx.knn_k,
                temperature=ctx.knn_temperature, vote="exp(cos/T) (solo-learn)", leave_one_out=same,
-               exclude_same_instance=ctx.exclude_same_instance and g_tr is not None)
+               exclude_same_instance=ctx.exclude_same_instance and g_tr is not None,
+               queries_without_neighbour=unscored)
     return out
 
 

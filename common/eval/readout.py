@@ -55,7 +55,7 @@ def fit_ridge(x: torch.Tensor, y: torch.Tensor,
 
 def _predict(params, x: torch.Tensor) -> torch.Tensor:
     mean, std, W, b = params
-    return ((x.double() - mean) / std) @ W + b
+    return ((x.to(mean.device).double() - mean) / std) @ W + b
 
 
 def readout_angles(train_features: torch.Tensor, train_angles: torch.Tensor, query_features: torch.Tensor,
