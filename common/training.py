@@ -344,6 +344,22 @@ def find_resumable_run(out_root: str | Path, tag: str, trainer: Trainer, force: 
     return None
 
 
+def _logged_eval(run_dir: Path, step: int) -> dict[str, float] | None:
+    """The values of the last "eval" record of ``step`` in ``run_dir/metrics.jsonl``, or None."""
+    found = None
+    path = run_dir / "metrics.jsonl"
+    if path.is_file():
+        with open(path) as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by a kill
+                    continue
+                if rec.get("kind") == "eval" and rec.get("step") == step:
+                    found = {k: v for k, v in rec.items() if k not in ("step", "kind", "time")}
+    return found
+
+
 def _checkpoints(ckpt_dir: Path) -> list[Path]:
     if not ckpt_dir.is_dir():
         return []
@@ -650,13 +666,14 @@ def _fit(trainer: Trainer, run_dir: Path, steps: int, *, checkpoint_every: int, 
                 if checkpoint_every and step % checkpoint_every == 0:
                     save(step)
                 if dist_utils.any_true(flag.signum is not None):
-                    path = save(step)
+                    path = save(step) if saved_step != step else ckpt_dir / f"ckpt-{step:08d}.pt"
                     raise TrainingInterrupted(f"interrupted at step {step}; checkpoint written to {path}; "
                                               f"continue with --resume {run_dir}")
             if saved_step != step:
                 save(step)
             if eval_every and step % eval_every != 0:
-                metrics = evaluate(step)
+                logged = _logged_eval(run_dir, step) if step == start_step else None
+                metrics = evaluate(step) if logged is None else logged  # a finished run again: not logged twice
     finally:
         if bar is not None:
             bar.close()

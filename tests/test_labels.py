@@ -98,6 +98,35 @@ def test_a_folder_without_viewpoints(tmp_path):
         assert message in str(e.value) and str(tmp_path / "blank" / "labels.csv") in str(e.value)
 
 
+def test_an_unreadable_subfolder_is_an_error_not_a_silent_gap(tmp_path, monkeypatch):
+    import os
+
+    from common.data.folders import list_images
+
+    make_folder(tmp_path)
+    (tmp_path / "more").mkdir()
+    real = os.scandir
+
+    def scandir(path="."):  # what a folder without read permission gives (chmod does not stop root)
+        if os.fspath(path).endswith("more"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(ViewsslError, match=r"more: cannot read the folder \(Permission denied\)"):
+        list_images(tmp_path)
+
+
+def test_a_labels_file_is_replaced_whole_or_not_at_all(tmp_path):
+    path = tmp_path / "labels.csv"
+    write_labels(path, [{"path": "a.png", "azimuth": 0.1, "elevation": 0.0, "tilt": 0.0}])
+    before = path.read_bytes()
+    with pytest.raises(ValueError):
+        write_labels(path, [{"path": "a.png", "azimuth": 0.2, "elevation": 0.0, "tilt": 0.0},
+                            {"path": "b.png", "azimuth": "north", "elevation": 0.0, "tilt": 0.0}])
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["labels.csv"]
+
+
 def test_symlink_out_of_the_folder_is_refused(tmp_path):
     make_folder(tmp_path)
     sub = tmp_path / "ds"

@@ -104,6 +104,15 @@ def test_nubs_land_where_the_convention_says(marker_cube, angles):
     assert checked > 0, angles
 
 
+@pytest.mark.parametrize("name,top", [("yaw_range", 180), ("pitch_range", 90), ("roll_range", 180)])
+def test_head_ranges_stay_inside_the_label_ranges(name, top):
+    """The head draws are written as the labels (elevation = pitch in [-90, 90]): a wider range is refused before
+    anything renders, not after, by the labels' reader."""
+    BenchmarkConfig.preset("small", **{name: top}).validate()
+    with pytest.raises(ViewsslError, match=f"{name} must be at most {top} degrees, got {top + 10}"):
+        BenchmarkConfig.preset("small", **{name: top + 10}).validate()
+
+
 def test_readable_convention_cases(marker_cube):
     c = SIZE / 2
     # identity: +x (red) to the image right, +y (green) up, +z (blue) faces the camera at the centre

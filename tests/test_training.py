@@ -254,6 +254,37 @@ def test_sigterm_writes_checkpoint(tmp_path):
     assert find_checkpoint(tmp_path)[0]["step"] == 3
 
 
+def test_a_signal_on_a_checkpoint_step_writes_it_once(tmp_path, monkeypatch):
+    import common.training as training
+
+    saved = []
+    real = training.atomic_save
+    monkeypatch.setattr(training, "atomic_save", lambda obj, path: (saved.append(Path(path).name), real(obj, path)))
+    t = ToyTrainer({"seed": 0, "lr": 0.01})
+    t.on_step = lambda step: os.kill(os.getpid(), signal.SIGTERM) if step == 3 else None  # step 3 ends at 4
+    with pytest.raises(TrainingInterrupted, match="step 4; checkpoint written to .*ckpt-00000004.pt"):
+        fit(t, tmp_path, steps=100, checkpoint_every=2, progress=False)
+    assert saved == ["ckpt-00000002.pt", "ckpt-00000004.pt"]
+
+
+def test_a_finished_run_run_again_logs_its_last_evaluation_once(tmp_path):
+    """--resume auto on a run already at --steps trains nothing: its last evaluation (off the eval_every multiples) is
+    the one logged, returned again, not computed and logged a second time."""
+    class CountingEval(ToyTrainer):
+        calls = 0
+
+        def evaluate(self, step):
+            CountingEval.calls += 1
+            return {"score": float(CountingEval.calls)}
+
+    first = fit(CountingEval({"seed": 0, "lr": 0.01}), tmp_path, steps=5, eval_every=2, progress=False)
+    assert CountingEval.calls == 3 and first["metrics"] == {"score": 3.0}  # steps 2, 4 and the last, 5
+    again = fit(CountingEval({"seed": 0, "lr": 0.01}), tmp_path, steps=5, eval_every=2, resume="auto", progress=False)
+    assert again["start_step"] == 5 and again["metrics"] == {"score": 3.0} and CountingEval.calls == 3
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [2, 4, 5]
+
+
 def test_batch_iterator_is_resumable():
     data = TensorDataset(torch.arange(10))
     full = batch_iterator(data, 3, seed=1, start_step=0)

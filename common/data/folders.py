@@ -94,7 +94,11 @@ def walk_files(root: Path) -> list[Path]:
     """Every file under ``root``, in natural order of the relative path. Symlinked folders are not followed (their
     files would lie outside the dataset folder, which :func:`check_inside` refuses); each one is named in a warning."""
     out, linked = [], []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+
+    def unreadable(e: OSError):  # os.walk would skip the folder and its images without a word
+        raise ViewsslError(f"cannot read the folder ({e.strerror or e})", e.filename or root)
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=unreadable):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         linked += [Path(dirpath) / d for d in dirnames if (Path(dirpath) / d).is_symlink()]
         for f in filenames:

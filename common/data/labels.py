@@ -11,6 +11,7 @@ edge.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import ViewsslError
-from ..io import read_image
+from ..io import atomic_write_bytes, read_image
 
 LABELS_FILE = "labels.csv"
 REQUIRED_COLUMNS = ("path", "azimuth", "elevation", "tilt")
@@ -234,21 +235,20 @@ def write_labels(path: str | os.PathLike, rows: Iterable[dict], extra_columns: S
     columns = list(REQUIRED_COLUMNS) + [c for c in OPTIONAL_COLUMNS if c in rows[0]] + list(extra_columns)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(columns)
-        for row in rows:
-            out = []
-            for c in columns:
-                v = row.get(c, "")
-                if c in ANGLE_COLUMNS:
-                    v = "" if v == "" or v is None or math.isnan(float(v)) else f"{math.degrees(float(v)):.6f}"
-                elif isinstance(v, float):
-                    v = f"{v:.6g}"
-                out.append(v)
-            writer.writerow(out)
-    os.replace(tmp, path)
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(columns)
+    for row in rows:
+        out = []
+        for c in columns:
+            v = row.get(c, "")
+            if c in ANGLE_COLUMNS:
+                v = "" if v == "" or v is None or math.isnan(float(v)) else f"{math.degrees(float(v)):.6f}"
+            elif isinstance(v, float):
+                v = f"{v:.6g}"
+            out.append(v)
+        writer.writerow(out)
+    atomic_write_bytes(path, text.getvalue().encode("utf-8"))  # a bad row leaves the old file and no temp file
 
 
 class LabeledFolder(Dataset):

@@ -189,6 +189,11 @@ class BenchmarkConfig:
         for name in ("object_fov", "head_fov"):
             if not 0 < getattr(self, name) < 180:
                 raise ViewsslError(f"{name} must be in (0, 180) degrees, got {getattr(self, name)}")
+        # the head draws are the labels (azimuth = yaw, elevation = pitch, tilt = roll): they must be in the labels'
+        # ranges, elevation in [-90, 90] and the others in (-180, 180]
+        for name, top in (("yaw_range", 180), ("pitch_range", 90), ("roll_range", 180)):
+            if getattr(self, name) > top:
+                raise ViewsslError(f"{name} must be at most {top} degrees, got {getattr(self, name)}")
         if not 0 < self.triplet_step < 90:
             raise ViewsslError(f"triplet_step must be in (0, 90) degrees, got {self.triplet_step}")
         if self.view_stride < 1 or self.views < 1 or self.unseen_views < 1 or self.frames < 1:
