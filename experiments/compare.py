@@ -59,7 +59,7 @@ NEEDED_KINDS = ("heads", "head_triplets", "head_sequences")
 
 
 def _trainer(method: Method, bench: Path, seed: int, steps: int, device: torch.device, quick: bool):
-    data = str(bench / method.data)
+    data = str((bench / method.data).resolve())  # the run's config names the data wherever it is run from
     if method.family == "ssv":
         from ssv.trainer import SSVTrainer, default_config
 

@@ -46,7 +46,8 @@ import torch
 from common.cli import ViewsslCommand, comma_list, int_list, invocation, resolve_device
 from common.io import atomic_write_bytes, atomic_write_json
 
-from .traj_objects import _fmt, _stats, encoder_options, ensure_benchmark, paired_deltas, train_and_evaluate
+from .traj_objects import (_fmt, _stats, describe_benchmark, encoder_options, ensure_benchmark, paired_deltas,
+                           train_and_evaluate)
 
 log = logging.getLogger("viewssl.experiments.frame_pairs")
 
@@ -231,6 +232,7 @@ def format_markdown(runs: list[dict], agg: dict, args: dict) -> str:
     head = "| model | " + " | ".join(c[0] for c in COLUMNS) + " |"
     rule = "|---|" + "---|" * len(COLUMNS)
     quick = " (QUICK smoke run: numbers are meaningless)" if args["quick"] else ""
+    quick += f"; data: {args['benchmark']}" if args.get("benchmark") else ""
     lines = ["# Frame pairs on the synthetic object sequences (SiamPose Table 2 analog) and a two-head model", "",
              f"{len(runs)} runs: {len(variants)} variants x seeds {', '.join(map(str, seeds))}; {args['steps']} "
              f"steps, batch {args['batch_size']}, {args['image_size']} px, {args['stem']} stem, "
@@ -332,7 +334,7 @@ def main(data, out, methods, modes, dual_traj_weight, seeds, steps, batch_size, 
             plan += [(m, mode, w, s) for w in weights for s in seeds]
     runs = []
     for i, (m, mode, w, s) in enumerate(plan):
-        config = {"method": m, "pairs": mode, "traj_weight": w, "data": str(bench), "seed": s, "steps": steps,
+        config = {"method": m, "pairs": mode, "traj_weight": w, "data": str(bench.resolve()), "seed": s, "steps": steps,
                   "batch_size": batch, "image_size": image_size, "small_stem": stem == "small",
                   "optimizer": optimizer}
         run_dir = out / "runs" / run_name(m, mode, w, s)
@@ -342,7 +344,7 @@ def main(data, out, methods, modes, dual_traj_weight, seeds, steps, batch_size, 
     agg = aggregate(runs)
     wall = time.perf_counter() - t0
     summary = {"quick": q, "steps": steps, "batch_size": batch, "image_size": image_size, "stem": stem,
-               "optimizer": optimizer, "command": command, "wall_seconds": wall}
+               "optimizer": optimizer, "command": command, "wall_seconds": wall, "benchmark": describe_benchmark(bench)}
     md = format_markdown(runs, agg, summary)
     result = {"settings": {**summary, "seeds": seeds, "methods": methods, "modes": modes,
                            "dual_traj_weight": dual_traj_weight, "data": str(bench), "eval": eval_options,

@@ -70,6 +70,7 @@ def ensure_benchmark(data: Path, quick: bool, size: int, kinds: tuple[str, ...] 
                      quick_bench: dict = QUICK_BENCH) -> Path:
     """Use ``data`` if it holds every ``needs`` split (``labels.csv``); otherwise render ``kinds`` there (the ones it
     does not hold yet), if it is a new or empty folder or a benchmark root (never into a folder of other files).
+    A benchmark found is used whatever its settings (:func:`describe_benchmark` says which in the tables).
     Shared with frame_pairs."""
     if all((data / n / "labels.csv").is_file() for n in needs):
         return data
@@ -84,6 +85,16 @@ def ensure_benchmark(data: Path, quick: bool, size: int, kinds: tuple[str, ...] 
     render_benchmark(data, kinds=kinds, size=size, scale="small" if quick else "full", seed=0, progress=not quick,
                      **(quick_bench if quick else {}))
     return data
+
+
+def describe_benchmark(data: Path) -> str:
+    """What the tables trained and evaluated on: the synthetic benchmark's scale, size and seed from its
+    ``meta.json`` (a reused ``--data`` may have been rendered by a ``--quick`` run), or a plain dataset folder."""
+    try:
+        meta = json.loads((data / "meta.json").read_text())
+        return f"synthetic benchmark, {meta['scale']} scale, {meta['size']} px, seed {meta['seed']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "not a synthetic benchmark root (no readable meta.json)"
 
 
 def evaluate_run(ckpt: dict, bench: Path, device: torch.device, seed: int,
@@ -103,13 +114,21 @@ def train_and_evaluate(bench: Path, run_dir: Path, config: dict, device: torch.d
     """Train (or resume) one encoder run and evaluate its last checkpoint with ``evaluate(ckpt, bench, device, seed,
     eval_options) -> (metrics, protocol, skipped)``; the result is cached in ``run_dir/eval.json`` (reused when the
     config and the evaluation options are unchanged). Shared by the trajectory and frame-pair experiments."""
-    from common.training import RETRAIN_HINT, find_checkpoint, fit
+    from common.training import RETRAIN_HINT, config_diff, find_checkpoint, fit
     from trajssl.trainer import EncoderTrainer
 
     cache = run_dir / "eval.json"
     if cache.is_file():
-        saved = json.loads(cache.read_text())
-        if saved.get("config") == config and saved.get("eval_options") == eval_options:
+        try:
+            saved = json.loads(cache.read_text())
+        except (OSError, ValueError) as e:  # a foreign or damaged file: the run is evaluated again
+            log.warning("%s: unreadable (%s); evaluating the run again", cache, e)
+            saved = {}
+        if not isinstance(saved, dict):
+            saved = {}
+        # (config_diff: a data folder named relatively by an older run and absolutely now is the same folder)
+        if (isinstance(saved.get("config"), dict) and not config_diff(saved["config"], config)
+                and saved.get("eval_options") == eval_options):
             log.info("%s: finished earlier, reusing %s", run_dir.name, cache)
             return saved
     steps = int(config["steps"])
@@ -181,7 +200,8 @@ def format_markdown(runs: list[dict], agg: dict, args: dict) -> str:
              f"trajectory weight {', '.join(f'{w:g}' for w in weights)}; "
              f"seeds {', '.join(map(str, seeds))}; {args['steps']} steps, batch {args['batch_size']}, "
              f"{args['image_size']} px, {args.get('stem', 'small')} stem, {args.get('optimizer', 'lars')}"
-             f"{' (QUICK smoke run: numbers are meaningless)' if args['quick'] else ''}.",
+             f"{' (QUICK smoke run: numbers are meaningless)' if args['quick'] else ''}"
+             f"{'; data: ' + args['benchmark'] if args.get('benchmark') else ''}.",
              *([f"Command: `{args['command']}`; wall time of this invocation {args.get('wall_seconds', 0):.0f} s "
                 "(runs it found finished cost none)."]
                if args.get("command") else []),
@@ -302,14 +322,15 @@ def main(data, out, methods, traj_weight, seeds, steps, batch_size, image_size, 
     runs = []
     plan = [(m, w, s) for m in methods for w in sorted({0.0, traj_weight}) for s in seeds]
     for i, (m, w, s) in enumerate(plan):
-        config = {"method": m, "traj_weight": w, "data": str(bench), "seed": s, "steps": steps, "batch_size": batch,
-                  "image_size": image_size, "small_stem": stem == "small", "optimizer": optimizer}
+        config = {"method": m, "traj_weight": w, "data": str(bench.resolve()), "seed": s, "steps": steps,
+                  "batch_size": batch, "image_size": image_size, "small_stem": stem == "small", "optimizer": optimizer}
         run_dir = out / "runs" / run_name(m, w, s)
         log.info("[%d/%d] %s", i + 1, len(plan), run_dir)
         runs.append(train_and_evaluate(bench, run_dir, config, device, eval_options, progress=not q))
     agg = aggregate(runs)
     summary = {"quick": q, "steps": steps, "batch_size": batch, "image_size": image_size, "stem": stem,
-               "optimizer": optimizer, "command": command, "wall_seconds": time.perf_counter() - t0}
+               "optimizer": optimizer, "command": command, "wall_seconds": time.perf_counter() - t0,
+               "benchmark": describe_benchmark(bench)}
     md = format_markdown(runs, agg, summary)
     deltas = {}
     for m in methods:

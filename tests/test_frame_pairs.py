@@ -181,10 +181,21 @@ def test_quick_mode_writes_well_formed_tables(tiny_sequences, tmp_path, capsys):
     assert "| simsiam, dual: nearby + distant heads + traj 0.2, head B (distant) |" in md
     assert "## Against SiamPose's claim" in md and "nearby minus distant" in md
     assert "Command: `python -m experiments.frame_pairs --quick" in md
+    # the data it ran on, from the benchmark's meta.json (a --data rendered elsewhere is used as it is)
+    assert "; data: synthetic benchmark, small scale, 32 px, seed 0." in md
+    assert data["settings"]["benchmark"] == "synthetic benchmark, small scale, 32 px, seed 0"
 
     # Rerunning reuses every finished run (no training, no new checkpoints).
     again = main.main(args, standalone_mode=False)
     assert [r["eval_seconds"] for r in again["runs"]] == [r["eval_seconds"] for r in result["runs"]]
+    # a damaged cache is no traceback: that run (only) is evaluated again, from its checkpoint
+    (damaged,) = (out / "runs").glob("simsiam-same*/eval.json")
+    damaged.write_text('{"config": ')
+    third = main.main(args, standalone_mode=False)
+    assert json.loads(damaged.read_text())["config"]["pairs"] == "same"
+    changed = [r["config"]["pairs"] for r, before in zip(third["runs"], result["runs"])
+               if r["eval_seconds"] != before["eval_seconds"]]
+    assert changed == ["same"]
 
 
 def test_unknown_mode_is_one_line_error(tmp_path):
