@@ -15,7 +15,7 @@ It prints training images/s (centre images per second; each uses five backbone p
 and the ratio full / bare (goal <= 1.15), from the fastest repeat of each (the least disturbed by other processes
 on a shared machine) and from the medians, and the ratio of process CPU times (robust to other processes' load
 when run with ``--threads 1``). Batches are loaded before timing; the loader's time per batch is
-reported separately (``--workers`` moves it off the training process). Without ``--data`` a folder of random
+reported separately (in training, the loader's workers overlap it with the step). Without ``--data`` a folder of random
 images is written to a temporary directory.
 """
 from __future__ import annotations
@@ -145,7 +145,7 @@ def main(**options) -> dict:
     print(f"  ratio full / bare      {result['ratio']:8.3f}    / {result['ratio_median']:8.3f}      (goal <= 1.15)")
     print(f"  ratio of CPU time      {result['ratio_cpu']:8.3f}   (median process CPU time; with --threads 1 "
           "it ignores waiting for other processes)")
-    print(f"  loading one batch      {load_s * 1000:8.1f} ms   (not in the step; --workers overlaps it)")
+    print(f"  loading one batch      {load_s * 1000:8.1f} ms   (not in the step; a loader's workers overlap it)")
     if tmp is not None:
         tmp.cleanup()
     return result
