@@ -169,7 +169,7 @@ def _stat(values: list[float]) -> tuple[float, float]:
     v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=float)
     if v.size == 0:
         return float("nan"), float("nan")
-    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else float("nan")  # one value: no spread, not 0
 
 
 def summarize_rows(rows: dict[str, list[dict]]) -> dict:
@@ -184,7 +184,7 @@ def _cell(runs: list[dict], key: str) -> str:
     mean, std = _stat([r.get(key) for r in runs])
     if math.isnan(mean):
         return "-"
-    return f"{mean:.1f}" if len(runs) == 1 else f"{mean:.1f} ± {std:.1f}"
+    return f"{mean:.1f}" if math.isnan(std) else f"{mean:.1f} ± {std:.1f}"
 
 
 def format_table(rows: dict[str, list[dict]], quick: bool) -> str:

@@ -213,7 +213,8 @@ def _claim_sentence(agg: dict, runs: list[dict], method: str, tap: str = "pooled
         d = paired_deltas(runs, k, k, lambda c: _variant(c) == far, lambda c: _variant(c) == near)
         if d["n"] == 0 or not math.isfinite(d["mean"]):
             continue
-        head = f"- {title}: nearby minus distant {d['mean'] * scale:+.1f} ± {d['std'] * scale:.1f}"
+        spread = f" ± {d['std'] * scale:.1f}" if math.isfinite(d["std"]) else " (one seed)"
+        head = f"- {title}: nearby minus distant {d['mean'] * scale:+.1f}{spread}"
         if d["mean"] == 0:
             lines.append(f"{head} (no difference; SiamPose expects {'nearby' if kind == 'pose' else 'distant'} "
                          "better).")

@@ -161,7 +161,8 @@ def _stats(values: list[float]) -> dict:
     v = [x for x in values if x is not None and math.isfinite(x)]
     if not v:
         return {"mean": math.nan, "std": math.nan, "n": 0}
-    return {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, "n": len(v)}
+    # one value has no spread to report (not 0): NaN, and the tables print the mean alone
+    return {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else math.nan, "n": len(v)}
 
 
 def aggregate(runs: list[dict]) -> dict:
@@ -188,6 +189,8 @@ def paired_deltas(runs: list[dict], key_a: str, key_b: str, select_a, select_b) 
 def _fmt(stats: dict, scale: float) -> str:
     if not stats or stats.get("n", 0) == 0 or not math.isfinite(stats["mean"]):
         return "n/a"
+    if not math.isfinite(stats["std"]):
+        return f"{stats['mean'] * scale:.1f}"
     return f"{stats['mean'] * scale:.1f} ± {stats['std'] * scale:.1f}"
 
 
