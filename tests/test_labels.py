@@ -217,7 +217,8 @@ def test_a_figure_is_written_whole_or_not_at_all(tmp_path):
     fig, ax = plt.subplots(figsize=(2, 2))
     with pytest.raises(ValueError):
         atomic_save_figure(fig, path, dpi=-1)  # matplotlib refuses to draw: nothing is written
-    assert not plt.fignum_exists(fig.number) and path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["plot.png"]
+    assert not plt.fignum_exists(fig.number) and path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plot.png"]
 
 
 def test_id_order_is_numeric_then_text_and_nan_is_text():
