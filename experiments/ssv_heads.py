@@ -345,8 +345,8 @@ def markdown(results: dict, command: str, wall: float) -> str:
         f"Wall time: {wall / 60:.1f} min on {results.get('threads', torch.get_num_threads())} thread(s)"
         + (" (rows trained by an earlier run of the command keep that run's train time)."
            if any(r.get("trained_earlier") for r in results["rows"].values()) else "."),
-        "*train min* is the row's total when it resumed where the last finished run of the command stopped (a larger "
-        "`--steps`), else this run's; *s/step* is this run's.",
+        "*train min* is the row's training time over every run that trained it (a resumed run adds its own to the "
+        "time its checkpoint kept); *s/step* is this run's, or the row's mean when this run trained no step.",
         "",
         "MAE in degrees on the labelled test heads. *raw*: V's own frame, no fit; *calibrated*: SSV's protocol "
         "(per-angle linear fit on a seeded 10% of the test frames, scored on the other 90%). "
