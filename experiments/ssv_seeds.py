@@ -10,7 +10,8 @@ table step. For every step, the table gives each row's mean and standard deviati
 values seed by seed beside them), and checks the paper's ordering full < no_imc < no_imc_sym on the seeds that have all
 three rows at that step: on their means, and seed by seed; and each step of it seed by seed, on the seeds that have
 both of its rows (``no_imc-full``, ``no_imc_sym-no_imc``: how much worse the row without the loss is; > 0 is in order),
-with their mean and the one-sided p of a paired t-test over the seeds (small p: the loss helps beyond the seed noise).
+with their mean, the one-sided p of a paired t-test over the seeds (small p: the loss helps beyond the seed noise)
+and the seeds that test would need for 80 % power if the true step were this mean at this spread.
 Folders whose runs differ in anything but the seed, the steps, the loss switches of the rows and L_imc's feature
 network (preset, image size, high-pass, ...) are refused (``ssv_heads.settings_diff``, every pair of rows): a
 learning-rate decay only where it changed a step both rows trained up to the last step they count at; the supervised
@@ -30,6 +31,7 @@ dash-dotted line in the plot.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -138,15 +140,49 @@ def _ordered(values: list[float]) -> bool:
 
 def gap_test(gaps: list[float]) -> dict[str, float | None]:
     """Paired one-sided t-test of the paper's claim that the row without the loss is worse: (n,) per-seed gaps
-    (worse - better) -> their mean, t = mean / (std / sqrt(n)) and p = P(T_{n-1} >= t) under "no effect". t and p are
-    None with fewer than two seeds or gaps without spread."""
+    (worse - better) -> their mean, t = mean / (std / sqrt(n)), p = P(T_{n-1} >= t) under "no effect" and
+    ``seeds_for_power`` (:func:`seeds_for_power` at this mean and std). t, p and seeds_for_power are None with fewer
+    than two seeds or gaps without spread; seeds_for_power is None too where the mean is not positive."""
     from scipy import stats
 
     mean = statistics.fmean(gaps) if gaps else float("nan")
     if len(gaps) < 2 or statistics.stdev(gaps) == 0:
-        return {"mean": mean, "t": None, "p": None, "n": len(gaps)}
+        return {"mean": mean, "t": None, "p": None, "n": len(gaps), "seeds_for_power": None}
     res = stats.ttest_1samp(gaps, 0.0, alternative="greater")
-    return {"mean": mean, "t": float(res.statistic), "p": float(res.pvalue), "n": len(gaps)}
+    return {"mean": mean, "t": float(res.statistic), "p": float(res.pvalue), "n": len(gaps),
+            "seeds_for_power": seeds_for_power(mean, statistics.stdev(gaps))}
+
+
+def t_test_power(effect: float, n: int, alpha: float = 0.05) -> float:
+    """The probability that the one-sided one-sample t-test at level ``alpha`` on n values rejects "no effect" when
+    their true mean is ``effect`` standard deviations: P(T'_{n-1}(effect sqrt(n)) >= t_{1-alpha, n-1}), T' the
+    noncentral t."""
+    from scipy import stats
+
+    return float(stats.nct.sf(stats.t.ppf(1 - alpha, n - 1), n - 1, effect * math.sqrt(n)))
+
+
+def seeds_for_power(mean: float, std: float, alpha: float = 0.05, power: float = 0.8,
+                    limit: int = 100_000) -> int | None:
+    """The fewest seeds n >= 2 with which the one-sided paired t-test at level ``alpha`` finds a true mean gap
+    ``mean`` (per-seed spread ``std``) with probability ``power`` (:func:`t_test_power`). None where the mean is not
+    positive, or n would pass ``limit``."""
+    if not (mean > 0 and std > 0):
+        return None
+
+    def enough(n: int) -> bool:
+        return t_test_power(mean / std, n, alpha) >= power
+
+    hi = 2
+    while not enough(hi):  # the power grows with n: double, then bisect
+        if hi >= limit:
+            return None
+        hi = min(2 * hi, limit)
+    lo = hi // 2 if hi > 2 else 1  # below the answer: enough(lo) is False (or lo = 1, below the smallest n)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if enough(mid) else (mid, hi)
+    return hi
 
 
 def summarize(curves: dict[str, dict[int, dict[int, float]]]) -> list[dict]:
@@ -260,6 +296,8 @@ def markdown(records: list[dict], rows: list[str], titles: dict[str, str] = ROW_
             test = (rec.get("gap_tests") or {}).get(name)
             cells.append(", ".join(f"{v:+.1f} (s{s})" for s, v in gap.items())
                          + (f"; mean {test['mean']:+.1f}, p {test['p']:.2g}" if test and test["p"] is not None else "")
+                         + (f", 80 % power at {test['seeds_for_power']} seeds" if test and test.get("seeds_for_power")
+                            else "")
                          if gap else "-")
         lines.append(f"| {rec['step']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

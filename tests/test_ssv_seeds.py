@@ -4,12 +4,15 @@ import json
 import math
 import statistics
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
+from scipy import stats
 
 from common.errors import ViewsslError
 from experiments.ssv_heads import draw_goal
-from experiments.ssv_seeds import collect, gap_test, goal, goal_line, main, row_titles, summarize
+from experiments.ssv_seeds import (collect, gap_test, goal, goal_line, main, row_titles, seeds_for_power, summarize,
+                                   t_test_power)
 
 CONFIG = {"preset": "cpu64", "image_size": 64, "d_highpass": 2.0, "phi": "auto", "w_imc": 1.0, "w_sym": 1.0}
 SWITCHES = {"full": {"phi": "critic"}, "no_imc": {"w_imc": 0.0}, "no_imc_sym": {"w_imc": 0.0, "w_sym": 0.0},
@@ -251,8 +254,9 @@ def test_cli_writes_table_json_and_plot(two_seeds, tmp_path):
     result = CliRunner().invoke(main, [*map(str, two_seeds), "--out", str(out), "--step", "1000"])
     assert result.exit_code == 0, result.output
     assert "| 1000 | **22.7** ± 6.4: 18.0 (s0), 20.0 (s1), 30.0 (s2) |" in result.output
-    assert ("| yes (2) | 1 of 2 | +3.0 (s0), -1.0 (s1); mean +1.0, p 0.35 | +1.0 (s0), +6.0 (s1); mean +3.5, p 0.2 |"
-            in result.output)
+    # 51 and 8 seeds: the t-test's power (test_seeds_for_power_is_the_first_n_with_enough_power) at d 0.35 and 0.99
+    assert ("| yes (2) | 1 of 2 | +3.0 (s0), -1.0 (s1); mean +1.0, p 0.35, 80 % power at 51 seeds | +1.0 (s0), "
+            "+6.0 (s1); mean +3.5, p 0.2, 80 % power at 8 seeds |" in result.output)
     assert "| step | SSV full (Phi: critic) | SSV w/o L_imc | SSV w/o L_imc and L_sym |" in result.output
     assert "| 500 |" not in result.output
     assert "| 500 |" in (out / "ssv_seeds.md").read_text()
@@ -414,3 +418,28 @@ def test_a_step_of_the_ordering_is_tested_on_the_seeds_that_have_both_of_its_row
     md = CliRunner().invoke(main, [*map(str, folders), "--out", str(tmp_path / "out"), "--step", "1000"])
     assert md.exit_code == 0, md.output
     assert "+2.0 (s1), +0.8 (s3); mean +0.4" in md.output
+
+
+def test_t_test_power_against_a_simulation():
+    # 200,000 simulated runs of 27 seeds with gaps ~ N(0.5, 1): the share the one-sided t-test at 5 % rejects
+    rng = np.random.default_rng(0)
+    gaps = rng.normal(0.5, 1.0, size=(200_000, 27))
+    t = gaps.mean(1) / (gaps.std(1, ddof=1) / math.sqrt(27))
+    simulated = float((t >= stats.t.ppf(0.95, 26)).mean())
+    assert t_test_power(0.5, 27) == pytest.approx(simulated, abs=0.004)  # 3 standard errors of the simulation
+    assert t_test_power(0.0, 27) == pytest.approx(0.05)  # no effect: the test's level
+
+
+def test_seeds_for_power_is_the_first_n_with_enough_power():
+    # G*Power's one-tailed one-sample t-test at d = 0.5, alpha 0.05, power 0.8: 27 seeds
+    assert seeds_for_power(0.5, 1.0) == 27
+    for mean, std in ((1.0, 3.9), (2.0, 1.0), (0.3, 0.2), (5.0, 1.0)):
+        n = seeds_for_power(mean, std)
+        brute = next(k for k in range(2, 2000) if t_test_power(mean / std, k) >= 0.8)
+        assert n == brute
+    assert seeds_for_power(-1.0, 1.0) is None and seeds_for_power(0.0, 1.0) is None  # the loss does not help
+    assert seeds_for_power(0.01, 10.0, limit=1000) is None  # beyond the limit
+    # gap_test gives it for the gaps' own mean and spread, and the table prints it
+    gaps = [1.0, 2.0, 6.0]
+    assert gap_test(gaps)["seeds_for_power"] == seeds_for_power(3.0, statistics.stdev(gaps))
+    assert gap_test([-1.0, -2.0, -6.0])["seeds_for_power"] is None
