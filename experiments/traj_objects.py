@@ -90,11 +90,16 @@ def ensure_benchmark(data: Path, quick: bool, size: int, kinds: tuple[str, ...] 
 def describe_benchmark(data: Path) -> str:
     """What the tables trained and evaluated on: the synthetic benchmark's scale, size and seed from its
     ``meta.json`` (a reused ``--data`` may have been rendered by a ``--quick`` run), or a plain dataset folder."""
+    from common.data.synthetic import read_meta
+    from common.errors import ViewsslError
+
     try:
-        meta = json.loads((data / "meta.json").read_text())
-        return f"synthetic benchmark, {meta['scale']} scale, {meta['size']} px, seed {meta['seed']}"
-    except (OSError, ValueError, KeyError, TypeError):
+        meta = read_meta(data) or {}
+    except ViewsslError:
+        meta = {}
+    if not all(k in meta for k in ("scale", "size", "seed")):
         return "not a synthetic benchmark root (no readable meta.json)"
+    return f"synthetic benchmark, {meta['scale']} scale, {meta['size']} px, seed {meta['seed']}"
 
 
 def evaluate_run(ckpt: dict, bench: Path, device: torch.device, seed: int,

@@ -78,3 +78,16 @@ def test_quick_run_trains_both_weights_and_writes_the_tables(tmp_path):
     md = (out / "results.md").read_text()
     assert "Command: `python -m experiments.traj_objects --quick" in md and "imagenet stem, adamw" in md
     assert "QUICK smoke run" in md
+
+
+def test_describe_benchmark_from_meta_json(tmp_path):
+    from experiments.traj_objects import describe_benchmark
+
+    nothing = "not a synthetic benchmark root (no readable meta.json)"
+    assert describe_benchmark(tmp_path) == nothing  # a plain dataset folder
+    (tmp_path / "meta.json").write_text('{"config": ')  # damaged
+    assert describe_benchmark(tmp_path) == nothing
+    (tmp_path / "meta.json").write_text(json.dumps({"scale": "full", "size": 64, "seed": 3}))  # no config, kinds
+    assert describe_benchmark(tmp_path) == nothing
+    (tmp_path / "meta.json").write_text(json.dumps({"config": {}, "kinds": {}, "scale": "full", "size": 64, "seed": 3}))
+    assert describe_benchmark(tmp_path) == "synthetic benchmark, full scale, 64 px, seed 3"

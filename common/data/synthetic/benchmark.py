@@ -239,7 +239,7 @@ PRESETS: dict[str, dict] = {
 
 def load_config(root: str | os.PathLike) -> BenchmarkConfig:
     """The configuration a rendered benchmark was made with (from its ``meta.json``)."""
-    meta = _read_meta(Path(root))
+    meta = read_meta(Path(root))
     if meta is None:
         raise ViewsslError(f"no {META_FILE}: not a rendered synthetic benchmark", root)
     known = {f.name for f in fields(BenchmarkConfig)}
@@ -641,7 +641,9 @@ def _csv_text(v) -> str:
 _ABSENT = object()
 
 
-def _read_meta(root: Path) -> dict | None:
+def read_meta(root: Path) -> dict | None:
+    """The benchmark record ``root/meta.json`` (None when absent); an unreadable one, or one without ``config`` and
+    ``kinds``, is a :class:`ViewsslError` naming it."""
     path = root / META_FILE
     if not path.is_file():
         return None
@@ -704,7 +706,7 @@ def render_benchmark(out: str | os.PathLike, kinds: Iterable[str] = KINDS, size:
         raise ViewsslError(f"holds files but no {META_FILE}, so it is not a synthetic benchmark; render into a new or "
                            "empty folder", root)
     with folder_lock(root, "benchmark render"):  # two renders into one folder would write over each other's kinds
-        meta = _read_meta(root)  # read under the lock: another render may have finished since
+        meta = read_meta(root)  # read under the lock: another render may have finished since
         if meta is not None and meta.get("version") != META_VERSION:
             raise ViewsslError(f"holds a benchmark written by another version of viewssl (benchmark version "
                                f"{meta.get('version')}, this one {META_VERSION}); render into an empty folder", root)
@@ -802,7 +804,7 @@ def summarize(root: str | os.PathLike) -> dict:
     {"splits": {split: {"images", "instances", "categories", ...}}}}}``, read from ``meta.json`` and checked
     against each split's labels.csv."""
     root = Path(root)
-    meta = _read_meta(root)
+    meta = read_meta(root)
     if meta is None:
         raise ViewsslError(f"no {META_FILE}: not a rendered synthetic benchmark", root)
     total = 0
