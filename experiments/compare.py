@@ -29,6 +29,8 @@ from common.cli import invocation, resolve_device
 from common.errors import ViewsslError
 from common.io import atomic_save_figure, atomic_write_bytes, atomic_write_json
 
+from .traj_objects import _stats
+
 log = logging.getLogger("viewssl.experiments.compare")
 
 ANGLES = ("azimuth", "elevation", "tilt")
@@ -166,10 +168,9 @@ PROTOCOL_NOTE = (
 
 
 def _stat(values: list[float]) -> tuple[float, float]:
-    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=float)
-    if v.size == 0:
-        return float("nan"), float("nan")
-    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else float("nan")  # one value: no spread, not 0
+    """(mean, sample std) of the finite values (:func:`experiments.traj_objects._stats`); NaN std for one value."""
+    s = _stats(values)
+    return s["mean"], s["std"]
 
 
 def summarize_rows(rows: dict[str, list[dict]]) -> dict:
