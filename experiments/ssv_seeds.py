@@ -146,11 +146,12 @@ def gap_test(gaps: list[float]) -> dict[str, float | None]:
     from scipy import stats
 
     mean = statistics.fmean(gaps) if gaps else float("nan")
-    if len(gaps) < 2 or statistics.stdev(gaps) == 0:
+    std = statistics.stdev(gaps) if len(gaps) >= 2 else 0.0
+    if std == 0:
         return {"mean": mean, "t": None, "p": None, "n": len(gaps), "seeds_for_power": None}
     res = stats.ttest_1samp(gaps, 0.0, alternative="greater")
     return {"mean": mean, "t": float(res.statistic), "p": float(res.pvalue), "n": len(gaps),
-            "seeds_for_power": seeds_for_power(mean, statistics.stdev(gaps))}
+            "seeds_for_power": seeds_for_power(mean, std)}
 
 
 def t_test_power(effect: float, n: int, alpha: float = 0.05) -> float:
