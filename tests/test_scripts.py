@@ -102,7 +102,7 @@ def test_every_seed_option_refuses_a_negative_seed():
     the CLI and of the experiment scripts says so before anything runs, and --seeds too."""
     import click
 
-    from experiments import bench_knn, frame_pairs, ssv_heads, traj_objects
+    from experiments import bench_knn, calibration_fits, frame_pairs, ssv_heads, traj_objects
     from experiments.cli import cli
 
     def seed_options(command, path):
@@ -112,9 +112,9 @@ def test_every_seed_option_refuses_a_negative_seed():
         for name, sub in getattr(command, "commands", {}).items():
             yield from seed_options(sub, path + [name])
 
-    found = list(seed_options(cli, [])) + [([m.__name__], p) for m in (ssv_heads, bench_knn)
+    found = list(seed_options(cli, [])) + [([m.__name__], p) for m in (ssv_heads, bench_knn, calibration_fits)
                                            for p in m.main.params if p.name == "seed"]
-    assert len(found) >= 9, [path for path, _ in found]
+    assert len(found) >= 10, [path for path, _ in found]
     for path, option in found:
         assert isinstance(option.type, click.IntRange) and option.type.min == 0, path
     for script in (traj_objects, frame_pairs):
