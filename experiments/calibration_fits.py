@@ -70,8 +70,9 @@ def protocol_predictions(pred, true, fraction: float = 0.1, seed: int = 0, count
 
 def calibration_fits(pred, true, fraction: float = 0.1, seed: int = 0, count: int | None = None) -> dict:
     """Per fit of :data:`FITS` and fitting set (``calibration``, ``all``), the scored frames' MAE per angle and their
-    mean (degrees, :func:`common.eval.pose.viewpoint_errors`), beside the protocol's figures: ``{"protocol": {...}, "uncalibrated_mae": x, "n_calibration": n,
-    "n_scored": m, "fits": {fit: {"calibration": {azimuth_mae, elevation_mae, tilt_mae, mae}, "all": {...}}}}``."""
+    mean (degrees, :func:`common.eval.pose.viewpoint_errors`), beside the protocol's figures: ``{"protocol": {...},
+    "uncalibrated_mae": x, "n_calibration": n, "n_scored": m, "fits": {fit: {"calibration": {azimuth_mae,
+    elevation_mae, tilt_mae, mae}, "all": {...}}}}``."""
     res, c, cal, scored = protocol_predictions(pred, true, fraction, seed, count)
     true = torch.as_tensor(true, dtype=torch.float64)
     target = (torch.from_numpy(c) + wrap_angle(true - torch.from_numpy(c))).numpy()  # labels within pi of c

@@ -29,7 +29,7 @@ from common.cli import invocation, resolve_device
 from common.errors import ViewsslError
 from common.io import atomic_save_figure, atomic_write_bytes, atomic_write_json
 
-from .traj_objects import _stats
+from .traj_objects import seed_stats
 
 log = logging.getLogger("viewssl.experiments.compare")
 
@@ -168,8 +168,8 @@ PROTOCOL_NOTE = (
 
 
 def _stat(values: list[float]) -> tuple[float, float]:
-    """(mean, sample std) of the finite values (:func:`experiments.traj_objects._stats`); NaN std for one value."""
-    s = _stats(values)
+    """(mean, sample std) of the finite values (:func:`experiments.traj_objects.seed_stats`); NaN std for one value."""
+    s = seed_stats(values)
     return s["mean"], s["std"]
 
 

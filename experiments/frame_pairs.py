@@ -46,8 +46,8 @@ import torch
 from common.cli import ViewsslCommand, comma_list, int_list, invocation, resolve_device
 from common.io import atomic_write_bytes, atomic_write_json
 
-from .traj_objects import (_fmt, _stats, describe_benchmark, encoder_options, ensure_benchmark, paired_deltas,
-                           train_and_evaluate)
+from .traj_objects import (describe_benchmark, encoder_options, ensure_benchmark, format_stats, paired_deltas,
+                           seed_stats, train_and_evaluate)
 
 log = logging.getLogger("viewssl.experiments.frame_pairs")
 
@@ -166,7 +166,7 @@ def aggregate(runs: list[dict]) -> dict:
     groups: dict[str, list[dict]] = {}
     for r in runs:
         groups.setdefault(_variant(r["config"]), []).append(r)
-    return {g: {k: _stats([r["metrics"].get(k) for r in rs]) for k in sorted({k for r in rs for k in r["metrics"]})}
+    return {g: {k: seed_stats([r["metrics"].get(k) for r in rs]) for k in sorted({k for r in rs for k in r["metrics"]})}
             for g, rs in groups.items()}
 
 
@@ -197,7 +197,7 @@ def _ordered_variants(runs: list[dict]) -> list[tuple[str, str, float]]:
 
 
 def _row(title: str, stats: dict, tap: str) -> str:
-    cells = [_fmt(stats.get(key.format(tap=tap), {}), scale) for _, key, scale, _, _ in COLUMNS]
+    cells = [format_stats(stats.get(key.format(tap=tap), {}), scale) for _, key, scale, _, _ in COLUMNS]
     return f"| {title} | " + " | ".join(cells) + " |"
 
 
@@ -253,8 +253,8 @@ def format_markdown(runs: list[dict], agg: dict, args: dict) -> str:
                 lines.append(_row(variant_title(m, p, w), g, tap))
         if tap == "pooled":  # the random-neighbour baseline depends on the seed only: one run per seed
             first = [r for r in runs if _variant(r["config"]) == variant_name(*variants[0])]
-            cells = [_fmt(_stats([r["metrics"].get(f"box_fit/pooled/random_neighbor/{k}") for r in first]), 100.0)
-                     for k in ("ap_50", "mean_iou")]
+            cells = [format_stats(seed_stats([r["metrics"].get(f"box_fit/pooled/random_neighbor/{k}") for r in first]),
+                                  100.0) for k in ("ap_50", "mean_iou")]
             lines.append("| random train frame (box baseline) | " + " | ".join(cells + ["n/a"] * (len(COLUMNS) - 2))
                          + " |")
         lines.append("")
@@ -263,7 +263,7 @@ def format_markdown(runs: list[dict], agg: dict, args: dict) -> str:
         lines += ["## One model that has both? Dual minus each single-purpose model (pooled trunk; paired by seed; "
                   "points or degrees)", "", "| comparison | " + " | ".join(c[0] for c in COLUMNS) + " |", rule]
         for name, d in deltas.items():
-            lines.append(f"| {name} | " + " | ".join(_fmt(d[key.format(tap='pooled')], scale)
+            lines.append(f"| {name} | " + " | ".join(format_stats(d[key.format(tap='pooled')], scale)
                                                      for _, key, scale, _, _ in COLUMNS) + " |")
         lines += ["", "Read: the dual model has both if it is no worse than `nearby` on the pose columns (box: "
                   "higher is better, degrees: lower) and no worse than `distant` on the instance columns.", ""]

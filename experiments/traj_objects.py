@@ -162,7 +162,9 @@ def train_and_evaluate(bench: Path, run_dir: Path, config: dict, device: torch.d
     return out
 
 
-def _stats(values: list[float]) -> dict:
+def seed_stats(values: list[float]) -> dict:
+    """``{mean, std, n}`` of the finite values over seeds (None and NaN left out; sample std, NaN for one value).
+    Shared with compare and frame_pairs."""
     v = [x for x in values if x is not None and math.isfinite(x)]
     if not v:
         return {"mean": math.nan, "std": math.nan, "n": 0}
@@ -179,7 +181,7 @@ def aggregate(runs: list[dict]) -> dict:
     agg = {}
     for g, rs in groups.items():
         keys = sorted({k for r in rs for k in r["metrics"]})
-        agg[g] = {k: _stats([r["metrics"].get(k) for r in rs]) for k in keys}
+        agg[g] = {k: seed_stats([r["metrics"].get(k) for r in rs]) for k in keys}
     return agg
 
 
@@ -188,10 +190,12 @@ def paired_deltas(runs: list[dict], key_a: str, key_b: str, select_a, select_b) 
     a = {r["config"]["seed"]: r["metrics"].get(key_a) for r in runs if select_a(r["config"])}
     b = {r["config"]["seed"]: r["metrics"].get(key_b) for r in runs if select_b(r["config"])}
     diffs = [b[s] - a[s] for s in sorted(set(a) & set(b)) if a[s] is not None and b[s] is not None]
-    return _stats(diffs)
+    return seed_stats(diffs)
 
 
-def _fmt(stats: dict, scale: float) -> str:
+def format_stats(stats: dict, scale: float) -> str:
+    """A table cell of :func:`seed_stats` times ``scale``: "mean ± std", the mean alone for one seed, "n/a" for
+    none."""
     if not stats or stats.get("n", 0) == 0 or not math.isfinite(stats["mean"]):
         return "n/a"
     if not math.isfinite(stats["std"]):
@@ -225,7 +229,7 @@ def format_markdown(runs: list[dict], agg: dict, args: dict) -> str:
                 if g not in agg:
                     continue
                 name = m + (f" + traj {w:g}" if w > 0 else "")
-                cells = [_fmt(agg[g].get(key.format(tap=tap), {}), scale) for _, key, scale, _ in COLUMNS]
+                cells = [format_stats(agg[g].get(key.format(tap=tap), {}), scale) for _, key, scale, _ in COLUMNS]
                 lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
     if len(weights) > 1:
@@ -239,7 +243,7 @@ def format_markdown(runs: list[dict], agg: dict, args: dict) -> str:
                     k = key.format(tap=tap)
                     d = paired_deltas(runs, k, k, lambda c, m=m: c["method"] == m and c["traj_weight"] == 0,
                                       lambda c, m=m: c["method"] == m and c["traj_weight"] == w)
-                    cells.append(_fmt(d, scale))
+                    cells.append(format_stats(d, scale))
                 lines.append(f"| {m}, {tap} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["## Mid layer minus final layer (same runs; paired by seed)", "",
@@ -250,7 +254,7 @@ def format_markdown(runs: list[dict], agg: dict, args: dict) -> str:
             for _, key, scale, _ in COLUMNS:
                 sel = (lambda c, m=m, wt=wt: c["method"] == m and c["traj_weight"] == wt)
                 d = paired_deltas(runs, key.format(tap="pooled"), key.format(tap="layer3"), sel, sel)
-                cells.append(_fmt(d, scale))
+                cells.append(format_stats(d, scale))
             lines.append(f"| {m}{f' + traj {wt:g}' if wt > 0 else ''} | " + " | ".join(cells) + " |")
     lines += ["", "Paper (trajSSL, ECCV 2024, from paper notes): trajectory +3-4 points of pose with classification "
               "unchanged; mid-layer features +9 / +20 / +11 points of pose over final-layer (in-domain / unseen poses "

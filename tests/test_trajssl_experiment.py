@@ -29,11 +29,11 @@ def test_aggregate_mean_and_sample_std():
 def test_one_value_has_no_spread_to_report():
     """One seed (or one finite value of several) is printed as its mean alone, not as "x ± 0.0"."""
     from experiments.compare import _cell
-    from experiments.traj_objects import _fmt, _stats
+    from experiments.traj_objects import format_stats, seed_stats
 
-    one = _stats([0.42, None, math.nan])
+    one = seed_stats([0.42, None, math.nan])
     assert one["n"] == 1 and one["mean"] == pytest.approx(0.42) and math.isnan(one["std"])
-    assert _fmt(one, 100.0) == "42.0" and _fmt(_stats([0.4, 0.5]), 100.0) == "45.0 ± 7.1"
+    assert format_stats(one, 100.0) == "42.0" and format_stats(seed_stats([0.4, 0.5]), 100.0) == "45.0 ± 7.1"
     assert _cell([{"mae": 3.0}, {"mae": math.nan}], "mae") == "3.0"
     assert _cell([{"mae": 3.0}, {"mae": 5.0}], "mae") == "4.0 ± 1.4"
 
