@@ -37,17 +37,18 @@ from common.eval.pose import (ANGLE_NAMES, calibrated_viewpoint_errors, calibrat
                               viewpoint_errors)
 from common.geometry import wrap_angle
 
-FITS = ("per-angle linear", "per-angle cubic", "cross-angle affine", "cross-angle cubic")
+#: map name -> (whether each angle's map reads all three angles, polynomial degree)
+FITS = {"per-angle linear": (False, 1), "per-angle cubic": (False, 3), "cross-angle affine": (True, 1),
+        "cross-angle cubic": (True, 3)}
 MAE_KEYS = tuple(f"{name}_mae" for name in ANGLE_NAMES) + ("mae",)
 
 
 def design(c: np.ndarray, fit: str, j: int) -> np.ndarray:
-    """Columns of the map ``fit`` for angle ``j`` from calibrated predictions c (N, 3) radians -> (N, k) with a
-    constant column."""
-    if fit.startswith("per-angle"):
-        degree = 1 if fit.endswith("linear") else 3
+    """Columns of the map ``fit`` (:data:`FITS`) for angle ``j`` from calibrated predictions c (N, 3) radians ->
+    (N, k): every monomial up to the fit's degree of angle j alone, or of all three, the constant included."""
+    cross, degree = FITS[fit]
+    if not cross:
         return np.vander(c[:, j], degree + 1)
-    degree = 1 if fit.endswith("affine") else 3
     cols = [np.ones(len(c))]
     for d in range(1, degree + 1):
         cols += [np.prod(c[:, list(idx)], axis=1) for idx in itertools.combinations_with_replacement(range(3), d)]
