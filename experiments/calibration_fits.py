@@ -9,22 +9,26 @@ frame and the labels' that a line per angle cannot express (a curved scale, one 
 that no map of the predictions can remove (image by image noise). This script fits richer maps on top of the
 protocol's calibrated predictions c (N, 3) and scores them on the protocol's scored frames:
 
-- ``per-angle linear``: each angle a line in its own c (the protocol's family: on the calibration frames it gives the
-  protocol's figure again);
+- ``per-angle linear``: each angle a line in its own c (the protocol's family: on the calibration frames, where the
+  protocol fitted a line, it gives the protocol's figure again; an angle whose labels go all around is fitted by a
+  sign and an offset there, and by least squares here);
 - ``per-angle cubic``: each angle a cubic in its own c;
 - ``cross-angle affine``: each angle a line in all three (a small rotation between the frames, to first order);
 - ``cross-angle cubic``: each angle a polynomial of degree 3 in all three (20 terms).
 
 Each is fitted twice: on the calibration frames (an honest figure) and on every frame, the scored ones included (in
-sample: a bound on what that family of maps could do). If even the in-sample cubic leaves most of the error, the error
-is precision, and no calibration or change of frame will close it. Targets are the labels moved by whole turns to
-within pi of c, and errors are wrapped (:func:`common.geometry.angular_difference`), so circular angles work too.
+sample: about what that family of maps could do). If even the in-sample cubic leaves most of the error, most of it is
+precision, which no calibration or change of frame will remove. Targets are the labels moved by whole turns to within
+pi of c, and errors are wrapped (:func:`common.geometry.angular_difference`), so a wrapped prediction is scored right;
+a polynomial is not periodic, though, and for an angle that goes all around (objects' azimuth) the maps beyond the line
+are of little use. A map with more terms than the frames it is fitted on is left out (``None``, "n/a" in the table).
 Prints a markdown table (degrees) and writes it with the figures as JSON (``--out``).
 """
 from __future__ import annotations
 
 import itertools
 import json
+import logging
 from pathlib import Path
 
 import click
@@ -41,6 +45,7 @@ from common.geometry import wrap_angle
 FITS = {"per-angle linear": (False, 1), "per-angle cubic": (False, 3), "cross-angle affine": (True, 1),
         "cross-angle cubic": (True, 3)}
 MAE_KEYS = tuple(f"{name}_mae" for name in ANGLE_NAMES) + ("mae",)
+log = logging.getLogger("viewssl.experiments.calibration_fits")
 
 
 def design(c: np.ndarray, fit: str, j: int) -> np.ndarray:
@@ -73,7 +78,7 @@ def calibration_fits(pred, true, fraction: float = 0.1, seed: int = 0, count: in
     """Per fit of :data:`FITS` and fitting set (``calibration``, ``all``), the scored frames' MAE per angle and their
     mean (degrees, :func:`common.eval.pose.viewpoint_errors`), beside the protocol's figures: ``{"protocol": {...},
     "uncalibrated_mae": x, "n_calibration": n, "n_scored": m, "fits": {fit: {"calibration": {azimuth_mae,
-    elevation_mae, tilt_mae, mae}, "all": {...}}}}``."""
+    elevation_mae, tilt_mae, mae} or None (fewer frames than terms), "all": {...}}}}``."""
     res, c, cal, scored = protocol_predictions(pred, true, fraction, seed, count)
     true = torch.as_tensor(true, dtype=torch.float64)
     target = (torch.from_numpy(c) + wrap_angle(true - torch.from_numpy(c))).numpy()  # labels within pi of c
@@ -82,17 +87,17 @@ def calibration_fits(pred, true, fraction: float = 0.1, seed: int = 0, count: in
            "fits": {}}
     for fit in FITS:
         out["fits"][fit] = {}
+        X = [design(c, fit, j) for j in range(3)]
         for where, rows in (("calibration", cal), ("all", np.arange(len(c)))):
-            mapped = np.empty((scored.size, 3))
-            for j in range(3):
-                X = design(c, fit, j)
-                # fewer frames than terms is refused; a constant angle (objects' tilt) only makes lstsq pick the
-                # smallest weights, as it should
-                if rows.size < X.shape[1]:
-                    raise ViewsslError(f"{fit}: {rows.size} frames cannot fit its {X.shape[1]} terms "
-                                       "(use more calibration frames)")
-                w, *_ = np.linalg.lstsq(X[rows], target[rows, j], rcond=None)
-                mapped[:, j] = X[scored] @ w
+            # fewer frames than terms: no fit (a constant angle, objects' tilt, only makes lstsq pick the smallest
+            # weights, as it should)
+            if rows.size < X[0].shape[1]:
+                log.warning("%s: %d frames cannot fit its %d terms (left out; more calibration frames would do)",
+                            fit, rows.size, X[0].shape[1])
+                out["fits"][fit][where] = None
+                continue
+            mapped = np.stack([X[j][scored] @ np.linalg.lstsq(X[j][rows], target[rows, j], rcond=None)[0]
+                               for j in range(3)], axis=1)
             figs = viewpoint_errors(torch.from_numpy(mapped), true[torch.from_numpy(scored)])
             out["fits"][fit][where] = {k: figs[k] for k in MAE_KEYS}
     return out
@@ -100,6 +105,8 @@ def calibration_fits(pred, true, fraction: float = 0.1, seed: int = 0, count: in
 
 def markdown(result: dict, title: str) -> str:
     def cells(f):
+        if f is None:
+            return " | ".join(["n/a (too few frames)", "", "", ""])
         return " | ".join(f"{f[f'{n}_mae']:.2f}" for n in ANGLE_NAMES) + f" | **{f['mae']:.2f}**"
 
     lines = [f"## {title}", "",
