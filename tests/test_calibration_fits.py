@@ -25,6 +25,13 @@ def _mae(result, fit, where):
     return result["fits"][fit][where]["mae"]
 
 
+def _assert_every_map_exact(result):
+    assert result["protocol"]["mae"] < 1e-6
+    for fit in FITS:
+        for where in ("calibration", "all"):
+            assert _mae(result, fit, where) < 1e-6, (fit, where)
+
+
 def test_the_protocol_row_is_ssvs_figure_and_the_per_angle_line_on_its_frames():
     pred = _heads()
     true = 0.8 * pred + 0.1 + np.random.default_rng(1).normal(0, 0.05, pred.shape)
@@ -77,11 +84,7 @@ def test_angles_seen_from_all_around_are_fitted_on_the_circle():
     true = np.stack([rng.uniform(-math.pi, math.pi, 600), *(rng.uniform(-1, 1, (2, 600)) * RANGES[1:, None])], 1)
     pred = true.copy()
     pred[:, 0] = np.arctan2(np.sin(-true[:, 0] + 1.0), np.cos(-true[:, 0] + 1.0))
-    res = calibration_fits(pred, true)
-    assert res["protocol"]["mae"] < 1e-6
-    for fit in FITS:
-        for where in ("calibration", "all"):
-            assert _mae(res, fit, where) < 1e-6, (fit, where)
+    _assert_every_map_exact(calibration_fits(pred, true))
 
 
 def test_predictions_wrapping_inside_their_range_are_unwrapped_as_the_protocol_does():
@@ -91,11 +94,7 @@ def test_predictions_wrapping_inside_their_range_are_unwrapped_as_the_protocol_d
     pred = true.copy()
     turned = true[:, 0] / 0.7 + math.pi  # a scale too: a whole turn of the prediction is not one of the labels
     pred[:, 0] = np.arctan2(np.sin(turned), np.cos(turned))
-    res = calibration_fits(pred, true)
-    assert res["protocol"]["mae"] < 1e-6
-    for fit in FITS:
-        for where in ("calibration", "all"):
-            assert _mae(res, fit, where) < 1e-6, (fit, where)
+    _assert_every_map_exact(calibration_fits(pred, true))
 
 
 def test_design_columns():
