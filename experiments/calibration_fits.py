@@ -3,7 +3,7 @@
     python -m experiments.calibration_fits CHECKPOINT --data DIR [--kind heads] [--split test] [--ema]
                                            [--calibration 0.1] [--seed 0] [--out FILE.json]
 
-SSV's protocol (``common.eval.pose.calibrated_viewpoint_errors``) maps each predicted angle to the labels with a line
+SSV's protocol (``common.eval.pose.calibrated_predictions``) maps each predicted angle to the labels with a line
 fitted on a seeded 10 % of the frames and scores the rest. What it leaves is either a mismatch between the model's
 frame and the labels' that a line per angle cannot express (a curved scale, one angle leaking into another), or error
 that no map of the predictions can remove (image by image noise). This script fits richer maps on top of the
@@ -37,8 +37,7 @@ import torch
 
 from common.cli import ViewsslCommand, resolve_device
 from common.errors import ViewsslError
-from common.eval.pose import (ANGLE_NAMES, calibrated_viewpoint_errors, calibration_split, unwrap_around,
-                              viewpoint_errors)
+from common.eval.pose import ANGLE_NAMES, calibrated_predictions, viewpoint_errors
 from common.geometry import wrap_angle
 
 #: map name -> (whether each angle's map reads all three angles, polynomial degree)
@@ -60,31 +59,21 @@ def design(c: np.ndarray, fit: str, j: int) -> np.ndarray:
     return np.stack(cols, axis=1)
 
 
-def protocol_predictions(pred, true, fraction: float = 0.1, seed: int = 0, count: int | None = None):
-    """SSV's protocol on (N, 3) radians: (its result dict, calibrated predictions c (N, 3) float64 radians for every
-    frame, calibration indices, scored indices)."""
-    pred = torch.as_tensor(pred, dtype=torch.float64)
-    res = calibrated_viewpoint_errors(pred, true, fraction, seed, count)
-    cal, scored = calibration_split(pred.shape[0], fraction, seed, count)
-    c = torch.empty_like(pred)
-    for j, name in enumerate(ANGLE_NAMES):
-        center = res[f"center_{name}"]
-        p = pred[:, j] if center is None else unwrap_around(pred, torch.full((3,), center, dtype=torch.float64))[:, j]
-        c[:, j] = res[f"slope_{name}"] * p + res[f"intercept_{name}"]
-    return res, c.numpy(), cal.numpy(), scored.numpy()
-
-
 def calibration_fits(pred, true, fraction: float = 0.1, seed: int = 0, count: int | None = None) -> dict:
     """Per fit of :data:`FITS` and fitting set (``calibration``, ``all``), the scored frames' MAE per angle and their
     mean (degrees, :func:`common.eval.pose.viewpoint_errors`), beside the protocol's figures: ``{"protocol": {...},
     "uncalibrated_mae": x, "n_calibration": n, "n_scored": m, "fits": {fit: {"calibration": {azimuth_mae,
     elevation_mae, tilt_mae, mae} or None (fewer frames than terms), "all": {...}}}}``."""
-    res, c, cal, scored = protocol_predictions(pred, true, fraction, seed, count)
+    protocol = calibrated_predictions(pred, true, fraction, seed, count)
     true = torch.as_tensor(true, dtype=torch.float64)
-    target = (torch.from_numpy(c) + wrap_angle(true - torch.from_numpy(c))).numpy()  # labels within pi of c
-    out = {"protocol": {k: res[k] for k in MAE_KEYS},
-           "uncalibrated_mae": res["uncalibrated_mae"], "n_calibration": int(cal.size), "n_scored": int(scored.size),
-           "fits": {}}
+    cal, scored = protocol["calibration"].numpy(), protocol["scored"].numpy()
+    c = protocol["mapped"]
+    target = (c + wrap_angle(true - c)).numpy()  # labels within pi of c
+    c = c.numpy()
+    out = {"protocol": {k: v for k, v in viewpoint_errors(protocol["mapped"][scored], true[scored]).items()
+                        if k in MAE_KEYS},
+           "uncalibrated_mae": viewpoint_errors(protocol["pred"][scored], true[scored])["mae"],
+           "n_calibration": int(cal.size), "n_scored": int(scored.size), "fits": {}}
     for fit in FITS:
         out["fits"][fit] = {}
         X = [design(c, fit, j) for j in range(3)]
@@ -98,7 +87,7 @@ def calibration_fits(pred, true, fraction: float = 0.1, seed: int = 0, count: in
                 continue
             mapped = np.stack([X[j][scored] @ np.linalg.lstsq(X[j][rows], target[rows, j], rcond=None)[0]
                                for j in range(3)], axis=1)
-            figs = viewpoint_errors(torch.from_numpy(mapped), true[torch.from_numpy(scored)])
+            figs = viewpoint_errors(torch.from_numpy(mapped), true[scored])
             out["fits"][fit][where] = {k: figs[k] for k in MAE_KEYS}
     return out
 

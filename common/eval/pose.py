@@ -43,6 +43,7 @@ __all__ = [
     "prediction_center",
     "unwrap_around",
     "calibration_split",
+    "calibrated_predictions",
     "calibrated_viewpoint_errors",
     "evaluate_viewpoints",
     "geodesic_errors_deg",
@@ -221,18 +222,17 @@ def calibration_split(n: int, fraction: float = 0.1, seed: int = 0, count: int |
     return perm[:size].sort().values, perm[size:].sort().values
 
 
-def calibrated_viewpoint_errors(
+def calibrated_predictions(
     pred_angles, true_angles, fraction: float = 0.1, seed: int = 0, count: int | None = None
 ) -> dict:
-    """SSV's protocol: :func:`viewpoint_errors` on the frames outside a seeded calibration subset, after mapping the
-    predictions with the per-angle linear fit made on that subset.
+    """SSV's calibration map, fitted on a seeded calibration subset and applied to every frame (the protocol of
+    :func:`calibrated_viewpoint_errors`, which scores it on the other frames).
 
     Per angle the fit is made on the raw predictions or on the predictions unwrapped around
     :func:`prediction_center` of the calibration frames, whichever it maps with the smaller error there (the module
-    docstring says why). Returns the :data:`VIEWPOINT_KEYS` plus ``protocol="calibrated"``, ``n_calibration``,
-    ``n_scored``, ``seed``, ``fraction``, ``slope_<angle>``, ``intercept_<angle>`` (radians), ``center_<angle>``
-    (radians; None where the raw predictions were kept), ``fit_<angle>`` and ``uncalibrated_mae`` (the raw MAE on the
-    same scored frames, for comparison).
+    docstring says why). Returns ``mapped`` (N, 3) float64 radians, ``calibration`` and ``scored`` (the two index
+    sets), ``pred`` (the predictions the fit was made on: raw or unwrapped per angle), ``slope``, ``intercept``
+    (3,), ``center`` (3,) and ``unwrapped`` (3 bools: where ``pred`` is unwrapped around ``center``), ``kinds``.
     """
     raw, true = _angles(pred_angles, "pred_angles"), _angles(true_angles, "true_angles")
     cal, scored = calibration_split(raw.shape[0], fraction, seed, count)
@@ -249,16 +249,33 @@ def calibrated_viewpoint_errors(
     pick = torch.tensor(unwrapped)
     pred = torch.where(pick, fits[1][0], fits[0][0])
     slope, intercept = torch.where(pick, fits[1][1], fits[0][1]), torch.where(pick, fits[1][2], fits[0][2])
-    kinds = fits[0][3]
-    out: dict = viewpoint_errors(apply_angle_calibration(pred[scored], slope, intercept), true[scored])
-    out["uncalibrated_mae"] = viewpoint_errors(pred[scored], true[scored])["mae"]
+    return {"mapped": apply_angle_calibration(pred, slope, intercept), "calibration": cal, "scored": scored,
+            "pred": pred, "slope": slope, "intercept": intercept, "center": center, "unwrapped": unwrapped,
+            "kinds": fits[0][3]}
+
+
+def calibrated_viewpoint_errors(
+    pred_angles, true_angles, fraction: float = 0.1, seed: int = 0, count: int | None = None
+) -> dict:
+    """SSV's protocol: :func:`viewpoint_errors` on the frames outside a seeded calibration subset, after mapping the
+    predictions with the per-angle linear fit made on that subset (:func:`calibrated_predictions`).
+
+    Returns the :data:`VIEWPOINT_KEYS` plus ``protocol="calibrated"``, ``n_calibration``, ``n_scored``, ``seed``,
+    ``fraction``, ``slope_<angle>``, ``intercept_<angle>`` (radians), ``center_<angle>`` (radians; None where the raw
+    predictions were kept), ``fit_<angle>`` and ``uncalibrated_mae`` (the raw MAE on the same scored frames, for
+    comparison).
+    """
+    c = calibrated_predictions(pred_angles, true_angles, fraction, seed, count)
+    true, cal, scored = _angles(true_angles, "true_angles"), c["calibration"], c["scored"]
+    out: dict = viewpoint_errors(c["mapped"][scored], true[scored])
+    out["uncalibrated_mae"] = viewpoint_errors(c["pred"][scored], true[scored])["mae"]
     out.update(protocol="calibrated", n_calibration=int(cal.numel()), n_scored=int(scored.numel()), seed=int(seed),
-               fraction=float(cal.numel()) / pred.shape[0])
+               fraction=float(cal.numel()) / c["pred"].shape[0])
     for j, name in enumerate(ANGLE_NAMES):
-        out[f"slope_{name}"] = float(slope[j])
-        out[f"intercept_{name}"] = float(intercept[j])
-        out[f"center_{name}"] = float(center[j]) if unwrapped[j] else None
-        out[f"fit_{name}"] = kinds[j]
+        out[f"slope_{name}"] = float(c["slope"][j])
+        out[f"intercept_{name}"] = float(c["intercept"][j])
+        out[f"center_{name}"] = float(c["center"][j]) if c["unwrapped"][j] else None
+        out[f"fit_{name}"] = c["kinds"][j]
     return out
 
 
