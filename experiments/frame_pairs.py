@@ -47,7 +47,7 @@ from common.cli import ViewsslCommand, comma_list, int_list, invocation, resolve
 from common.io import atomic_write_bytes, atomic_write_json
 
 from .traj_objects import (describe_benchmark, encoder_options, ensure_benchmark, format_stats, paired_deltas,
-                           seed_stats, train_and_evaluate)
+                           seed_stats, stats_by_group, train_and_evaluate)
 
 log = logging.getLogger("viewssl.experiments.frame_pairs")
 
@@ -163,11 +163,7 @@ def _variant(config: dict) -> str:
 
 def aggregate(runs: list[dict]) -> dict:
     """{variant: {key: stats over seeds}} with variant = "<method>-<pairs>[-traj<w>]"."""
-    groups: dict[str, list[dict]] = {}
-    for r in runs:
-        groups.setdefault(_variant(r["config"]), []).append(r)
-    return {g: {k: seed_stats([r["metrics"].get(k) for r in rs]) for k in sorted({k for r in rs for k in r["metrics"]})}
-            for g, rs in groups.items()}
+    return stats_by_group(runs, _variant)
 
 
 def dual_deltas(runs: list[dict], tap: str = "pooled") -> dict:

@@ -172,17 +172,19 @@ def seed_stats(values: list[float]) -> dict:
     return {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else math.nan, "n": len(v)}
 
 
-def aggregate(runs: list[dict]) -> dict:
-    """{group: {key: stats}} with group = "<method>-traj<w>", over seeds; plus paired differences."""
+def stats_by_group(runs: list[dict], group_of) -> dict:
+    """{group: {metric key: :func:`seed_stats` over the group's runs}}, runs grouped by ``group_of(config)``.
+    Shared with frame_pairs."""
     groups: dict[str, list[dict]] = {}
     for r in runs:
-        c = r["config"]
-        groups.setdefault(f"{c['method']}-traj{c['traj_weight']:g}", []).append(r)
-    agg = {}
-    for g, rs in groups.items():
-        keys = sorted({k for r in rs for k in r["metrics"]})
-        agg[g] = {k: seed_stats([r["metrics"].get(k) for r in rs]) for k in keys}
-    return agg
+        groups.setdefault(group_of(r["config"]), []).append(r)
+    return {g: {k: seed_stats([r["metrics"].get(k) for r in rs]) for k in sorted({k for r in rs for k in r["metrics"]})}
+            for g, rs in groups.items()}
+
+
+def aggregate(runs: list[dict]) -> dict:
+    """{group: {key: stats}} with group = "<method>-traj<w>", over seeds."""
+    return stats_by_group(runs, lambda c: f"{c['method']}-traj{c['traj_weight']:g}")
 
 
 def paired_deltas(runs: list[dict], key_a: str, key_b: str, select_a, select_b) -> dict:
