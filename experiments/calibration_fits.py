@@ -27,7 +27,6 @@ Prints a markdown table (degrees) and writes it with the figures as JSON (``--ou
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 from pathlib import Path
 
@@ -37,6 +36,7 @@ import torch
 
 from common.cli import ViewsslCommand, resolve_device
 from common.errors import ViewsslError
+from common.io import atomic_write_json
 from common.eval.pose import ANGLE_NAMES, calibrated_predictions, viewpoint_errors
 from common.geometry import wrap_angle
 
@@ -148,9 +148,8 @@ def main(checkpoint, data, kind, split, ema, calibration, seed, device, batch_si
     table = markdown(result, title)
     click.echo(table, nl=False)
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"checkpoint": str(checkpoint), "step": step, "ema": ema, "data": str(data),
-                                   "kind": part, "split": split, "seed": seed, **result, "table": table}, indent=1))
+        atomic_write_json({"checkpoint": str(checkpoint), "step": step, "ema": ema, "data": str(data), "kind": part,
+                           "split": split, "seed": seed, **result, "table": table}, out)
         click.echo(f"written to {out}")
 
 

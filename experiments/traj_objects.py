@@ -74,12 +74,12 @@ def ensure_benchmark(data: Path, quick: bool, size: int, kinds: tuple[str, ...] 
     Shared with frame_pairs."""
     if all((data / n / "labels.csv").is_file() for n in needs):
         return data
-    from common.data.synthetic import holds_other_files, render_benchmark
+    from common.data.synthetic import META_FILE, holds_other_files, render_benchmark
     from common.errors import ViewsslError
 
-    if holds_other_files(data) and not (data / "meta.json").is_file():
+    if holds_other_files(data) and not (data / META_FILE).is_file():
         raise ViewsslError(f"--data has no {' and '.join(needs)} (labels.csv) and is not a synthetic benchmark root "
-                           "(no meta.json): pass a benchmark root, or a new folder to render one into", data)
+                           f"(no {META_FILE}): pass a benchmark root, or a new folder to render one into", data)
 
     log.info("rendering the %s benchmark (%s) into %s", "quick" if quick else "full", ", ".join(kinds), data)
     render_benchmark(data, kinds=kinds, size=size, scale="small" if quick else "full", seed=0, progress=not quick,

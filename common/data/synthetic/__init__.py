@@ -14,6 +14,7 @@ Quick start::
 """
 from .benchmark import (
     KINDS,
+    META_FILE,
     SPLITS,
     BenchmarkConfig,
     SyntheticDataset,
@@ -31,7 +32,8 @@ from .meshes import CATEGORIES, IN_DOMAIN, OUT_OF_DOMAIN, build_object
 from .render import Background, Camera, Light, get_renderer, project
 
 __all__ = [
-    "KINDS", "SPLITS", "BenchmarkConfig", "SyntheticDataset", "ViewSpec", "fib_rotations", "format_summary",
-    "holds_other_files", "load_config", "read_meta", "render_benchmark", "summarize", "build_head", "build_object",
+    "KINDS", "META_FILE", "SPLITS", "BenchmarkConfig", "SyntheticDataset", "ViewSpec", "fib_rotations",
+    "format_summary", "holds_other_files", "load_config", "read_meta", "render_benchmark", "summarize", "build_head",
+    "build_object",
     "CATEGORIES", "IN_DOMAIN", "OUT_OF_DOMAIN", "Background", "Camera", "Light", "get_renderer", "project",
 ]
