@@ -36,9 +36,9 @@ import torch
 
 from common.cli import ViewsslCommand, resolve_device
 from common.errors import ViewsslError
-from common.io import atomic_write_json
 from common.eval.pose import ANGLE_NAMES, calibrated_predictions, viewpoint_errors
 from common.geometry import wrap_angle
+from common.io import atomic_write_json
 
 #: map name -> (whether each angle's map reads all three angles, polynomial degree)
 FITS = {"per-angle linear": (False, 1), "per-angle cubic": (False, 3), "cross-angle affine": (True, 1),

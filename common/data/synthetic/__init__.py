@@ -34,6 +34,6 @@ from .render import Background, Camera, Light, get_renderer, project
 __all__ = [
     "KINDS", "META_FILE", "SPLITS", "BenchmarkConfig", "SyntheticDataset", "ViewSpec", "fib_rotations",
     "format_summary", "holds_other_files", "load_config", "read_meta", "render_benchmark", "summarize", "build_head",
-    "build_object",
-    "CATEGORIES", "IN_DOMAIN", "OUT_OF_DOMAIN", "Background", "Camera", "Light", "get_renderer", "project",
+    "build_object", "CATEGORIES", "IN_DOMAIN", "OUT_OF_DOMAIN", "Background", "Camera", "Light", "get_renderer",
+    "project",
 ]
