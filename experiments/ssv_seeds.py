@@ -1,6 +1,6 @@
 """SSV's ablation over seeds: several ``experiments.ssv_heads`` output folders in one table and one plot.
 
-    python -m experiments.ssv_seeds OUT1 OUT2 ... [--out runs/ssv_seeds] [--step N]
+    python -m experiments.ssv_seeds OUT1 OUT2 ... [--out runs/ssv_seeds] [--step N] [--window FIRST LAST]
 
 Each folder's ``ssv_heads.json`` names its rows (a table kept beside it, e.g. ``OUT1/ssv_heads_6000.json``, may be given
 instead or as well: its rows at that step; a folder whose command is still training, without ``ssv_heads.json``, gives
@@ -27,6 +27,11 @@ its seeds were evaluated (the rows may stop at different steps, SSV needing many
 further, or left out where a row's seeds share no step, are named beside it): the mean over those seeds of SSV full
 against GOAL_RATIO x that of the supervised V. It closes the markdown table, is ``goal`` in the JSON, and a
 dash-dotted line in the plot.
+
+One evaluation of V moves by half a degree from the next late in training; ``--window FIRST LAST`` averages each seed
+of each row over its evaluations from step FIRST to LAST (the steps in that window where every seed of the row was
+evaluated), with their sample standard deviation, and the row over those seeds' means: a table after the goal, and
+``window`` in the JSON.
 """
 from __future__ import annotations
 
@@ -267,6 +272,40 @@ def goal_line(g: dict, ema: bool = False) -> str:
             + ("**met**" if g["met"] else "**not met**") + ".")
 
 
+def window(curves: dict[str, dict[int, dict[int, float]]], first: int, last: int) -> dict[str, dict]:
+    """Each row averaged over its evaluations from step ``first`` to ``last`` (both included): {row: {"steps": the
+    steps in the window where every seed of the row was evaluated, "by_seed": {seed: {"mean", "std"}} over those
+    steps, "mean", "std" over the seeds' means}}. Standard deviations are the sample ones (0.0 of one value); rows
+    without such a step are left out."""
+    out = {}
+    for row, by_seed in curves.items():
+        steps = sorted(s for s in set.intersection(*(set(c) for c in by_seed.values())) if first <= s <= last)
+        if not steps:
+            continue
+        seeds = {}
+        for seed, c in sorted(by_seed.items()):
+            v = [c[s] for s in steps]
+            seeds[seed] = {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0}
+        means = [r["mean"] for r in seeds.values()]
+        out[row] = {"steps": steps, "by_seed": seeds, "mean": statistics.fmean(means),
+                    "std": statistics.stdev(means) if len(means) > 1 else 0.0}
+    return out
+
+
+def window_markdown(w: dict[str, dict], first: int, last: int, titles: dict[str, str] = ROW_TITLES,
+                    ema: bool = False) -> str:
+    """:func:`window`'s result as a table: one line per row."""
+    lines = [f"Mean over the evaluations from {first} to {last} steps{' (V EMA)' if ema else ''}, each seed's "
+             f"(± sample standard deviation over its evaluations), then the row's over its seeds:", "",
+             "| row | evaluations | by seed | mean over seeds |", "|---|---|---|---|"]
+    for row, r in w.items():
+        steps = r["steps"]
+        seeds = ", ".join(f"{v['mean']:.2f} ± {v['std']:.2f} (s{s})" for s, v in r["by_seed"].items())
+        over = f"**{r['mean']:.2f}** ± {r['std']:.2f}" if len(r["by_seed"]) > 1 else f"**{r['mean']:.2f}**"
+        lines.append(f"| {titles.get(row, row)} | {len(steps)}, {steps[0]} to {steps[-1]} | {seeds} | {over} |")
+    return "\n".join(lines) + "\n"
+
+
 def row_titles(shared: dict) -> dict[str, str]:
     """The rows' titles; the full row's names L_imc's feature network Phi (``--phi``), which its seeds share."""
     titles = dict(ROW_TITLES)
@@ -335,21 +374,34 @@ def plot(curves: dict[str, dict[int, dict[int, float]]], path: Path, title: str 
               help="Print only this step's line (the files keep every step).")
 @click.option("--ema", is_flag=True,
               help="Score V_ema, the moving average of V's weights, instead of V (runs from before it are left out).")
-def main(folders, out, only_step, ema):
+@click.option("--window", "window_steps", type=(click.IntRange(min=0), click.IntRange(min=0)), default=None,
+              metavar="FIRST LAST",
+              help="Also average each seed of each row over its evaluations from step FIRST to LAST.")
+def main(folders, out, only_step, ema, window_steps):
     """Mean over seeds of ssv_heads rows, the ablation ordering, and the learning curves with their spread.
 
     Each argument is an ssv_heads output folder (its ssv_heads.json; without one, its rows' evaluations so far) or a
     table kept in one (ssv_heads_3000.json)."""
     from common.io import atomic_write_bytes, atomic_write_json
 
+    if window_steps is not None and window_steps[0] > window_steps[1]:
+        raise click.BadParameter(f"FIRST {window_steps[0]} is after LAST {window_steps[1]}", param_hint="--window")
     curves, shared = collect(list(folders), ema=ema)
     records = summarize(curves)
     g = goal(records)
     rows = [r for r in (*ORDER, "supervised") if r in curves]
     titles = row_titles(shared)
+    w = None
+    if window_steps is not None:
+        w = window(curves, *window_steps)
+        if not w:
+            raise click.UsageError(f"no row has an evaluation from step {window_steps[0]} to {window_steps[1]} "
+                                   f"where all its seeds were evaluated")
     atomic_write_json({"folders": [str(f) for f in folders], "settings": shared, "ema": ema, "records": records,
-                       "goal": g}, out / "ssv_seeds.json")
+                       "goal": g, "window": w}, out / "ssv_seeds.json")
     tail = "" if g is None else "\n" + goal_line(g, ema) + "\n"
+    if w is not None:
+        tail += "\n" + window_markdown(w, *window_steps, titles=titles, ema=ema)
     atomic_write_bytes(out / "ssv_seeds.md", (markdown(records, rows, titles) + tail).encode())
     plot(curves, out / "ssv_seeds.png",
          title=f"SSV ablation over seeds ({shared.get('preset', '?')}, {shared.get('image_size', '?')} px"

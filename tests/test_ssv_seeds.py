@@ -12,7 +12,7 @@ from scipy import stats
 from common.errors import ViewsslError
 from experiments.ssv_heads import draw_goal
 from experiments.ssv_seeds import (collect, gap_test, goal, goal_line, main, row_titles, seeds_for_power, summarize,
-                                   t_test_power)
+                                   t_test_power, window)
 
 CONFIG = {"preset": "cpu64", "image_size": 64, "d_highpass": 2.0, "phi": "auto", "w_imc": 1.0, "w_sym": 1.0}
 SWITCHES = {"full": {"phi": "critic"}, "no_imc": {"w_imc": 0.0}, "no_imc_sym": {"w_imc": 0.0, "w_sym": 0.0},
@@ -443,3 +443,40 @@ def test_seeds_for_power_is_the_first_n_with_enough_power():
     gaps = [1.0, 2.0, 6.0]
     assert gap_test(gaps)["seeds_for_power"] == seeds_for_power(3.0, statistics.stdev(gaps))
     assert gap_test([-1.0, -2.0, -6.0])["seeds_for_power"] is None
+
+
+def test_the_window_averages_each_seed_over_the_steps_all_its_rows_seeds_share(tmp_path):
+    a = _folder(tmp_path / "a", 0, {"full": (2000, 6.0, {500: 9.0, 1000: 8.0, 1500: 7.5, 2000: 7.0})})
+    b = _folder(tmp_path / "b", 1, {"full": (2000, 5.0, {500: 9.5, 1000: 7.0, 2000: 6.5}),
+                                    "no_imc": (1000, 11.0, {500: 12.0})})
+    w = window(collect([a, b])[0], 1000, 2000)
+    # full: seed 1 has no evaluation at 1500, so both seeds count 1000 and 2000 (the table's 2000 values: 6.0, 5.0)
+    assert w["full"]["steps"] == [1000, 2000]
+    assert w["full"]["by_seed"][0]["mean"] == pytest.approx(np.mean([8.0, 6.0]))
+    assert w["full"]["by_seed"][0]["std"] == pytest.approx(np.std([8.0, 6.0], ddof=1))
+    assert w["full"]["by_seed"][1]["mean"] == pytest.approx(6.0)
+    assert w["full"]["mean"] == pytest.approx(6.5) and w["full"]["std"] == pytest.approx(np.std([7.0, 6.0], ddof=1))
+    # no_imc, one seed, one step in the window: its value, no spread
+    assert w["no_imc"]["by_seed"] == {1: {"mean": 11.0, "std": 0.0}} and w["no_imc"]["std"] == 0.0
+    assert "no_imc" not in window(collect([a, b])[0], 1500, 2000)
+    assert window(collect([a, b])[0], 2500, 3000) == {}
+
+
+def test_cli_window_prints_the_means_and_refuses_an_empty_or_reversed_window(two_seeds, tmp_path):
+    out = tmp_path / "summary"
+    result = CliRunner().invoke(main, [*map(str, two_seeds), "--out", str(out), "--step", "1000",
+                                       "--window", "500", "1000"])
+    assert result.exit_code == 0, result.output
+    # full: seeds 0, 1 at 500 and 1000, seed 2 only at 1000: every seed at 1000 only
+    assert "| SSV full (Phi: critic) | 1, 1000 to 1000 | 18.00 ± 0.00 (s0), 20.00 ± 0.00 (s1), 30.00 ± 0.00 (s2) |" \
+        in result.output
+    # no_imc: seeds 0 and 1 at 500 (24, 28) and 1000 (21, 19)
+    assert "| SSV w/o L_imc | 2, 500 to 1000 | 22.50 ± 2.12 (s0), 23.50 ± 6.36 (s1) | **23.00** ± 0.71 |" \
+        in result.output
+    saved = json.loads((out / "ssv_seeds.json").read_text())
+    assert saved["window"]["no_imc"]["steps"] == [500, 1000]
+    assert "| SSV w/o L_imc | 2, 500 to 1000 |" in (out / "ssv_seeds.md").read_text()
+    for bad_window, message in ((["1000", "500"], "FIRST 1000 is after LAST 500"),
+                                (["3000", "4000"], "no row has an evaluation from step 3000 to 4000")):
+        bad = CliRunner().invoke(main, [*map(str, two_seeds), "--out", str(out), "--window", *bad_window])
+        assert bad.exit_code == 2 and message in bad.output and "Traceback" not in bad.output
