@@ -191,6 +191,16 @@ def seeds_for_power(mean: float, std: float, alpha: float = 0.05, power: float =
     return hi
 
 
+def _mean_std(values: list[float]) -> dict[str, float]:
+    """{"mean", "std"} of (n,) values: the sample standard deviation, 0.0 of one value."""
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def _shared_steps(by_seed: dict[int, dict[int, float]]) -> list[int]:
+    """The steps, in order, at which every seed of a row ({seed: {step: value}}) was evaluated."""
+    return sorted(set.intersection(*(set(c) for c in by_seed.values())))
+
+
 def summarize(curves: dict[str, dict[int, dict[int, float]]]) -> list[dict]:
     """One record per evaluated step: each row's values by seed, mean and std, and the ordering checks."""
     steps = sorted({s for by_seed in curves.values() for c in by_seed.values() for s in c})
@@ -200,9 +210,7 @@ def summarize(curves: dict[str, dict[int, dict[int, float]]]) -> list[dict]:
         for row, by_seed in curves.items():
             vals = {seed: c[step] for seed, c in sorted(by_seed.items()) if step in c}
             if vals:
-                v = list(vals.values())
-                rec["rows"][row] = {"by_seed": vals, "mean": statistics.fmean(v),
-                                    "std": statistics.stdev(v) if len(v) > 1 else 0.0}
+                rec["rows"][row] = {"by_seed": vals, **_mean_std(list(vals.values()))}
         values = {r: rec["rows"].get(r, {}).get("by_seed", {}) for r in ORDER}  # {row: {seed: value}} at this step
         seeds = sorted(set.intersection(*(set(values[r]) for r in ORDER)))
         if seeds:  # compared on the seeds that have all three rows at this step
@@ -279,16 +287,11 @@ def window(curves: dict[str, dict[int, dict[int, float]]], first: int, last: int
     without such a step are left out."""
     out = {}
     for row, by_seed in curves.items():
-        steps = sorted(s for s in set.intersection(*(set(c) for c in by_seed.values())) if first <= s <= last)
+        steps = [s for s in _shared_steps(by_seed) if first <= s <= last]
         if not steps:
             continue
-        seeds = {}
-        for seed, c in sorted(by_seed.items()):
-            v = [c[s] for s in steps]
-            seeds[seed] = {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0}
-        means = [r["mean"] for r in seeds.values()]
-        out[row] = {"steps": steps, "by_seed": seeds, "mean": statistics.fmean(means),
-                    "std": statistics.stdev(means) if len(means) > 1 else 0.0}
+        seeds = {seed: _mean_std([c[s] for s in steps]) for seed, c in sorted(by_seed.items())}
+        out[row] = {"steps": steps, "by_seed": seeds, **_mean_std([r["mean"] for r in seeds.values()])}
     return out
 
 
@@ -356,7 +359,7 @@ def plot(curves: dict[str, dict[int, dict[int, float]]], path: Path, title: str 
         for c in by_seed.values():
             s = sorted(c)
             ax.plot(s, [c[k] for k in s], color=color, alpha=0.35, linewidth=0.8)
-        common = sorted(set.intersection(*(set(c) for c in by_seed.values())))
+        common = _shared_steps(by_seed)
         if common:
             ax.plot(common, [statistics.fmean(c[k] for c in by_seed.values()) for k in common], color=color,
                     linewidth=2, marker="o", markersize=3,
